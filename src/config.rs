@@ -1,0 +1,625 @@
+//! The validated configuration the rest of Breakwater reads: typed values (Duration, SocketAddr,
+//! indices instead of names), every cross-reference resolved. Loading is two steps: serde reads
+//! the TOML into the mirror in `config/file.rs` (unknown keys are errors), then `validate`
+//! checks ranges and references. Every error names the file, line, column and key, says what
+//! was wrong and what is expected.
+
+pub mod file;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::Path;
+use std::time::Duration;
+
+use file::{FileConfig, LogFormat};
+
+/// The commented default configuration, embedded so `breakwater demo` and `check` work anywhere.
+pub const DEFAULT_TOML: &str = include_str!("../config/breakwater.toml");
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where this configuration came from, for messages.
+    pub source: String,
+    pub listeners: Vec<ListenerConfig>,
+    pub http: HttpConfig,
+    pub upstreams: Vec<UpstreamConfig>,
+    pub routes: Vec<RouteConfig>,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerConfig {
+    pub addr: SocketAddr,
+    /// Requested listen(2) backlog; the kernel caps it at net.core.somaxconn.
+    pub backlog: u32,
+    /// TCP_DEFER_ACCEPT; zero disables.
+    pub defer_accept: Duration,
+    /// SO_REUSEPORT sockets (and accept loops) for this address, already resolved from 0.
+    pub shards: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub http2: bool,
+    pub max_concurrent_streams: u32,
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub name: String,
+    /// "host:port" strings; IP literals are parsed once, names are resolved at connect time so
+    /// a docker service name keeps working when its address changes.
+    pub servers: Vec<String>,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    pub pool_max_idle: usize,
+    pub pool_idle_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub host: Option<HostPattern>,
+    pub path_prefix: String,
+    /// Index into `Config::upstreams`.
+    pub upstream: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    /// Lowercase, without port.
+    Exact(String),
+    /// "*.example.com" stored as ".example.com": matches any name ending in it.
+    Suffix(String),
+}
+
+impl HostPattern {
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostPattern::Exact(h) => h.eq_ignore_ascii_case(host),
+            HostPattern::Suffix(s) => {
+                host.len() > s.len()
+                    && host.as_bytes()[host.len() - s.len()..].eq_ignore_ascii_case(s.as_bytes())
+            }
+        }
+    }
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostPattern::Exact(h) => f.write_str(h),
+            HostPattern::Suffix(s) => write!(f, "*{s}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: LogFormat,
+    pub access_log: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read the config file: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {key}{message}")]
+    Invalid {
+        path: String,
+        line: usize,
+        column: usize,
+        /// "`http.idle_timeout`: " or empty when the error is not about one key.
+        key: String,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        Config::parse(&text, &shown)
+    }
+
+    /// The embedded default (`config/breakwater.toml`).
+    pub fn embedded_default() -> Result<Config, ConfigError> {
+        Config::parse(DEFAULT_TOML, "<embedded config/breakwater.toml>")
+    }
+
+    /// Parses and validates TOML text; `source` names it in errors.
+    pub fn parse(text: &str, source: &str) -> Result<Config, ConfigError> {
+        let raw: FileConfig = toml::from_str(text).map_err(|e| {
+            let span = e.span().unwrap_or(0..0);
+            invalid(text, source, span, e.message().trim_end().to_string())
+        })?;
+        validate(raw, text, source)
+    }
+
+    /// A few lines saying what would run, for `breakwater check`.
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        for l in &self.listeners {
+            let defer = if l.defer_accept.is_zero() {
+                "off".to_string()
+            } else {
+                humantime::format_duration(l.defer_accept).to_string()
+            };
+            s += &format!(
+                "listener {}  backlog {}  defer_accept {}  shards {}\n",
+                l.addr, l.backlog, defer, l.shards
+            );
+        }
+        let h = &self.http;
+        s += &format!(
+            "http      header_read_timeout {}  idle_timeout {}  max_header_bytes {}  http2 {}  \
+             max_concurrent_streams {}\n",
+            humantime::format_duration(h.header_read_timeout),
+            humantime::format_duration(h.idle_timeout),
+            h.max_header_bytes,
+            if h.http2 { "on" } else { "off" },
+            h.max_concurrent_streams
+        );
+        for u in &self.upstreams {
+            s += &format!(
+                "upstream {}  servers [{}]  connect_timeout {}  response_timeout {}\n",
+                u.name,
+                u.servers.join(", "),
+                humantime::format_duration(u.connect_timeout),
+                humantime::format_duration(u.response_timeout)
+            );
+        }
+        if self.routes.is_empty() {
+            s += &format!("route     * /  -> {}\n", self.upstreams[0].name);
+        }
+        for r in &self.routes {
+            let host = r.host.as_ref().map_or("*".to_string(), |h| h.to_string());
+            s += &format!(
+                "route     {} {}  -> {}\n",
+                host, r.path_prefix, self.upstreams[r.upstream].name
+            );
+        }
+        s
+    }
+}
+
+fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigError> {
+    let err = |span: Range<usize>, msg: String| invalid(text, source, span, msg);
+
+    let mut listeners = Vec::new();
+    match raw.listeners {
+        None => listeners.push(ListenerConfig {
+            addr: file::DEFAULT_LISTEN
+                .parse()
+                .expect("the default address parses"),
+            backlog: file::DEFAULT_BACKLOG,
+            defer_accept: file::DEFAULT_DEFER_ACCEPT,
+            shards: default_shards(),
+        }),
+        Some(list) => {
+            if list.is_empty() {
+                return Err(err(
+                    0..0,
+                    "`listeners` is empty: add at least one [[listeners]] with an addr".into(),
+                ));
+            }
+            for l in list {
+                let l = l.into_inner();
+                let addr: SocketAddr = l.addr.get_ref().parse().map_err(|_| {
+                    err(
+                        l.addr.span(),
+                        format!(
+                            "invalid address {:?}: expected IP:port, such as \"0.0.0.0:8080\" \
+                             or \"[::]:8080\"",
+                            l.addr.get_ref()
+                        ),
+                    )
+                })?;
+                if listeners.iter().any(|x: &ListenerConfig| x.addr == addr) {
+                    return Err(err(
+                        l.addr.span(),
+                        format!(
+                            "address {addr} is listed twice: use `shards` for more accept loops"
+                        ),
+                    ));
+                }
+                let backlog = *l.backlog.get_ref();
+                if backlog == 0 || backlog > i32::MAX as u32 {
+                    return Err(err(
+                        l.backlog.span(),
+                        format!("backlog {backlog} is out of range: expected 1 to 2147483647"),
+                    ));
+                }
+                let shards = match *l.shards.get_ref() {
+                    0 => default_shards(),
+                    n if n <= 1024 => n,
+                    n => {
+                        return Err(err(
+                            l.shards.span(),
+                            format!(
+                                "shards {n} is out of range: expected 0 (one per core) to 1024"
+                            ),
+                        ))
+                    }
+                };
+                listeners.push(ListenerConfig {
+                    addr,
+                    backlog,
+                    defer_accept: l.defer_accept.0,
+                    shards,
+                });
+            }
+        }
+    }
+
+    let h = raw.http;
+    for (name, d) in [
+        ("header_read_timeout", &h.header_read_timeout),
+        ("idle_timeout", &h.idle_timeout),
+    ] {
+        if d.get_ref().0.is_zero() {
+            return Err(err(
+                d.span(),
+                format!("{name} must be above zero: a zero timeout would cut every connection"),
+            ));
+        }
+    }
+    let max_header_bytes = *h.max_header_bytes.get_ref();
+    if !(8192..=1 << 20).contains(&max_header_bytes) {
+        return Err(err(
+            h.max_header_bytes.span(),
+            format!(
+                "max_header_bytes {max_header_bytes} is out of range: expected 8192 to 1048576"
+            ),
+        ));
+    }
+    if *h.max_concurrent_streams.get_ref() == 0 {
+        return Err(err(
+            h.max_concurrent_streams.span(),
+            "max_concurrent_streams must be at least 1".into(),
+        ));
+    }
+    let http = HttpConfig {
+        header_read_timeout: h.header_read_timeout.get_ref().0,
+        idle_timeout: h.idle_timeout.get_ref().0,
+        max_header_bytes,
+        http2: h.http2,
+        max_concurrent_streams: *h.max_concurrent_streams.get_ref(),
+        shutdown_timeout: h.shutdown_timeout.0,
+    };
+
+    let upstreams_span = raw.upstreams.span();
+    let mut upstreams = Vec::new();
+    for (name, u) in raw.upstreams.into_inner() {
+        let span = u.span();
+        let u = u.into_inner();
+        if u.servers.get_ref().is_empty() {
+            return Err(err(
+                u.servers.span(),
+                format!("upstream {name:?} has no servers: list at least one \"host:port\""),
+            ));
+        }
+        let mut servers = Vec::new();
+        for s in u.servers.get_ref() {
+            check_server(s.get_ref()).map_err(|m| err(s.span(), m))?;
+            servers.push(s.get_ref().clone());
+        }
+        for (key, d) in [
+            ("connect_timeout", &u.connect_timeout),
+            ("response_timeout", &u.response_timeout),
+        ] {
+            if d.get_ref().0.is_zero() {
+                return Err(err(d.span(), format!("{key} must be above zero")));
+            }
+        }
+        let _ = span;
+        upstreams.push(UpstreamConfig {
+            name,
+            servers,
+            connect_timeout: u.connect_timeout.get_ref().0,
+            response_timeout: u.response_timeout.get_ref().0,
+            pool_max_idle: u.pool_max_idle,
+            pool_idle_timeout: u.pool_idle_timeout.0,
+        });
+    }
+    if upstreams.is_empty() {
+        return Err(err(
+            upstreams_span,
+            "no upstreams: add one, such as [upstreams.app] with servers = [\"127.0.0.1:3000\"]"
+                .into(),
+        ));
+    }
+
+    let mut routes = Vec::new();
+    for r in &raw.routes {
+        let r = r.get_ref();
+        let name = r.upstream.get_ref();
+        let Some(upstream) = upstreams.iter().position(|u| &u.name == name) else {
+            let known: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
+            return Err(err(
+                r.upstream.span(),
+                format!(
+                    "route names upstream {name:?}, which is not defined; defined upstreams: {}",
+                    known.join(", ")
+                ),
+            ));
+        };
+        let prefix = r.path_prefix.get_ref();
+        if !prefix.starts_with('/') {
+            return Err(err(
+                r.path_prefix.span(),
+                format!("path_prefix {prefix:?} must start with \"/\""),
+            ));
+        }
+        let host = match &r.host {
+            None => None,
+            Some(h) => Some(parse_host_pattern(h.get_ref()).map_err(|m| err(h.span(), m))?),
+        };
+        routes.push(RouteConfig {
+            host,
+            path_prefix: prefix.clone(),
+            upstream,
+        });
+    }
+    if routes.is_empty() && upstreams.len() > 1 {
+        return Err(err(
+            upstreams_span,
+            format!(
+                "{} upstreams and no [[routes]]: add routes saying which requests go to which \
+                 upstream (routes are optional only with exactly one upstream)",
+                upstreams.len()
+            ),
+        ));
+    }
+
+    let level = raw.log.level.get_ref().to_ascii_lowercase();
+    if !["off", "error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
+        return Err(err(
+            raw.log.level.span(),
+            format!(
+                "unknown log level {:?}: expected one of off, error, warn, info, debug, trace",
+                raw.log.level.get_ref()
+            ),
+        ));
+    }
+
+    Ok(Config {
+        source: source.to_string(),
+        listeners,
+        http,
+        upstreams,
+        routes,
+        log: LogConfig {
+            level,
+            format: raw.log.format,
+            access_log: raw.log.access_log,
+        },
+    })
+}
+
+fn default_shards() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// "host:port" where host is an IP literal or a DNS name.
+fn check_server(s: &str) -> Result<(), String> {
+    if s.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let bad = || {
+        format!(
+            "invalid server address {s:?}: expected host:port, such as \"127.0.0.1:3000\", \
+             \"[::1]:3000\" or \"app:3000\""
+        )
+    };
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    if port.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(bad());
+    }
+    let valid_name = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+    if valid_name {
+        Ok(())
+    } else {
+        Err(bad())
+    }
+}
+
+fn parse_host_pattern(h: &str) -> Result<HostPattern, String> {
+    let lower = h.trim().to_ascii_lowercase();
+    let bad = || {
+        format!(
+            "invalid host {h:?}: expected a name such as \"shop.example.com\" or a wildcard \
+             such as \"*.example.com\""
+        )
+    };
+    let (wild, name) = match lower.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, lower.as_str()),
+    };
+    let ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+        && !name.starts_with('.')
+        && !name.ends_with('.');
+    if !ok {
+        return Err(bad());
+    }
+    Ok(if wild {
+        HostPattern::Suffix(format!(".{name}"))
+    } else {
+        HostPattern::Exact(name.to_string())
+    })
+}
+
+fn invalid(text: &str, source: &str, span: Range<usize>, message: String) -> ConfigError {
+    let (line, column, key) = locate(text, span.start);
+    ConfigError::Invalid {
+        path: source.to_string(),
+        line,
+        column,
+        key: key.map_or(String::new(), |k| format!("`{k}`: ")),
+        message,
+    }
+}
+
+/// Line and column (1-based) of a byte offset, and the dotted key written on that line
+/// (`http.idle_timeout`), found from the nearest table header above it.
+fn locate(text: &str, offset: usize) -> (usize, usize, Option<String>) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = text[line_start..offset].chars().count() + 1;
+    let line_text = text[line_start..].lines().next().unwrap_or("");
+    let key = line_text
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"').to_string())
+        .filter(|k| !k.is_empty() && !k.starts_with('#') && !k.starts_with('['));
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| {
+            l.trim_start_matches('[')
+                .split(']')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        });
+    let key = match (table, key) {
+        (Some(t), Some(k)) if !t.is_empty() => Some(format!("{t}.{k}")),
+        (_, k) => k,
+    };
+    (line, column, key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(t: &str) -> Result<Config, String> {
+        Config::parse(t, "t.toml").map_err(|e| e.to_string())
+    }
+
+    const ONE: &str = "[upstreams.app]\nservers = [\"127.0.0.1:3000\"]\n";
+
+    #[test]
+    fn embedded_default_parses() {
+        let c = Config::embedded_default().expect("default config is valid");
+        assert_eq!(c.listeners[0].addr, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(c.listeners[0].backlog, 65535);
+        assert_eq!(c.http.header_read_timeout, Duration::from_secs(5));
+        assert_eq!(c.upstreams[0].name, "app");
+    }
+
+    #[test]
+    fn minimal_parses_with_defaults() {
+        let c = parse(ONE).unwrap();
+        assert_eq!(c.http.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.http.max_header_bytes, 16384);
+        assert!(c.routes.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let e = parse("[http]\nidle_timeot = \"5s\"\n").unwrap_err();
+        assert!(e.starts_with("t.toml:2:1: "), "{e}");
+        assert!(e.contains("unknown field `idle_timeot`"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_names_key_value_and_expectation() {
+        let e = parse(&format!(
+            "{ONE}[http]\nheader_read_timeout = \"5 parsecs\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            e.starts_with("t.toml:4:23: `http.header_read_timeout`: "),
+            "{e}"
+        );
+        assert!(e.contains("\"5 parsecs\""), "{e}");
+        assert!(e.contains("\"250ms\""), "{e}");
+    }
+
+    #[test]
+    fn dangling_upstream() {
+        let e = parse(&format!("{ONE}[[routes]]\nupstream = \"ap\"\n")).unwrap_err();
+        assert_eq!(
+            e,
+            "t.toml:4:12: `routes.upstream`: route names upstream \"ap\", which is not defined; \
+             defined upstreams: app"
+        );
+    }
+
+    #[test]
+    fn bad_listener_address() {
+        let e = parse(&format!("[[listeners]]\naddr = \"0.0.0.0:80800\"\n{ONE}")).unwrap_err();
+        assert!(
+            e.starts_with("t.toml:2:8: `listeners.addr`: invalid address \"0.0.0.0:80800\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_server_address() {
+        let e = parse("[upstreams.app]\nservers = [\"no-port\"]\n").unwrap_err();
+        assert!(
+            e.contains("t.toml:2:12: `upstreams.app.servers`: invalid server address"),
+            "{e}"
+        );
+        assert!(parse("[upstreams.app]\nservers = [\"app:3000\", \"[::1]:80\"]\n").is_ok());
+    }
+
+    #[test]
+    fn several_upstreams_need_routes() {
+        let t = "[upstreams.a]\nservers = [\"127.0.0.1:1\"]\n[upstreams.b]\nservers = [\"127.0.0.1:2\"]\n";
+        assert!(parse(t).unwrap_err().contains("add routes"));
+    }
+
+    #[test]
+    fn no_upstream() {
+        assert!(parse("").unwrap_err().contains("no upstreams"));
+    }
+
+    #[test]
+    fn host_patterns() {
+        let p = parse_host_pattern("*.Example.com").unwrap();
+        assert!(p.matches("a.example.com"));
+        assert!(p.matches("a.b.EXAMPLE.com"));
+        assert!(!p.matches("example.com"));
+        assert!(!p.matches("badexample.com"));
+        assert!(parse_host_pattern("shop.example.com")
+            .unwrap()
+            .matches("SHOP.example.com"));
+        assert!(parse_host_pattern("a b").is_err());
+    }
+
+    #[test]
+    fn small_header_limit_refused() {
+        let e = parse(&format!("{ONE}[http]\nmax_header_bytes = 100\n")).unwrap_err();
+        assert!(
+            e.contains("`http.max_header_bytes`: max_header_bytes 100 is out of range"),
+            "{e}"
+        );
+    }
+}

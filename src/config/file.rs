@@ -1,0 +1,217 @@
+//! The serde mirror of the TOML file: exactly the keys a user may write, with the defaults as
+//! named constants. Nothing here is validated beyond its type; `config.rs` turns this into the
+//! typed `Config` the rest of the proxy reads. Every struct denies unknown fields, so a typo such
+//! as `max_conections` fails loudly instead of silently disabling a limit.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+pub const DEFAULT_BACKLOG: u32 = 65535;
+pub const DEFAULT_DEFER_ACCEPT: Duration = Duration::from_secs(1);
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 16384;
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 100;
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_POOL_MAX_IDLE: usize = 64;
+pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub listeners: Option<Vec<Spanned<FileListener>>>,
+    #[serde(default)]
+    pub http: FileHttp,
+    #[serde(default = "no_upstreams")]
+    pub upstreams: Spanned<BTreeMap<String, Spanned<FileUpstream>>>,
+    #[serde(default)]
+    pub routes: Vec<Spanned<FileRoute>>,
+    #[serde(default)]
+    pub log: FileLog,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileListener {
+    pub addr: Spanned<String>,
+    #[serde(default = "default_backlog")]
+    pub backlog: Spanned<u32>,
+    #[serde(default = "default_defer_accept")]
+    pub defer_accept: Dur,
+    #[serde(default = "default_shards")]
+    pub shards: Spanned<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileHttp {
+    #[serde(default = "default_header_read_timeout")]
+    pub header_read_timeout: Spanned<Dur>,
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: Spanned<Dur>,
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: Spanned<usize>,
+    #[serde(default = "yes")]
+    pub http2: bool,
+    #[serde(default = "default_max_concurrent_streams")]
+    pub max_concurrent_streams: Spanned<u32>,
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout: Dur,
+}
+
+impl Default for FileHttp {
+    fn default() -> Self {
+        FileHttp {
+            header_read_timeout: default_header_read_timeout(),
+            idle_timeout: default_idle_timeout(),
+            max_header_bytes: default_max_header_bytes(),
+            http2: true,
+            max_concurrent_streams: default_max_concurrent_streams(),
+            shutdown_timeout: default_shutdown_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileUpstream {
+    pub servers: Spanned<Vec<Spanned<String>>>,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Spanned<Dur>,
+    #[serde(default = "default_response_timeout")]
+    pub response_timeout: Spanned<Dur>,
+    #[serde(default = "default_pool_max_idle")]
+    pub pool_max_idle: usize,
+    #[serde(default = "default_pool_idle_timeout")]
+    pub pool_idle_timeout: Dur,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRoute {
+    #[serde(default)]
+    pub host: Option<Spanned<String>>,
+    #[serde(default = "default_path_prefix")]
+    pub path_prefix: Spanned<String>,
+    pub upstream: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileLog {
+    #[serde(default = "default_level")]
+    pub level: Spanned<String>,
+    #[serde(default)]
+    pub format: LogFormat,
+    #[serde(default = "yes")]
+    pub access_log: bool,
+}
+
+impl Default for FileLog {
+    fn default() -> Self {
+        FileLog {
+            level: default_level(),
+            format: LogFormat::Text,
+            access_log: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// A duration written as a string with a unit: "250ms", "5s", "2m", "1h". Bare numbers are
+/// refused on purpose: `timeout = 5` is ambiguous (seconds? milliseconds?) and a wrong guess
+/// either cuts every request or lets slowloris in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Dur;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a duration string with a unit, such as \"250ms\", \"5s\" or \"2m\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Dur, E> {
+                parse_duration(s).map(Dur).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if t == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(t).map_err(|_| {
+        format!(
+            "invalid duration {s:?}: expected a number with a unit (ms, s, m, h), \
+             such as \"250ms\", \"5s\" or \"2m\""
+        )
+    })
+}
+
+fn no_upstreams() -> Spanned<BTreeMap<String, Spanned<FileUpstream>>> {
+    Spanned::new(0..0, BTreeMap::new())
+}
+fn default_shards() -> Spanned<usize> {
+    Spanned::new(0..0, 0)
+}
+fn yes() -> bool {
+    true
+}
+fn default_backlog() -> Spanned<u32> {
+    Spanned::new(0..0, DEFAULT_BACKLOG)
+}
+fn default_defer_accept() -> Dur {
+    Dur(DEFAULT_DEFER_ACCEPT)
+}
+fn default_header_read_timeout() -> Spanned<Dur> {
+    Spanned::new(0..0, Dur(DEFAULT_HEADER_READ_TIMEOUT))
+}
+fn default_idle_timeout() -> Spanned<Dur> {
+    Spanned::new(0..0, Dur(DEFAULT_IDLE_TIMEOUT))
+}
+fn default_max_header_bytes() -> Spanned<usize> {
+    Spanned::new(0..0, DEFAULT_MAX_HEADER_BYTES)
+}
+fn default_max_concurrent_streams() -> Spanned<u32> {
+    Spanned::new(0..0, DEFAULT_MAX_CONCURRENT_STREAMS)
+}
+fn default_shutdown_timeout() -> Dur {
+    Dur(DEFAULT_SHUTDOWN_TIMEOUT)
+}
+fn default_connect_timeout() -> Spanned<Dur> {
+    Spanned::new(0..0, Dur(DEFAULT_CONNECT_TIMEOUT))
+}
+fn default_response_timeout() -> Spanned<Dur> {
+    Spanned::new(0..0, Dur(DEFAULT_RESPONSE_TIMEOUT))
+}
+fn default_pool_max_idle() -> usize {
+    DEFAULT_POOL_MAX_IDLE
+}
+fn default_pool_idle_timeout() -> Dur {
+    Dur(DEFAULT_POOL_IDLE_TIMEOUT)
+}
+fn default_path_prefix() -> Spanned<String> {
+    Spanned::new(0..0, "/".to_string())
+}
+fn default_level() -> Spanned<String> {
+    Spanned::new(0..0, "info".to_string())
+}

@@ -1,0 +1,83 @@
+//! ③ One task per accepted connection: wraps the socket in the connection clock, serves HTTP/1.1
+//! and cleartext HTTP/2 through hyper-util's auto builder, and closes gracefully on shutdown.
+//! The task owns everything the connection holds, so ending it releases all of it.
+
+pub mod clock;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::config::HttpConfig;
+use crate::Shared;
+use clock::{ConnActivity, Timed};
+
+/// The HTTP server settings shared by every connection, built once from `[http]`.
+pub fn builder(cfg: &HttpConfig) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        // The clock in conn/clock.rs does this job; hyper's timer would also cut idle
+        // keep-alive connections at the head deadline.
+        .header_read_timeout(None)
+        .keep_alive(true)
+        // The read buffer bounds the head: a larger head gets 431 from hyper.
+        .max_buf_size(cfg.max_header_bytes);
+    b.http2()
+        .max_concurrent_streams(cfg.max_concurrent_streams)
+        .max_header_list_size(cfg.max_header_bytes as u32)
+        // Rapid-reset (CVE-2023-44487) guard: streams reset before we answered them count
+        // against this, and the connection is closed with GOAWAY beyond it.
+        .max_pending_accept_reset_streams(Some(cfg.max_concurrent_streams as usize))
+        .max_local_error_reset_streams(Some(1024));
+    if cfg.http2 {
+        b
+    } else {
+        b.http1_only()
+    }
+}
+
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let http = &shared.config.http;
+    let activity = Arc::new(ConnActivity::default());
+    let io = Timed::new(
+        stream,
+        activity.clone(),
+        http.header_read_timeout,
+        http.idle_timeout,
+    );
+    let svc_shared = shared.clone();
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        // Counted before the future first runs, so the clock never sees a dispatched request
+        // as idle.
+        let in_flight = activity.begin();
+        crate::proxy::handle(svc_shared.clone(), peer, activity.clone(), in_flight, req)
+    });
+    let conn = shared
+        .http
+        .serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        // Cancel-safe: `changed` only observes the flag; the connection future stays pinned
+        // here and is driven to its end below.
+        _ = shutdown.changed() => {
+            conn.as_mut().graceful_shutdown();
+            conn.as_mut().await
+        }
+    };
+    if let Err(e) = result {
+        // Timeouts, resets and malformed requests are routine at an edge.
+        tracing::debug!(client = %peer, error = %e, "connection ended with an error");
+    }
+}

@@ -1,0 +1,223 @@
+//! The connection's clock: slowloris and idle timeouts enforced on the socket itself.
+//!
+//! hyper's own `header_read_timeout` starts whenever it waits for a request head, including
+//! between keep-alive requests, so it cannot give a 5 s head deadline together with a 60 s idle
+//! timeout. This wrapper tracks which phase the connection is in and fails the read that is
+//! waiting past its deadline, which makes hyper close the connection:
+//!
+//! - Fresh: accepted, no request yet: the head must be complete `header_read_timeout` after
+//!   accept (TCP_DEFER_ACCEPT time is not counted, the kernel held it).
+//! - Idle: between requests: closed after `idle_timeout` without a new request byte.
+//! - Head: the first byte of the next HTTP/1 head arrived: the head must complete within
+//!   `header_read_timeout` of that byte.
+//! - Busy: a request is in flight (the proxy holds an `InFlight` guard): no deadline here, the
+//!   upstream timeouts govern.
+//! - Upgraded: a tunnel (WebSocket): closed after `idle_timeout` without a byte either way.
+//!
+//! HTTP/2 connections skip the Head phase: PING and WINDOW_UPDATE frames are not request heads.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::task::AtomicWaker;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// What the proxy handler and the socket wrapper share about one client connection.
+#[derive(Default, Debug)]
+pub struct ConnActivity {
+    in_flight: AtomicUsize,
+    upgraded: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl ConnActivity {
+    /// Marks a request in flight until the guard drops (after its response body ended).
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+
+    pub fn set_upgraded(&self) {
+        self.upgraded.store(true, Ordering::Release);
+    }
+}
+
+/// Held by a request from the moment it is dispatched until its response body is done.
+#[derive(Debug)]
+pub struct InFlight(Arc<ConnActivity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // Wake the connection so an HTTP/2 connection starts its idle clock now rather than
+            // at its next frame.
+            self.0.waker.wake();
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Phase {
+    Fresh(Instant),
+    Idle(Instant),
+    Head(Instant),
+    Busy,
+    Upgraded,
+}
+
+pub struct Timed<T> {
+    inner: T,
+    activity: Arc<ConnActivity>,
+    phase: Phase,
+    /// None until the first bytes say whether this is HTTP/2 (its preface) or HTTP/1.
+    http2: Option<bool>,
+    header_timeout: Duration,
+    idle_timeout: Duration,
+    last_io: Instant,
+    sleep: Pin<Box<Sleep>>,
+    armed: Instant,
+}
+
+const H2_PREFACE_START: &[u8] = b"PRI * HTTP/2.0";
+
+impl<T> Timed<T> {
+    pub fn new(
+        inner: T,
+        activity: Arc<ConnActivity>,
+        header_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> Self {
+        let now = Instant::now();
+        let armed = now + header_timeout;
+        Timed {
+            inner,
+            activity,
+            phase: Phase::Fresh(now),
+            http2: None,
+            header_timeout,
+            idle_timeout,
+            last_io: now,
+            sleep: Box::pin(tokio::time::sleep_until(armed)),
+            armed,
+        }
+    }
+
+    fn update_phase(&mut self) {
+        if self.activity.upgraded.load(Ordering::Acquire) {
+            self.phase = Phase::Upgraded;
+            return;
+        }
+        let busy = self.activity.in_flight.load(Ordering::Acquire) > 0;
+        self.phase = match (self.phase, busy) {
+            (_, true) => Phase::Busy,
+            (Phase::Busy, false) => Phase::Idle(Instant::now()),
+            (p, false) => p,
+        };
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::Fresh(t) | Phase::Head(t) => Some(t + self.header_timeout),
+            Phase::Idle(t) => Some(t + self.idle_timeout),
+            Phase::Upgraded => Some(self.last_io + self.idle_timeout),
+            Phase::Busy => None,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Timed<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        this.update_phase();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let got = &buf.filled()[before..];
+                if !got.is_empty() {
+                    if this.http2.is_none() {
+                        let n = got.len().min(H2_PREFACE_START.len());
+                        this.http2 = Some(got[..n] == H2_PREFACE_START[..n] && n > 0);
+                    }
+                    match this.phase {
+                        Phase::Idle(_) if this.http2 == Some(false) => {
+                            this.phase = Phase::Head(Instant::now())
+                        }
+                        Phase::Upgraded => this.last_io = Instant::now(),
+                        _ => {}
+                    }
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                // Register for the end of the last in-flight request, whatever the phase.
+                this.activity.waker.register(cx.waker());
+                // The request may have finished between update_phase and register.
+                this.update_phase();
+                let Some(deadline) = this.deadline() else {
+                    return Poll::Pending;
+                };
+                if deadline != this.armed {
+                    this.sleep.as_mut().reset(deadline);
+                    this.armed = deadline;
+                }
+                if this.sleep.as_mut().poll(cx).is_ready() {
+                    let what = match this.phase {
+                        Phase::Fresh(_) | Phase::Head(_) => "request head not received in time",
+                        _ => "idle timeout",
+                    };
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, what)));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Timed<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if self.phase == Phase::Upgraded && matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.last_io = Instant::now();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if self.phase == Phase::Upgraded && matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.last_io = Instant::now();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,146 @@
+//! Breakwater: a hardened TCP accept-front HTTP reverse proxy.
+//!
+//! # The data flow
+//!
+//! ```text
+//! client ─TCP─▶ ① listener ─▶ ③ conn ─────────────▶ ④ proxy ─────────▶ ⑤ upstream ─▶ origin
+//!               (bind, shards,  (clock: slowloris     (route, headers,    (pick a server,
+//!                accept loop)    and idle timeouts;    errors → HTTP)      keep-alive pool,
+//!                                hyper HTTP/1 + h2c)                       timeouts, retry)
+//! ```
+//! ② admission (rate limits and caps decided right after accept) slots in between ① and ③.
+//!
+//! # Where is…
+//! - the listen backlog, TCP_DEFER_ACCEPT, SO_REUSEPORT, the accept loop: `listener.rs`
+//! - the header-read and idle timeouts: `conn/clock.rs`
+//! - hop-by-hop headers, X-Forwarded-*: `proxy/headers.rs`; routing: `proxy/route.rs`
+//! - which error gives which status: `ProxyError` in `proxy.rs`
+//! - origin connections: `upstream/pool.rs`
+//! - config keys and their defaults: `config/file.rs` and `config/breakwater.toml`
+//!
+//! # Words
+//! *downstream*/*client*: the side that connects to Breakwater. *upstream*: a named group of
+//! *servers*; *origin*: the application behind them.
+//!
+//! The library never binds from the config on its own and never reads signals: `run` takes
+//! bound listeners and a shutdown future, so tests start the whole proxy on port 0.
+
+pub mod config;
+pub mod conn;
+pub mod demo;
+pub mod listener;
+pub mod proxy;
+pub mod telemetry;
+pub mod upstream;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioExecutor;
+use hyper_util::server::conn::auto;
+use tokio::sync::watch;
+
+pub use config::Config;
+pub use listener::BoundListener;
+
+/// What every connection task reads: the config, the proxy, the HTTP server settings.
+pub struct Shared {
+    pub config: Config,
+    pub proxy: proxy::Proxy,
+    pub http: auto::Builder<TokioExecutor>,
+}
+
+/// Binds every configured listener (before the runtime serves anything, so a port in use is
+/// reported at start).
+pub fn bind_all(config: &Config) -> std::io::Result<Vec<BoundListener>> {
+    config.listeners.iter().map(listener::bind).collect()
+}
+
+/// How `run` ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shutdown {
+    /// Every connection finished within the shutdown timeout.
+    Drained,
+    /// The timeout passed; this many connections were still open and are cut.
+    TimedOut { open: usize },
+}
+
+/// Serves until `shutdown` completes, then: stop accepting, ask every connection to finish
+/// (HTTP/1 closes after its in-flight response, HTTP/2 sends GOAWAY), and wait up to
+/// `http.shutdown_timeout` for them. A request that can finish within that grace period is not
+/// cut.
+pub async fn run(
+    config: Config,
+    listeners: Vec<BoundListener>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<Shutdown> {
+    let proxy = proxy::Proxy {
+        router: proxy::route::Router::new(config.routes.clone(), config.upstreams.len()),
+        upstreams: config
+            .upstreams
+            .iter()
+            .map(upstream::Upstream::new)
+            .collect(),
+        access_log: config.log.access_log,
+    };
+    let http = conn::builder(&config.http);
+    let grace = config.http.shutdown_timeout;
+    let shared = Arc::new(Shared {
+        config,
+        proxy,
+        http,
+    });
+
+    // Every accept loop and connection task holds a receiver; `closed()` resolves when the last
+    // one is gone, which is how we know the drain finished.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    for bound in listeners {
+        for (shard, socket) in bound.sockets.into_iter().enumerate() {
+            let socket = tokio::net::TcpListener::from_std(socket)?;
+            tokio::spawn(listener::accept_loop(
+                socket,
+                shard,
+                shared.clone(),
+                stop_rx.clone(),
+            ));
+        }
+    }
+    drop(stop_rx);
+    let reaper = tokio::spawn(reap_idle(shared.clone()));
+
+    shutdown.await;
+    let open = stop_tx.receiver_count();
+    tracing::info!(open_connections = open, grace = ?grace, "shutting down: stopped accepting, draining");
+    let _ = stop_tx.send(true);
+    let outcome = match tokio::time::timeout(grace, stop_tx.closed()).await {
+        Ok(()) => {
+            tracing::info!("shutdown complete: all connections drained");
+            Shutdown::Drained
+        }
+        Err(_) => {
+            let open = stop_tx.receiver_count();
+            tracing::warn!(
+                open_connections = open,
+                "shutdown timeout reached: cutting open connections"
+            );
+            Shutdown::TimedOut { open }
+        }
+    };
+    reaper.abort();
+    Ok(outcome)
+}
+
+/// Closes idle origin connections past their idle timeout, so a quiet proxy does not keep
+/// sockets the origin is about to close.
+async fn reap_idle(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        for u in &shared.proxy.upstreams {
+            for s in &u.servers {
+                s.pool.reap();
+            }
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! ① Listeners: bind tuned sockets (backlog, TCP_DEFER_ACCEPT, SO_REUSEPORT shards) and run one
+//! accept loop per shard. The accept loop neither spins nor dies: per-connection errors are
+//! skipped, resource errors (EMFILE, ENFILE, ENOBUFS, ENOMEM) back off exponentially up to a
+//! small cap and are logged at most once a second.
+
+pub mod sockopt;
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::ListenerConfig;
+use crate::Shared;
+
+/// The sockets of one configured listener, bound and listening, before any accept loop runs.
+#[derive(Debug)]
+pub struct BoundListener {
+    pub config: ListenerConfig,
+    /// The address actually bound (port 0 resolved).
+    pub local_addr: SocketAddr,
+    pub sockets: Vec<std::net::TcpListener>,
+}
+
+/// Binds `shards` SO_REUSEPORT sockets on the configured address. With port 0 the first socket
+/// picks the port and the others join it, so tests get a sharded listener too.
+pub fn bind(cfg: &ListenerConfig) -> io::Result<BoundListener> {
+    let mut addr = cfg.addr;
+    let mut sockets = Vec::with_capacity(cfg.shards);
+    for _ in 0..cfg.shards.max(1) {
+        let socket = bind_one(addr, cfg)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+        addr = socket.local_addr()?;
+        sockets.push(socket);
+    }
+    let somaxconn = read_somaxconn();
+    if let Some(max) = somaxconn.filter(|&m| m < cfg.backlog) {
+        tracing::warn!(
+            listener = %addr,
+            requested = cfg.backlog,
+            somaxconn = max,
+            "listen backlog capped by net.core.somaxconn; raise it with \
+             `sysctl -w net.core.somaxconn={}`",
+            cfg.backlog
+        );
+    }
+    Ok(BoundListener {
+        config: cfg.clone(),
+        local_addr: addr,
+        sockets,
+    })
+}
+
+fn bind_one(addr: SocketAddr, cfg: &ListenerConfig) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    if !cfg.defer_accept.is_zero() {
+        sockopt::set_defer_accept(socket.as_fd(), cfg.defer_accept)?;
+    }
+    socket.listen(cfg.backlog.min(i32::MAX as u32) as i32)?;
+    Ok(socket.into())
+}
+
+fn read_somaxconn() -> Option<u32> {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Accepts on one shard until shutdown is signalled, then drops the socket so the kernel stops
+/// queueing for it.
+pub async fn accept_loop(
+    listener: TcpListener,
+    shard: usize,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let local = listener.local_addr().ok();
+    let mut backoff = Backoff::default();
+    loop {
+        // Both branches are cancel-safe: `changed` only observes a flag, and tokio's `accept`
+        // loses no connection when dropped before it completes.
+        let accepted = tokio::select! {
+            biased;
+            _ = shutdown.changed() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff.reset();
+                // Small responses must not wait for Nagle; an error here only means the peer
+                // is already gone, which the connection task will find out.
+                let _ = stream.set_nodelay(true);
+                let shared = shared.clone();
+                let shutdown = shutdown.clone();
+                tokio::spawn(crate::conn::serve(stream, peer, shared, shutdown));
+            }
+            Err(e) => {
+                if let Some(pause) = backoff.on_error(&e, local, shard) {
+                    // Sleep, but wake for shutdown: an exhausted process must still stop.
+                    tokio::select! {
+                        _ = shutdown.changed() => break,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                }
+            }
+        }
+    }
+    tracing::debug!(listener = ?local, shard, "accept loop stopped");
+}
+
+const BACKOFF_START: Duration = Duration::from_millis(5);
+/// Capped low so that accepting resumes within ~100 ms of descriptors freeing up.
+const BACKOFF_MAX: Duration = Duration::from_millis(100);
+
+/// What to do after a failed accept: per-connection errors retry at once; resource exhaustion
+/// sleeps with exponential backoff. Logging is limited to one line a second per loop, with the
+/// count of errors it stood for.
+#[derive(Default)]
+struct Backoff {
+    next: Option<Duration>,
+    last_log: Option<Instant>,
+    unlogged: u64,
+}
+
+impl Backoff {
+    fn reset(&mut self) {
+        self.next = None;
+    }
+
+    fn on_error(
+        &mut self,
+        e: &io::Error,
+        local: Option<SocketAddr>,
+        shard: usize,
+    ) -> Option<Duration> {
+        let errno = e.raw_os_error();
+        let resource = matches!(
+            errno,
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+        );
+        self.unlogged += 1;
+        let now = Instant::now();
+        if self
+            .last_log
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            if resource {
+                tracing::warn!(listener = ?local, shard, error = %e, errors = self.unlogged,
+                    "accept failed: out of resources, backing off");
+            } else {
+                tracing::debug!(listener = ?local, shard, error = %e, errors = self.unlogged,
+                    "accept failed");
+            }
+            self.last_log = Some(now);
+            self.unlogged = 0;
+        }
+        if !resource {
+            // ECONNABORTED, ECONNRESET, EPROTO, EPERM (firewall): that one connection is gone;
+            // the listener is fine. Yielding keeps a flood of them from starving other tasks.
+            return Some(Duration::ZERO);
+        }
+        let pause = self.next.unwrap_or(BACKOFF_START);
+        self.next = Some((pause * 2).min(BACKOFF_MAX));
+        Some(pause)
+    }
+}

@@ -1,0 +1,159 @@
+//! The `breakwater` binary: process edges only. CLI, logging, config (exit 64 when invalid),
+//! binding, signals; everything else is the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use breakwater::config::Config;
+use clap::{Parser, Subcommand};
+
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "breakwater",
+    version,
+    about = "A hardened TCP accept-front HTTP reverse proxy for connection storms",
+    after_help = "Examples:\n  \
+        breakwater demo                                  built-in origin + proxy on 127.0.0.1:8080\n  \
+        breakwater check --config config/breakwater.toml validate a config and show what would run\n  \
+        breakwater run --config /etc/breakwater.toml     front your app"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        /// TOML config file.
+        #[arg(long, short, default_value = "config/breakwater.toml")]
+        config: PathBuf,
+    },
+    /// Validate a config and print what would run; exit 0 when valid, 64 when not.
+    Check {
+        #[arg(long, short, default_value = "config/breakwater.toml")]
+        config: PathBuf,
+    },
+    /// Start a built-in origin on a loopback port with Breakwater in front of it, on the
+    /// default config's settings, until Ctrl-C.
+    Demo {
+        /// Where the proxy listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        addr: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match Config::load(&config) {
+            Ok(c) => {
+                println!("{}: valid\n{}", c.source, c.summary());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Run { config } => match Config::load(&config) {
+            Ok(c) => serve(c, None),
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Demo { addr } => match Config::embedded_default() {
+            Ok(mut c) => {
+                c.listeners.truncate(1);
+                c.listeners[0].addr = addr;
+                serve(c, Some(addr))
+            }
+            Err(e) => {
+                eprintln!("error: the embedded default config is invalid: {e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+    }
+}
+
+/// Binds, then runs until SIGTERM or SIGINT. With `demo`, starts the built-in origin first and
+/// points the (single) upstream at it.
+fn serve(mut config: Config, demo: Option<SocketAddr>) -> ExitCode {
+    breakwater::telemetry::init(&config.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        if demo.is_some() {
+            let origin = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("error: cannot start the demo origin: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let origin_addr = origin
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            for u in &mut config.upstreams {
+                u.servers = vec![origin_addr.clone()];
+            }
+            tokio::spawn(breakwater::demo::origin(origin));
+            tracing::info!(origin = %origin_addr, "demo origin started");
+        }
+        let listeners = match breakwater::bind_all(&config) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        for l in &listeners {
+            tracing::info!(addr = %l.local_addr, shards = l.sockets.len(), "listening");
+        }
+        if let Some(addr) = demo {
+            println!(
+                "Breakwater demo is running. Try:\n  curl http://{addr}/\nPress Ctrl-C to stop."
+            );
+        }
+        match breakwater::run(config, listeners, signal()).await {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+async fn signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        _ => {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

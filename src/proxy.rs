@@ -1,0 +1,326 @@
+//! ④ The proxy handler: one call per request. Route → rewrite headers → send upstream → relay
+//! the response. This is the one place where errors become HTTP responses (`ProxyError`).
+
+pub mod body;
+pub mod headers;
+pub mod route;
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, StatusCode, Uri, Version};
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+
+use crate::conn::clock::{ConnActivity, InFlight};
+use crate::upstream::pool::Conn;
+use crate::upstream::{Upstream, UpstreamError};
+use crate::Shared;
+use body::{AccessLog, ProxyBody, UpstreamBody};
+
+/// Response bytes read before the head is relayed, when they come at once. A body that ends
+/// within this frees its origin connection before a slow client has read a byte, and a
+/// malformed one (broken chunking, short body) becomes a clean 502 instead of a relayed error.
+const PREFETCH_BYTES: usize = 64 * 1024;
+/// How long the prefetch waits for body bytes after the head: short, so a streaming response
+/// (server-sent events, long poll) is relayed almost at once.
+const PREFETCH_WAIT: Duration = Duration::from_millis(50);
+
+/// Why a request got a response of Breakwater's own instead of the origin's.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route for this host and path")]
+    NoRoute,
+    #[error("upstream {upstream} server {server}: {error}")]
+    Upstream {
+        upstream: String,
+        server: String,
+        #[source]
+        error: UpstreamError,
+    },
+}
+
+impl ProxyError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::Upstream { error, .. } => match error {
+                UpstreamError::ConnectTimeout | UpstreamError::ResponseTimeout => {
+                    StatusCode::GATEWAY_TIMEOUT
+                }
+                UpstreamError::Connect(_)
+                | UpstreamError::Handshake(_)
+                | UpstreamError::Response(_) => StatusCode::BAD_GATEWAY,
+            },
+        }
+    }
+
+    /// A short body that says what happened without exposing the origin's address.
+    fn body(&self) -> &'static str {
+        match self {
+            ProxyError::NoRoute => "404 Not Found: no route for this host and path\n",
+            ProxyError::Upstream { error, .. } => match error {
+                UpstreamError::ConnectTimeout => {
+                    "504 Gateway Timeout: the origin did not accept the connection in time\n"
+                }
+                UpstreamError::ResponseTimeout => {
+                    "504 Gateway Timeout: the origin did not answer in time\n"
+                }
+                UpstreamError::Connect(_) => "502 Bad Gateway: the origin is unreachable\n",
+                UpstreamError::Handshake(_) | UpstreamError::Response(_) => {
+                    "502 Bad Gateway: the origin sent no valid response\n"
+                }
+            },
+        }
+    }
+}
+
+/// The routing table and the upstreams, built once from the config.
+#[derive(Debug)]
+pub struct Proxy {
+    pub router: route::Router,
+    pub upstreams: Vec<Upstream>,
+    pub access_log: bool,
+}
+
+struct Relayed {
+    head: http::response::Parts,
+    buffered: VecDeque<Frame<Bytes>>,
+    rest: Option<Incoming>,
+    conn: Option<Conn>,
+}
+
+pub async fn handle(
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    activity: Arc<ConnActivity>,
+    in_flight: InFlight,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let mut log = AccessLog {
+        enabled: shared.proxy.access_log,
+        client: peer,
+        method: req.method().clone(),
+        path: req.uri().path().to_string(),
+        status: 0,
+        upstream: None,
+        server: None,
+        start: Instant::now(),
+    };
+    let resp = match forward(&shared.proxy, peer, &activity, req, &mut log).await {
+        Ok(r) => {
+            log.status = r.head.status.as_u16();
+            Response::from_parts(
+                r.head,
+                ProxyBody::origin(r.buffered, r.rest, r.conn, log, in_flight),
+            )
+        }
+        Err(e) => {
+            let status = e.status();
+            match &e {
+                ProxyError::NoRoute => {
+                    tracing::debug!(client = %peer, path = %log.path, "no route")
+                }
+                ProxyError::Upstream {
+                    upstream,
+                    server,
+                    error,
+                } => {
+                    tracing::warn!(client = %peer, upstream = %upstream, server = %server, error = %error,
+                        status = status.as_u16(), "upstream request failed")
+                }
+            }
+            log.status = status.as_u16();
+            let mut r = Response::new(ProxyBody::full(
+                Bytes::from_static(e.body().as_bytes()),
+                log,
+                in_flight,
+            ));
+            *r.status_mut() = status;
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            r
+        }
+    };
+    Ok(resp)
+}
+
+async fn forward(
+    proxy: &Proxy,
+    peer: SocketAddr,
+    activity: &ConnActivity,
+    mut req: Request<Incoming>,
+    log: &mut AccessLog,
+) -> Result<Relayed, ProxyError> {
+    // An absolute-form target or an HTTP/2 :authority names the host; otherwise Host does.
+    // Either way it only selects among configured routes: the request always goes to a
+    // configured upstream, never to the host it names.
+    let authority = match req.uri().authority() {
+        Some(a) => Some(a.as_str().to_string()),
+        None => req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string),
+    };
+    let host = authority.as_deref().map(route::host_only);
+    let idx = proxy
+        .router
+        .pick(host, req.uri().path())
+        .ok_or(ProxyError::NoRoute)?;
+    let upstream = &proxy.upstreams[idx];
+    let server = upstream.pick();
+    log.upstream = Some(upstream.name.clone());
+    log.server = Some(server.addr.clone());
+
+    let client_version = req.version();
+    let upgrade = if client_version == Version::HTTP_11 {
+        headers::upgrade_request(req.headers())
+    } else {
+        None
+    };
+    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+
+    let (mut parts, body) = req.into_parts();
+    if authority.is_some() && parts.uri.authority().is_some() {
+        // RFC 9112 §3.2.2: with an absolute-form target the Host header is replaced.
+        parts.headers.remove(header::HOST);
+    }
+    headers::prepare_request(
+        &mut parts.headers,
+        &headers::Forwarded {
+            client: peer.ip(),
+            host: authority.as_deref(),
+            proto: "http",
+            version: headers::version_token(client_version),
+            upgrade: upgrade.clone(),
+        },
+    );
+    parts.uri = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+    parts.version = Version::HTTP_11;
+    let is_head = parts.method == http::Method::HEAD;
+    let out = Request::from_parts(parts, UpstreamBody::stream(body));
+
+    let fail = |error| ProxyError::Upstream {
+        upstream: upstream.name.clone(),
+        server: server.addr.clone(),
+        error,
+    };
+    let (mut resp, conn) = upstream
+        .send(server, out, upgrade.is_some())
+        .await
+        .map_err(fail)?;
+    let origin_upgrade = (resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && client_upgrade.is_some())
+    .then(|| hyper::upgrade::on(&mut resp));
+    let (mut head, mut body) = resp.into_parts();
+    let origin_version = headers::version_token(head.version);
+
+    if let Some(origin_upgrade) = origin_upgrade {
+        if let Some(client_upgrade) = client_upgrade {
+            activity.set_upgraded();
+            tokio::spawn(tunnel(
+                client_upgrade,
+                origin_upgrade,
+                conn,
+                peer,
+                server.addr.clone(),
+            ));
+            let up = head.headers.get(header::UPGRADE).cloned().or(upgrade);
+            headers::prepare_response(&mut head.headers, origin_version, up.as_ref());
+            return Ok(Relayed {
+                head,
+                buffered: VecDeque::new(),
+                rest: None,
+                conn: None,
+            });
+        }
+    }
+    headers::prepare_response(&mut head.headers, origin_version, None);
+    head.version = client_version;
+
+    let mut buffered = VecDeque::new();
+    if is_head || body.is_end_stream() {
+        conn.release();
+        return Ok(Relayed {
+            head,
+            buffered,
+            rest: None,
+            conn: None,
+        });
+    }
+    let deadline = tokio::time::Instant::now() + PREFETCH_WAIT;
+    let mut size = 0;
+    while size < PREFETCH_BYTES {
+        // `frame()` is cancel-safe: dropping it before it completes loses no data.
+        let next = tokio::select! {
+            f = body.frame() => f,
+            _ = tokio::time::sleep_until(deadline) => break,
+        };
+        match next {
+            Some(Ok(f)) => {
+                size += f.data_ref().map_or(0, |d| d.len());
+                buffered.push_back(f);
+            }
+            Some(Err(e)) => return Err(fail(UpstreamError::Response(e))),
+            None => {
+                conn.release();
+                return Ok(Relayed {
+                    head,
+                    buffered,
+                    rest: None,
+                    conn: None,
+                });
+            }
+        }
+    }
+    Ok(Relayed {
+        head,
+        buffered,
+        rest: Some(body),
+        conn: Some(conn),
+    })
+}
+
+/// Relays bytes both ways once client and origin have both switched protocols.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    origin: hyper::upgrade::OnUpgrade,
+    conn: Conn,
+    peer: SocketAddr,
+    server: String,
+) {
+    let (c, o) = tokio::join!(client, origin);
+    // The origin connection's sender is no longer needed once its socket is upgraded.
+    drop(conn);
+    match (c, o) {
+        (Ok(c), Ok(o)) => {
+            let mut c = TokioIo::new(c);
+            let mut o = TokioIo::new(o);
+            match tokio::io::copy_bidirectional(&mut c, &mut o).await {
+                Ok((up, down)) => {
+                    tracing::debug!(client = %peer, server, up, down, "tunnel closed")
+                }
+                Err(e) => {
+                    tracing::debug!(client = %peer, server, error = %e, "tunnel ended with an error")
+                }
+            }
+        }
+        (c, o) => {
+            tracing::debug!(client = %peer, server, client_ok = c.is_ok(), origin_ok = o.is_ok(),
+            "upgrade did not complete")
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! Logging: tracing to stderr, as text or one JSON object per line. `RUST_LOG` overrides the
+//! configured level (e.g. `RUST_LOG=breakwater=debug`).
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::file::LogFormat;
+use crate::config::LogConfig;
+
+pub fn init(cfg: &LogConfig) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second init (tests starting several proxies in one process) keeps the first subscriber.
+    let _ = match cfg.format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
