@@ -1,0 +1,324 @@
+//! Breakwater as a real process: the CLI contract, signals, memory while streaming, and the
+//! listening sockets' options read back from the kernel.
+
+mod support;
+
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::Response;
+use support::*;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+fn write_config(text: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    f
+}
+
+fn check(text: &str) -> (i32, String, String) {
+    let f = write_config(text);
+    let out = Command::new(bin())
+        .args(["check", "--config"])
+        .arg(f.path())
+        .output()
+        .unwrap();
+    let path = f.path().display().to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).replace(&path, "FILE");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr,
+    )
+}
+
+#[test]
+fn check_accepts_the_shipped_configs() {
+    for path in ["config/breakwater.toml", "config/minimal.toml"] {
+        let out = Command::new(bin())
+            .args(["check", "--config", path])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{path}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("valid") && stdout.contains("upstream app"),
+            "{stdout}"
+        );
+    }
+}
+
+#[test]
+fn bad_configs_name_file_line_key_and_fix() {
+    let up = "[upstreams.app]\nservers = [\"127.0.0.1:3000\"]\n";
+    let cases = [
+        (
+            format!("{up}[admision]\nmax_connections = 5\n"),
+            "error: FILE:3:2: unknown field `admision`, expected one of",
+        ),
+        (
+            format!("{up}[http]\nmax_conections = 5\n"),
+            "error: FILE:4:1: `http.max_conections`: unknown field `max_conections`, expected one of",
+        ),
+        (
+            format!("{up}[http]\nidle_timeout = \"ten seconds\"\n"),
+            "error: FILE:4:16: `http.idle_timeout`: invalid duration \"ten seconds\": expected a number with a unit",
+        ),
+        (
+            format!("{up}[[routes]]\npath_prefix = \"/api\"\nupstream = \"api\"\n"),
+            "error: FILE:5:12: `routes.upstream`: route names upstream \"api\", which is not defined; defined upstreams: app",
+        ),
+        (
+            format!("[[listeners]]\naddr = \"localhost:8080\"\n{up}"),
+            "error: FILE:2:8: `listeners.addr`: invalid address \"localhost:8080\": expected IP:port",
+        ),
+        (
+            "[upstreams.app]\nservers = [\"10.0.0.1\"]\n".to_string(),
+            "error: FILE:2:12: `upstreams.app.servers`: invalid server address \"10.0.0.1\": expected host:port",
+        ),
+    ];
+    for (text, want) in cases {
+        let (code, _, stderr) = check(&text);
+        assert_eq!(code, 64, "{text}");
+        assert!(
+            stderr.starts_with(want),
+            "config:\n{text}\nwanted: {want}\ngot:    {stderr}"
+        );
+    }
+    let (code, _, stderr) = {
+        let out = Command::new(bin())
+            .args(["check", "--config", "/nonexistent/b.toml"])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            (),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(code, Some(64));
+    assert!(
+        stderr.contains("/nonexistent/b.toml: cannot read the config file"),
+        "{stderr}"
+    );
+}
+
+/// A running `breakwater run` child; killed if the test fails early.
+struct Running {
+    child: Child,
+    addr: std::net::SocketAddr,
+    _config: tempfile::NamedTempFile,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the binary on a free port and waits until it accepts.
+async fn run_binary(upstream: std::net::SocketAddr, extra: &str) -> Running {
+    let port = closed_port().await;
+    let text = format!(
+        "[[listeners]]\naddr = \"{port}\"\nshards = 1\n{extra}\n[upstreams.app]\nservers = [\"{upstream}\"]\n[log]\naccess_log = false\n"
+    );
+    let config = write_config(&text);
+    let child = Command::new(bin())
+        .args(["run", "--config"])
+        .arg(config.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(port).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "breakwater did not start listening"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Running {
+        child,
+        addr: port,
+        _config: config,
+    }
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+const FIFTY_MB: usize = 50 * 1024 * 1024;
+const CHUNK: usize = 64 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_megabytes_each_way_stream_through_in_bounded_memory() {
+    // Upload: the origin counts what arrives. Download: the origin generates 50 MB lazily.
+    let origin = origin(Arc::new(|req: hyper::Request<hyper::body::Incoming>| {
+        Box::pin(async move {
+            if req.method() == hyper::Method::POST {
+                let mut n = 0usize;
+                let mut body = req.into_body();
+                while let Some(Ok(f)) = body.frame().await {
+                    n += f.data_ref().map_or(0, |d| d.len());
+                }
+                Response::new(full(n.to_string()))
+            } else {
+                let stream = futures_util::stream::iter((0..FIFTY_MB / CHUNK).map(|_| {
+                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>(hyper::body::Frame::data(
+                        Bytes::from(vec![7u8; CHUNK]),
+                    ))
+                }));
+                Response::new(http_body_util::StreamBody::new(stream).boxed())
+            }
+        })
+    }))
+    .await;
+    let bw = run_binary(origin.addr, "").await;
+    let base = peak_rss_kib(bw.child.id());
+
+    let (mut tx, body) =
+        http_body_util::channel::Channel::<Bytes, Box<dyn std::error::Error + Send + Sync>>::new(2);
+    tokio::spawn(async move {
+        for _ in 0..FIFTY_MB / CHUNK {
+            if tx.send_data(Bytes::from(vec![1u8; CHUNK])).await.is_err() {
+                return;
+            }
+        }
+    });
+    let got = send(bw.addr, request("POST", bw.addr, "/upload", body.boxed())).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.text(), FIFTY_MB.to_string());
+
+    let stream = tokio::net::TcpStream::connect(bw.addr).await.unwrap();
+    let (mut tx, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let resp = tx
+        .send_request(request("GET", bw.addr, "/download", full("")))
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let mut n = 0;
+    while let Some(f) = body.frame().await {
+        n += f.unwrap().data_ref().map_or(0, |d| d.len());
+    }
+    assert_eq!(n, FIFTY_MB);
+
+    let peak = peak_rss_kib(bw.child.id());
+    eprintln!("breakwater peak RSS: {base} KiB at start, {peak} KiB after 2 x 50 MB");
+    assert!(
+        peak < base + 16 * 1024,
+        "peak RSS grew from {base} KiB to {peak} KiB: bodies were buffered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_the_in_flight_request_then_exits_zero() {
+    let origin = origin(Arc::new(|_req| {
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            Response::new(full("done"))
+        })
+    }))
+    .await;
+    let mut bw = run_binary(origin.addr, "[http]\nshutdown_timeout = \"10s\"").await;
+    let addr = bw.addr;
+    let inflight = tokio::spawn(async move { get(addr, "/slow").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // SAFETY: plain kill(2) on our own child's pid.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::kill(bw.child.id() as i32, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let got = inflight.await.unwrap();
+    assert_eq!((got.status, got.text().as_str()), (200, "done"));
+
+    let stderr = bw.child.stderr.take().unwrap();
+    let status = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(s) = bw.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "breakwater did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.code(), Some(0));
+    let mut lines = BufReader::new(tokio::process::ChildStderr::from_std(stderr).unwrap()).lines();
+    let mut log = String::new();
+    while let Ok(Some(l)) = lines.next_line().await {
+        log += &l;
+        log.push('\n');
+    }
+    assert!(log.contains("SIGTERM received"), "{log}");
+    assert!(
+        log.contains("shutdown complete: all connections drained"),
+        "{log}"
+    );
+}
+
+#[test]
+fn listener_options_are_set_in_the_kernel() {
+    let cfg = breakwater::config::ListenerConfig {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        backlog: 1000,
+        defer_accept: Duration::from_secs(1),
+        shards: 3,
+    };
+    let bound = breakwater::listener::bind(&cfg).unwrap();
+    assert_eq!(bound.sockets.len(), 3);
+    for s in &bound.sockets {
+        assert_eq!(
+            s.local_addr().unwrap(),
+            bound.local_addr,
+            "all shards share one port"
+        );
+        let sock = socket2::SockRef::from(s);
+        assert!(sock.reuse_port().unwrap());
+        assert!(breakwater::listener::sockopt::defer_accept(s.as_fd()).unwrap() >= 1);
+        let q = breakwater::listener::sockopt::listen_queue(s.as_fd()).unwrap();
+        let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(q.backlog, 1000.min(somaxconn));
+        assert_eq!(q.queued, 0);
+    }
+
+    let off = breakwater::config::ListenerConfig {
+        defer_accept: Duration::ZERO,
+        shards: 1,
+        ..cfg
+    };
+    let bound = breakwater::listener::bind(&off).unwrap();
+    assert_eq!(
+        breakwater::listener::sockopt::defer_accept(bound.sockets[0].as_fd()).unwrap(),
+        0
+    );
+}

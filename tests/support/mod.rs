@@ -1,0 +1,299 @@
+//! Test harness: the whole proxy on port 0, origins that count what they see, and clients.
+//! Everything talks over real loopback sockets.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use breakwater::Config;
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::{HeaderMap, Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+
+pub type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+type BoxFut = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
+pub type Handler = Arc<dyn Fn(Request<Incoming>) -> BoxFut + Send + Sync>;
+
+pub fn full(s: impl Into<Bytes>) -> Body {
+    Full::new(s.into()).map_err(|e| match e {}).boxed()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The proxy
+
+pub struct Proxy {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<breakwater::Shutdown>>,
+}
+
+impl Proxy {
+    /// Starts Breakwater in this process on 127.0.0.1:0 with `toml` (whose listeners are
+    /// replaced by one on port 0 with `shards` sockets).
+    pub async fn start(toml: &str) -> Proxy {
+        let mut cfg = Config::parse(toml, "test.toml").expect("test config is valid");
+        if cfg.listeners.len() == 1 && cfg.listeners[0].addr.port() != 0 {
+            cfg.listeners[0].addr = "127.0.0.1:0".parse().unwrap();
+        }
+        let bound = breakwater::bind_all(&cfg).expect("bind");
+        let addr = bound[0].local_addr;
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(breakwater::run(cfg, bound, async move {
+            let _ = rx.await;
+        }));
+        Proxy {
+            addr,
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    pub async fn stop(mut self) -> breakwater::Shutdown {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        (&mut self.task).await.expect("run task").expect("run")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+}
+
+/// A config with one upstream pointing at `origin` and the given extra TOML.
+pub fn config_for(origin: SocketAddr, extra: &str) -> String {
+    format!(
+        "[[listeners]]\naddr = \"127.0.0.1:0\"\nshards = 2\n\n{extra}\n\n[upstreams.app]\nservers = [\"{origin}\"]\n"
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Origins
+
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: String,
+    pub uri: String,
+    pub headers: HeaderMap,
+}
+
+pub struct Origin {
+    pub addr: SocketAddr,
+    /// TCP connections this origin accepted.
+    pub accepts: Arc<AtomicUsize>,
+    /// Requests it received, in order.
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Origin {
+    pub fn accepts(&self) -> usize {
+        self.accepts.load(Ordering::SeqCst)
+    }
+    pub fn requests(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+    pub fn stop(self) {}
+}
+
+/// An HTTP/1.1 + h2c origin running `handler` for every request.
+pub async fn origin(handler: Handler) -> Origin {
+    origin_on(TcpListener::bind("127.0.0.1:0").await.unwrap(), handler)
+}
+
+pub fn origin_on(listener: TcpListener, handler: Handler) -> Origin {
+    let addr = listener.local_addr().unwrap();
+    let accepts = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (a, s) = (accepts.clone(), seen.clone());
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            a.fetch_add(1, Ordering::SeqCst);
+            let handler = handler.clone();
+            let s = s.clone();
+            conns.spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    s.lock().unwrap().push(Seen {
+                        method: req.method().to_string(),
+                        uri: req.uri().to_string(),
+                        headers: req.headers().clone(),
+                    });
+                    let fut = handler(req);
+                    async move { Ok::<_, Infallible>(fut.await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Origin {
+        addr,
+        accepts,
+        seen,
+        task,
+    }
+}
+
+/// Answers "METHOD PATH" for GET and echoes the request body back for other methods.
+pub async fn echo_origin() -> Origin {
+    origin(Arc::new(|req: Request<Incoming>| {
+        Box::pin(async move {
+            if req.method() == hyper::Method::GET || req.method() == hyper::Method::HEAD {
+                let text = format!("{} {}", req.method(), req.uri());
+                Response::new(full(text))
+            } else {
+                Response::new(req.into_body().map_err(|e| e.into()).boxed())
+            }
+        })
+    }))
+    .await
+}
+
+/// Answers `body` to everything.
+pub async fn text_origin(body: &'static str) -> Origin {
+    origin(Arc::new(move |_req| {
+        Box::pin(async move { Response::new(full(body)) })
+    }))
+    .await
+}
+
+/// A TCP origin that reads a request head, writes `response` verbatim, then closes (or holds
+/// the connection open for `hold` first).
+pub async fn raw_origin(response: &'static [u8], hold: Duration) -> Origin {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepts = Arc::new(AtomicUsize::new(0));
+    let a = accepts.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            a.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let _ = read_head(&mut s).await;
+                let _ = s.write_all(response).await;
+                tokio::time::sleep(hold).await;
+            });
+        }
+    });
+    Origin {
+        addr,
+        accepts,
+        seen: Arc::default(),
+        task,
+    }
+}
+
+/// An address nothing listens on.
+pub async fn closed_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients
+
+pub struct Got {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Got {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// One request on a new HTTP/1.1 connection.
+pub async fn send(addr: SocketAddr, req: Request<Body>) -> Got {
+    let stream = TcpStream::connect(addr).await.expect("connect to proxy");
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let resp = tx.send_request(req).await.expect("response");
+    collect(resp).await
+}
+
+pub async fn collect(resp: Response<Incoming>) -> Got {
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("whole body").to_bytes();
+    Got {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body,
+    }
+}
+
+pub async fn get(addr: SocketAddr, path: &str) -> Got {
+    send(
+        addr,
+        request(
+            "GET",
+            addr,
+            path,
+            Empty::new().map_err(|e| match e {}).boxed(),
+        ),
+    )
+    .await
+}
+
+pub fn request(method: &str, addr: SocketAddr, path: &str, body: Body) -> Request<Body> {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string())
+        .body(body)
+        .unwrap()
+}
+
+/// Writes raw bytes on a new connection and reads until the peer closes or `wait` passes.
+pub async fn raw(addr: SocketAddr, bytes: &[u8], wait: Duration) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(wait, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Reads up to the end of an HTTP head.
+pub async fn read_head(s: &mut TcpStream) -> std::io::Result<String> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte).await? == 0 {
+            break;
+        }
+        buf.push(byte[0]);
+    }
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// Path of the built binary, for tests that run Breakwater as a real process.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_breakwater")
+}
