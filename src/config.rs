@@ -12,7 +12,9 @@ use std::ops::Range;
 use std::path::Path;
 use std::time::Duration;
 
+pub use file::RejectMode;
 use file::{FileConfig, LogFormat};
+use ipnet::IpNet;
 
 /// The commented default configuration, embedded so `breakwater demo` and `check` work anywhere.
 pub const DEFAULT_TOML: &str = include_str!("../config/breakwater.toml");
@@ -25,7 +27,31 @@ pub struct Config {
     pub http: HttpConfig,
     pub upstreams: Vec<UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
+    pub admission: AdmissionConfig,
     pub log: LogConfig,
+}
+
+/// `[admission]`: what is decided right after accept. For every count, 0 disables.
+#[derive(Debug, Clone)]
+pub struct AdmissionConfig {
+    /// Open client connections, all listeners together; at the cap the accept loops pause.
+    pub max_connections: u32,
+    /// New connections per second per client address (or IPv6 prefix).
+    pub per_ip_rate: u32,
+    pub per_ip_burst: u32,
+    /// Concurrent connections per client address.
+    pub per_ip_max_connections: u32,
+    /// Requests per second per client address, over all its connections; over it -> 429.
+    pub per_ip_request_rate: u32,
+    pub per_ip_request_burst: u32,
+    pub reject: RejectMode,
+    /// Never limited (but still counted against max_connections).
+    pub allow: Vec<IpNet>,
+    /// Always rejected.
+    pub deny: Vec<IpNet>,
+    pub ipv6_prefix: u8,
+    /// Count and log what would be rejected, reject nothing.
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -182,6 +208,21 @@ impl Config {
                 humantime::format_duration(u.response_timeout)
             );
         }
+        let a = &self.admission;
+        let off = |n: u32, unit: &str| if n == 0 { "off".to_string() } else { format!("{n}{unit}") };
+        s += &format!(
+            "admission max_connections {}  per_ip_rate {} (burst {})  per_ip_max_connections {}  \
+             per_ip_request_rate {}  reject {:?}  allow {}  deny {}{}\n",
+            a.max_connections,
+            off(a.per_ip_rate, "/s"),
+            a.per_ip_burst,
+            off(a.per_ip_max_connections, ""),
+            off(a.per_ip_request_rate, "/s"),
+            a.reject,
+            a.allow.len(),
+            a.deny.len(),
+            if a.dry_run { "  DRY RUN" } else { "" }
+        );
         if self.routes.is_empty() {
             s += &format!("route     * /  -> {}\n", self.upstreams[0].name);
         }
@@ -385,6 +426,8 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
         ));
     }
 
+    let admission = validate_admission(raw.admission, &err)?;
+
     let level = raw.log.level.get_ref().to_ascii_lowercase();
     if !["off", "error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
         return Err(err(
@@ -402,11 +445,82 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
         http,
         upstreams,
         routes,
+        admission,
         log: LogConfig {
             level,
             format: raw.log.format,
             access_log: raw.log.access_log,
         },
+    })
+}
+
+fn validate_admission(
+    a: file::FileAdmission,
+    err: &dyn Fn(Range<usize>, String) -> ConfigError,
+) -> Result<AdmissionConfig, ConfigError> {
+    if *a.max_connections.get_ref() == 0 {
+        return Err(err(
+            a.max_connections.span(),
+            "max_connections must be at least 1: it is the global cap on open client \
+             connections and cannot be disabled"
+                .into(),
+        ));
+    }
+    let burst = *a.per_ip_burst.get_ref();
+    if a.per_ip_rate > 0 && burst == 0 {
+        return Err(err(
+            a.per_ip_burst.span(),
+            "per_ip_burst must be at least 1 when per_ip_rate is set".into(),
+        ));
+    }
+    let request_burst = match &a.per_ip_request_burst {
+        Some(b) if *b.get_ref() == 0 && a.per_ip_request_rate > 0 => {
+            return Err(err(
+                b.span(),
+                "per_ip_request_burst must be at least 1 when per_ip_request_rate is set".into(),
+            ))
+        }
+        Some(b) => *b.get_ref(),
+        None => a.per_ip_request_rate,
+    };
+    let prefix = *a.ipv6_prefix.get_ref();
+    if !(1..=128).contains(&prefix) {
+        return Err(err(
+            a.ipv6_prefix.span(),
+            format!("ipv6_prefix {prefix} is out of range: expected 1 to 128 (64 groups a host's /64)"),
+        ));
+    }
+    let nets = |list: &[toml::Spanned<String>]| -> Result<Vec<IpNet>, ConfigError> {
+        list.iter()
+            .map(|s| {
+                let t = s.get_ref().trim();
+                t.parse::<IpNet>()
+                    .or_else(|_| t.parse::<std::net::IpAddr>().map(IpNet::from))
+                    .map(|n| n.trunc())
+                    .map_err(|_| {
+                        err(
+                            s.span(),
+                            format!(
+                                "invalid network {t:?}: expected an address or CIDR such as \
+                                 \"192.0.2.0/24\", \"127.0.0.1\" or \"2001:db8::/32\""
+                            ),
+                        )
+                    })
+            })
+            .collect()
+    };
+    Ok(AdmissionConfig {
+        max_connections: *a.max_connections.get_ref(),
+        per_ip_rate: a.per_ip_rate,
+        per_ip_burst: burst,
+        per_ip_max_connections: a.per_ip_max_connections,
+        per_ip_request_rate: a.per_ip_request_rate,
+        per_ip_request_burst: request_burst.max(1),
+        reject: a.reject,
+        allow: nets(&a.allow)?,
+        deny: nets(&a.deny)?,
+        ipv6_prefix: prefix,
+        dry_run: a.dry_run,
     })
 }
 
@@ -612,6 +726,20 @@ mod tests {
             .unwrap()
             .matches("SHOP.example.com"));
         assert!(parse_host_pattern("a b").is_err());
+    }
+
+    #[test]
+    fn admission_defaults_and_errors() {
+        let c = parse(ONE).unwrap();
+        assert_eq!(c.admission.max_connections, 50_000);
+        assert_eq!(c.admission.per_ip_rate, 100);
+        assert_eq!(c.admission.allow, vec!["127.0.0.1/32".parse::<IpNet>().unwrap()]);
+        let e = parse(&format!("{ONE}[admission]\ndeny = [\"10.0.0.0/33\"]\n")).unwrap_err();
+        assert!(e.starts_with("t.toml:4:9: `admission.deny`: invalid network \"10.0.0.0/33\""), "{e}");
+        let e = parse(&format!("{ONE}[admission]\nreject = \"drop\"\n")).unwrap_err();
+        assert!(e.contains("`admission.reject`") && e.contains("reset"), "{e}");
+        let c = parse(&format!("{ONE}[admission]\nallow = [\"10.1.2.3\"]\n")).unwrap();
+        assert_eq!(c.admission.allow, vec!["10.1.2.3/32".parse::<IpNet>().unwrap()]);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use crate::admission::Admitted;
 use crate::config::HttpConfig;
 use crate::Shared;
 use clock::{ConnActivity, Timed};
@@ -45,6 +46,7 @@ pub fn builder(cfg: &HttpConfig) -> auto::Builder<TokioExecutor> {
 pub async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
+    admitted: Admitted,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -76,6 +78,8 @@ pub async fn serve(
             conn.as_mut().await
         }
     };
+    // The slots go back only now, with the socket closed.
+    drop(admitted);
     if let Err(e) = result {
         // Timeouts, resets and malformed requests are routine at an edge.
         tracing::debug!(client = %peer, error = %e, "connection ended with an error");

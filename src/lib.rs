@@ -25,6 +25,7 @@
 //! The library never binds from the config on its own and never reads signals: `run` takes
 //! bound listeners and a shutdown future, so tests start the whole proxy on port 0.
 
+pub mod admission;
 pub mod config;
 pub mod conn;
 pub mod demo;
@@ -47,6 +48,7 @@ pub use listener::BoundListener;
 /// What every connection task reads: the config, the proxy, the HTTP server settings.
 pub struct Shared {
     pub config: Config,
+    pub admission: Arc<admission::Admission>,
     pub proxy: proxy::Proxy,
     pub http: auto::Builder<TokioExecutor>,
 }
@@ -66,69 +68,80 @@ pub enum Shutdown {
     TimedOut { open: usize },
 }
 
-/// Serves until `shutdown` completes, then: stop accepting, ask every connection to finish
-/// (HTTP/1 closes after its in-flight response, HTTP/2 sends GOAWAY), and wait up to
-/// `http.shutdown_timeout` for them. A request that can finish within that grace period is not
-/// cut.
+/// Serves until `shutdown` completes; see `Engine::run`.
 pub async fn run(
     config: Config,
     listeners: Vec<BoundListener>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<Shutdown> {
-    let proxy = proxy::Proxy {
-        router: proxy::route::Router::new(config.routes.clone(), config.upstreams.len()),
-        upstreams: config
-            .upstreams
-            .iter()
-            .map(upstream::Upstream::new)
-            .collect(),
-        access_log: config.log.access_log,
-    };
-    let http = conn::builder(&config.http);
-    let grace = config.http.shutdown_timeout;
-    let shared = Arc::new(Shared {
-        config,
-        proxy,
-        http,
-    });
+    Engine::new(config).run(listeners, shutdown).await
+}
 
-    // Every accept loop and connection task holds a receiver; `closed()` resolves when the last
-    // one is gone, which is how we know the drain finished.
-    let (stop_tx, stop_rx) = watch::channel(false);
-    for bound in listeners {
-        for (shard, socket) in bound.sockets.into_iter().enumerate() {
-            let socket = tokio::net::TcpListener::from_std(socket)?;
-            tokio::spawn(listener::accept_loop(
-                socket,
-                shard,
-                shared.clone(),
-                stop_rx.clone(),
-            ));
-        }
+/// The proxy built from a config, before it serves: lets a caller (a test, the metrics) hold
+/// on to its parts.
+pub struct Engine {
+    shared: Arc<Shared>,
+}
+
+impl Engine {
+    pub fn new(config: Config) -> Engine {
+        let proxy = proxy::Proxy {
+            router: proxy::route::Router::new(config.routes.clone(), config.upstreams.len()),
+            upstreams: config.upstreams.iter().map(upstream::Upstream::new).collect(),
+            access_log: config.log.access_log,
+        };
+        let http = conn::builder(&config.http);
+        let admission = Arc::new(admission::Admission::new(&config.admission));
+        Engine { shared: Arc::new(Shared { config, admission, http, proxy }) }
     }
-    drop(stop_rx);
-    let reaper = tokio::spawn(reap_idle(shared.clone()));
 
-    shutdown.await;
-    let open = stop_tx.receiver_count();
-    tracing::info!(open_connections = open, grace = ?grace, "shutting down: stopped accepting, draining");
-    let _ = stop_tx.send(true);
-    let outcome = match tokio::time::timeout(grace, stop_tx.closed()).await {
-        Ok(()) => {
-            tracing::info!("shutdown complete: all connections drained");
-            Shutdown::Drained
+    pub fn admission(&self) -> &Arc<admission::Admission> {
+        &self.shared.admission
+    }
+
+    /// Serves until `shutdown` completes, then: stop accepting, ask every connection to finish
+    /// (HTTP/1 closes after its in-flight response, HTTP/2 sends GOAWAY), and wait up to
+    /// `http.shutdown_timeout` for them. A request that can finish within that grace period is
+    /// not cut.
+    pub async fn run(
+        self,
+        listeners: Vec<BoundListener>,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<Shutdown> {
+        let shared = self.shared;
+        let grace = shared.config.http.shutdown_timeout;
+        // Every accept loop and connection task holds a receiver; `closed()` resolves when the
+        // last one is gone, which is how we know the drain finished.
+        let (stop_tx, stop_rx) = watch::channel(false);
+        for bound in listeners {
+            for (shard, socket) in bound.sockets.into_iter().enumerate() {
+                let socket = tokio::net::TcpListener::from_std(socket)?;
+                tokio::spawn(listener::accept_loop(socket, shard, shared.clone(), stop_rx.clone()));
+            }
         }
-        Err(_) => {
-            let open = stop_tx.receiver_count();
-            tracing::warn!(
-                open_connections = open,
-                "shutdown timeout reached: cutting open connections"
-            );
-            Shutdown::TimedOut { open }
-        }
-    };
-    reaper.abort();
-    Ok(outcome)
+        drop(stop_rx);
+        let reaper = tokio::spawn(reap_idle(shared.clone()));
+        let housekeeping = tokio::spawn(shared.admission.clone().housekeeping());
+
+        shutdown.await;
+        let open = stop_tx.receiver_count();
+        tracing::info!(open_connections = open, grace = ?grace, "shutting down: stopped accepting, draining");
+        let _ = stop_tx.send(true);
+        let outcome = match tokio::time::timeout(grace, stop_tx.closed()).await {
+            Ok(()) => {
+                tracing::info!("shutdown complete: all connections drained");
+                Shutdown::Drained
+            }
+            Err(_) => {
+                let open = stop_tx.receiver_count();
+                tracing::warn!(open_connections = open, "shutdown timeout reached: cutting open connections");
+                Shutdown::TimedOut { open }
+            }
+        };
+        reaper.abort();
+        housekeeping.abort();
+        Ok(outcome)
+    }
 }
 
 /// Closes idle origin connections past their idle timeout, so a quiet proxy does not keep

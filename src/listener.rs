@@ -8,14 +8,17 @@ pub mod sockopt;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::config::ListenerConfig;
+use crate::admission::Admission;
+use crate::config::{ListenerConfig, RejectMode};
 use crate::Shared;
 
 /// The sockets of one configured listener, bound and listening, before any accept loop runs.
@@ -78,7 +81,8 @@ fn read_somaxconn() -> Option<u32> {
 }
 
 /// Accepts on one shard until shutdown is signalled, then drops the socket so the kernel stops
-/// queueing for it.
+/// queueing for it. Admission is decided here, inline: a refused connection costs one accept
+/// and one close, nothing else.
 pub async fn accept_loop(
     listener: TcpListener,
     shard: usize,
@@ -86,10 +90,18 @@ pub async fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let local = listener.local_addr().ok();
+    let admission = &shared.admission;
     let mut backoff = Backoff::default();
     loop {
-        // Both branches are cancel-safe: `changed` only observes a flag, and tokio's `accept`
-        // loses no connection when dropped before it completes.
+        // Cancel-safe: `changed` only observes a flag; a semaphore acquire dropped before it
+        // completes takes nothing.
+        let slot = tokio::select! {
+            biased;
+            _ = shutdown.changed() => break,
+            s = admission.global_slot() => s,
+        };
+        let Some(slot) = slot else { break };
+        // Cancel-safe: tokio's `accept` loses no connection when dropped before it completes.
         let accepted = tokio::select! {
             biased;
             _ = shutdown.changed() => break,
@@ -98,14 +110,24 @@ pub async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 backoff.reset();
-                // Small responses must not wait for Nagle; an error here only means the peer
-                // is already gone, which the connection task will find out.
-                let _ = stream.set_nodelay(true);
-                let shared = shared.clone();
-                let shutdown = shutdown.clone();
-                tokio::spawn(crate::conn::serve(stream, peer, shared, shutdown));
+                match admission.admit(peer.ip(), slot) {
+                    Ok(admitted) => {
+                        // Small responses must not wait for Nagle; an error here only means the
+                        // peer is already gone, which the connection task will find out.
+                        let _ = stream.set_nodelay(true);
+                        let shared = shared.clone();
+                        let shutdown = shutdown.clone();
+                        tokio::spawn(crate::conn::serve(stream, peer, admitted, shared, shutdown));
+                    }
+                    Err(_) => refuse(stream, admission.reject),
+                }
             }
             Err(e) => {
+                drop(slot);
+                if is_fd_exhaustion(&e) {
+                    admission.stats.accept_fd_exhausted.fetch_add(1, Ordering::Relaxed);
+                    shed_one(&listener, admission);
+                }
                 if let Some(pause) = backoff.on_error(&e, local, shard) {
                     // Sleep, but wake for shutdown: an exhausted process must still stop.
                     tokio::select! {
@@ -117,6 +139,31 @@ pub async fn accept_loop(
         }
     }
     tracing::debug!(listener = ?local, shard, "accept loop stopped");
+}
+
+/// Closes a refused connection: a reset (SO_LINGER 0) frees the descriptor at once and leaves
+/// no TIME_WAIT; a close sends FIN.
+fn refuse(stream: tokio::net::TcpStream, mode: RejectMode) {
+    if mode == RejectMode::Reset {
+        // Best effort: if it fails the drop below still closes the socket.
+        let _ = stream.set_zero_linger();
+    }
+    drop(stream);
+}
+
+fn is_fd_exhaustion(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// Out of descriptors, with a connection still waiting: free the reserve descriptor, take that
+/// connection and reset it, so its client learns now instead of hanging in the queue, and the
+/// listener is not left readable for a loop to spin on.
+fn shed_one(listener: &TcpListener, admission: &Admission) {
+    admission.reserve.with_released(|| {
+        if let Some(Ok((stream, _))) = listener.accept().now_or_never() {
+            refuse(stream, RejectMode::Reset);
+        }
+    });
 }
 
 const BACKOFF_START: Duration = Duration::from_millis(5);

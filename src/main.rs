@@ -85,6 +85,7 @@ fn main() -> ExitCode {
 /// points the (single) upstream at it.
 fn serve(mut config: Config, demo: Option<SocketAddr>) -> ExitCode {
     breakwater::telemetry::init(&config.log);
+    fit_to_fd_limit(&mut config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -137,6 +138,41 @@ fn serve(mut config: Config, demo: Option<SocketAddr>) -> ExitCode {
             }
         }
     })
+}
+
+/// Raises RLIMIT_NOFILE's soft limit to the hard one, then keeps `max_connections` within what
+/// the descriptors allow, so the accept loops pause before the process runs out rather than at
+/// it.
+fn fit_to_fd_limit(config: &mut Config) {
+    let nofile = match breakwater::admission::fd::raise_nofile() {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read or raise RLIMIT_NOFILE");
+            return;
+        }
+    };
+    let origin: u64 = config
+        .upstreams
+        .iter()
+        .map(|u| (u.servers.len() * u.pool_max_idle) as u64)
+        .sum();
+    let sockets: u64 = config.listeners.iter().map(|l| l.shards as u64).sum();
+    let budget = breakwater::admission::fd::connection_budget(nofile, origin, sockets).max(1);
+    let wanted = u64::from(config.admission.max_connections);
+    if wanted > budget {
+        tracing::warn!(
+            max_connections = wanted,
+            nofile,
+            origin_pool = origin,
+            effective_max_connections = budget,
+            "max_connections does not fit the file-descriptor limit; capping it. Fix: raise the \
+             limit (LimitNOFILE= in the systemd unit, `ulimit -n` or --ulimit nofile= for docker) \
+             to at least {} or lower max_connections",
+            (wanted + origin + sockets + 64) * 10 / 9 + 1
+        );
+        config.admission.max_connections = budget as u32;
+    }
+    tracing::info!(nofile, max_connections = config.admission.max_connections, "file-descriptor budget");
 }
 
 async fn signal() {

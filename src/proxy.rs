@@ -38,6 +38,8 @@ const PREFETCH_WAIT: Duration = Duration::from_millis(50);
 pub enum ProxyError {
     #[error("no route for this host and path")]
     NoRoute,
+    #[error("client over per_ip_request_rate")]
+    RateLimited,
     #[error("upstream {upstream} server {server}: {error}")]
     Upstream {
         upstream: String,
@@ -51,6 +53,7 @@ impl ProxyError {
     fn status(&self) -> StatusCode {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Upstream { error, .. } => match error {
                 UpstreamError::ConnectTimeout | UpstreamError::ResponseTimeout => {
                     StatusCode::GATEWAY_TIMEOUT
@@ -66,6 +69,7 @@ impl ProxyError {
     fn body(&self) -> &'static str {
         match self {
             ProxyError::NoRoute => "404 Not Found: no route for this host and path\n",
+            ProxyError::RateLimited => "429 Too Many Requests: slow down\n",
             ProxyError::Upstream { error, .. } => match error {
                 UpstreamError::ConnectTimeout => {
                     "504 Gateway Timeout: the origin did not accept the connection in time\n"
@@ -114,7 +118,12 @@ pub async fn handle(
         server: None,
         start: Instant::now(),
     };
-    let resp = match forward(&shared.proxy, peer, &activity, req, &mut log).await {
+    let result = if shared.admission.check_request(peer.ip()) {
+        forward(&shared.proxy, peer, &activity, req, &mut log).await
+    } else {
+        Err(ProxyError::RateLimited)
+    };
+    let resp = match result {
         Ok(r) => {
             log.status = r.head.status.as_u16();
             Response::from_parts(
@@ -128,6 +137,8 @@ pub async fn handle(
                 ProxyError::NoRoute => {
                     tracing::debug!(client = %peer, path = %log.path, "no route")
                 }
+                // Counted and summarised once a second by the admission housekeeping.
+                ProxyError::RateLimited => {}
                 ProxyError::Upstream {
                     upstream,
                     server,

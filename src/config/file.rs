@@ -34,7 +34,71 @@ pub struct FileConfig {
     #[serde(default)]
     pub routes: Vec<Spanned<FileRoute>>,
     #[serde(default)]
+    pub admission: FileAdmission,
+    #[serde(default)]
     pub log: FileLog,
+}
+
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 50_000;
+pub const DEFAULT_PER_IP_RATE: u32 = 100;
+pub const DEFAULT_PER_IP_BURST: u32 = 200;
+pub const DEFAULT_PER_IP_MAX_CONNECTIONS: u32 = 200;
+pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAdmission {
+    #[serde(default = "default_max_connections")]
+    pub max_connections: Spanned<u32>,
+    #[serde(default = "default_per_ip_rate")]
+    pub per_ip_rate: u32,
+    #[serde(default = "default_per_ip_burst")]
+    pub per_ip_burst: Spanned<u32>,
+    #[serde(default = "default_per_ip_max_connections")]
+    pub per_ip_max_connections: u32,
+    #[serde(default)]
+    pub per_ip_request_rate: u32,
+    #[serde(default)]
+    pub per_ip_request_burst: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub reject: RejectMode,
+    #[serde(default = "default_allow")]
+    pub allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub deny: Vec<Spanned<String>>,
+    #[serde(default = "default_ipv6_prefix")]
+    pub ipv6_prefix: Spanned<u8>,
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+impl Default for FileAdmission {
+    fn default() -> Self {
+        FileAdmission {
+            max_connections: default_max_connections(),
+            per_ip_rate: DEFAULT_PER_IP_RATE,
+            per_ip_burst: default_per_ip_burst(),
+            per_ip_max_connections: DEFAULT_PER_IP_MAX_CONNECTIONS,
+            per_ip_request_rate: 0,
+            per_ip_request_burst: None,
+            reject: RejectMode::Reset,
+            allow: default_allow(),
+            deny: Vec::new(),
+            ipv6_prefix: default_ipv6_prefix(),
+            dry_run: false,
+        }
+    }
+}
+
+/// How a refused connection is closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RejectMode {
+    /// RST via SO_LINGER 0: no TIME_WAIT, the descriptor is freed at once.
+    #[default]
+    Reset,
+    /// An orderly FIN.
+    Close,
 }
 
 #[derive(Debug, Deserialize)]
@@ -172,6 +236,24 @@ fn no_upstreams() -> Spanned<BTreeMap<String, Spanned<FileUpstream>>> {
 }
 fn default_shards() -> Spanned<usize> {
     Spanned::new(0..0, 0)
+}
+fn default_max_connections() -> Spanned<u32> {
+    Spanned::new(0..0, DEFAULT_MAX_CONNECTIONS)
+}
+fn default_per_ip_rate() -> u32 {
+    DEFAULT_PER_IP_RATE
+}
+fn default_per_ip_burst() -> Spanned<u32> {
+    Spanned::new(0..0, DEFAULT_PER_IP_BURST)
+}
+fn default_per_ip_max_connections() -> u32 {
+    DEFAULT_PER_IP_MAX_CONNECTIONS
+}
+fn default_allow() -> Vec<Spanned<String>> {
+    vec![Spanned::new(0..0, "127.0.0.1/32".to_string())]
+}
+fn default_ipv6_prefix() -> Spanned<u8> {
+    Spanned::new(0..0, DEFAULT_IPV6_PREFIX)
 }
 fn yes() -> bool {
     true

@@ -34,6 +34,7 @@ pub fn full(s: impl Into<Bytes>) -> Body {
 
 pub struct Proxy {
     pub addr: SocketAddr,
+    pub admission: Arc<breakwater::admission::Admission>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::io::Result<breakwater::Shutdown>>,
 }
@@ -49,11 +50,14 @@ impl Proxy {
         let bound = breakwater::bind_all(&cfg).expect("bind");
         let addr = bound[0].local_addr;
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(breakwater::run(cfg, bound, async move {
+        let engine = breakwater::Engine::new(cfg);
+        let admission = engine.admission().clone();
+        let task = tokio::spawn(engine.run(bound, async move {
             let _ = rx.await;
         }));
         Proxy {
             addr,
+            admission,
             stop: Some(tx),
             task,
         }
@@ -269,6 +273,41 @@ pub fn request(method: &str, addr: SocketAddr, path: &str, body: Body) -> Reques
         .header("host", addr.to_string())
         .body(body)
         .unwrap()
+}
+
+/// A TCP connection from a chosen loopback source address (127.0.x.y), to look like another
+/// client to the per-client limits.
+pub async fn connect_from(src: &str, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(format!("{src}:0").parse().unwrap())?;
+    socket.connect(addr).await
+}
+
+/// What a client from `src` gets for one request on a new connection: the status, or None when
+/// the connection was refused (reset or closed without a response).
+pub async fn try_get_from(src: &str, addr: SocketAddr) -> Option<u16> {
+    let mut s = connect_from(src, addr).await.ok()?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.ok()?;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await.ok()?.ok()?;
+    let text = String::from_utf8_lossy(&out);
+    text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+}
+
+/// Sends one request on an open connection and reads one response head + body of known length.
+pub async fn request_on(s: &mut TcpStream, path: &str) -> Option<u16> {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let head = tokio::time::timeout(Duration::from_secs(5), read_head(s)).await.ok()?.ok()?;
+    let status = head.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()?;
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await.ok()?;
+    Some(status)
 }
 
 /// Writes raw bytes on a new connection and reads until the peer closes or `wait` passes.

@@ -1,0 +1,261 @@
+//! ② Admission: keep or drop a new connection right after accept, before anything is spent on
+//! it. A refused connection gets no task, no buffer and no HTTP work; it is reset (or closed)
+//! inline in the accept loop. An admitted one carries `Admitted`, the guards for its global and
+//! per-client slots, which its connection task owns until it ends.
+//!
+//! Order of checks: deny list, allow list (skips the per-client limits), per-client connection
+//! rate, per-client concurrency. The global cap is not a rejection: at `max_connections` the
+//! accept loops stop accepting and the kernel's backlog absorbs the excess, as HAProxy does
+//! with maxconn. SO_REUSEPORT spreads one client over every shard, so all of this state is
+//! shared by all accept loops.
+
+pub mod conn_limit;
+pub mod fd;
+pub mod rate_limit;
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::{AdmissionConfig, RejectMode};
+use conn_limit::{ConnLimit, IpSlot};
+use rate_limit::RateLimit;
+
+/// Why a connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejected {
+    Deny,
+    Rate,
+    PerIpCap,
+}
+
+impl Rejected {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rejected::Deny => "deny",
+            Rejected::Rate => "rate",
+            Rejected::PerIpCap => "per_ip_cap",
+        }
+    }
+}
+
+/// The slots an admitted connection holds; dropping it gives them back.
+#[derive(Debug)]
+pub struct Admitted {
+    _global: OwnedSemaphorePermit,
+    _per_ip: Option<IpSlot>,
+}
+
+/// Counters since start, read by the reject log and the metrics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub accepted: AtomicU64,
+    pub rejected_deny: AtomicU64,
+    pub rejected_rate: AtomicU64,
+    pub rejected_per_ip_cap: AtomicU64,
+    /// Dry run: connections that would have been rejected.
+    pub would_reject: AtomicU64,
+    pub global_cap_pauses: AtomicU64,
+    pub requests_limited: AtomicU64,
+    pub accept_fd_exhausted: AtomicU64,
+}
+
+pub struct Admission {
+    allow: Vec<IpNet>,
+    deny: Vec<IpNet>,
+    ipv6_prefix: u8,
+    dry_run: bool,
+    pub reject: RejectMode,
+    conn_rate: Option<RateLimit>,
+    request_rate: Option<RateLimit>,
+    per_ip: Option<Arc<ConnLimit>>,
+    global: Arc<Semaphore>,
+    max_connections: u32,
+    paused: AtomicBool,
+    pub reserve: fd::Reserve,
+    pub stats: Stats,
+}
+
+impl Admission {
+    pub fn new(cfg: &AdmissionConfig) -> Admission {
+        Admission {
+            allow: cfg.allow.clone(),
+            deny: cfg.deny.clone(),
+            ipv6_prefix: cfg.ipv6_prefix,
+            dry_run: cfg.dry_run,
+            reject: cfg.reject,
+            conn_rate: RateLimit::new(cfg.per_ip_rate, cfg.per_ip_burst),
+            request_rate: RateLimit::new(cfg.per_ip_request_rate, cfg.per_ip_request_burst),
+            per_ip: ConnLimit::new(cfg.per_ip_max_connections),
+            global: Arc::new(Semaphore::new(cfg.max_connections as usize)),
+            max_connections: cfg.max_connections,
+            paused: AtomicBool::new(false),
+            reserve: fd::Reserve::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    /// A global slot, taken before accepting: at the cap this waits, so the accept loop stops
+    /// taking connections off the kernel's queue. Logs once per episode, not per connection.
+    pub async fn global_slot(&self) -> Option<OwnedSemaphorePermit> {
+        if let Ok(p) = self.global.clone().try_acquire_owned() {
+            return Some(p);
+        }
+        if !self.paused.swap(true, Ordering::AcqRel) {
+            self.stats.global_cap_pauses.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                max_connections = self.max_connections,
+                "global connection cap reached: pausing accept; new connections wait in the \
+                 kernel backlog"
+            );
+        }
+        let p = self.global.clone().acquire_owned().await.ok()?;
+        if self.paused.swap(false, Ordering::AcqRel) {
+            tracing::info!("global connection cap: a slot freed, accepting again");
+        }
+        Some(p)
+    }
+
+    /// Open client connections now.
+    pub fn open_connections(&self) -> usize {
+        self.max_connections as usize - self.global.available_permits()
+    }
+
+    /// Decides on a freshly accepted connection from `ip`, which already holds `global`.
+    pub fn admit(&self, ip: IpAddr, global: OwnedSemaphorePermit) -> Result<Admitted, Rejected> {
+        let key = client_key(ip, self.ipv6_prefix);
+        let verdict = self.decide(key);
+        match verdict {
+            Ok(per_ip) => {
+                self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                Ok(Admitted { _global: global, _per_ip: per_ip })
+            }
+            Err(r) => {
+                let counter = match r {
+                    Rejected::Deny => &self.stats.rejected_deny,
+                    Rejected::Rate => &self.stats.rejected_rate,
+                    Rejected::PerIpCap => &self.stats.rejected_per_ip_cap,
+                };
+                if self.dry_run {
+                    self.stats.would_reject.fetch_add(1, Ordering::Relaxed);
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Admitted { _global: global, _per_ip: None });
+                }
+                counter.fetch_add(1, Ordering::Relaxed);
+                Err(r)
+            }
+        }
+    }
+
+    fn decide(&self, key: IpAddr) -> Result<Option<IpSlot>, Rejected> {
+        if self.deny.iter().any(|n| n.contains(&key)) {
+            return Err(Rejected::Deny);
+        }
+        if self.allow.iter().any(|n| n.contains(&key)) {
+            return Ok(None);
+        }
+        if let Some(rl) = &self.conn_rate {
+            if !rl.check(key) {
+                return Err(Rejected::Rate);
+            }
+        }
+        match &self.per_ip {
+            None => Ok(None),
+            Some(limit) => limit.try_acquire(key).map(Some).ok_or(Rejected::PerIpCap),
+        }
+    }
+
+    /// Per-client request rate over keep-alive and HTTP/2; false means answer 429.
+    pub fn check_request(&self, ip: IpAddr) -> bool {
+        let Some(rl) = &self.request_rate else { return true };
+        let key = client_key(ip, self.ipv6_prefix);
+        if self.allow.iter().any(|n| n.contains(&key)) || rl.check(key) {
+            return true;
+        }
+        self.stats.requests_limited.fetch_add(1, Ordering::Relaxed);
+        // In a dry run the request is counted, not refused.
+        self.dry_run
+    }
+
+    /// Drops rate-limiter state for clients that went quiet.
+    pub fn prune(&self) {
+        for rl in [&self.conn_rate, &self.request_rate].into_iter().flatten() {
+            rl.prune();
+        }
+    }
+
+    /// Client keys the limiters hold state for.
+    pub fn tracked_keys(&self) -> usize {
+        [&self.conn_rate, &self.request_rate].into_iter().flatten().map(|r| r.len()).sum::<usize>()
+            + self.per_ip.as_ref().map_or(0, |p| p.tracked())
+    }
+
+    /// Once a second: a summary line when connections were rejected (never one line per
+    /// connection), and every `PRUNE_EVERY` the limiter pruning.
+    pub async fn housekeeping(self: Arc<Self>) {
+        const PRUNE_EVERY: u32 = 10;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut last = [0u64; 4];
+        let mut n = 0u32;
+        loop {
+            tick.tick().await;
+            let s = &self.stats;
+            let now = [
+                s.rejected_rate.load(Ordering::Relaxed),
+                s.rejected_per_ip_cap.load(Ordering::Relaxed),
+                s.rejected_deny.load(Ordering::Relaxed),
+                s.requests_limited.load(Ordering::Relaxed),
+            ];
+            if now != last {
+                let d: Vec<u64> = now.iter().zip(last).map(|(a, b)| a - b).collect();
+                tracing::info!(
+                    rate = d[0], per_ip_cap = d[1], deny = d[2], requests_429 = d[3],
+                    dry_run = self.dry_run,
+                    open = self.open_connections(),
+                    "{} in the last second",
+                    if self.dry_run { "would have rejected" } else { "rejected" }
+                );
+                last = now;
+            }
+            n += 1;
+            if n % PRUNE_EVERY == 0 {
+                self.prune();
+            }
+        }
+    }
+}
+
+/// The identity a limit applies to: IPv4-mapped IPv6 is the IPv4 address, and IPv6 is grouped
+/// by `prefix` bits, or one host with a /64 could mint unlimited keys.
+pub fn client_key(ip: IpAddr, prefix: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u128::from(v6);
+                let mask = if prefix >= 128 { u128::MAX } else { !(u128::MAX >> prefix) };
+                IpAddr::V6((bits & mask).into())
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_grouped_and_mapped_ipv4_unwrapped() {
+        let a = client_key("2001:db8:1:2:aaaa::1".parse().unwrap(), 64);
+        let b = client_key("2001:db8:1:2:bbbb::9".parse().unwrap(), 64);
+        assert_eq!(a, b);
+        assert_eq!(a, "2001:db8:1:2::".parse::<IpAddr>().unwrap());
+        assert_eq!(client_key("::ffff:127.0.0.5".parse().unwrap(), 64), "127.0.0.5".parse::<IpAddr>().unwrap());
+    }
+}
