@@ -99,6 +99,11 @@ impl Admission {
         }
     }
 
+    /// A global slot if one is free now.
+    pub fn try_global_slot(&self) -> Option<OwnedSemaphorePermit> {
+        self.global.clone().try_acquire_owned().ok()
+    }
+
     /// A global slot, taken before accepting: at the cap this waits, so the accept loop stops
     /// taking connections off the kernel's queue. Logs once per episode, not per connection.
     pub async fn global_slot(&self) -> Option<OwnedSemaphorePermit> {
@@ -132,7 +137,10 @@ impl Admission {
         match verdict {
             Ok(per_ip) => {
                 self.stats.accepted.fetch_add(1, Ordering::Relaxed);
-                Ok(Admitted { _global: global, _per_ip: per_ip })
+                Ok(Admitted {
+                    _global: global,
+                    _per_ip: per_ip,
+                })
             }
             Err(r) => {
                 let counter = match r {
@@ -144,7 +152,10 @@ impl Admission {
                     self.stats.would_reject.fetch_add(1, Ordering::Relaxed);
                     counter.fetch_add(1, Ordering::Relaxed);
                     self.stats.accepted.fetch_add(1, Ordering::Relaxed);
-                    return Ok(Admitted { _global: global, _per_ip: None });
+                    return Ok(Admitted {
+                        _global: global,
+                        _per_ip: None,
+                    });
                 }
                 counter.fetch_add(1, Ordering::Relaxed);
                 Err(r)
@@ -172,7 +183,9 @@ impl Admission {
 
     /// Per-client request rate over keep-alive and HTTP/2; false means answer 429.
     pub fn check_request(&self, ip: IpAddr) -> bool {
-        let Some(rl) = &self.request_rate else { return true };
+        let Some(rl) = &self.request_rate else {
+            return true;
+        };
         let key = client_key(ip, self.ipv6_prefix);
         if self.allow.iter().any(|n| n.contains(&key)) || rl.check(key) {
             return true;
@@ -191,7 +204,11 @@ impl Admission {
 
     /// Client keys the limiters hold state for.
     pub fn tracked_keys(&self) -> usize {
-        [&self.conn_rate, &self.request_rate].into_iter().flatten().map(|r| r.len()).sum::<usize>()
+        [&self.conn_rate, &self.request_rate]
+            .into_iter()
+            .flatten()
+            .map(|r| r.len())
+            .sum::<usize>()
             + self.per_ip.as_ref().map_or(0, |p| p.tracked())
     }
 
@@ -214,11 +231,18 @@ impl Admission {
             if now != last {
                 let d: Vec<u64> = now.iter().zip(last).map(|(a, b)| a - b).collect();
                 tracing::info!(
-                    rate = d[0], per_ip_cap = d[1], deny = d[2], requests_429 = d[3],
+                    rate = d[0],
+                    per_ip_cap = d[1],
+                    deny = d[2],
+                    requests_429 = d[3],
                     dry_run = self.dry_run,
                     open = self.open_connections(),
                     "{} in the last second",
-                    if self.dry_run { "would have rejected" } else { "rejected" }
+                    if self.dry_run {
+                        "would have rejected"
+                    } else {
+                        "rejected"
+                    }
                 );
                 last = now;
             }
@@ -239,7 +263,11 @@ pub fn client_key(ip: IpAddr, prefix: u8) -> IpAddr {
             Some(v4) => IpAddr::V4(v4),
             None => {
                 let bits = u128::from(v6);
-                let mask = if prefix >= 128 { u128::MAX } else { !(u128::MAX >> prefix) };
+                let mask = if prefix >= 128 {
+                    u128::MAX
+                } else {
+                    !(u128::MAX >> prefix)
+                };
                 IpAddr::V6((bits & mask).into())
             }
         },
@@ -256,6 +284,9 @@ mod tests {
         let b = client_key("2001:db8:1:2:bbbb::9".parse().unwrap(), 64);
         assert_eq!(a, b);
         assert_eq!(a, "2001:db8:1:2::".parse::<IpAddr>().unwrap());
-        assert_eq!(client_key("::ffff:127.0.0.5".parse().unwrap(), 64), "127.0.0.5".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            client_key("::ffff:127.0.0.5".parse().unwrap(), 64),
+            "127.0.0.5".parse::<IpAddr>().unwrap()
+        );
     }
 }

@@ -209,7 +209,13 @@ impl Config {
             );
         }
         let a = &self.admission;
-        let off = |n: u32, unit: &str| if n == 0 { "off".to_string() } else { format!("{n}{unit}") };
+        let off = |n: u32, unit: &str| {
+            if n == 0 {
+                "off".to_string()
+            } else {
+                format!("{n}{unit}")
+            }
+        };
         s += &format!(
             "admission max_connections {}  per_ip_rate {} (burst {})  per_ip_max_connections {}  \
              per_ip_request_rate {}  reject {:?}  allow {}  deny {}{}\n",
@@ -487,7 +493,9 @@ fn validate_admission(
     if !(1..=128).contains(&prefix) {
         return Err(err(
             a.ipv6_prefix.span(),
-            format!("ipv6_prefix {prefix} is out of range: expected 1 to 128 (64 groups a host's /64)"),
+            format!(
+                "ipv6_prefix {prefix} is out of range: expected 1 to 128 (64 groups a host's /64)"
+            ),
         ));
     }
     let nets = |list: &[toml::Spanned<String>]| -> Result<Vec<IpNet>, ConfigError> {
@@ -733,13 +741,25 @@ mod tests {
         let c = parse(ONE).unwrap();
         assert_eq!(c.admission.max_connections, 50_000);
         assert_eq!(c.admission.per_ip_rate, 100);
-        assert_eq!(c.admission.allow, vec!["127.0.0.1/32".parse::<IpNet>().unwrap()]);
+        assert_eq!(
+            c.admission.allow,
+            vec!["127.0.0.1/32".parse::<IpNet>().unwrap()]
+        );
         let e = parse(&format!("{ONE}[admission]\ndeny = [\"10.0.0.0/33\"]\n")).unwrap_err();
-        assert!(e.starts_with("t.toml:4:9: `admission.deny`: invalid network \"10.0.0.0/33\""), "{e}");
+        assert!(
+            e.starts_with("t.toml:4:9: `admission.deny`: invalid network \"10.0.0.0/33\""),
+            "{e}"
+        );
         let e = parse(&format!("{ONE}[admission]\nreject = \"drop\"\n")).unwrap_err();
-        assert!(e.contains("`admission.reject`") && e.contains("reset"), "{e}");
+        assert!(
+            e.contains("`admission.reject`") && e.contains("reset"),
+            "{e}"
+        );
         let c = parse(&format!("{ONE}[admission]\nallow = [\"10.1.2.3\"]\n")).unwrap();
-        assert_eq!(c.admission.allow, vec!["10.1.2.3/32".parse::<IpNet>().unwrap()]);
+        assert_eq!(
+            c.admission.allow,
+            vec!["10.1.2.3/32".parse::<IpNet>().unwrap()]
+        );
     }
 
     #[test]

@@ -87,12 +87,23 @@ impl Engine {
     pub fn new(config: Config) -> Engine {
         let proxy = proxy::Proxy {
             router: proxy::route::Router::new(config.routes.clone(), config.upstreams.len()),
-            upstreams: config.upstreams.iter().map(upstream::Upstream::new).collect(),
+            upstreams: config
+                .upstreams
+                .iter()
+                .map(upstream::Upstream::new)
+                .collect(),
             access_log: config.log.access_log,
         };
         let http = conn::builder(&config.http);
         let admission = Arc::new(admission::Admission::new(&config.admission));
-        Engine { shared: Arc::new(Shared { config, admission, http, proxy }) }
+        Engine {
+            shared: Arc::new(Shared {
+                config,
+                admission,
+                http,
+                proxy,
+            }),
+        }
     }
 
     pub fn admission(&self) -> &Arc<admission::Admission> {
@@ -115,8 +126,12 @@ impl Engine {
         let (stop_tx, stop_rx) = watch::channel(false);
         for bound in listeners {
             for (shard, socket) in bound.sockets.into_iter().enumerate() {
-                let socket = tokio::net::TcpListener::from_std(socket)?;
-                tokio::spawn(listener::accept_loop(socket, shard, shared.clone(), stop_rx.clone()));
+                tokio::spawn(listener::accept_loop(
+                    socket,
+                    shard,
+                    shared.clone(),
+                    stop_rx.clone(),
+                ));
             }
         }
         drop(stop_rx);
@@ -134,7 +149,10 @@ impl Engine {
             }
             Err(_) => {
                 let open = stop_tx.receiver_count();
-                tracing::warn!(open_connections = open, "shutdown timeout reached: cutting open connections");
+                tracing::warn!(
+                    open_connections = open,
+                    "shutdown timeout reached: cutting open connections"
+                );
                 Shutdown::TimedOut { open }
             }
         };

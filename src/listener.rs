@@ -12,9 +12,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::FutureExt;
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::TcpListener;
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::admission::Admission;
@@ -80,75 +79,138 @@ fn read_somaxconn() -> Option<u32> {
         .ok()
 }
 
+/// Accepted connections taken per readiness event before yielding to other tasks.
+const ACCEPT_BATCH: usize = 64;
+
 /// Accepts on one shard until shutdown is signalled, then drops the socket so the kernel stops
-/// queueing for it. Admission is decided here, inline: a refused connection costs one accept
-/// and one close, nothing else.
+/// queueing for it. Admission is decided here, inline: a refused connection costs one accept4
+/// and one close; it is never registered with the reactor, gets no task and no buffer.
+///
+/// The global slot is taken only once this shard's queue is readable: SO_REUSEPORT hashes each
+/// connection to one shard, and a shard that held a slot while its own queue was empty would
+/// starve the shard whose queue holds the next connection.
 pub async fn accept_loop(
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     shard: usize,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let local = listener.local_addr().ok();
+    let listener = match sockopt::register_listener(Socket::from(listener)) {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::error!(listener = ?local, shard, error = %e, "cannot register listener");
+            return;
+        }
+    };
     let admission = &shared.admission;
     let mut backoff = Backoff::default();
-    loop {
-        // Cancel-safe: `changed` only observes a flag; a semaphore acquire dropped before it
-        // completes takes nothing.
-        let slot = tokio::select! {
+    'outer: loop {
+        // Cancel-safe: `changed` only observes a flag; `readable` takes nothing.
+        let mut ready = tokio::select! {
             biased;
             _ = shutdown.changed() => break,
-            s = admission.global_slot() => s,
+            r = listener.readable() => match r {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(listener = ?local, shard, error = %e, "listener failed");
+                    break;
+                }
+            },
         };
-        let Some(slot) = slot else { break };
-        // Cancel-safe: tokio's `accept` loses no connection when dropped before it completes.
-        let accepted = tokio::select! {
-            biased;
-            _ = shutdown.changed() => break,
-            r = listener.accept() => r,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                backoff.reset();
-                match admission.admit(peer.ip(), slot) {
-                    Ok(admitted) => {
-                        // Small responses must not wait for Nagle; an error here only means the
-                        // peer is already gone, which the connection task will find out.
-                        let _ = stream.set_nodelay(true);
-                        let shared = shared.clone();
-                        let shutdown = shutdown.clone();
-                        tokio::spawn(crate::conn::serve(stream, peer, admitted, shared, shutdown));
+        for _ in 0..ACCEPT_BATCH {
+            let slot = match admission.try_global_slot() {
+                Some(slot) => slot,
+                // Cancel-safe: a semaphore acquire dropped before it completes takes nothing.
+                None => tokio::select! {
+                    biased;
+                    _ = shutdown.changed() => break 'outer,
+                    s = admission.global_slot() => match s {
+                        Some(s) => s,
+                        None => break 'outer,
+                    },
+                },
+            };
+            match listener
+                .get_ref()
+                .accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+            {
+                Ok((socket, peer)) => {
+                    backoff.reset();
+                    let Some(peer) = peer.as_socket() else {
+                        continue;
+                    };
+                    match admission.admit(peer.ip(), slot) {
+                        Ok(admitted) => serve(socket, peer, admitted, &shared, &shutdown),
+                        Err(_) => refuse(socket, admission.reject),
                     }
-                    Err(_) => refuse(stream, admission.reject),
                 }
-            }
-            Err(e) => {
-                drop(slot);
-                if is_fd_exhaustion(&e) {
-                    admission.stats.accept_fd_exhausted.fetch_add(1, Ordering::Relaxed);
-                    shed_one(&listener, admission);
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready.clear_ready();
+                    continue 'outer;
                 }
-                if let Some(pause) = backoff.on_error(&e, local, shard) {
-                    // Sleep, but wake for shutdown: an exhausted process must still stop.
-                    tokio::select! {
-                        _ = shutdown.changed() => break,
-                        _ = tokio::time::sleep(pause) => {}
+                Err(e) => {
+                    drop(slot);
+                    if is_fd_exhaustion(&e) {
+                        admission
+                            .stats
+                            .accept_fd_exhausted
+                            .fetch_add(1, Ordering::Relaxed);
+                        shed_one(listener.get_ref(), admission);
+                    }
+                    if let Some(pause) = backoff.on_error(&e, local, shard) {
+                        drop(ready);
+                        // Sleep, but wake for shutdown: an exhausted process must still stop.
+                        tokio::select! {
+                            _ = shutdown.changed() => break 'outer,
+                            _ = tokio::time::sleep(pause) => {}
+                        }
+                        continue 'outer;
                     }
                 }
             }
         }
+        drop(ready);
+        // A full batch: let connection tasks run before taking more.
+        tokio::task::yield_now().await;
     }
     tracing::debug!(listener = ?local, shard, "accept loop stopped");
 }
 
+fn serve(
+    socket: Socket,
+    peer: SocketAddr,
+    admitted: crate::admission::Admitted,
+    shared: &Arc<Shared>,
+    shutdown: &watch::Receiver<bool>,
+) {
+    // Small responses must not wait for Nagle; an error here only means the peer is already
+    // gone, which the connection task will find out.
+    let _ = socket.set_tcp_nodelay(true);
+    let stream = match TcpStream::from_std(socket.into()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(client = %peer, error = %e, "cannot register connection");
+            return;
+        }
+    };
+    tokio::spawn(crate::conn::serve(
+        stream,
+        peer,
+        admitted,
+        shared.clone(),
+        shutdown.clone(),
+    ));
+}
+
 /// Closes a refused connection: a reset (SO_LINGER 0) frees the descriptor at once and leaves
 /// no TIME_WAIT; a close sends FIN.
-fn refuse(stream: tokio::net::TcpStream, mode: RejectMode) {
+fn refuse(socket: Socket, mode: RejectMode) {
     if mode == RejectMode::Reset {
         // Best effort: if it fails the drop below still closes the socket.
-        let _ = stream.set_zero_linger();
+        let _ = socket.set_linger(Some(Duration::ZERO));
     }
-    drop(stream);
+    drop(socket);
 }
 
 fn is_fd_exhaustion(e: &io::Error) -> bool {
@@ -158,10 +220,10 @@ fn is_fd_exhaustion(e: &io::Error) -> bool {
 /// Out of descriptors, with a connection still waiting: free the reserve descriptor, take that
 /// connection and reset it, so its client learns now instead of hanging in the queue, and the
 /// listener is not left readable for a loop to spin on.
-fn shed_one(listener: &TcpListener, admission: &Admission) {
+fn shed_one(listener: &Socket, admission: &Admission) {
     admission.reserve.with_released(|| {
-        if let Some(Ok((stream, _))) = listener.accept().now_or_never() {
-            refuse(stream, RejectMode::Reset);
+        if let Ok((socket, _)) = listener.accept4(libc::SOCK_CLOEXEC) {
+            refuse(socket, RejectMode::Reset);
         }
     });
 }

@@ -172,7 +172,11 @@ fn fit_to_fd_limit(config: &mut Config) {
         );
         config.admission.max_connections = budget as u32;
     }
-    tracing::info!(nofile, max_connections = config.admission.max_connections, "file-descriptor budget");
+    tracing::info!(
+        nofile,
+        max_connections = config.admission.max_connections,
+        "file-descriptor budget"
+    );
 }
 
 async fn signal() {

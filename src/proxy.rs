@@ -159,6 +159,10 @@ pub async fn handle(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; charset=utf-8"),
             );
+            if status == StatusCode::TOO_MANY_REQUESTS {
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
             r
         }
     };

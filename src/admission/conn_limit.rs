@@ -24,7 +24,12 @@ pub struct IpSlot {
 impl ConnLimit {
     /// `None` when `max` is 0 (disabled).
     pub fn new(max: u32) -> Option<Arc<ConnLimit>> {
-        (max > 0).then(|| Arc::new(ConnLimit { open: DashMap::new(), max }))
+        (max > 0).then(|| {
+            Arc::new(ConnLimit {
+                open: DashMap::new(),
+                max,
+            })
+        })
     }
 
     pub fn try_acquire(self: &Arc<Self>, key: IpAddr) -> Option<IpSlot> {
@@ -33,7 +38,10 @@ impl ConnLimit {
             return None;
         }
         *n += 1;
-        Some(IpSlot { limit: self.clone(), key })
+        Some(IpSlot {
+            limit: self.clone(),
+            key,
+        })
     }
 
     pub fn open(&self, key: IpAddr) -> u32 {

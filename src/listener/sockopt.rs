@@ -93,3 +93,17 @@ fn getsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32> 
         Err(io::Error::last_os_error())
     }
 }
+
+/// Registers a listening socket with tokio's reactor for readability. A plain socket2 `Socket`
+/// rather than tokio's `TcpListener`, so the accept loop can call accept4 itself and leave
+/// refused connections unregistered.
+pub fn register_listener(
+    socket: socket2::Socket,
+) -> io::Result<tokio::io::unix::AsyncFd<socket2::Socket>> {
+    // SAFETY: the Socket owns its descriptor, and the AsyncFd owns the Socket for its whole
+    // life: the descriptor stays open and unchanged while registered.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE)
+    }
+    .map_err(io::Error::from)
+}

@@ -287,9 +287,14 @@ pub async fn connect_from(src: &str, addr: SocketAddr) -> std::io::Result<TcpStr
 /// the connection was refused (reset or closed without a response).
 pub async fn try_get_from(src: &str, addr: SocketAddr) -> Option<u16> {
     let mut s = connect_from(src, addr).await.ok()?;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.ok()?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
     let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await.ok()?.ok()?;
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .ok()?
+        .ok()?;
     let text = String::from_utf8_lossy(&out);
     text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
 }
@@ -298,11 +303,18 @@ pub async fn try_get_from(src: &str, addr: SocketAddr) -> Option<u16> {
 pub async fn request_on(s: &mut TcpStream, path: &str) -> Option<u16> {
     let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
     s.write_all(req.as_bytes()).await.ok()?;
-    let head = tokio::time::timeout(Duration::from_secs(5), read_head(s)).await.ok()?.ok()?;
+    let head = tokio::time::timeout(Duration::from_secs(5), read_head(s))
+        .await
+        .ok()?
+        .ok()?;
     let status = head.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()?;
     let len: usize = head
         .lines()
-        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().to_string())
+        })
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     let mut body = vec![0u8; len];
