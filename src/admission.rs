@@ -247,7 +247,7 @@ impl Admission {
                 last = now;
             }
             n += 1;
-            if n % PRUNE_EVERY == 0 {
+            if n.is_multiple_of(PRUNE_EVERY) {
                 self.prune();
             }
         }
