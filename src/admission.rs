@@ -118,11 +118,9 @@ impl Admission {
                  kernel backlog"
             );
         }
-        let p = self.global.clone().acquire_owned().await.ok()?;
-        if self.paused.swap(false, Ordering::AcqRel) {
-            tracing::info!("global connection cap: a slot freed, accepting again");
-        }
-        Some(p)
+        // The episode ends in `housekeeping`, once the count falls well below the cap: at the
+        // cap every freed slot is taken at once, and logging each would be a line per connection.
+        self.global.clone().acquire_owned().await.ok()
     }
 
     /// Open client connections now.
@@ -245,6 +243,10 @@ impl Admission {
                     }
                 );
                 last = now;
+            }
+            let open = self.open_connections();
+            if open < self.max_connections as usize / 10 * 9 && self.paused.swap(false, Ordering::AcqRel) {
+                tracing::info!(open, "global connection cap episode over: below 90% of max_connections");
             }
             n += 1;
             if n.is_multiple_of(PRUNE_EVERY) {

@@ -108,6 +108,9 @@ pub async fn handle(
     in_flight: InFlight,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
+    // Dropped with this future: if that happens before a response head exists, the client
+    // cancelled the request (an HTTP/2 reset).
+    let mut outcome = Outcome { activity: &activity, answered: false };
     let mut log = AccessLog {
         enabled: shared.proxy.access_log,
         client: peer,
@@ -166,7 +169,19 @@ pub async fn handle(
             r
         }
     };
+    outcome.answered = true;
     Ok(resp)
+}
+
+struct Outcome<'a> {
+    activity: &'a ConnActivity,
+    answered: bool,
+}
+
+impl Drop for Outcome<'_> {
+    fn drop(&mut self) {
+        self.activity.request_done(self.answered);
+    }
 }
 
 async fn forward(

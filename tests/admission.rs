@@ -254,3 +254,46 @@ async fn limiter_memory_returns_to_small_after_10000_addresses() {
     assert!(left < 100, "{left} keys left after pruning");
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_stream_cap_and_rapid_reset_flood() {
+    let origin = origin(std::sync::Arc::new(|_req| {
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            hyper::Response::new(full("ok"))
+        })
+    }))
+    .await;
+    let proxy = Proxy::start(&cfg(origin.addr, "max_connections = 100\n[http]\nmax_concurrent_streams = 20")).await;
+
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    // Settings arrive with the first exchange.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(client.current_max_send_streams(), 20);
+
+    let start = Instant::now();
+    let mut sent = 0;
+    for i in 0..10_000 {
+        client = match tokio::time::timeout(Duration::from_secs(2), client.ready()).await {
+            Ok(Ok(c)) => c,
+            _ => break,
+        };
+        let req = hyper::Request::get(format!("http://x/r{i}")).body(()).unwrap();
+        let Ok((_resp, mut stream)) = client.send_request(req, true) else { break };
+        stream.send_reset(h2::Reason::CANCEL);
+        sent += 1;
+    }
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    assert!(closed.is_ok(), "the flooding connection was never closed ({sent} resets sent)");
+    assert!(sent < 10_000, "all 10,000 resets were accepted");
+    let reached = origin.requests().len();
+    assert!(reached < 1_000, "{reached} requests reached the origin from {sent} cancelled streams");
+    eprintln!("rapid reset: connection closed after {sent} streams in {:?}; origin saw {reached}", start.elapsed());
+
+    // Everyone else is still served.
+    assert_eq!(try_get_from("127.0.8.1", proxy.addr).await, Some(200));
+    proxy.stop().await;
+}

@@ -34,7 +34,18 @@ pub struct ConnActivity {
     in_flight: AtomicUsize,
     upgraded: AtomicBool,
     waker: AtomicWaker,
+    /// Requests answered, and requests the client cancelled (HTTP/2 RST_STREAM) before their
+    /// response head: the rapid-reset guard compares the two.
+    answered: AtomicUsize,
+    cancelled: AtomicUsize,
+    abusive: AtomicBool,
 }
+
+/// Cancelled requests a connection may have beyond its answered ones before it is closed.
+/// Browsers cancel streams (navigation, aborted fetches), but not most of them: a rapid-reset
+/// flood (CVE-2023-44487) cancels nearly all, making the proxy start work the client never
+/// waits for.
+const CANCEL_ALLOWANCE: usize = 100;
 
 impl ConnActivity {
     /// Marks a request in flight until the guard drops (after its response body ended).
@@ -45,6 +56,25 @@ impl ConnActivity {
 
     pub fn set_upgraded(&self) {
         self.upgraded.store(true, Ordering::Release);
+    }
+
+    /// Called once per request: `answered` when a response head was produced, otherwise the
+    /// client cancelled it. Past the allowance the connection is closed at its next read.
+    pub fn request_done(&self, answered: bool) {
+        if answered {
+            self.answered.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let cancelled = self.cancelled.fetch_add(1, Ordering::Relaxed) + 1;
+        if cancelled > CANCEL_ALLOWANCE + self.answered.load(Ordering::Relaxed)
+            && !self.abusive.swap(true, Ordering::AcqRel)
+        {
+            self.waker.wake();
+        }
+    }
+
+    pub fn is_abusive(&self) -> bool {
+        self.abusive.load(Ordering::Acquire)
     }
 }
 
@@ -138,6 +168,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for Timed<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if this.activity.is_abusive() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "closing: the client cancels nearly every request (rapid reset)",
+            )));
+        }
         this.update_phase();
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
