@@ -11,6 +11,7 @@
 
 pub mod conn_limit;
 pub mod fd;
+pub mod global_cap;
 pub mod rate_limit;
 
 use std::net::IpAddr;
@@ -19,10 +20,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{AdmissionConfig, RejectMode};
-use conn_limit::{ConnLimit, IpSlot};
+use conn_limit::ConnLimit;
+use global_cap::GlobalCap;
 use rate_limit::RateLimit;
 
 /// Why a connection was refused.
@@ -43,17 +44,37 @@ impl Rejected {
     }
 }
 
+/// A place under the global cap, taken before accept; given back on drop. It holds the one
+/// `Arc` an admitted connection needs for all its slots (refcounts bounce between cores on the
+/// accept path, so there is one, not one per limit).
+#[derive(Debug)]
+pub struct GlobalSlot(Arc<Admission>);
+
+impl Drop for GlobalSlot {
+    fn drop(&mut self) {
+        self.0.global.release();
+    }
+}
+
 /// The slots an admitted connection holds; dropping it gives them back.
 #[derive(Debug)]
 pub struct Admitted {
-    _global: OwnedSemaphorePermit,
-    _per_ip: Option<IpSlot>,
+    /// The per-client slot's key, when one was taken.
+    per_ip: Option<IpAddr>,
+    global: GlobalSlot,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if let (Some(key), Some(limit)) = (self.per_ip, &self.global.0.per_ip) {
+            limit.release(key);
+        }
+    }
 }
 
 /// Counters since start, read by the reject log and the metrics.
 #[derive(Debug, Default)]
 pub struct Stats {
-    pub accepted: AtomicU64,
     pub rejected_deny: AtomicU64,
     pub rejected_rate: AtomicU64,
     pub rejected_per_ip_cap: AtomicU64,
@@ -64,6 +85,14 @@ pub struct Stats {
     pub accept_fd_exhausted: AtomicU64,
 }
 
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admission")
+            .field("open", &self.global.open())
+            .finish_non_exhaustive()
+    }
+}
+
 pub struct Admission {
     allow: Vec<IpNet>,
     deny: Vec<IpNet>,
@@ -72,12 +101,22 @@ pub struct Admission {
     pub reject: RejectMode,
     conn_rate: Option<RateLimit>,
     request_rate: Option<RateLimit>,
-    per_ip: Option<Arc<ConnLimit>>,
-    global: Arc<Semaphore>,
-    max_connections: u32,
+    per_ip: Option<ConnLimit>,
+    global: GlobalCap,
     paused: AtomicBool,
     pub reserve: fd::Reserve,
     pub stats: Stats,
+    shards: std::sync::Mutex<Vec<Arc<ShardStats>>>,
+}
+
+/// One accept loop's own counters: each loop writes only its own, so counting costs no shared
+/// cache line on the accept path.
+#[derive(Debug)]
+pub struct ShardStats {
+    pub listener: std::net::SocketAddr,
+    pub shard: usize,
+    pub accepted: AtomicU64,
+    pub refused: AtomicU64,
 }
 
 impl Admission {
@@ -91,55 +130,80 @@ impl Admission {
             conn_rate: RateLimit::new(cfg.per_ip_rate, cfg.per_ip_burst),
             request_rate: RateLimit::new(cfg.per_ip_request_rate, cfg.per_ip_request_burst),
             per_ip: ConnLimit::new(cfg.per_ip_max_connections),
-            global: Arc::new(Semaphore::new(cfg.max_connections as usize)),
-            max_connections: cfg.max_connections,
+            global: GlobalCap::new(cfg.max_connections as usize),
             paused: AtomicBool::new(false),
             reserve: fd::Reserve::new(),
             stats: Stats::default(),
+            shards: std::sync::Mutex::default(),
         }
     }
 
+    /// Counters for a new accept loop.
+    pub fn register_shard(&self, listener: std::net::SocketAddr, shard: usize) -> Arc<ShardStats> {
+        let s = Arc::new(ShardStats {
+            listener,
+            shard,
+            accepted: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+        });
+        self.shards
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(s.clone());
+        s
+    }
+
+    pub fn shard_stats(&self) -> Vec<Arc<ShardStats>> {
+        self.shards
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Connections admitted since start, all shards.
+    pub fn accepted(&self) -> u64 {
+        self.shard_stats()
+            .iter()
+            .map(|s| s.accepted.load(Ordering::Relaxed))
+            .sum()
+    }
+
     /// A global slot if one is free now.
-    pub fn try_global_slot(&self) -> Option<OwnedSemaphorePermit> {
-        self.global.clone().try_acquire_owned().ok()
+    pub fn try_global_slot(self: &Arc<Self>) -> Option<GlobalSlot> {
+        self.global.try_take().then(|| GlobalSlot(self.clone()))
     }
 
     /// A global slot, taken before accepting: at the cap this waits, so the accept loop stops
     /// taking connections off the kernel's queue. Logs once per episode, not per connection.
-    pub async fn global_slot(&self) -> Option<OwnedSemaphorePermit> {
-        if let Ok(p) = self.global.clone().try_acquire_owned() {
+    pub async fn global_slot(self: &Arc<Self>) -> Option<GlobalSlot> {
+        if let Some(p) = self.try_global_slot() {
             return Some(p);
         }
         if !self.paused.swap(true, Ordering::AcqRel) {
             self.stats.global_cap_pauses.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
-                max_connections = self.max_connections,
+                max_connections = self.global.max(),
                 "global connection cap reached: pausing accept; new connections wait in the \
                  kernel backlog"
             );
         }
         // The episode ends in `housekeeping`, once the count falls well below the cap: at the
         // cap every freed slot is taken at once, and logging each would be a line per connection.
-        self.global.clone().acquire_owned().await.ok()
+        self.global.take().await;
+        Some(GlobalSlot(self.clone()))
     }
 
     /// Open client connections now.
     pub fn open_connections(&self) -> usize {
-        self.max_connections as usize - self.global.available_permits()
+        self.global.open()
     }
 
     /// Decides on a freshly accepted connection from `ip`, which already holds `global`.
-    pub fn admit(&self, ip: IpAddr, global: OwnedSemaphorePermit) -> Result<Admitted, Rejected> {
+    pub fn admit(&self, ip: IpAddr, global: GlobalSlot) -> Result<Admitted, Rejected> {
         let key = client_key(ip, self.ipv6_prefix);
         let verdict = self.decide(key);
         match verdict {
-            Ok(per_ip) => {
-                self.stats.accepted.fetch_add(1, Ordering::Relaxed);
-                Ok(Admitted {
-                    _global: global,
-                    _per_ip: per_ip,
-                })
-            }
+            Ok(per_ip) => Ok(Admitted { per_ip, global }),
             Err(r) => {
                 let counter = match r {
                     Rejected::Deny => &self.stats.rejected_deny,
@@ -149,10 +213,9 @@ impl Admission {
                 if self.dry_run {
                     self.stats.would_reject.fetch_add(1, Ordering::Relaxed);
                     counter.fetch_add(1, Ordering::Relaxed);
-                    self.stats.accepted.fetch_add(1, Ordering::Relaxed);
                     return Ok(Admitted {
-                        _global: global,
-                        _per_ip: None,
+                        per_ip: None,
+                        global,
                     });
                 }
                 counter.fetch_add(1, Ordering::Relaxed);
@@ -161,7 +224,8 @@ impl Admission {
         }
     }
 
-    fn decide(&self, key: IpAddr) -> Result<Option<IpSlot>, Rejected> {
+    /// The per-client slot's key when one was taken.
+    fn decide(&self, key: IpAddr) -> Result<Option<IpAddr>, Rejected> {
         if self.deny.iter().any(|n| n.contains(&key)) {
             return Err(Rejected::Deny);
         }
@@ -175,7 +239,8 @@ impl Admission {
         }
         match &self.per_ip {
             None => Ok(None),
-            Some(limit) => limit.try_acquire(key).map(Some).ok_or(Rejected::PerIpCap),
+            Some(limit) if limit.try_take(key) => Ok(Some(key)),
+            Some(_) => Err(Rejected::PerIpCap),
         }
     }
 
@@ -245,8 +310,11 @@ impl Admission {
                 last = now;
             }
             let open = self.open_connections();
-            if open < self.max_connections as usize / 10 * 9 && self.paused.swap(false, Ordering::AcqRel) {
-                tracing::info!(open, "global connection cap episode over: below 90% of max_connections");
+            if open < self.global.max() / 10 * 9 && self.paused.swap(false, Ordering::AcqRel) {
+                tracing::info!(
+                    open,
+                    "global connection cap episode over: below 90% of max_connections"
+                );
             }
             n += 1;
             if n.is_multiple_of(PRUNE_EVERY) {

@@ -104,6 +104,7 @@ pub async fn accept_loop(
         }
     };
     let admission = &shared.admission;
+    let counters = admission.register_shard(local.unwrap_or(([0, 0, 0, 0], 0).into()), shard);
     let mut backoff = Backoff::default();
     'outer: loop {
         // Cancel-safe: `changed` only observes a flag; `readable` takes nothing.
@@ -141,8 +142,14 @@ pub async fn accept_loop(
                         continue;
                     };
                     match admission.admit(peer.ip(), slot) {
-                        Ok(admitted) => serve(socket, peer, admitted, &shared, &shutdown),
-                        Err(_) => refuse(socket, admission.reject),
+                        Ok(admitted) => {
+                            counters.accepted.fetch_add(1, Ordering::Relaxed);
+                            serve(socket, peer, admitted, &shared, &shutdown)
+                        }
+                        Err(_) => {
+                            counters.refused.fetch_add(1, Ordering::Relaxed);
+                            refuse(socket, admission.reject)
+                        }
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {

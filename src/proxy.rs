@@ -110,7 +110,10 @@ pub async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     // Dropped with this future: if that happens before a response head exists, the client
     // cancelled the request (an HTTP/2 reset).
-    let mut outcome = Outcome { activity: &activity, answered: false };
+    let mut outcome = Outcome {
+        activity: &activity,
+        answered: false,
+    };
     let mut log = AccessLog {
         enabled: shared.proxy.access_log,
         client: peer,

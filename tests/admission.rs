@@ -236,7 +236,7 @@ async fn limiter_memory_returns_to_small_after_10000_addresses() {
     assert_eq!(connected, 10_000);
     // Every address was seen (accepts may trail the client's connects a little).
     let deadline = Instant::now() + Duration::from_secs(10);
-    while proxy.admission.stats.accepted.load(Ordering::Relaxed) < 10_000 {
+    while proxy.admission.accepted() < 10_000 {
         assert!(
             Instant::now() < deadline,
             "not all connections were accepted"
@@ -264,7 +264,11 @@ async fn http2_stream_cap_and_rapid_reset_flood() {
         })
     }))
     .await;
-    let proxy = Proxy::start(&cfg(origin.addr, "max_connections = 100\n[http]\nmax_concurrent_streams = 20")).await;
+    let proxy = Proxy::start(&cfg(
+        origin.addr,
+        "max_connections = 100\n[http]\nmax_concurrent_streams = 20",
+    ))
+    .await;
 
     let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     let (client, conn) = h2::client::handshake(tcp).await.unwrap();
@@ -281,17 +285,30 @@ async fn http2_stream_cap_and_rapid_reset_flood() {
             Ok(Ok(c)) => c,
             _ => break,
         };
-        let req = hyper::Request::get(format!("http://x/r{i}")).body(()).unwrap();
-        let Ok((_resp, mut stream)) = client.send_request(req, true) else { break };
+        let req = hyper::Request::get(format!("http://x/r{i}"))
+            .body(())
+            .unwrap();
+        let Ok((_resp, mut stream)) = client.send_request(req, true) else {
+            break;
+        };
         stream.send_reset(h2::Reason::CANCEL);
         sent += 1;
     }
     let closed = tokio::time::timeout(Duration::from_secs(5), conn).await;
-    assert!(closed.is_ok(), "the flooding connection was never closed ({sent} resets sent)");
+    assert!(
+        closed.is_ok(),
+        "the flooding connection was never closed ({sent} resets sent)"
+    );
     assert!(sent < 10_000, "all 10,000 resets were accepted");
     let reached = origin.requests().len();
-    assert!(reached < 1_000, "{reached} requests reached the origin from {sent} cancelled streams");
-    eprintln!("rapid reset: connection closed after {sent} streams in {:?}; origin saw {reached}", start.elapsed());
+    assert!(
+        reached < 1_000,
+        "{reached} requests reached the origin from {sent} cancelled streams"
+    );
+    eprintln!(
+        "rapid reset: connection closed after {sent} streams in {:?}; origin saw {reached}",
+        start.elapsed()
+    );
 
     // Everyone else is still served.
     assert_eq!(try_get_from("127.0.8.1", proxy.addr).await, Some(200));

@@ -67,7 +67,9 @@ async fn out_of_descriptors_it_stays_up_without_spinning_and_recovers() {
         clients.spawn(async move {
             let src = format!("127.0.{}.{}", 5 + i % 2, i / 2 + 1);
             let mut s = connect_from(&src, port).await.ok()?;
-            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.ok()?;
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .ok()?;
             let mut out = Vec::new();
             let _ = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out)).await;
             Some(out.len())
@@ -80,7 +82,10 @@ async fn out_of_descriptors_it_stays_up_without_spinning_and_recovers() {
     let used = cpu_ticks(pid) - before;
     assert!(child.try_wait().unwrap().is_none(), "breakwater exited");
     // 2 s at 100 ticks/s: 5 % is 10 ticks.
-    assert!(used < 10, "breakwater used {used} ticks of CPU in 2 s while pinned at its limit");
+    assert!(
+        used < 10,
+        "breakwater used {used} ticks of CPU in 2 s while pinned at its limit"
+    );
 
     while clients.join_next().await.is_some() {}
     // Everyone left: a new client is served again.
@@ -89,14 +94,29 @@ async fn out_of_descriptors_it_stays_up_without_spinning_and_recovers() {
         if try_get_from("127.0.9.1", port).await == Some(200) {
             break;
         }
-        assert!(Instant::now() < deadline, "not serving again after clients left");
+        assert!(
+            Instant::now() < deadline,
+            "not serving again after clients left"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(child.try_wait().unwrap().is_none(), "breakwater exited");
     let _ = child.kill();
     let _ = child.wait();
     let log = std::fs::read_to_string(log_file.path()).unwrap();
-    eprintln!("{}", log.lines().filter(|l| !l.contains("upstream request failed")).collect::<Vec<_>>().join("\n"));
-    eprintln!("502 lines: {}", log.matches("upstream request failed").count());
-    assert!(log.contains("does not fit the file-descriptor limit"), "{log}");
+    eprintln!(
+        "{}",
+        log.lines()
+            .filter(|l| !l.contains("upstream request failed"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    eprintln!(
+        "502 lines: {}",
+        log.matches("upstream request failed").count()
+    );
+    assert!(
+        log.contains("does not fit the file-descriptor limit"),
+        "{log}"
+    );
 }

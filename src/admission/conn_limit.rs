@@ -1,47 +1,45 @@
-//! Concurrent connections per client key, handed out as guards: a slot is returned when its
-//! `IpSlot` drops, on every path, so none can leak. A connection-rate limit does not bound
-//! concurrency (slow or idle connections pile up under any rate), hence this separate count.
-//! Entries are removed when they reach zero, so the map holds only clients with open
-//! connections.
+//! Concurrent connections per client key. `Admission` hands the slots out inside its
+//! `Admitted` guard, so a slot is returned when the guard drops, on every path. A
+//! connection-rate limit does not bound concurrency (slow or idle connections pile up under any
+//! rate), hence this separate count. Entries are removed when they reach zero, so the map holds
+//! only clients with open connections.
 
 use std::net::IpAddr;
-use std::sync::Arc;
 
 use dashmap::DashMap;
 
 #[derive(Debug)]
 pub struct ConnLimit {
-    open: DashMap<IpAddr, u32>,
+    open: DashMap<IpAddr, u32, foldhash::fast::RandomState>,
     max: u32,
-}
-
-#[derive(Debug)]
-pub struct IpSlot {
-    limit: Arc<ConnLimit>,
-    key: IpAddr,
 }
 
 impl ConnLimit {
     /// `None` when `max` is 0 (disabled).
-    pub fn new(max: u32) -> Option<Arc<ConnLimit>> {
-        (max > 0).then(|| {
-            Arc::new(ConnLimit {
-                open: DashMap::new(),
-                max,
-            })
+    pub fn new(max: u32) -> Option<ConnLimit> {
+        (max > 0).then(|| ConnLimit {
+            open: DashMap::default(),
+            max,
         })
     }
 
-    pub fn try_acquire(self: &Arc<Self>, key: IpAddr) -> Option<IpSlot> {
+    /// Takes a slot for `key`; false at the cap. Pair every `true` with one `release`.
+    pub fn try_take(&self, key: IpAddr) -> bool {
         let mut n = self.open.entry(key).or_insert(0);
         if *n >= self.max {
-            return None;
+            return false;
         }
         *n += 1;
-        Some(IpSlot {
-            limit: self.clone(),
-            key,
-        })
+        true
+    }
+
+    pub fn release(&self, key: IpAddr) {
+        // Decrement and remove-at-zero under the same shard lock, so a concurrent take never
+        // sees a stale zero entry vanish under it.
+        self.open.remove_if_mut(&key, |_, n| {
+            *n = n.saturating_sub(1);
+            *n == 0
+        });
     }
 
     pub fn open(&self, key: IpAddr) -> u32 {
@@ -54,17 +52,6 @@ impl ConnLimit {
     }
 }
 
-impl Drop for IpSlot {
-    fn drop(&mut self) {
-        // Decrement and remove-at-zero under the same shard lock, so a concurrent acquire
-        // never sees a stale zero entry vanish under it.
-        self.limit.open.remove_if_mut(&self.key, |_, n| {
-            *n = n.saturating_sub(1);
-            *n == 0
-        });
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,22 +60,23 @@ mod tests {
     fn slots_come_back() {
         let l = ConnLimit::new(2).unwrap();
         let ip: IpAddr = "127.0.0.2".parse().unwrap();
-        let a = l.try_acquire(ip).unwrap();
-        let _b = l.try_acquire(ip).unwrap();
-        assert!(l.try_acquire(ip).is_none());
-        drop(a);
-        assert!(l.try_acquire(ip).is_some());
-        assert!(l.try_acquire("127.0.0.3".parse().unwrap()).is_some());
+        assert!(l.try_take(ip) && l.try_take(ip));
+        assert!(!l.try_take(ip));
+        l.release(ip);
+        assert!(l.try_take(ip));
+        assert!(l.try_take("127.0.0.3".parse().unwrap()));
     }
 
     #[test]
     fn empty_entries_are_removed() {
         let l = ConnLimit::new(5).unwrap();
-        let slots: Vec<_> = (0..100u8)
-            .map(|i| l.try_acquire(IpAddr::from([127, 0, 1, i])).unwrap())
-            .collect();
+        for i in 0..100u8 {
+            assert!(l.try_take(IpAddr::from([127, 0, 1, i])));
+        }
         assert_eq!(l.tracked(), 100);
-        drop(slots);
+        for i in 0..100u8 {
+            l.release(IpAddr::from([127, 0, 1, i]));
+        }
         assert_eq!(l.tracked(), 0);
     }
 }
