@@ -12,7 +12,7 @@ use std::ops::Range;
 use std::path::Path;
 use std::time::Duration;
 
-pub use file::RejectMode;
+pub use file::{Balance, RejectMode, UpstreamProtocol};
 use file::{FileConfig, LogFormat};
 use ipnet::IpNet;
 
@@ -73,6 +73,15 @@ pub struct HttpConfig {
     pub http2: bool,
     pub max_concurrent_streams: u32,
     pub shutdown_timeout: Duration,
+    /// Request body bytes read before an origin connection is taken (slow-POST guard).
+    pub request_buffer: usize,
+    /// Request bodies must arrive at least this fast (bytes/s, after a grace of
+    /// `header_read_timeout`); 0 disables.
+    pub min_body_rate: u64,
+    /// Response bytes read from the origin before relaying starts.
+    pub response_buffer: usize,
+    /// A response write the client does not take for this long aborts the connection.
+    pub send_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -83,8 +92,33 @@ pub struct UpstreamConfig {
     pub servers: Vec<String>,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
-    pub pool_max_idle: usize,
+    pub balance: Balance,
+    pub protocol: UpstreamProtocol,
+    /// Warm connections per server, opened at start and kept open.
+    pub pool_min_idle: usize,
+    /// Open connections per server, never exceeded.
+    pub pool_max: usize,
+    /// 0 = unlimited.
+    pub max_requests_per_connection: u64,
+    /// Idle connections above `pool_min_idle` close after this.
     pub pool_idle_timeout: Duration,
+    /// Requests waiting for a connection, per upstream.
+    pub queue_max: usize,
+    pub queue_timeout: Duration,
+    pub retry_idempotent: bool,
+    /// The share of the upstream's connections (or HTTP/2 streams) one client address may hold
+    /// busy at once, 0 < share <= 1.
+    pub max_client_share: f64,
+    pub health: HealthConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    /// HTTP path to GET; None = TCP connect check.
+    pub path: Option<String>,
+    pub interval: Duration,
+    pub unhealthy_after: u32,
+    pub healthy_after: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -201,11 +235,20 @@ impl Config {
         );
         for u in &self.upstreams {
             s += &format!(
-                "upstream {}  servers [{}]  connect_timeout {}  response_timeout {}\n",
+                "upstream {}  servers [{}]  {:?} {:?}  pool {}..{} per server  queue {} for {}  \
+                 connect_timeout {}  response_timeout {}  health {} every {}\n",
                 u.name,
                 u.servers.join(", "),
+                u.protocol,
+                u.balance,
+                u.pool_min_idle,
+                u.pool_max,
+                u.queue_max,
+                humantime::format_duration(u.queue_timeout),
                 humantime::format_duration(u.connect_timeout),
-                humantime::format_duration(u.response_timeout)
+                humantime::format_duration(u.response_timeout),
+                u.health.path.as_deref().map_or("tcp".to_string(), |p| format!("GET {p}")),
+                humantime::format_duration(u.health.interval),
             );
         }
         let a = &self.admission;
@@ -346,7 +389,14 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
         http2: h.http2,
         max_concurrent_streams: *h.max_concurrent_streams.get_ref(),
         shutdown_timeout: h.shutdown_timeout.0,
+        request_buffer: h.request_buffer,
+        min_body_rate: h.min_body_rate,
+        response_buffer: h.response_buffer,
+        send_timeout: h.send_timeout.get_ref().0,
     };
+    if http.send_timeout.is_zero() {
+        return Err(err(h.send_timeout.span(), "send_timeout must be above zero".into()));
+    }
 
     let upstreams_span = raw.upstreams.span();
     let mut upstreams = Vec::new();
@@ -373,13 +423,60 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
             }
         }
         let _ = span;
+        let pool_max = *u.pool_max.get_ref();
+        if pool_max == 0 {
+            return Err(err(
+                u.pool_max.span(),
+                "pool_max must be at least 1: it is the number of connections each server may \
+                 have open"
+                    .into(),
+            ));
+        }
+        let share = *u.max_client_share.get_ref();
+        if !(share > 0.0 && share <= 1.0) {
+            return Err(err(
+                u.max_client_share.span(),
+                format!("max_client_share {share} is out of range: expected above 0 and at most 1"),
+            ));
+        }
+        if u.queue_timeout.get_ref().0.is_zero() {
+            return Err(err(u.queue_timeout.span(), "queue_timeout must be above zero".into()));
+        }
+        let h = &u.health;
+        for (key, v) in [("unhealthy_after", &h.unhealthy_after), ("healthy_after", &h.healthy_after)] {
+            if *v.get_ref() == 0 {
+                return Err(err(v.span(), format!("{key} must be at least 1")));
+            }
+        }
+        if h.interval.get_ref().0.is_zero() {
+            return Err(err(h.interval.span(), "health interval must be above zero".into()));
+        }
+        if let Some(p) = &h.path {
+            if !p.get_ref().starts_with('/') {
+                return Err(err(p.span(), format!("health path {:?} must start with \"/\"", p.get_ref())));
+            }
+        }
         upstreams.push(UpstreamConfig {
             name,
             servers,
             connect_timeout: u.connect_timeout.get_ref().0,
             response_timeout: u.response_timeout.get_ref().0,
-            pool_max_idle: u.pool_max_idle,
+            balance: u.balance,
+            protocol: u.protocol,
+            pool_min_idle: u.pool_min_idle.min(pool_max),
+            pool_max,
+            max_requests_per_connection: u.max_requests_per_connection,
             pool_idle_timeout: u.pool_idle_timeout.0,
+            queue_max: u.queue_max,
+            queue_timeout: u.queue_timeout.get_ref().0,
+            retry_idempotent: u.retry_idempotent,
+            max_client_share: share,
+            health: HealthConfig {
+                path: h.path.as_ref().map(|p| p.get_ref().clone()),
+                interval: h.interval.get_ref().0,
+                unhealthy_after: *h.unhealthy_after.get_ref(),
+                healthy_after: *h.healthy_after.get_ref(),
+            },
         });
     }
     if upstreams.is_empty() {

@@ -93,6 +93,11 @@ impl Engine {
                 .map(upstream::Upstream::new)
                 .collect(),
             access_log: config.log.access_log,
+            ipv6_prefix: config.admission.ipv6_prefix,
+            request_buffer: config.http.request_buffer,
+            response_buffer: config.http.response_buffer,
+            min_body_rate: config.http.min_body_rate,
+            body_grace: config.http.header_read_timeout,
         };
         let http = conn::builder(&config.http);
         let admission = Arc::new(admission::Admission::new(&config.admission));
@@ -108,6 +113,10 @@ impl Engine {
 
     pub fn admission(&self) -> &Arc<admission::Admission> {
         &self.shared.admission
+    }
+
+    pub fn upstreams(&self) -> &[Arc<upstream::Upstream>] {
+        &self.shared.proxy.upstreams
     }
 
     /// Serves until `shutdown` completes, then: stop accepting, ask every connection to finish
@@ -135,7 +144,13 @@ impl Engine {
             }
         }
         drop(stop_rx);
-        let reaper = tokio::spawn(reap_idle(shared.clone()));
+        let reaper = tokio::spawn(maintain_pools(shared.clone()));
+        let health: Vec<_> = shared
+            .proxy
+            .upstreams
+            .iter()
+            .map(|u| tokio::spawn(u.clone().check_health()))
+            .collect();
         let housekeeping = tokio::spawn(shared.admission.clone().housekeeping());
 
         shutdown.await;
@@ -158,20 +173,27 @@ impl Engine {
         };
         reaper.abort();
         housekeeping.abort();
+        for h in health {
+            h.abort();
+        }
         Ok(outcome)
     }
 }
 
-/// Closes idle origin connections past their idle timeout, so a quiet proxy does not keep
-/// sockets the origin is about to close.
-async fn reap_idle(shared: Arc<Shared>) {
+/// Keeps the warm pools filled and trims idle connections; logs once when every pool is warm.
+async fn maintain_pools(shared: Arc<Shared>) {
+    let mut warm_logged = false;
+    // Fill the pools at once, then check every second.
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
+        let mut warm = true;
         for u in &shared.proxy.upstreams {
-            for s in &u.servers {
-                s.pool.reap();
-            }
+            warm &= u.maintain();
+        }
+        if warm && !warm_logged {
+            tracing::info!("warm pools filled: every healthy server holds its pool_min_idle connections");
+            warm_logged = true;
         }
     }
 }

@@ -154,7 +154,7 @@ fn fit_to_fd_limit(config: &mut Config) {
     let origin: u64 = config
         .upstreams
         .iter()
-        .map(|u| (u.servers.len() * u.pool_max_idle) as u64)
+        .map(|u| (u.servers.len() * u.pool_max) as u64)
         .sum();
     let sockets: u64 = config.listeners.iter().map(|l| l.shards as u64).sum();
     let budget = breakwater::admission::fd::connection_budget(nofile, origin, sockets).max(1);

@@ -20,17 +20,16 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
 use crate::conn::clock::{ConnActivity, InFlight};
-use crate::upstream::pool::Conn;
-use crate::upstream::{Upstream, UpstreamError};
+use crate::upstream::pool::Sender;
+use crate::upstream::{Lease, Upstream, UpstreamError};
 use crate::Shared;
 use body::{AccessLog, ProxyBody, UpstreamBody};
 
-/// Response bytes read before the head is relayed, when they come at once. A body that ends
-/// within this frees its origin connection before a slow client has read a byte, and a
-/// malformed one (broken chunking, short body) becomes a clean 502 instead of a relayed error.
-const PREFETCH_BYTES: usize = 64 * 1024;
-/// How long the prefetch waits for body bytes after the head: short, so a streaming response
-/// (server-sent events, long poll) is relayed almost at once.
+/// How long the response prefetch waits for body bytes after the head: short, so a streaming
+/// response (server-sent events, long poll) is relayed almost at once. Up to `response_buffer`
+/// bytes that come within it are read before the head is relayed: a body that ends within them
+/// frees its origin connection before a slow client has read a byte, and a malformed one
+/// (broken chunking, short body) becomes a clean 502 instead of a relayed error.
 const PREFETCH_WAIT: Duration = Duration::from_millis(50);
 
 /// Why a request got a response of Breakwater's own instead of the origin's.
@@ -40,6 +39,8 @@ pub enum ProxyError {
     NoRoute,
     #[error("client over per_ip_request_rate")]
     RateLimited,
+    #[error("request body slower than min_body_rate")]
+    BodyTooSlow,
     #[error("upstream {upstream} server {server}: {error}")]
     Upstream {
         upstream: String,
@@ -54,6 +55,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::BodyTooSlow => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Upstream { error, .. } => match error {
                 UpstreamError::ConnectTimeout | UpstreamError::ResponseTimeout => {
                     StatusCode::GATEWAY_TIMEOUT
@@ -61,6 +63,11 @@ impl ProxyError {
                 UpstreamError::Connect(_)
                 | UpstreamError::Handshake(_)
                 | UpstreamError::Response(_) => StatusCode::BAD_GATEWAY,
+                UpstreamError::ClientBody(e) if is_too_slow(e) => StatusCode::REQUEST_TIMEOUT,
+                UpstreamError::ClientBody(_) => StatusCode::BAD_REQUEST,
+                UpstreamError::QueueTimeout
+                | UpstreamError::QueueFull
+                | UpstreamError::NoHealthyServer => StatusCode::SERVICE_UNAVAILABLE,
             },
         }
     }
@@ -70,6 +77,7 @@ impl ProxyError {
         match self {
             ProxyError::NoRoute => "404 Not Found: no route for this host and path\n",
             ProxyError::RateLimited => "429 Too Many Requests: slow down\n",
+            ProxyError::BodyTooSlow => "408 Request Timeout: the request body came too slowly\n",
             ProxyError::Upstream { error, .. } => match error {
                 UpstreamError::ConnectTimeout => {
                     "504 Gateway Timeout: the origin did not accept the connection in time\n"
@@ -81,24 +89,52 @@ impl ProxyError {
                 UpstreamError::Handshake(_) | UpstreamError::Response(_) => {
                     "502 Bad Gateway: the origin sent no valid response\n"
                 }
+                UpstreamError::ClientBody(e) if is_too_slow(e) => {
+                    "408 Request Timeout: the request body came too slowly\n"
+                }
+                UpstreamError::ClientBody(_) => "400 Bad Request: the request body broke off\n",
+                UpstreamError::QueueTimeout => {
+                    "503 Service Unavailable: the origin is busy, try again shortly\n"
+                }
+                UpstreamError::QueueFull => {
+                    "503 Service Unavailable: too many requests waiting, try again shortly\n"
+                }
+                UpstreamError::NoHealthyServer => "503 Service Unavailable: the origin is down\n",
             },
         }
     }
+}
+
+fn is_too_slow(e: &hyper::Error) -> bool {
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        if s.is::<body::BodyTooSlow>() {
+            return true;
+        }
+        src = s.source();
+    }
+    false
 }
 
 /// The routing table and the upstreams, built once from the config.
 #[derive(Debug)]
 pub struct Proxy {
     pub router: route::Router,
-    pub upstreams: Vec<Upstream>,
+    pub upstreams: Vec<Arc<Upstream>>,
     pub access_log: bool,
+    pub ipv6_prefix: u8,
+    pub request_buffer: usize,
+    pub response_buffer: usize,
+    pub min_body_rate: u64,
+    /// Grace before `min_body_rate` applies.
+    pub body_grace: Duration,
 }
 
 struct Relayed {
     head: http::response::Parts,
     buffered: VecDeque<Frame<Bytes>>,
     rest: Option<Incoming>,
-    conn: Option<Conn>,
+    conn: Option<Lease>,
 }
 
 pub async fn handle(
@@ -153,6 +189,9 @@ pub async fn handle(
                     tracing::warn!(client = %peer, upstream = %upstream, server = %server, error = %error,
                         status = status.as_u16(), "upstream request failed")
                 }
+                ProxyError::BodyTooSlow => {
+                    tracing::debug!(client = %peer, path = %log.path, "request body too slow")
+                }
             }
             log.status = status.as_u16();
             let mut r = Response::new(ProxyBody::full(
@@ -165,7 +204,7 @@ pub async fn handle(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; charset=utf-8"),
             );
-            if status == StatusCode::TOO_MANY_REQUESTS {
+            if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
                 r.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
@@ -211,9 +250,7 @@ async fn forward(
         .pick(host, req.uri().path())
         .ok_or(ProxyError::NoRoute)?;
     let upstream = &proxy.upstreams[idx];
-    let server = upstream.pick();
     log.upstream = Some(upstream.name.clone());
-    log.server = Some(server.addr.clone());
 
     let client_version = req.version();
     let upgrade = if client_version == Version::HTTP_11 {
@@ -244,59 +281,34 @@ async fn forward(
         .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
     parts.version = Version::HTTP_11;
     let is_head = parts.method == http::Method::HEAD;
-    let out = Request::from_parts(parts, UpstreamBody::stream(body));
 
-    let fail = |error| ProxyError::Upstream {
-        upstream: upstream.name.clone(),
-        server: server.addr.clone(),
-        error,
-    };
-    let (mut resp, conn) = upstream
-        .send(server, out, upgrade.is_some())
-        .await
-        .map_err(fail)?;
-    let origin_upgrade = (resp.status() == StatusCode::SWITCHING_PROTOCOLS
-        && client_upgrade.is_some())
-    .then(|| hyper::upgrade::on(&mut resp));
-    let (mut head, mut body) = resp.into_parts();
-    let origin_version = headers::version_token(head.version);
-
-    if let Some(origin_upgrade) = origin_upgrade {
-        if let Some(client_upgrade) = client_upgrade {
-            activity.set_upgraded();
-            tokio::spawn(tunnel(
-                client_upgrade,
-                origin_upgrade,
-                conn,
-                peer,
-                server.addr.clone(),
-            ));
-            let up = head.headers.get(header::UPGRADE).cloned().or(upgrade);
-            headers::prepare_response(&mut head.headers, origin_version, up.as_ref());
-            return Ok(Relayed {
-                head,
-                buffered: VecDeque::new(),
-                rest: None,
-                conn: None,
-            });
-        }
+    if let (Some(client_upgrade), Some(up)) = (client_upgrade, upgrade) {
+        return tunnel_request(upstream, parts, body, client_upgrade, up, activity, peer, log).await;
     }
-    headers::prepare_response(&mut head.headers, origin_version, None);
+
+    // Slow-POST guard: read up to request_buffer of the body before an origin connection is
+    // taken, at no less than min_body_rate.
+    let body = read_ahead(proxy, body).await?;
+    let out = Request::from_parts(parts, body);
+    let client = crate::admission::client_key(peer.ip(), proxy.ipv6_prefix);
+    let (resp, lease) = upstream.send(client, out).await.map_err(|(server, error)| ProxyError::Upstream {
+        upstream: upstream.name.clone(),
+        server: server.unwrap_or_else(|| "-".into()),
+        error,
+    })?;
+    log.server = Some(lease.server().to_string());
+    let (mut head, mut body) = resp.into_parts();
+    headers::prepare_response(&mut head.headers, headers::version_token(head.version), None);
     head.version = client_version;
 
     let mut buffered = VecDeque::new();
     if is_head || body.is_end_stream() {
-        conn.release();
-        return Ok(Relayed {
-            head,
-            buffered,
-            rest: None,
-            conn: None,
-        });
+        lease.finish();
+        return Ok(Relayed { head, buffered, rest: None, conn: None });
     }
     let deadline = tokio::time::Instant::now() + PREFETCH_WAIT;
     let mut size = 0;
-    while size < PREFETCH_BYTES {
+    while size < proxy.response_buffer {
         // `frame()` is cancel-safe: dropping it before it completes loses no data.
         let next = tokio::select! {
             f = body.frame() => f,
@@ -307,31 +319,109 @@ async fn forward(
                 size += f.data_ref().map_or(0, |d| d.len());
                 buffered.push_back(f);
             }
-            Some(Err(e)) => return Err(fail(UpstreamError::Response(e))),
+            Some(Err(e)) => {
+                return Err(ProxyError::Upstream {
+                    upstream: upstream.name.clone(),
+                    server: lease.server().to_string(),
+                    error: UpstreamError::Response(e),
+                })
+            }
             None => {
-                conn.release();
-                return Ok(Relayed {
-                    head,
-                    buffered,
-                    rest: None,
-                    conn: None,
-                });
+                lease.finish();
+                return Ok(Relayed { head, buffered, rest: None, conn: None });
             }
         }
     }
-    Ok(Relayed {
-        head,
-        buffered,
-        rest: Some(body),
-        conn: Some(conn),
-    })
+    Ok(Relayed { head, buffered, rest: Some(body), conn: Some(lease) })
+}
+
+/// Reads the start of a request body (all of it when it fits `request_buffer`), requiring
+/// `min_body_rate`. What did not fit streams on behind it at the same minimum rate.
+async fn read_ahead(proxy: &Proxy, mut body: Incoming) -> Result<UpstreamBody, ProxyError> {
+    if body.is_end_stream() {
+        return Ok(UpstreamBody::empty());
+    }
+    let mut rate = body::MinRate::new(proxy.body_grace, proxy.min_body_rate);
+    let mut buf = bytes::BytesMut::new();
+    while buf.len() < proxy.request_buffer {
+        let frame = match &rate {
+            Some(r) => tokio::time::timeout_at(r.deadline(), body.frame())
+                .await
+                .map_err(|_| ProxyError::BodyTooSlow)?,
+            None => body.frame().await,
+        };
+        match frame {
+            None => return Ok(UpstreamBody::new(buf.freeze(), None, None)),
+            // The client broke off: it is gone, and what it sent cannot be forwarded.
+            Some(Err(_)) => return Err(ProxyError::BodyTooSlow),
+            Some(Ok(f)) => {
+                if let Some(d) = f.data_ref() {
+                    buf.extend_from_slice(d);
+                    if let Some(r) = rate.as_mut() {
+                        r.received += d.len() as u64;
+                    }
+                }
+            }
+        }
+        if body.is_end_stream() {
+            return Ok(UpstreamBody::new(buf.freeze(), None, None));
+        }
+    }
+    Ok(UpstreamBody::new(buf.freeze(), Some(body), rate))
+}
+
+/// An Upgrade (WebSocket) request: sent on a dedicated origin connection, and on 101 both
+/// sides are joined into a tunnel.
+#[allow(clippy::too_many_arguments)]
+async fn tunnel_request(
+    upstream: &Upstream,
+    parts: http::request::Parts,
+    body: Incoming,
+    client_upgrade: hyper::upgrade::OnUpgrade,
+    up: HeaderValue,
+    activity: &ConnActivity,
+    peer: SocketAddr,
+    log: &mut AccessLog,
+) -> Result<Relayed, ProxyError> {
+    let fail = |server: Option<String>, error| ProxyError::Upstream {
+        upstream: upstream.name.clone(),
+        server: server.unwrap_or_else(|| "-".into()),
+        error,
+    };
+    let (mut tx, server, drive) = upstream.connect_dedicated().await.map_err(|(s, e)| fail(s, e))?;
+    tokio::spawn(drive);
+    log.server = Some(server.clone());
+    let req = Request::from_parts(parts, UpstreamBody::new(Bytes::new(), Some(body), None));
+    if let Err(e) = tx.ready().await {
+        return Err(fail(Some(server), UpstreamError::Response(e)));
+    }
+    let mut resp = tx
+        .send(req)
+        .await
+        .map_err(|e| fail(Some(server.clone()), UpstreamError::Response(e.into_error())))?;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let origin_upgrade = hyper::upgrade::on(&mut resp);
+        activity.set_upgraded();
+        tokio::spawn(tunnel(client_upgrade, origin_upgrade, tx, peer, server));
+    }
+    let (mut head, body) = resp.into_parts();
+    let switching = head.status == StatusCode::SWITCHING_PROTOCOLS;
+    let token = head.headers.get(header::UPGRADE).cloned().unwrap_or(up);
+    headers::prepare_response(
+        &mut head.headers,
+        headers::version_token(head.version),
+        switching.then_some(&token),
+    );
+    head.version = Version::HTTP_11;
+    let rest = (!switching && !body.is_end_stream()).then_some(body);
+    Ok(Relayed { head, buffered: VecDeque::new(), rest, conn: None })
 }
 
 /// Relays bytes both ways once client and origin have both switched protocols.
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     origin: hyper::upgrade::OnUpgrade,
-    conn: Conn,
+    conn: Sender,
     peer: SocketAddr,
     server: String,
 ) {

@@ -1,37 +1,40 @@
-//! ⑤ Upstreams: the configured origin servers, how a server is picked, and sending a request
-//! over a pooled connection with the connect and response timeouts and the one safe retry.
+//! ⑤ Upstreams: many clients onto a few steady, warm origin connections.
+//!
+//! Each server keeps `pool_min_idle` connections open from the start (refilled when they
+//! close) and never more than `pool_max`. A request takes a connection that has room, most
+//! recently used first; when none has and the pool is at `pool_max`, it waits in a bounded
+//! queue, fair across client addresses, for at most `queue_timeout` (then 503 with
+//! Retry-After; a full queue answers 503 at once). A released connection goes straight to the
+//! next waiter under the same lock, so nobody waits while a connection sits idle. One client
+//! address may hold at most `max_client_share` of the upstream's capacity busy, so a few
+//! addresses that read slowly or trickle bodies cannot take the whole pool.
+//!
+//! Lock discipline: all scheduling state is in one `Mutex<State>` per upstream, held for short
+//! non-async sections. Inside it only plain `Granted` values are made; a `Lease` (whose drop
+//! takes the lock) exists only outside it.
 
+pub mod health;
 pub mod pool;
+pub mod queue;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use http::request::Parts;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
 
-use crate::config::UpstreamConfig;
+use crate::config::{Balance, UpstreamConfig, UpstreamProtocol};
 use crate::proxy::body::UpstreamBody;
-use pool::{Conn, Pool};
+use health::{Health, Transition};
+use pool::{Entry, Sender, Slots};
+use queue::FairQueue;
 
-#[derive(Debug)]
-pub struct Upstream {
-    pub name: String,
-    pub servers: Vec<Server>,
-    next: AtomicUsize,
-    connect_timeout: Duration,
-    response_timeout: Duration,
-}
-
-#[derive(Debug)]
-pub struct Server {
-    pub addr: String,
-    pub pool: Arc<Pool>,
-}
-
-/// Why an upstream exchange failed. Every variant is the origin's fault (or the path to it);
-/// `proxy.rs` maps them to 502 or 504.
+/// Why an upstream exchange failed. `proxy.rs` maps each to a status.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("connect failed: {0}")]
@@ -44,6 +47,127 @@ pub enum UpstreamError {
     ResponseTimeout,
     #[error("bad or missing response: {0}")]
     Response(#[source] hyper::Error),
+    #[error("the client's request body failed: {0}")]
+    ClientBody(#[source] hyper::Error),
+    #[error("no connection free within the queue timeout")]
+    QueueTimeout,
+    #[error("the queue is full")]
+    QueueFull,
+    #[error("every server is down")]
+    NoHealthyServer,
+}
+
+/// Counters since start, for logs and metrics.
+#[derive(Debug, Default)]
+pub struct UpstreamStats {
+    pub connects: AtomicU64,
+    pub connect_failures: AtomicU64,
+    pub reuses: AtomicU64,
+    pub retries: AtomicU64,
+    pub queue_timeouts: AtomicU64,
+    pub queue_full: AtomicU64,
+}
+
+#[derive(Debug)]
+pub struct Server {
+    pub addr: String,
+    pub health: Health,
+}
+
+type Waiter = oneshot::Sender<Result<Granted, UpstreamError>>;
+
+#[derive(Debug, Default)]
+struct State {
+    slots: Vec<Slots>,
+    queue: FairQueue<Waiter>,
+    busy_by_client: HashMap<IpAddr, usize>,
+}
+
+/// A connection assigned to a request, before it is wrapped in a `Lease`.
+#[derive(Debug)]
+struct Granted {
+    server: usize,
+    conn: u64,
+    tx: Sender,
+    reused: bool,
+}
+
+#[derive(Debug)]
+pub struct Upstream {
+    pub name: String,
+    pub cfg: UpstreamConfig,
+    pub servers: Vec<Server>,
+    state: Mutex<State>,
+    next_conn: AtomicU64,
+    rr: AtomicUsize,
+    /// Busy connections (or h2c streams) one client address may hold.
+    client_cap: usize,
+    pub stats: UpstreamStats,
+    me: Weak<Upstream>,
+}
+
+/// A connection lent to one request. Dropping it gives the connection back: to the pool when
+/// `finish` was called (the response was read to the end), closed otherwise.
+#[derive(Debug)]
+pub struct Lease {
+    up: Arc<Upstream>,
+    server: usize,
+    conn: u64,
+    tx: Option<Sender>,
+    client: IpAddr,
+    pub reused: bool,
+    reusable: bool,
+}
+
+impl Lease {
+    pub fn server(&self) -> &str {
+        &self.up.servers[self.server].addr
+    }
+
+    /// The response was read to its end: the connection may serve another request.
+    pub fn finish(mut self) {
+        self.reusable = true;
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let up = self.up.clone();
+        let mut st = up.lock();
+        let slots = &mut st.slots[self.server];
+        slots.checkin(self.conn, self.tx.take(), self.reusable);
+        slots.busy = slots.busy.saturating_sub(1);
+        release_client(&mut st.busy_by_client, self.client);
+        up.dispatch(&mut st);
+    }
+}
+
+fn release_client(map: &mut HashMap<IpAddr, usize>, client: IpAddr) {
+    if let Some(n) = map.get_mut(&client) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(&client);
+        }
+    }
+}
+
+/// Holds a queued request's receiver: if the request gives up (timeout, client gone) after a
+/// connection was already sent to it, the connection is given back instead of leaking.
+struct Waiting<'a> {
+    rx: oneshot::Receiver<Result<Granted, UpstreamError>>,
+    up: &'a Upstream,
+    client: IpAddr,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.rx.close();
+        if let Ok(Ok(g)) = self.rx.try_recv() {
+            let mut st = self.up.lock();
+            self.up.ungrant(&mut st, self.client, g);
+            self.up.dispatch(&mut st);
+        }
+    }
 }
 
 /// A request that can be sent again if a reused connection turns out dead: idempotent, no body.
@@ -58,21 +182,18 @@ impl Replay {
             || m == http::Method::TRACE
             || m == http::Method::PUT
             || m == http::Method::DELETE;
-        if !idempotent || !http_body::Body::is_end_stream(req.body()) {
+        if !idempotent || !req.body().is_replayable() {
             return None;
         }
-        let mut b = Request::builder()
-            .method(m.clone())
-            .uri(req.uri().clone())
-            .version(req.version());
+        let mut b = Request::builder().method(m.clone()).uri(req.uri().clone()).version(req.version());
         if let Some(h) = b.headers_mut() {
             *h = req.headers().clone();
         }
         b.body(()).ok().map(|r| Replay(r.into_parts().0))
     }
 
-    fn request(&self) -> Request<UpstreamBody> {
-        let mut r = Request::new(UpstreamBody::empty());
+    fn request(&self, body: UpstreamBody) -> Request<UpstreamBody> {
+        let mut r = Request::new(body);
         *r.method_mut() = self.0.method.clone();
         *r.uri_mut() = self.0.uri.clone();
         *r.version_mut() = self.0.version;
@@ -81,113 +202,430 @@ impl Replay {
     }
 }
 
+struct Failed {
+    error: UpstreamError,
+    /// The request back, when it was never written.
+    unsent: Option<Request<UpstreamBody>>,
+}
+
 impl Upstream {
-    pub fn new(cfg: &UpstreamConfig) -> Upstream {
-        Upstream {
+    pub fn new(cfg: &UpstreamConfig) -> Arc<Upstream> {
+        let streams = match cfg.protocol {
+            UpstreamProtocol::Http1 => 1,
+            UpstreamProtocol::H2c => pool::H2_STREAMS,
+        };
+        let capacity = cfg.pool_max * cfg.servers.len() * streams;
+        let client_cap = ((capacity as f64 * cfg.max_client_share).floor() as usize).max(1);
+        Arc::new_cyclic(|me| Upstream {
             name: cfg.name.clone(),
             servers: cfg
                 .servers
                 .iter()
-                .map(|addr| Server {
-                    addr: addr.clone(),
-                    pool: Pool::new(cfg.pool_max_idle, cfg.pool_idle_timeout),
-                })
+                .map(|addr| Server { addr: addr.clone(), health: Health::default() })
                 .collect(),
-            next: AtomicUsize::new(0),
-            connect_timeout: cfg.connect_timeout,
-            response_timeout: cfg.response_timeout,
+            state: Mutex::new(State {
+                slots: cfg
+                    .servers
+                    .iter()
+                    .map(|_| Slots { max_requests: cfg.max_requests_per_connection, ..Slots::default() })
+                    .collect(),
+                ..State::default()
+            }),
+            next_conn: AtomicU64::new(1),
+            rr: AtomicUsize::new(0),
+            client_cap,
+            stats: UpstreamStats::default(),
+            cfg: cfg.clone(),
+            me: me.clone(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn arc(&self) -> Arc<Upstream> {
+        // `me` is set by `new` and this method is only reachable through an `Arc`.
+        self.me.upgrade().expect("upstream is alive while used")
+    }
+
+    /// Healthy servers in the order the balancing policy prefers them.
+    fn order(&self, st: &State) -> Vec<usize> {
+        let mut healthy: Vec<usize> =
+            (0..self.servers.len()).filter(|&i| self.servers[i].health.is_healthy()).collect();
+        if healthy.len() > 1 {
+            let start = self.rr.fetch_add(1, Ordering::Relaxed) % healthy.len();
+            healthy.rotate_left(start);
+            if self.cfg.balance == Balance::LeastOutstanding {
+                // Stable: ties keep the rotated order, so equal servers share the load.
+                healthy.sort_by_key(|&i| st.slots[i].busy);
+            }
+        }
+        healthy
+    }
+
+    fn checkout(&self, st: &mut State, client: IpAddr) -> Option<Granted> {
+        for i in self.order(st) {
+            if let Some((conn, tx, reused)) = st.slots[i].checkout() {
+                st.slots[i].busy += 1;
+                *st.busy_by_client.entry(client).or_insert(0) += 1;
+                if reused {
+                    self.stats.reuses.fetch_add(1, Ordering::Relaxed);
+                }
+                return Some(Granted { server: i, conn, tx, reused });
+            }
+        }
+        None
+    }
+
+    /// Undoes a grant that found no taker.
+    fn ungrant(&self, st: &mut State, client: IpAddr, g: Granted) {
+        let slots = &mut st.slots[g.server];
+        slots.checkin(g.conn, Some(g.tx), true);
+        slots.busy = slots.busy.saturating_sub(1);
+        release_client(&mut st.busy_by_client, client);
+    }
+
+    fn lease(&self, g: Granted, client: IpAddr) -> Lease {
+        Lease {
+            up: self.arc(),
+            server: g.server,
+            conn: g.conn,
+            tx: Some(g.tx),
+            client,
+            reused: g.reused,
+            reusable: false,
         }
     }
 
-    /// Round robin over the servers.
-    pub fn pick(&self) -> &Server {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.servers.len();
-        &self.servers[i]
+    /// A connection for a request from `client`: at once when one has room and nobody waits,
+    /// else through the queue.
+    pub async fn acquire(&self, client: IpAddr) -> Result<Lease, UpstreamError> {
+        let rx = {
+            let mut st = self.lock();
+            if !self.servers.iter().any(|s| s.health.is_healthy()) {
+                return Err(UpstreamError::NoHealthyServer);
+            }
+            let under_cap = st.busy_by_client.get(&client).copied().unwrap_or(0) < self.client_cap;
+            if st.queue.is_empty() && under_cap {
+                if let Some(g) = self.checkout(&mut st, client) {
+                    drop(st);
+                    return Ok(self.lease(g, client));
+                }
+            }
+            if st.queue.len() >= self.cfg.queue_max {
+                st.queue.retain(|w| !w.is_closed());
+                if st.queue.len() >= self.cfg.queue_max {
+                    self.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+                    return Err(UpstreamError::QueueFull);
+                }
+            }
+            let (tx, rx) = oneshot::channel();
+            st.queue.push(client, tx);
+            self.dispatch(&mut st);
+            rx
+        };
+        let mut waiting = Waiting { rx, up: self, client };
+        match tokio::time::timeout(self.cfg.queue_timeout, &mut waiting.rx).await {
+            Ok(Ok(Ok(g))) => Ok(self.lease(g, client)),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(_)) | Err(_) => {
+                // A grant that raced the timeout is handed back by `Waiting`'s drop.
+                self.stats.queue_timeouts.fetch_add(1, Ordering::Relaxed);
+                Err(UpstreamError::QueueTimeout)
+            }
+        }
     }
 
-    /// Sends `req` to `server` and waits for the response head. `fresh` forces a new connection
-    /// (upgrades take theirs over for good). A request that never left, or an idempotent,
-    /// bodiless one that failed on a reused connection before any response byte, is tried once
-    /// more on a fresh connection.
+    /// Hands connections with room to eligible waiters, then opens connections (up to
+    /// `pool_max`) for those still waiting. Called whenever capacity may have appeared.
+    fn dispatch(&self, st: &mut State) {
+        while !st.queue.is_empty() {
+            let any_room = (0..self.servers.len())
+                .any(|i| self.servers[i].health.is_healthy() && st.slots[i].has_room());
+            if !any_room {
+                break;
+            }
+            let cap = self.client_cap;
+            let State { queue, busy_by_client, .. } = &mut *st;
+            let Some((client, waiter)) =
+                queue.pop(|c| busy_by_client.get(&c).copied().unwrap_or(0) < cap)
+            else {
+                break;
+            };
+            if waiter.is_closed() {
+                continue;
+            }
+            let Some(g) = self.checkout(st, client) else {
+                st.queue.push(client, waiter);
+                break;
+            };
+            if let Err(Ok(g)) = waiter.send(Ok(g)) {
+                self.ungrant(st, client, g);
+            }
+        }
+        if st.queue.is_empty() {
+            return;
+        }
+        let per_conn = match self.cfg.protocol {
+            UpstreamProtocol::Http1 => 1,
+            UpstreamProtocol::H2c => pool::H2_STREAMS,
+        };
+        let connecting: usize = st.slots.iter().map(|s| s.connecting).sum();
+        let mut need = st.queue.len().div_ceil(per_conn).saturating_sub(connecting);
+        for i in self.order(st) {
+            while need > 0 && st.slots[i].open < self.cfg.pool_max {
+                self.spawn_connect(st, i);
+                need -= 1;
+            }
+        }
+    }
+
+    /// Keeps `pool_min_idle` connections open to every healthy server.
+    fn refill(&self, st: &mut State) {
+        let want = self.cfg.pool_min_idle.min(self.cfg.pool_max);
+        for i in 0..self.servers.len() {
+            if self.servers[i].health.is_healthy() {
+                while st.slots[i].open < want {
+                    self.spawn_connect(st, i);
+                }
+            }
+        }
+    }
+
+    fn spawn_connect(&self, st: &mut State, server: usize) {
+        st.slots[server].open += 1;
+        st.slots[server].connecting += 1;
+        let up = self.arc();
+        tokio::spawn(async move {
+            let addr = up.servers[server].addr.clone();
+            let result = pool::connect(&addr, up.cfg.protocol, up.cfg.connect_timeout).await;
+            up.connected(server, result);
+        });
+    }
+
+    fn connected(
+        &self,
+        server: usize,
+        result: Result<(Sender, impl std::future::Future<Output = ()> + Send + 'static), UpstreamError>,
+    ) {
+        match result {
+            Ok((tx, drive)) => {
+                self.stats.connects.fetch_add(1, Ordering::Relaxed);
+                let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+                let up = self.arc();
+                tokio::spawn(async move {
+                    drive.await;
+                    up.closed(server, id);
+                });
+                self.servers[server].health.success(false, self.cfg.health.healthy_after);
+                let mut st = self.lock();
+                let slots = &mut st.slots[server];
+                slots.connecting -= 1;
+                slots.entries.push(Entry {
+                    id,
+                    tx: Some(tx),
+                    in_use: 0,
+                    requests: 0,
+                    idle_since: Instant::now(),
+                });
+                self.dispatch(&mut st);
+            }
+            Err(e) => {
+                self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(upstream = %self.name, server = %self.servers[server].addr, error = %e,
+                    "origin connect failed");
+                let transition = self.servers[server].health.failure(self.cfg.health.unhealthy_after);
+                let mut st = self.lock();
+                st.slots[server].connecting -= 1;
+                st.slots[server].open -= 1;
+                // The request this connect was for learns why now (502/504), rather than
+                // after its queue timeout.
+                if let Some((_, w)) = st.queue.pop(|_| true) {
+                    let _ = w.send(Err(e));
+                }
+                if transition == Transition::Ejected {
+                    self.ejected(&mut st, server);
+                } else {
+                    self.dispatch(&mut st);
+                }
+            }
+        }
+    }
+
+    /// A connection's socket closed (origin closed it, or we retired it).
+    fn closed(&self, server: usize, id: u64) {
+        let mut st = self.lock();
+        st.slots[server].open -= 1;
+        st.slots[server].remove(id);
+        self.refill(&mut st);
+        self.dispatch(&mut st);
+    }
+
+    fn ejected(&self, st: &mut State, server: usize) {
+        tracing::warn!(upstream = %self.name, server = %self.servers[server].addr,
+            "server ejected: too many consecutive failures");
+        st.slots[server].clear_idle();
+        if !self.servers.iter().any(|s| s.health.is_healthy()) {
+            tracing::error!(upstream = %self.name, "every server of the upstream is down: answering 503");
+            for w in st.queue.drain() {
+                let _ = w.send(Err(UpstreamError::NoHealthyServer));
+            }
+        } else {
+            self.dispatch(st);
+        }
+    }
+
+    fn record(&self, server: usize, ok: bool, active: bool) {
+        let h = &self.cfg.health;
+        let t = if ok {
+            self.servers[server].health.success(active, h.healthy_after)
+        } else {
+            self.servers[server].health.failure(h.unhealthy_after)
+        };
+        match t {
+            Transition::None => {}
+            Transition::Ejected => {
+                let mut st = self.lock();
+                self.ejected(&mut st, server);
+            }
+            Transition::Readmitted => {
+                tracing::info!(upstream = %self.name, server = %self.servers[server].addr,
+                    "server re-admitted: health checks pass");
+                let mut st = self.lock();
+                self.refill(&mut st);
+                self.dispatch(&mut st);
+            }
+        }
+    }
+
+    /// Sends a request and waits for its response head. A request that was never written, or
+    /// an idempotent replayable one that failed on a reused connection before any response
+    /// byte (the stale keep-alive race), is tried once more.
     pub async fn send(
         &self,
-        server: &Server,
+        client: IpAddr,
         req: Request<UpstreamBody>,
-        fresh: bool,
-    ) -> Result<(Response<Incoming>, Conn), UpstreamError> {
-        let replay = Replay::of(&req);
-        let conn = match (fresh, server.pool.checkout()) {
-            (false, Some(c)) => c,
+    ) -> Result<(Response<Incoming>, Lease), (Option<String>, UpstreamError)> {
+        let replay = if self.cfg.retry_idempotent { Replay::of(&req) } else { None };
+        let replay_body = req.body().replay();
+        let mut lease = self.acquire(client).await.map_err(|e| (None, e))?;
+        let failed = match self.exchange(&mut lease, req).await {
+            Ok(resp) => return Ok((resp, lease)),
+            Err(f) => f,
+        };
+        let server = lease.server;
+        let reused = lease.reused;
+        drop(lease);
+        let again = match (failed.unsent, replay, replay_body) {
+            (Some(req), _, _) => req,
+            (None, Some(r), Some(body)) if reused && matches!(failed.error, UpstreamError::Response(_)) => {
+                r.request(body)
+            }
             _ => {
-                server
-                    .pool
-                    .connect(&server.addr, self.connect_timeout)
-                    .await?
+                let addr = self.servers[server].addr.clone();
+                return Err((Some(addr), failed.error));
             }
         };
-        match self.exchange(conn, req).await {
-            Ok(done) => Ok(done),
-            Err(Failed {
-                error,
-                unsent,
-                reused,
-            }) => {
-                let again = match (unsent, &replay) {
-                    (Some(req), _) => req,
-                    (None, Some(r)) if reused && matches!(error, UpstreamError::Response(_)) => {
-                        r.request()
-                    }
-                    _ => return Err(error),
-                };
-                tracing::debug!(upstream = %self.name, server = %server.addr, error = %error,
-                    "reused origin connection failed; retrying on a fresh one");
-                let conn = server
-                    .pool
-                    .connect(&server.addr, self.connect_timeout)
-                    .await?;
-                self.exchange(conn, again).await.map_err(|f| f.error)
-            }
+        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(upstream = %self.name, server = %self.servers[server].addr, error = %failed.error,
+            "origin connection failed before answering; retrying");
+        let mut lease = self.acquire(client).await.map_err(|e| (None, e))?;
+        match self.exchange(&mut lease, again).await {
+            Ok(resp) => Ok((resp, lease)),
+            Err(f) => Err((Some(lease.server().to_string()), f.error)),
         }
     }
 
-    async fn exchange(
-        &self,
-        mut conn: Conn,
-        req: Request<UpstreamBody>,
-    ) -> Result<(Response<Incoming>, Conn), Failed> {
-        let reused = conn.reused;
-        // A pooled connection can close between checkout and use; `ready` reports that
-        // without consuming the request.
-        if let Err(e) = conn.tx.ready().await {
-            return Err(Failed {
-                error: UpstreamError::Response(e),
-                unsent: Some(req),
-                reused,
-            });
+    async fn exchange(&self, lease: &mut Lease, req: Request<UpstreamBody>) -> Result<Response<Incoming>, Failed> {
+        let server = lease.server;
+        let reused = lease.reused;
+        let Some(tx) = lease.tx.as_mut() else {
+            return Err(Failed { error: UpstreamError::QueueTimeout, unsent: Some(req) });
+        };
+        // A pooled connection can close between checkout and use; `ready` says so without
+        // consuming the request.
+        if let Err(e) = tx.ready().await {
+            return Err(Failed { error: UpstreamError::Response(e), unsent: Some(req) });
         }
-        let sent = tokio::time::timeout(self.response_timeout, conn.tx.try_send_request(req)).await;
-        match sent {
-            Err(_) => Err(Failed {
-                error: UpstreamError::ResponseTimeout,
-                unsent: None,
-                reused,
-            }),
-            Ok(Ok(resp)) => Ok((resp, conn)),
+        let sent = tokio::time::timeout(self.cfg.response_timeout, tx.send(req)).await;
+        let result = match sent {
+            Err(_) => Err(Failed { error: UpstreamError::ResponseTimeout, unsent: None }),
+            Ok(Ok(resp)) => Ok(resp),
             Ok(Err(mut e)) => {
                 let unsent = e.take_message();
-                Err(Failed {
-                    error: UpstreamError::Response(e.into_error()),
-                    unsent,
-                    reused,
-                })
+                let err = e.into_error();
+                let error = if err.is_user() {
+                    UpstreamError::ClientBody(err)
+                } else {
+                    UpstreamError::Response(err)
+                };
+                Err(Failed { error, unsent })
+            }
+        };
+        match &result {
+            Ok(_) => self.record(server, true, false),
+            // A stale pooled connection or a client's broken body says nothing about the server.
+            Err(f) if f.unsent.is_some() || reused || matches!(f.error, UpstreamError::ClientBody(_)) => {}
+            Err(_) => self.record(server, false, false),
+        }
+        result
+    }
+
+    /// A dedicated HTTP/1.1 connection outside the pool, for a request that upgrades (a
+    /// WebSocket tunnel holds its socket for good).
+    pub async fn connect_dedicated(&self) -> Result<(Sender, String, impl std::future::Future<Output = ()> + Send + 'static), (Option<String>, UpstreamError)> {
+        let order = self.order(&self.lock());
+        let Some(&server) = order.first() else {
+            return Err((None, UpstreamError::NoHealthyServer));
+        };
+        let addr = self.servers[server].addr.clone();
+        match pool::connect(&addr, UpstreamProtocol::Http1, self.cfg.connect_timeout).await {
+            Ok((tx, drive)) => Ok((tx, addr, drive)),
+            Err(e) => Err((Some(addr), e)),
+        }
+    }
+
+    /// Once a second: close idle connections past their timeout, refill the warm pools, retry
+    /// dispatch. Returns whether every healthy server holds its warm connections.
+    pub fn maintain(&self) -> bool {
+        let mut st = self.lock();
+        let keep = self.cfg.pool_min_idle;
+        for i in 0..self.servers.len() {
+            if self.servers[i].health.is_healthy() {
+                st.slots[i].reap(keep, self.cfg.pool_idle_timeout);
+            } else {
+                st.slots[i].clear_idle();
+            }
+        }
+        self.refill(&mut st);
+        self.dispatch(&mut st);
+        (0..self.servers.len())
+            .all(|i| !self.servers[i].health.is_healthy() || st.slots[i].entries.len() >= keep.min(self.cfg.pool_max))
+    }
+
+    /// Active health checks, forever; run as a task per upstream.
+    pub async fn check_health(self: Arc<Self>) {
+        let h = self.cfg.health.clone();
+        let mut tick = tokio::time::interval(h.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            for i in 0..self.servers.len() {
+                let server = &self.servers[i];
+                if server.health.is_healthy() && server.health.recently_ok(h.interval) {
+                    continue;
+                }
+                let ok = health::probe(&server.addr, h.path.as_deref(), self.cfg.connect_timeout).await;
+                self.record(i, ok, true);
             }
         }
     }
-}
 
-struct Failed {
-    error: UpstreamError,
-    /// The request back, when hyper never wrote it.
-    unsent: Option<Request<UpstreamBody>>,
-    reused: bool,
+    /// Open, idle and busy connections per server, and the queue length, for metrics.
+    pub fn snapshot(&self) -> (Vec<(usize, usize, usize)>, usize) {
+        let st = self.lock();
+        let per = st.slots.iter().map(|s| (s.open, s.idle(), s.busy)).collect();
+        (per, st.queue.len())
+    }
 }

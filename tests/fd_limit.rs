@@ -38,7 +38,7 @@ async fn out_of_descriptors_it_stays_up_without_spinning_and_recovers() {
     write!(
         config,
         "[[listeners]]\naddr = \"{port}\"\nshards = 1\ndefer_accept = \"0s\"\n\
-         [upstreams.app]\nservers = [\"{}\"]\npool_max_idle = 0\n[log]\naccess_log = false\n",
+         [upstreams.app]\nservers = [\"{}\"]\npool_min_idle = 0\n[log]\naccess_log = false\n",
         origin.addr
     )
     .unwrap();

@@ -438,8 +438,9 @@ async fn new_client_connections_share_a_few_origin_connections() {
         assert_eq!(got.status, 200);
     }
     assert_eq!(origin.requests().len(), 200);
+    // The warm pool (8 by default) plus at most a couple more.
     assert!(
-        origin.accepts() <= 4,
+        origin.accepts() <= 10,
         "origin accepted {} connections for 200 requests",
         origin.accepts()
     );

@@ -19,8 +19,17 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 100;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
-pub const DEFAULT_POOL_MAX_IDLE: usize = 64;
+pub const DEFAULT_POOL_MIN_IDLE: usize = 8;
+pub const DEFAULT_POOL_MAX: usize = 64;
 pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+pub const DEFAULT_QUEUE_MAX: usize = 10_000;
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(2);
+pub const DEFAULT_MAX_CLIENT_SHARE: f64 = 0.25;
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+pub const DEFAULT_REQUEST_BUFFER: usize = 64 * 1024;
+pub const DEFAULT_RESPONSE_BUFFER: usize = 64 * 1024;
+pub const DEFAULT_MIN_BODY_RATE: u64 = 1024;
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -128,6 +137,14 @@ pub struct FileHttp {
     pub max_concurrent_streams: Spanned<u32>,
     #[serde(default = "default_shutdown_timeout")]
     pub shutdown_timeout: Dur,
+    #[serde(default = "default_request_buffer")]
+    pub request_buffer: usize,
+    #[serde(default = "default_min_body_rate")]
+    pub min_body_rate: u64,
+    #[serde(default = "default_response_buffer")]
+    pub response_buffer: usize,
+    #[serde(default = "default_send_timeout")]
+    pub send_timeout: Spanned<Dur>,
 }
 
 impl Default for FileHttp {
@@ -139,6 +156,10 @@ impl Default for FileHttp {
             http2: true,
             max_concurrent_streams: default_max_concurrent_streams(),
             shutdown_timeout: default_shutdown_timeout(),
+            request_buffer: DEFAULT_REQUEST_BUFFER,
+            min_body_rate: DEFAULT_MIN_BODY_RATE,
+            response_buffer: DEFAULT_RESPONSE_BUFFER,
+            send_timeout: default_send_timeout(),
         }
     }
 }
@@ -151,10 +172,68 @@ pub struct FileUpstream {
     pub connect_timeout: Spanned<Dur>,
     #[serde(default = "default_response_timeout")]
     pub response_timeout: Spanned<Dur>,
-    #[serde(default = "default_pool_max_idle")]
-    pub pool_max_idle: usize,
+    #[serde(default)]
+    pub balance: Balance,
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+    #[serde(default = "default_pool_min_idle")]
+    pub pool_min_idle: usize,
+    #[serde(default = "default_pool_max")]
+    pub pool_max: Spanned<usize>,
+    #[serde(default)]
+    pub max_requests_per_connection: u64,
     #[serde(default = "default_pool_idle_timeout")]
     pub pool_idle_timeout: Dur,
+    #[serde(default = "default_queue_max")]
+    pub queue_max: usize,
+    #[serde(default = "default_queue_timeout")]
+    pub queue_timeout: Spanned<Dur>,
+    #[serde(default = "yes")]
+    pub retry_idempotent: bool,
+    #[serde(default = "default_max_client_share")]
+    pub max_client_share: Spanned<f64>,
+    #[serde(default)]
+    pub health: FileHealth,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    #[default]
+    LeastOutstanding,
+    RoundRobin,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    H2c,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileHealth {
+    #[serde(default)]
+    pub path: Option<Spanned<String>>,
+    #[serde(default = "default_health_interval")]
+    pub interval: Spanned<Dur>,
+    #[serde(default = "three")]
+    pub unhealthy_after: Spanned<u32>,
+    #[serde(default = "two")]
+    pub healthy_after: Spanned<u32>,
+}
+
+impl Default for FileHealth {
+    fn default() -> Self {
+        FileHealth {
+            path: None,
+            interval: default_health_interval(),
+            unhealthy_after: three(),
+            healthy_after: two(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -285,8 +364,41 @@ fn default_connect_timeout() -> Spanned<Dur> {
 fn default_response_timeout() -> Spanned<Dur> {
     Spanned::new(0..0, Dur(DEFAULT_RESPONSE_TIMEOUT))
 }
-fn default_pool_max_idle() -> usize {
-    DEFAULT_POOL_MAX_IDLE
+fn default_pool_min_idle() -> usize {
+    DEFAULT_POOL_MIN_IDLE
+}
+fn default_pool_max() -> Spanned<usize> {
+    Spanned::new(0..0, DEFAULT_POOL_MAX)
+}
+fn default_queue_max() -> usize {
+    DEFAULT_QUEUE_MAX
+}
+fn default_queue_timeout() -> Spanned<Dur> {
+    Spanned::new(0..0, Dur(DEFAULT_QUEUE_TIMEOUT))
+}
+fn default_max_client_share() -> Spanned<f64> {
+    Spanned::new(0..0, DEFAULT_MAX_CLIENT_SHARE)
+}
+fn default_health_interval() -> Spanned<Dur> {
+    Spanned::new(0..0, Dur(DEFAULT_HEALTH_INTERVAL))
+}
+fn three() -> Spanned<u32> {
+    Spanned::new(0..0, 3)
+}
+fn two() -> Spanned<u32> {
+    Spanned::new(0..0, 2)
+}
+fn default_request_buffer() -> usize {
+    DEFAULT_REQUEST_BUFFER
+}
+fn default_min_body_rate() -> u64 {
+    DEFAULT_MIN_BODY_RATE
+}
+fn default_response_buffer() -> usize {
+    DEFAULT_RESPONSE_BUFFER
+}
+fn default_send_timeout() -> Spanned<Dur> {
+    Spanned::new(0..0, Dur(DEFAULT_SEND_TIMEOUT))
 }
 fn default_pool_idle_timeout() -> Dur {
     Dur(DEFAULT_POOL_IDLE_TIMEOUT)

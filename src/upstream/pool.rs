@@ -1,136 +1,253 @@
-//! Keep-alive connections to one origin server, reused most-recently-used first.
+//! Connections to one origin server: opening them (HTTP/1.1 or h2c) and the per-server pool
+//! bookkeeping. The scheduling across servers and the queue live in `upstream.rs`, under the
+//! same lock as this state, so a released connection goes straight to the next waiter.
 //!
-//! This is the simple pool the core proxy needs: idle connections are kept (up to
-//! `pool_max_idle`) and reused, never one connection per request. The warm, capped pool with a
-//! fair queue replaces it (see the warm-pool issue); its callers only use `checkout`, `checkin`
-//! and `connect`, so the change stays inside this file.
+//! Invariants:
+//! - `open` counts connections from the start of their connect until their driver task ends
+//!   (the socket is closed), so `open <= pool_max` bounds what the origin sees.
+//! - an entry's HTTP/1 sender is out of the pool (`tx: None`) while a lease holds it; an h2c
+//!   entry lends clones, up to its stream limit.
 
-use std::sync::{Arc, Mutex};
+use std::future::Future;
 use std::time::Duration;
 
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2, TrySendError};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::UpstreamError;
+use crate::config::UpstreamProtocol;
 use crate::proxy::body::UpstreamBody;
 
-pub type Sender = http1::SendRequest<UpstreamBody>;
+/// Concurrent requests Breakwater puts on one h2c connection.
+pub const H2_STREAMS: usize = 100;
 
-#[derive(Debug)]
-pub struct Pool {
-    idle: Mutex<Vec<Idle>>,
-    max_idle: usize,
-    idle_timeout: Duration,
+pub enum Sender {
+    H1(http1::SendRequest<UpstreamBody>),
+    H2(http2::SendRequest<UpstreamBody>),
 }
 
-#[derive(Debug)]
-struct Idle {
-    tx: Sender,
-    since: Instant,
-}
-
-/// A connection taken out of the pool (or fresh), owned by one request until its response body
-/// has been read to the end; only then may it go back.
-#[derive(Debug)]
-pub struct Conn {
-    pub tx: Sender,
-    /// Came from the pool rather than a new connect: a failure before any response byte may be
-    /// the stale keep-alive race, which makes a retry on a fresh connection safe.
-    pub reused: bool,
-    pool: Arc<Pool>,
-}
-
-impl Conn {
-    /// Returns the connection to the pool; call only after the whole response was read.
-    pub fn release(self) {
-        self.pool.checkin(self.tx);
-    }
-}
-
-impl Pool {
-    pub fn new(max_idle: usize, idle_timeout: Duration) -> Arc<Pool> {
-        Arc::new(Pool {
-            idle: Mutex::new(Vec::new()),
-            max_idle,
-            idle_timeout,
+impl std::fmt::Debug for Sender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Sender::H1(_) => "Sender::H1",
+            Sender::H2(_) => "Sender::H2",
         })
     }
+}
 
-    /// The most recently used live connection, if any. Closed and expired ones are dropped.
-    pub fn checkout(self: &Arc<Self>) -> Option<Conn> {
-        let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(c) = idle.pop() {
-            if !c.tx.is_closed() && now.duration_since(c.since) < self.idle_timeout {
-                return Some(Conn {
-                    tx: c.tx,
-                    reused: true,
-                    pool: self.clone(),
-                });
+impl Sender {
+    pub fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+
+    pub async fn ready(&mut self) -> hyper::Result<()> {
+        match self {
+            Sender::H1(s) => s.ready().await,
+            Sender::H2(s) => s.ready().await,
+        }
+    }
+
+    pub fn send(
+        &mut self,
+        req: Request<UpstreamBody>,
+    ) -> impl Future<Output = Result<Response<Incoming>, TrySendError<Request<UpstreamBody>>>> {
+        let f: std::pin::Pin<Box<dyn Future<Output = _> + Send>> = match self {
+            Sender::H1(s) => Box::pin(s.try_send_request(req)),
+            Sender::H2(s) => Box::pin(s.try_send_request(req)),
+        };
+        f
+    }
+
+    /// Requests this connection can carry at once.
+    pub fn capacity(&self) -> usize {
+        match self {
+            Sender::H1(_) => 1,
+            // hyper exposes the origin's own stream limit only on the connection future, which
+            // the driver task owns; if the origin allows fewer, `ready()` waits for a stream.
+            Sender::H2(_) => H2_STREAMS,
+        }
+    }
+
+    fn lend(&mut self) -> Option<Sender> {
+        match self {
+            Sender::H1(_) => None,
+            Sender::H2(s) => Some(Sender::H2(s.clone())),
+        }
+    }
+}
+
+/// One established connection in a server's pool.
+#[derive(Debug)]
+pub struct Entry {
+    pub id: u64,
+    /// HTTP/1: None while leased. h2c: always Some, lent by clone.
+    pub tx: Option<Sender>,
+    pub in_use: usize,
+    pub requests: u64,
+    pub idle_since: Instant,
+}
+
+impl Entry {
+    fn usable(&self, max_requests: u64) -> bool {
+        let fresh = max_requests == 0 || self.requests < max_requests;
+        match &self.tx {
+            Some(tx) => fresh && !tx.is_closed() && self.in_use < tx.capacity(),
+            None => false,
+        }
+    }
+
+    /// Lends this connection to one request.
+    fn lend(&mut self) -> Option<Sender> {
+        let tx = self.tx.as_mut()?;
+        let lent = match tx.lend() {
+            Some(clone) => clone,
+            None => self.tx.take()?,
+        };
+        self.in_use += 1;
+        self.requests += 1;
+        Some(lent)
+    }
+}
+
+/// A server's connections, guarded by the upstream's lock.
+#[derive(Debug, Default)]
+pub struct Slots {
+    pub entries: Vec<Entry>,
+    /// Connecting + established, until each connection's socket is closed.
+    pub open: usize,
+    pub connecting: usize,
+    /// Requests holding a connection of this server now.
+    pub busy: usize,
+    /// Requests after which a connection is retired; 0 = never.
+    pub max_requests: u64,
+}
+
+impl Slots {
+    /// The most recently used connection with room for a request: its id, a sender, and
+    /// whether it carried requests before.
+    pub fn checkout(&mut self) -> Option<(u64, Sender, bool)> {
+        let max = self.max_requests;
+        let e = self.entries.iter_mut().rev().find(|e| e.usable(max))?;
+        let tx = e.lend()?;
+        Some((e.id, tx, e.requests > 1))
+    }
+
+    pub fn has_room(&self) -> bool {
+        self.entries.iter().any(|e| e.usable(self.max_requests))
+    }
+
+    pub fn idle(&self) -> usize {
+        self.entries.iter().filter(|e| e.in_use == 0 && e.tx.is_some()).count()
+    }
+
+    /// Gives a lent connection back. An HTTP/1 sender returns to the pool only when `reusable`
+    /// (its response was read to the end); dropping it otherwise lets hyper close the
+    /// connection, and its driver task then lowers `open`.
+    pub fn checkin(&mut self, id: u64, tx: Option<Sender>, reusable: bool) {
+        let Some(i) = self.entries.iter().position(|e| e.id == id) else { return };
+        let max = self.max_requests;
+        let e = &mut self.entries[i];
+        e.in_use = e.in_use.saturating_sub(1);
+        if e.in_use == 0 {
+            e.idle_since = Instant::now();
+        }
+        let retired = max > 0 && e.requests >= max;
+        match tx {
+            Some(Sender::H1(s)) => {
+                if reusable && !retired && !s.is_closed() {
+                    e.tx = Some(Sender::H1(s));
+                } else {
+                    self.entries.swap_remove(i);
+                }
+            }
+            // An h2c stream ended; the entry keeps its own sender until it is retired.
+            Some(Sender::H2(_)) | None => {
+                if retired && e.in_use == 0 {
+                    self.entries.swap_remove(i);
+                }
             }
         }
-        None
     }
 
-    fn checkin(&self, tx: Sender) {
-        if tx.is_closed() || self.max_idle == 0 {
-            return;
-        }
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < self.max_idle {
-            idle.push(Idle {
-                tx,
-                since: Instant::now(),
-            });
-        }
-    }
-
-    /// Drops idle connections past their idle timeout or closed by the origin.
-    pub fn reap(&self) {
+    /// Drops closed connections, then idle ones unused for `idle_timeout`, least recently used
+    /// first, while more than `keep` remain.
+    pub fn reap(&mut self, keep: usize, idle_timeout: Duration) {
+        self.entries
+            .retain(|e| e.in_use > 0 || e.tx.as_ref().is_some_and(|t| !t.is_closed()));
         let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.retain(|c| !c.tx.is_closed() && now.duration_since(c.since) < self.idle_timeout);
+        let mut stale: Vec<(Instant, u64)> = self
+            .entries
+            .iter()
+            .filter(|e| e.in_use == 0 && now.duration_since(e.idle_since) >= idle_timeout)
+            .map(|e| (e.idle_since, e.id))
+            .collect();
+        stale.sort();
+        for (_, id) in stale {
+            if self.entries.len() <= keep {
+                break;
+            }
+            self.remove(id);
+        }
     }
 
-    pub fn idle_count(&self) -> usize {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).len()
+    pub fn remove(&mut self, id: u64) {
+        self.entries.retain(|e| e.id != id);
     }
 
-    /// Opens a new HTTP/1.1 connection to `addr` ("host:port"; names resolved now).
-    pub async fn connect(
-        self: &Arc<Self>,
-        addr: &str,
-        timeout: Duration,
-    ) -> Result<Conn, UpstreamError> {
-        let attempt = async {
-            let stream = TcpStream::connect(addr)
-                .await
-                .map_err(UpstreamError::Connect)?;
-            // Best effort: a failure only costs latency.
-            let _ = stream.set_nodelay(true);
-            let (tx, conn) = http1::Builder::new()
-                .handshake(TokioIo::new(stream))
-                .await
-                .map_err(UpstreamError::Handshake)?;
-            let server = addr.to_string();
-            tokio::spawn(async move {
-                // with_upgrades: a 101 response hands the socket to the tunnel instead of
-                // closing it.
-                if let Err(e) = conn.with_upgrades().await {
-                    tracing::debug!(server, error = %e, "origin connection ended with an error");
-                }
-            });
-            Ok(tx)
-        };
-        let tx = tokio::time::timeout(timeout, attempt)
-            .await
-            .map_err(|_| UpstreamError::ConnectTimeout)??;
-        Ok(Conn {
-            tx,
-            reused: false,
-            pool: self.clone(),
-        })
+    /// Closes every connection not in use (an ejected server).
+    pub fn clear_idle(&mut self) {
+        self.entries.retain(|e| e.in_use > 0);
     }
+}
+
+/// Opens one connection and returns its sender and the task future that drives it; the caller
+/// spawns the future and learns from its end that the socket is closed.
+pub async fn connect(
+    addr: &str,
+    protocol: UpstreamProtocol,
+    timeout: Duration,
+) -> Result<(Sender, impl Future<Output = ()> + Send + 'static), UpstreamError> {
+    let attempt = async {
+        let stream = TcpStream::connect(addr).await.map_err(UpstreamError::Connect)?;
+        // Best effort: a failure only costs latency.
+        let _ = stream.set_nodelay(true);
+        let io = TokioIo::new(stream);
+        let server = addr.to_string();
+        match protocol {
+            UpstreamProtocol::Http1 => {
+                let (tx, conn) = http1::Builder::new()
+                    .handshake(io)
+                    .await
+                    .map_err(UpstreamError::Handshake)?;
+                let drive: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
+                    if let Err(e) = conn.with_upgrades().await {
+                        tracing::debug!(server, error = %e, "origin connection ended with an error");
+                    }
+                });
+                Ok((Sender::H1(tx), drive))
+            }
+            UpstreamProtocol::H2c => {
+                let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+                    .handshake(io)
+                    .await
+                    .map_err(UpstreamError::Handshake)?;
+                let drive: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(server, error = %e, "origin h2c connection ended with an error");
+                    }
+                });
+                Ok((Sender::H2(tx), drive))
+            }
+        }
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .map_err(|_| UpstreamError::ConnectTimeout)?
 }

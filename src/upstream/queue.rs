@@ -1,0 +1,118 @@
+//! The fair queue in front of an upstream's connections: requests wait per client address, and
+//! connections are handed out round-robin across addresses, so one client with 1,000 queued
+//! requests does not make a newcomer wait behind all of them.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+
+#[derive(Debug)]
+pub struct FairQueue<T> {
+    by_client: HashMap<IpAddr, VecDeque<T>>,
+    /// Clients with at least one waiter, in serving order.
+    ring: VecDeque<IpAddr>,
+    len: usize,
+}
+
+impl<T> Default for FairQueue<T> {
+    fn default() -> Self {
+        FairQueue {
+            by_client: HashMap::new(),
+            ring: VecDeque::new(),
+            len: 0,
+        }
+    }
+}
+
+impl<T> FairQueue<T> {
+    pub fn push(&mut self, client: IpAddr, item: T) {
+        let q = self.by_client.entry(client).or_default();
+        if q.is_empty() {
+            self.ring.push_back(client);
+        }
+        q.push_back(item);
+        self.len += 1;
+    }
+
+    /// The next waiter of the next client in turn for whom `eligible` holds; that client then
+    /// goes to the back of the ring.
+    pub fn pop(&mut self, mut eligible: impl FnMut(IpAddr) -> bool) -> Option<(IpAddr, T)> {
+        for _ in 0..self.ring.len() {
+            let client = self.ring.pop_front()?;
+            if !eligible(client) {
+                self.ring.push_back(client);
+                continue;
+            }
+            let q = self.by_client.get_mut(&client)?;
+            let item = q.pop_front()?;
+            self.len -= 1;
+            if q.is_empty() {
+                self.by_client.remove(&client);
+            } else {
+                self.ring.push_back(client);
+            }
+            return Some((client, item));
+        }
+        None
+    }
+
+    /// Drops waiters for which `alive` is false (they gave up).
+    pub fn retain(&mut self, mut alive: impl FnMut(&T) -> bool) {
+        for q in self.by_client.values_mut() {
+            q.retain(&mut alive);
+        }
+        self.by_client.retain(|_, q| !q.is_empty());
+        let by_client = &self.by_client;
+        self.ring.retain(|c| by_client.contains_key(c));
+        self.len = self.by_client.values().map(VecDeque::len).sum();
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Removes every waiter.
+    pub fn drain(&mut self) -> Vec<T> {
+        self.ring.clear();
+        self.len = 0;
+        self.by_client.drain().flat_map(|(_, q)| q).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(n: u8) -> IpAddr {
+        IpAddr::from([127, 0, 0, n])
+    }
+
+    #[test]
+    fn round_robin_across_clients() {
+        let mut q = FairQueue::default();
+        for i in 0..100 {
+            q.push(ip(1), i);
+        }
+        q.push(ip(2), 1000);
+        let first: Vec<_> = (0..3).map(|_| q.pop(|_| true).unwrap()).collect();
+        assert_eq!(first, vec![(ip(1), 0), (ip(2), 1000), (ip(1), 1)]);
+        assert_eq!(q.len(), 98);
+    }
+
+    #[test]
+    fn skips_ineligible_and_retains() {
+        let mut q = FairQueue::default();
+        q.push(ip(1), 1);
+        q.push(ip(2), 2);
+        assert_eq!(q.pop(|c| c != ip(1)), Some((ip(2), 2)));
+        assert_eq!(q.pop(|c| c != ip(1)), None);
+        q.push(ip(3), 3);
+        q.retain(|&v| v != 1);
+        assert_eq!(q.len(), 1);
+        assert_eq!(q.pop(|_| true), Some((ip(3), 3)));
+        assert!(q.is_empty());
+    }
+}
