@@ -57,6 +57,7 @@ pub async fn serve(
         activity.clone(),
         http.header_read_timeout,
         http.idle_timeout,
+        http.send_timeout,
     );
     let svc_shared = shared.clone();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {

@@ -439,10 +439,14 @@ impl Upstream {
                 let mut st = self.lock();
                 st.slots[server].connecting -= 1;
                 st.slots[server].open -= 1;
-                // The request this connect was for learns why now (502/504), rather than
-                // after its queue timeout.
-                if let Some((_, w)) = st.queue.pop(|_| true) {
-                    let _ = w.send(Err(e));
+                // With no other server to turn to, the request this connect was for learns why
+                // now (502/504) rather than after its queue timeout.
+                let others = (0..self.servers.len())
+                    .any(|i| i != server && self.servers[i].health.is_healthy());
+                if !others {
+                    if let Some((_, w)) = st.queue.pop(|_| true) {
+                        let _ = w.send(Err(e));
+                    }
                 }
                 if transition == Transition::Ejected {
                     self.ejected(&mut st, server);

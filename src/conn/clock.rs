@@ -103,6 +103,9 @@ enum Phase {
 
 pub struct Timed<T> {
     inner: T,
+    send_timeout: Duration,
+    /// Armed while a write waits for the client to take bytes (slow-read guard).
+    write_sleep: Option<Pin<Box<Sleep>>>,
     activity: Arc<ConnActivity>,
     phase: Phase,
     /// None until the first bytes say whether this is HTTP/2 (its preface) or HTTP/1.
@@ -122,11 +125,14 @@ impl<T> Timed<T> {
         activity: Arc<ConnActivity>,
         header_timeout: Duration,
         idle_timeout: Duration,
+        send_timeout: Duration,
     ) -> Self {
         let now = Instant::now();
         let armed = now + header_timeout;
         Timed {
             inner,
+            send_timeout,
+            write_sleep: None,
             activity,
             phase: Phase::Fresh(now),
             http2: None,
@@ -220,17 +226,40 @@ impl<T: AsyncRead + Unpin> AsyncRead for Timed<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Timed<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if self.phase == Phase::Upgraded && matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.last_io = Instant::now();
+impl<T> Timed<T> {
+    /// After a write attempt: a write the client does not take within `send_timeout` fails, so
+    /// a client that never reads cannot hold its response (and the origin connection feeding
+    /// it) forever.
+    fn after_write(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        match r {
+            Poll::Pending => {
+                let timeout = self.send_timeout;
+                let sleep = self
+                    .write_sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                if sleep.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "client did not read its response within send_timeout",
+                    )));
+                }
+                Poll::Pending
+            }
+            Poll::Ready(r) => {
+                self.write_sleep = None;
+                if self.phase == Phase::Upgraded && matches!(r, Ok(n) if n > 0) {
+                    self.last_io = Instant::now();
+                }
+                Poll::Ready(r)
+            }
         }
-        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Timed<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.after_write(cx, r)
     }
 
     fn poll_write_vectored(
@@ -239,10 +268,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Timed<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if self.phase == Phase::Upgraded && matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.last_io = Instant::now();
-        }
-        r
+        self.after_write(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {
