@@ -234,7 +234,8 @@ impl Config {
             h.max_concurrent_streams
         );
         for u in &self.upstreams {
-            s += &format!(
+            s +=
+                &format!(
                 "upstream {}  servers [{}]  {:?} {:?}  pool {}..{} per server  queue {} for {}  \
                  connect_timeout {}  response_timeout {}  health {} every {}\n",
                 u.name,
@@ -395,7 +396,10 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
         send_timeout: h.send_timeout.get_ref().0,
     };
     if http.send_timeout.is_zero() {
-        return Err(err(h.send_timeout.span(), "send_timeout must be above zero".into()));
+        return Err(err(
+            h.send_timeout.span(),
+            "send_timeout must be above zero".into(),
+        ));
     }
 
     let upstreams_span = raw.upstreams.span();
@@ -440,20 +444,32 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
             ));
         }
         if u.queue_timeout.get_ref().0.is_zero() {
-            return Err(err(u.queue_timeout.span(), "queue_timeout must be above zero".into()));
+            return Err(err(
+                u.queue_timeout.span(),
+                "queue_timeout must be above zero".into(),
+            ));
         }
         let h = &u.health;
-        for (key, v) in [("unhealthy_after", &h.unhealthy_after), ("healthy_after", &h.healthy_after)] {
+        for (key, v) in [
+            ("unhealthy_after", &h.unhealthy_after),
+            ("healthy_after", &h.healthy_after),
+        ] {
             if *v.get_ref() == 0 {
                 return Err(err(v.span(), format!("{key} must be at least 1")));
             }
         }
         if h.interval.get_ref().0.is_zero() {
-            return Err(err(h.interval.span(), "health interval must be above zero".into()));
+            return Err(err(
+                h.interval.span(),
+                "health interval must be above zero".into(),
+            ));
         }
         if let Some(p) = &h.path {
             if !p.get_ref().starts_with('/') {
-                return Err(err(p.span(), format!("health path {:?} must start with \"/\"", p.get_ref())));
+                return Err(err(
+                    p.span(),
+                    format!("health path {:?} must start with \"/\"", p.get_ref()),
+                ));
             }
         }
         upstreams.push(UpstreamConfig {

@@ -192,7 +192,9 @@ async fn maintain_pools(shared: Arc<Shared>) {
             warm &= u.maintain();
         }
         if warm && !warm_logged {
-            tracing::info!("warm pools filled: every healthy server holds its pool_min_idle connections");
+            tracing::info!(
+                "warm pools filled: every healthy server holds its pool_min_idle connections"
+            );
             warm_logged = true;
         }
     }

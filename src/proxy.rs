@@ -204,7 +204,8 @@ pub async fn handle(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; charset=utf-8"),
             );
-            if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+            if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE
+            {
                 r.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
@@ -283,7 +284,17 @@ async fn forward(
     let is_head = parts.method == http::Method::HEAD;
 
     if let (Some(client_upgrade), Some(up)) = (client_upgrade, upgrade) {
-        return tunnel_request(upstream, parts, body, client_upgrade, up, activity, peer, log).await;
+        return tunnel_request(
+            upstream,
+            parts,
+            body,
+            client_upgrade,
+            up,
+            activity,
+            peer,
+            log,
+        )
+        .await;
     }
 
     // Slow-POST guard: read up to request_buffer of the body before an origin connection is
@@ -291,20 +302,32 @@ async fn forward(
     let body = read_ahead(proxy, body).await?;
     let out = Request::from_parts(parts, body);
     let client = crate::admission::client_key(peer.ip(), proxy.ipv6_prefix);
-    let (resp, lease) = upstream.send(client, out).await.map_err(|(server, error)| ProxyError::Upstream {
-        upstream: upstream.name.clone(),
-        server: server.unwrap_or_else(|| "-".into()),
-        error,
-    })?;
+    let (resp, lease) = upstream
+        .send(client, out)
+        .await
+        .map_err(|(server, error)| ProxyError::Upstream {
+            upstream: upstream.name.clone(),
+            server: server.unwrap_or_else(|| "-".into()),
+            error,
+        })?;
     log.server = Some(lease.server().to_string());
     let (mut head, mut body) = resp.into_parts();
-    headers::prepare_response(&mut head.headers, headers::version_token(head.version), None);
+    headers::prepare_response(
+        &mut head.headers,
+        headers::version_token(head.version),
+        None,
+    );
     head.version = client_version;
 
     let mut buffered = VecDeque::new();
     if is_head || body.is_end_stream() {
         lease.finish();
-        return Ok(Relayed { head, buffered, rest: None, conn: None });
+        return Ok(Relayed {
+            head,
+            buffered,
+            rest: None,
+            conn: None,
+        });
     }
     let deadline = tokio::time::Instant::now() + PREFETCH_WAIT;
     let mut size = 0;
@@ -328,11 +351,21 @@ async fn forward(
             }
             None => {
                 lease.finish();
-                return Ok(Relayed { head, buffered, rest: None, conn: None });
+                return Ok(Relayed {
+                    head,
+                    buffered,
+                    rest: None,
+                    conn: None,
+                });
             }
         }
     }
-    Ok(Relayed { head, buffered, rest: Some(body), conn: Some(lease) })
+    Ok(Relayed {
+        head,
+        buffered,
+        rest: Some(body),
+        conn: Some(lease),
+    })
 }
 
 /// Reads the start of a request body (all of it when it fits `request_buffer`), requiring
@@ -388,17 +421,22 @@ async fn tunnel_request(
         server: server.unwrap_or_else(|| "-".into()),
         error,
     };
-    let (mut tx, server, drive) = upstream.connect_dedicated().await.map_err(|(s, e)| fail(s, e))?;
+    let (mut tx, server, drive) = upstream
+        .connect_dedicated()
+        .await
+        .map_err(|(s, e)| fail(s, e))?;
     tokio::spawn(drive);
     log.server = Some(server.clone());
     let req = Request::from_parts(parts, UpstreamBody::new(Bytes::new(), Some(body), None));
     if let Err(e) = tx.ready().await {
         return Err(fail(Some(server), UpstreamError::Response(e)));
     }
-    let mut resp = tx
-        .send(req)
-        .await
-        .map_err(|e| fail(Some(server.clone()), UpstreamError::Response(e.into_error())))?;
+    let mut resp = tx.send(req).await.map_err(|e| {
+        fail(
+            Some(server.clone()),
+            UpstreamError::Response(e.into_error()),
+        )
+    })?;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let origin_upgrade = hyper::upgrade::on(&mut resp);
         activity.set_upgraded();
@@ -414,7 +452,12 @@ async fn tunnel_request(
     );
     head.version = Version::HTTP_11;
     let rest = (!switching && !body.is_end_stream()).then_some(body);
-    Ok(Relayed { head, buffered: VecDeque::new(), rest, conn: None })
+    Ok(Relayed {
+        head,
+        buffered: VecDeque::new(),
+        rest,
+        conn: None,
+    })
 }
 
 /// Relays bytes both ways once client and origin have both switched protocols.

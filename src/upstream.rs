@@ -185,7 +185,10 @@ impl Replay {
         if !idempotent || !req.body().is_replayable() {
             return None;
         }
-        let mut b = Request::builder().method(m.clone()).uri(req.uri().clone()).version(req.version());
+        let mut b = Request::builder()
+            .method(m.clone())
+            .uri(req.uri().clone())
+            .version(req.version());
         if let Some(h) = b.headers_mut() {
             *h = req.headers().clone();
         }
@@ -200,6 +203,15 @@ impl Replay {
         *r.headers_mut() = self.0.headers.clone();
         r
     }
+}
+
+/// Why a connection is being opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// Keeping `pool_min_idle` warm.
+    Warm,
+    /// Requests are waiting for it.
+    Waiter,
 }
 
 struct Failed {
@@ -221,13 +233,19 @@ impl Upstream {
             servers: cfg
                 .servers
                 .iter()
-                .map(|addr| Server { addr: addr.clone(), health: Health::default() })
+                .map(|addr| Server {
+                    addr: addr.clone(),
+                    health: Health::default(),
+                })
                 .collect(),
             state: Mutex::new(State {
                 slots: cfg
                     .servers
                     .iter()
-                    .map(|_| Slots { max_requests: cfg.max_requests_per_connection, ..Slots::default() })
+                    .map(|_| Slots {
+                        max_requests: cfg.max_requests_per_connection,
+                        ..Slots::default()
+                    })
                     .collect(),
                 ..State::default()
             }),
@@ -251,8 +269,9 @@ impl Upstream {
 
     /// Healthy servers in the order the balancing policy prefers them.
     fn order(&self, st: &State) -> Vec<usize> {
-        let mut healthy: Vec<usize> =
-            (0..self.servers.len()).filter(|&i| self.servers[i].health.is_healthy()).collect();
+        let mut healthy: Vec<usize> = (0..self.servers.len())
+            .filter(|&i| self.servers[i].health.is_healthy())
+            .collect();
         if healthy.len() > 1 {
             let start = self.rr.fetch_add(1, Ordering::Relaxed) % healthy.len();
             healthy.rotate_left(start);
@@ -272,7 +291,12 @@ impl Upstream {
                 if reused {
                     self.stats.reuses.fetch_add(1, Ordering::Relaxed);
                 }
-                return Some(Granted { server: i, conn, tx, reused });
+                return Some(Granted {
+                    server: i,
+                    conn,
+                    tx,
+                    reused,
+                });
             }
         }
         None
@@ -325,7 +349,11 @@ impl Upstream {
             self.dispatch(&mut st);
             rx
         };
-        let mut waiting = Waiting { rx, up: self, client };
+        let mut waiting = Waiting {
+            rx,
+            up: self,
+            client,
+        };
         match tokio::time::timeout(self.cfg.queue_timeout, &mut waiting.rx).await {
             Ok(Ok(Ok(g))) => Ok(self.lease(g, client)),
             Ok(Ok(Err(e))) => Err(e),
@@ -347,7 +375,11 @@ impl Upstream {
                 break;
             }
             let cap = self.client_cap;
-            let State { queue, busy_by_client, .. } = &mut *st;
+            let State {
+                queue,
+                busy_by_client,
+                ..
+            } = &mut *st;
             let Some((client, waiter)) =
                 queue.pop(|c| busy_by_client.get(&c).copied().unwrap_or(0) < cap)
             else {
@@ -375,39 +407,49 @@ impl Upstream {
         let mut need = st.queue.len().div_ceil(per_conn).saturating_sub(connecting);
         for i in self.order(st) {
             while need > 0 && st.slots[i].open < self.cfg.pool_max {
-                self.spawn_connect(st, i);
+                self.spawn_connect(st, i, Purpose::Waiter);
                 need -= 1;
             }
         }
     }
 
-    /// Keeps `pool_min_idle` connections open to every healthy server.
+    /// Keeps `pool_min_idle` connections open to every healthy server. After a failed warm
+    /// connect the server is left alone for a second: a restarting origin is not hammered, and
+    /// the active checks judge it meanwhile.
     fn refill(&self, st: &mut State) {
         let want = self.cfg.pool_min_idle.min(self.cfg.pool_max);
+        let now = Instant::now();
         for i in 0..self.servers.len() {
-            if self.servers[i].health.is_healthy() {
+            if self.servers[i].health.is_healthy() && st.slots[i].refill_after <= now {
                 while st.slots[i].open < want {
-                    self.spawn_connect(st, i);
+                    self.spawn_connect(st, i, Purpose::Warm);
                 }
             }
         }
     }
 
-    fn spawn_connect(&self, st: &mut State, server: usize) {
+    fn spawn_connect(&self, st: &mut State, server: usize, purpose: Purpose) {
         st.slots[server].open += 1;
         st.slots[server].connecting += 1;
         let up = self.arc();
         tokio::spawn(async move {
             let addr = up.servers[server].addr.clone();
             let result = pool::connect(&addr, up.cfg.protocol, up.cfg.connect_timeout).await;
-            up.connected(server, result);
+            up.connected(server, purpose, result);
         });
     }
 
     fn connected(
         &self,
         server: usize,
-        result: Result<(Sender, impl std::future::Future<Output = ()> + Send + 'static), UpstreamError>,
+        purpose: Purpose,
+        result: Result<
+            (
+                Sender,
+                impl std::future::Future<Output = ()> + Send + 'static,
+            ),
+            UpstreamError,
+        >,
     ) {
         match result {
             Ok((tx, drive)) => {
@@ -418,7 +460,9 @@ impl Upstream {
                     drive.await;
                     up.closed(server, id);
                 });
-                self.servers[server].health.success(false, self.cfg.health.healthy_after);
+                self.servers[server]
+                    .health
+                    .success(false, self.cfg.health.healthy_after);
                 let mut st = self.lock();
                 let slots = &mut st.slots[server];
                 slots.connecting -= 1;
@@ -435,10 +479,22 @@ impl Upstream {
                 self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(upstream = %self.name, server = %self.servers[server].addr, error = %e,
                     "origin connect failed");
-                let transition = self.servers[server].health.failure(self.cfg.health.unhealthy_after);
+                // A connect made for waiting requests counts against the server; warm connects
+                // fail together (one event seen several times) and only pause the refill.
+                let transition = match purpose {
+                    Purpose::Waiter => self.servers[server]
+                        .health
+                        .failure(self.cfg.health.unhealthy_after),
+                    Purpose::Warm => Transition::None,
+                };
                 let mut st = self.lock();
                 st.slots[server].connecting -= 1;
                 st.slots[server].open -= 1;
+                if purpose == Purpose::Warm {
+                    st.slots[server].refill_after =
+                        Instant::now() + std::time::Duration::from_secs(1);
+                    return;
+                }
                 // With no other server to turn to, the request this connect was for learns why
                 // now (502/504) rather than after its queue timeout.
                 let others = (0..self.servers.len())
@@ -497,6 +553,7 @@ impl Upstream {
                 tracing::info!(upstream = %self.name, server = %self.servers[server].addr,
                     "server re-admitted: health checks pass");
                 let mut st = self.lock();
+                st.slots[server].refill_after = Instant::now();
                 self.refill(&mut st);
                 self.dispatch(&mut st);
             }
@@ -511,7 +568,11 @@ impl Upstream {
         client: IpAddr,
         req: Request<UpstreamBody>,
     ) -> Result<(Response<Incoming>, Lease), (Option<String>, UpstreamError)> {
-        let replay = if self.cfg.retry_idempotent { Replay::of(&req) } else { None };
+        let replay = if self.cfg.retry_idempotent {
+            Replay::of(&req)
+        } else {
+            None
+        };
         let replay_body = req.body().replay();
         let mut lease = self.acquire(client).await.map_err(|e| (None, e))?;
         let failed = match self.exchange(&mut lease, req).await {
@@ -523,7 +584,9 @@ impl Upstream {
         drop(lease);
         let again = match (failed.unsent, replay, replay_body) {
             (Some(req), _, _) => req,
-            (None, Some(r), Some(body)) if reused && matches!(failed.error, UpstreamError::Response(_)) => {
+            (None, Some(r), Some(body))
+                if reused && matches!(failed.error, UpstreamError::Response(_)) =>
+            {
                 r.request(body)
             }
             _ => {
@@ -541,20 +604,33 @@ impl Upstream {
         }
     }
 
-    async fn exchange(&self, lease: &mut Lease, req: Request<UpstreamBody>) -> Result<Response<Incoming>, Failed> {
+    async fn exchange(
+        &self,
+        lease: &mut Lease,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, Failed> {
         let server = lease.server;
         let reused = lease.reused;
         let Some(tx) = lease.tx.as_mut() else {
-            return Err(Failed { error: UpstreamError::QueueTimeout, unsent: Some(req) });
+            return Err(Failed {
+                error: UpstreamError::QueueTimeout,
+                unsent: Some(req),
+            });
         };
         // A pooled connection can close between checkout and use; `ready` says so without
         // consuming the request.
         if let Err(e) = tx.ready().await {
-            return Err(Failed { error: UpstreamError::Response(e), unsent: Some(req) });
+            return Err(Failed {
+                error: UpstreamError::Response(e),
+                unsent: Some(req),
+            });
         }
         let sent = tokio::time::timeout(self.cfg.response_timeout, tx.send(req)).await;
         let result = match sent {
-            Err(_) => Err(Failed { error: UpstreamError::ResponseTimeout, unsent: None }),
+            Err(_) => Err(Failed {
+                error: UpstreamError::ResponseTimeout,
+                unsent: None,
+            }),
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(mut e)) => {
                 let unsent = e.take_message();
@@ -570,7 +646,10 @@ impl Upstream {
         match &result {
             Ok(_) => self.record(server, true, false),
             // A stale pooled connection or a client's broken body says nothing about the server.
-            Err(f) if f.unsent.is_some() || reused || matches!(f.error, UpstreamError::ClientBody(_)) => {}
+            Err(f)
+                if f.unsent.is_some()
+                    || reused
+                    || matches!(f.error, UpstreamError::ClientBody(_)) => {}
             Err(_) => self.record(server, false, false),
         }
         result
@@ -578,7 +657,16 @@ impl Upstream {
 
     /// A dedicated HTTP/1.1 connection outside the pool, for a request that upgrades (a
     /// WebSocket tunnel holds its socket for good).
-    pub async fn connect_dedicated(&self) -> Result<(Sender, String, impl std::future::Future<Output = ()> + Send + 'static), (Option<String>, UpstreamError)> {
+    pub async fn connect_dedicated(
+        &self,
+    ) -> Result<
+        (
+            Sender,
+            String,
+            impl std::future::Future<Output = ()> + Send + 'static,
+        ),
+        (Option<String>, UpstreamError),
+    > {
         let order = self.order(&self.lock());
         let Some(&server) = order.first() else {
             return Err((None, UpstreamError::NoHealthyServer));
@@ -604,32 +692,51 @@ impl Upstream {
         }
         self.refill(&mut st);
         self.dispatch(&mut st);
-        (0..self.servers.len())
-            .all(|i| !self.servers[i].health.is_healthy() || st.slots[i].entries.len() >= keep.min(self.cfg.pool_max))
+        (0..self.servers.len()).all(|i| {
+            !self.servers[i].health.is_healthy()
+                || st.slots[i].entries.len() >= keep.min(self.cfg.pool_max)
+        })
     }
 
     /// Active health checks, forever; run as a task per upstream.
     pub async fn check_health(self: Arc<Self>) {
         let h = self.cfg.health.clone();
-        let mut tick = tokio::time::interval(h.interval);
+        // The warm connects at start are the first check; probing starts one interval later.
+        let mut tick = tokio::time::interval_at(Instant::now() + h.interval, h.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             for i in 0..self.servers.len() {
                 let server = &self.servers[i];
-                if server.health.is_healthy() && server.health.recently_ok(h.interval) {
+                // Real traffic is the better check; and without a health path, a live pooled
+                // connection proves as much as a TCP connect would, without an extra
+                // connection to the origin.
+                let live = h.path.is_none() && self.has_live_connection(i);
+                if server.health.is_healthy() && (server.health.recently_ok(h.interval) || live) {
                     continue;
                 }
-                let ok = health::probe(&server.addr, h.path.as_deref(), self.cfg.connect_timeout).await;
+                let ok =
+                    health::probe(&server.addr, h.path.as_deref(), self.cfg.connect_timeout).await;
                 self.record(i, ok, true);
             }
         }
     }
 
+    fn has_live_connection(&self, server: usize) -> bool {
+        self.lock().slots[server]
+            .entries
+            .iter()
+            .any(|e| e.tx.as_ref().is_none_or(|t| !t.is_closed()))
+    }
+
     /// Open, idle and busy connections per server, and the queue length, for metrics.
     pub fn snapshot(&self) -> (Vec<(usize, usize, usize)>, usize) {
         let st = self.lock();
-        let per = st.slots.iter().map(|s| (s.open, s.idle(), s.busy)).collect();
+        let per = st
+            .slots
+            .iter()
+            .map(|s| (s.open, s.idle(), s.busy))
+            .collect();
         (per, st.queue.len())
     }
 }

@@ -71,8 +71,10 @@ async fn out_of_descriptors_it_stays_up_without_spinning_and_recovers() {
                 .await
                 .ok()?;
             let mut out = Vec::new();
-            let _ = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut out)).await;
-            Some(out.len())
+            let t = Instant::now();
+            let r = tokio::time::timeout(Duration::from_secs(6), s.read_to_end(&mut out)).await;
+            let head = String::from_utf8_lossy(&out[..out.len().min(12)]).into_owned();
+            Some((head, r.is_err(), t.elapsed().as_millis()))
         });
     }
 
@@ -87,7 +89,15 @@ async fn out_of_descriptors_it_stays_up_without_spinning_and_recovers() {
         "breakwater used {used} ticks of CPU in 2 s while pinned at its limit"
     );
 
-    while clients.join_next().await.is_some() {}
+    let mut outcomes = std::collections::BTreeMap::new();
+    while let Some(r) = clients.join_next().await {
+        if let Some((head, timed_out, ms)) = r.unwrap() {
+            let e = outcomes.entry((head, timed_out)).or_insert((0, 0u128));
+            e.0 += 1;
+            e.1 = e.1.max(ms);
+        }
+    }
+    eprintln!("client outcomes (head, timed out) -> (count, slowest ms): {outcomes:?}");
     // Everyone left: a new client is served again.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -230,7 +230,11 @@ impl<T> Timed<T> {
     /// After a write attempt: a write the client does not take within `send_timeout` fails, so
     /// a client that never reads cannot hold its response (and the origin connection feeding
     /// it) forever.
-    fn after_write(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+    fn after_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
         match r {
             Poll::Pending => {
                 let timeout = self.send_timeout;
@@ -257,7 +261,11 @@ impl<T> Timed<T> {
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for Timed<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         self.after_write(cx, r)
     }

@@ -75,7 +75,9 @@ impl Health {
     /// True when real traffic succeeded within `within`.
     pub fn recently_ok(&self, within: Duration) -> bool {
         let last = self.last_ok_ms.load(Ordering::Relaxed);
-        last > 0 && (self.epoch.elapsed().as_millis() as u64).saturating_sub(last) < within.as_millis() as u64
+        last > 0
+            && (self.epoch.elapsed().as_millis() as u64).saturating_sub(last)
+                < within.as_millis() as u64
     }
 }
 
@@ -110,7 +112,11 @@ mod tests {
         assert_eq!(h.failure(3), Transition::None);
         assert_eq!(h.failure(3), Transition::Ejected);
         assert!(!h.is_healthy());
-        assert_eq!(h.success(false, 2), Transition::None, "passive success never re-admits");
+        assert_eq!(
+            h.success(false, 2),
+            Transition::None,
+            "passive success never re-admits"
+        );
         assert_eq!(h.success(true, 2), Transition::None);
         assert_eq!(h.success(true, 2), Transition::Readmitted);
         assert!(h.is_healthy());

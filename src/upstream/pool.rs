@@ -117,7 +117,7 @@ impl Entry {
 }
 
 /// A server's connections, guarded by the upstream's lock.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Slots {
     pub entries: Vec<Entry>,
     /// Connecting + established, until each connection's socket is closed.
@@ -127,6 +127,21 @@ pub struct Slots {
     pub busy: usize,
     /// Requests after which a connection is retired; 0 = never.
     pub max_requests: u64,
+    /// No warm refill before this (after a failed warm connect).
+    pub refill_after: Instant,
+}
+
+impl Default for Slots {
+    fn default() -> Self {
+        Slots {
+            entries: Vec::new(),
+            open: 0,
+            connecting: 0,
+            busy: 0,
+            max_requests: 0,
+            refill_after: Instant::now(),
+        }
+    }
 }
 
 impl Slots {
@@ -144,14 +159,19 @@ impl Slots {
     }
 
     pub fn idle(&self) -> usize {
-        self.entries.iter().filter(|e| e.in_use == 0 && e.tx.is_some()).count()
+        self.entries
+            .iter()
+            .filter(|e| e.in_use == 0 && e.tx.is_some())
+            .count()
     }
 
     /// Gives a lent connection back. An HTTP/1 sender returns to the pool only when `reusable`
     /// (its response was read to the end); dropping it otherwise lets hyper close the
     /// connection, and its driver task then lowers `open`.
     pub fn checkin(&mut self, id: u64, tx: Option<Sender>, reusable: bool) {
-        let Some(i) = self.entries.iter().position(|e| e.id == id) else { return };
+        let Some(i) = self.entries.iter().position(|e| e.id == id) else {
+            return;
+        };
         let max = self.max_requests;
         let e = &mut self.entries[i];
         e.in_use = e.in_use.saturating_sub(1);
@@ -215,7 +235,9 @@ pub async fn connect(
     timeout: Duration,
 ) -> Result<(Sender, impl Future<Output = ()> + Send + 'static), UpstreamError> {
     let attempt = async {
-        let stream = TcpStream::connect(addr).await.map_err(UpstreamError::Connect)?;
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(UpstreamError::Connect)?;
         // Best effort: a failure only costs latency.
         let _ = stream.set_nodelay(true);
         let io = TokioIo::new(stream);
@@ -226,11 +248,13 @@ pub async fn connect(
                     .handshake(io)
                     .await
                     .map_err(UpstreamError::Handshake)?;
-                let drive: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
-                    if let Err(e) = conn.with_upgrades().await {
-                        tracing::debug!(server, error = %e, "origin connection ended with an error");
-                    }
-                });
+                let drive: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(
+                    async move {
+                        if let Err(e) = conn.with_upgrades().await {
+                            tracing::debug!(server, error = %e, "origin connection ended with an error");
+                        }
+                    },
+                );
                 Ok((Sender::H1(tx), drive))
             }
             UpstreamProtocol::H2c => {
@@ -238,11 +262,13 @@ pub async fn connect(
                     .handshake(io)
                     .await
                     .map_err(UpstreamError::Handshake)?;
-                let drive: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(server, error = %e, "origin h2c connection ended with an error");
-                    }
-                });
+                let drive: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(
+                    async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!(server, error = %e, "origin h2c connection ended with an error");
+                        }
+                    },
+                );
                 Ok((Sender::H2(tx), drive))
             }
         }

@@ -35,6 +35,7 @@ pub fn full(s: impl Into<Bytes>) -> Body {
 pub struct Proxy {
     pub addr: SocketAddr,
     pub admission: Arc<breakwater::admission::Admission>,
+    pub engine_upstreams: Vec<Arc<breakwater::upstream::Upstream>>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::io::Result<breakwater::Shutdown>>,
 }
@@ -52,12 +53,14 @@ impl Proxy {
         let (tx, rx) = oneshot::channel::<()>();
         let engine = breakwater::Engine::new(cfg);
         let admission = engine.admission().clone();
+        let engine_upstreams = engine.upstreams().to_vec();
         let task = tokio::spawn(engine.run(bound, async move {
             let _ = rx.await;
         }));
         Proxy {
             addr,
             admission,
+            engine_upstreams,
             stop: Some(tx),
             task,
         }
@@ -89,6 +92,7 @@ pub fn config_for(origin: SocketAddr, extra: &str) -> String {
 pub struct Seen {
     pub method: String,
     pub uri: String,
+    pub version: hyper::Version,
     pub headers: HeaderMap,
 }
 
@@ -96,6 +100,9 @@ pub struct Origin {
     pub addr: SocketAddr,
     /// TCP connections this origin accepted.
     pub accepts: Arc<AtomicUsize>,
+    /// Connections open now, and the most ever open at once.
+    pub open: Arc<AtomicUsize>,
+    pub max_open: Arc<AtomicUsize>,
     /// Requests it received, in order.
     pub seen: Arc<Mutex<Vec<Seen>>>,
     task: tokio::task::JoinHandle<()>,
@@ -111,6 +118,12 @@ impl Origin {
     pub fn accepts(&self) -> usize {
         self.accepts.load(Ordering::SeqCst)
     }
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+    pub fn max_open(&self) -> usize {
+        self.max_open.load(Ordering::SeqCst)
+    }
     pub fn requests(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
@@ -125,8 +138,15 @@ pub async fn origin(handler: Handler) -> Origin {
 pub fn origin_on(listener: TcpListener, handler: Handler) -> Origin {
     let addr = listener.local_addr().unwrap();
     let accepts = Arc::new(AtomicUsize::new(0));
+    let open = Arc::new(AtomicUsize::new(0));
+    let max_open = Arc::new(AtomicUsize::new(0));
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let (a, s) = (accepts.clone(), seen.clone());
+    let (a, s, o, m) = (
+        accepts.clone(),
+        seen.clone(),
+        open.clone(),
+        max_open.clone(),
+    );
     let task = tokio::spawn(async move {
         let mut conns = tokio::task::JoinSet::new();
         loop {
@@ -134,13 +154,24 @@ pub fn origin_on(listener: TcpListener, handler: Handler) -> Origin {
                 continue;
             };
             a.fetch_add(1, Ordering::SeqCst);
+            let now = o.fetch_add(1, Ordering::SeqCst) + 1;
+            m.fetch_max(now, Ordering::SeqCst);
             let handler = handler.clone();
             let s = s.clone();
+            let o = o.clone();
             conns.spawn(async move {
+                struct Closed(Arc<AtomicUsize>);
+                impl Drop for Closed {
+                    fn drop(&mut self) {
+                        self.0.fetch_sub(1, Ordering::SeqCst);
+                    }
+                }
+                let _closed = Closed(o);
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     s.lock().unwrap().push(Seen {
                         method: req.method().to_string(),
                         uri: req.uri().to_string(),
+                        version: req.version(),
                         headers: req.headers().clone(),
                     });
                     let fut = handler(req);
@@ -155,6 +186,8 @@ pub fn origin_on(listener: TcpListener, handler: Handler) -> Origin {
     Origin {
         addr,
         accepts,
+        open,
+        max_open,
         seen,
         task,
     }
@@ -206,8 +239,29 @@ pub async fn raw_origin(response: &'static [u8], hold: Duration) -> Origin {
     Origin {
         addr,
         accepts,
+        open: Arc::default(),
+        max_open: Arc::default(),
         seen: Arc::default(),
         task,
+    }
+}
+
+/// A listener on a fixed address, with SO_REUSEADDR so an origin can come back on the same
+/// port after it was stopped.
+/// Retries for a while: a stopped origin's listener closes when its task next runs.
+pub async fn listen_on(addr: SocketAddr) -> TcpListener {
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.set_reuseaddr(true).unwrap();
+        match s.bind(addr) {
+            Ok(()) => return s.listen(1024).unwrap(),
+            Err(e) if std::time::Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("cannot listen on {addr} again: {e}"),
+        }
     }
 }
 

@@ -1,0 +1,447 @@
+//! The warm origin pool and its queue, with origins that count their connections.
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::Response;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn config(servers: &[std::net::SocketAddr], upstream: &str, extra: &str) -> String {
+    let list: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
+    format!(
+        "[[listeners]]\naddr = \"127.0.0.1:0\"\nshards = 2\n{extra}\n[log]\naccess_log = false\n\
+         [upstreams.app]\nservers = [{}]\n{upstream}\n",
+        list.join(", ")
+    )
+}
+
+/// An origin that answers "ok" after `delay`.
+async fn slow_origin(delay: Duration) -> Origin {
+    origin(Arc::new(move |_req| {
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            Response::new(full("ok"))
+        })
+    }))
+    .await
+}
+
+async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_connections_are_open_before_any_request() {
+    let (a, b) = (text_origin("a").await, text_origin("b").await);
+    let proxy = Proxy::start(&config(
+        &[a.addr, b.addr],
+        "pool_min_idle = 3\npool_max = 8",
+        "",
+    ))
+    .await;
+    wait_until(
+        "each server holds 3 warm connections",
+        Duration::from_secs(3),
+        || a.open() == 3 && b.open() == 3,
+    )
+    .await;
+    assert!(a.requests().is_empty() && b.requests().is_empty());
+    // Stays at the warm level: no churn.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!((a.open(), b.open()), (3, 3));
+    assert_eq!((a.accepts(), b.accepts()), (3, 3));
+    // The first requests reuse them.
+    for _ in 0..10 {
+        assert_eq!(get(proxy.addr, "/").await.status, 200);
+    }
+    assert_eq!(a.accepts() + b.accepts(), 6);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_clients_from_200_addresses_over_a_capped_pool() {
+    let origin = slow_origin(Duration::from_millis(5)).await;
+    let proxy = Proxy::start(&config(
+        &[origin.addr],
+        "pool_min_idle = 4\npool_max = 16\nqueue_timeout = \"20s\"",
+        "[admission]\nper_ip_rate = 0",
+    ))
+    .await;
+    let addr = proxy.addr;
+    let mut clients = tokio::task::JoinSet::new();
+    for i in 0..2000u32 {
+        clients.spawn(async move {
+            let src = format!("127.0.{}.{}", 30 + i % 2, i % 100 + 1);
+            let mut s = connect_from(&src, addr).await.ok()?;
+            let mut ok = 0;
+            for _ in 0..2 {
+                if request_on(&mut s, "/").await? == 200 {
+                    ok += 1;
+                }
+            }
+            let _ = s.shutdown().await;
+            Some(ok)
+        });
+    }
+    let mut answered = 0;
+    while let Some(r) = clients.join_next().await {
+        answered += r.unwrap().expect("every client got its responses");
+    }
+    assert_eq!(answered, 4000);
+    assert_eq!(origin.requests().len(), 4000);
+    assert!(
+        origin.max_open() <= 16,
+        "origin saw {} connections at once",
+        origin.max_open()
+    );
+    assert!(
+        origin.accepts() <= 32,
+        "origin accepted {} connections",
+        origin.accepts()
+    );
+    eprintln!(
+        "4000 requests from 2000 clients: origin accepted {}, at most {} open",
+        origin.accepts(),
+        origin.max_open()
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_light_client_is_not_stuck_behind_a_heavy_one() {
+    let origin = slow_origin(Duration::from_millis(20)).await;
+    let proxy = Proxy::start(&config(
+        &[origin.addr],
+        "pool_min_idle = 2\npool_max = 2\nqueue_timeout = \"30s\"\nmax_client_share = 1.0",
+        "[admission]\nper_ip_rate = 0\nper_ip_max_connections = 0",
+    ))
+    .await;
+    let addr = proxy.addr;
+    let heavy_done = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut heavy = tokio::task::JoinSet::new();
+    for _ in 0..300 {
+        let done = heavy_done.clone();
+        heavy.spawn(async move {
+            let r = try_get_from("127.0.40.1", addr).await;
+            done.fetch_add(1, Ordering::SeqCst);
+            r
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let light_start = Instant::now();
+    assert_eq!(try_get_from("127.0.40.2", addr).await, Some(200));
+    let light = light_start.elapsed();
+    let heavy_left = 300 - heavy_done.load(Ordering::SeqCst);
+    while let Some(r) = heavy.join_next().await {
+        assert_eq!(r.unwrap(), Some(200));
+    }
+    let drain = start.elapsed();
+    eprintln!("light client answered in {light:?} with {heavy_left} heavy requests still queued; heavy drained in {drain:?}");
+    assert!(
+        heavy_left > 100,
+        "the heavy backlog was already gone ({heavy_left} left)"
+    );
+    assert!(
+        light < Duration::from_millis(500),
+        "light client waited {light:?}"
+    );
+    assert!(light * 5 < drain);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_timeout_and_full_queue_give_503_with_retry_after() {
+    let origin = slow_origin(Duration::from_millis(1500)).await;
+    let proxy = Proxy::start(&config(
+        &[origin.addr],
+        "pool_min_idle = 1\npool_max = 1\nqueue_max = 1\nqueue_timeout = \"300ms\"\nmax_client_share = 1.0",
+        "",
+    ))
+    .await;
+    let addr = proxy.addr;
+    let busy = tokio::spawn(async move { get(addr, "/busy").await.status });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let queued = tokio::spawn(async move {
+        let t = Instant::now();
+        let g = get(addr, "/queued").await;
+        (g.status, g.headers.get("retry-after").cloned(), t.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let t = Instant::now();
+    let full = get(addr, "/full").await;
+    assert_eq!(full.status, 503);
+    assert!(full.headers.contains_key("retry-after"));
+    assert!(
+        t.elapsed() < Duration::from_millis(200),
+        "a full queue must answer at once"
+    );
+    let (status, retry_after, waited) = queued.await.unwrap();
+    assert_eq!(status, 503);
+    assert_eq!(retry_after.unwrap(), "1");
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_millis(1000),
+        "{waited:?}"
+    );
+    assert_eq!(busy.await.unwrap(), 200);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_restart_mid_traffic_retries_and_refills() {
+    let first = text_origin("one").await;
+    let addr = first.addr;
+    let proxy = Proxy::start(&config(&[addr], "pool_min_idle = 4\npool_max = 8", "")).await;
+    wait_until("warm", Duration::from_secs(3), || first.open() == 4).await;
+    for _ in 0..20 {
+        assert_eq!(get(proxy.addr, "/").await.status, 200);
+    }
+    // The origin restarts on the same port: every pooled connection dies at once.
+    drop(first);
+    let second = origin_on(
+        listen_on(addr).await,
+        Arc::new(|_req| Box::pin(async move { Response::new(full("two")) })),
+    );
+    let mut statuses = Vec::new();
+    for _ in 0..50 {
+        let t = Instant::now();
+        let g = get(proxy.addr, "/").await;
+        assert!(t.elapsed() < Duration::from_secs(3), "a request hung");
+        statuses.push((g.status, g.text()));
+    }
+    assert!(
+        statuses.iter().all(|(s, b)| *s == 200 && b == "two"),
+        "{statuses:?}"
+    );
+    wait_until("pool refilled", Duration::from_secs(3), || {
+        second.open() >= 4
+    })
+    .await;
+    assert!(second.open() <= 8);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_server_is_ejected_and_readmitted() {
+    let a = text_origin("a").await;
+    let b = text_origin("b").await;
+    let b_addr = b.addr;
+    let proxy = Proxy::start(&config(
+        &[a.addr, b_addr],
+        "pool_min_idle = 2\npool_max = 4\nbalance = \"round_robin\"\n[upstreams.app.health]\ninterval = \"200ms\"\nunhealthy_after = 2\nhealthy_after = 2",
+        "",
+    ))
+    .await;
+    for _ in 0..10 {
+        assert_eq!(get(proxy.addr, "/").await.status, 200);
+    }
+    assert!(!b.requests().is_empty());
+    drop(b);
+    let mut bodies = Vec::new();
+    for _ in 0..40 {
+        let g = get(proxy.addr, "/").await;
+        assert_eq!(g.status, 200, "traffic must continue on the live server");
+        bodies.push(g.text());
+    }
+    assert!(bodies[20..].iter().all(|t| t == "a"));
+    let upstream = proxy.engine_upstreams[0].clone();
+    wait_until("b ejected", Duration::from_secs(3), || {
+        !upstream.servers[1].health.is_healthy()
+    })
+    .await;
+
+    // b comes back: re-admitted by the active checks and given traffic again.
+    let b2 = origin_on(
+        listen_on(b_addr).await,
+        Arc::new(|_req| Box::pin(async move { Response::new(full("b")) })),
+    );
+    wait_until("b re-admitted", Duration::from_secs(3), || {
+        upstream.servers[1].health.is_healthy()
+    })
+    .await;
+    let mut saw_b = false;
+    for _ in 0..20 {
+        let g = get(proxy.addr, "/").await;
+        assert_eq!(g.status, 200);
+        saw_b |= g.text() == "b";
+    }
+    assert!(saw_b && !b2.requests().is_empty());
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_servers_down_is_503_at_once() {
+    let dead = closed_port().await;
+    let proxy = Proxy::start(&config(
+        &[dead],
+        "pool_min_idle = 1\n[upstreams.app.health]\ninterval = \"100ms\"\nunhealthy_after = 2",
+        "",
+    ))
+    .await;
+    let upstream = proxy.engine_upstreams[0].clone();
+    wait_until("ejected", Duration::from_secs(3), || {
+        !upstream.servers[0].health.is_healthy()
+    })
+    .await;
+    let t = Instant::now();
+    let g = get(proxy.addr, "/").await;
+    assert_eq!(g.status, 503);
+    assert!(g.text().contains("down"));
+    assert!(t.elapsed() < Duration::from_millis(200));
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_carries_many_requests_over_one_connection() {
+    let origin = slow_origin(Duration::from_millis(100)).await;
+    let proxy = Proxy::start(&config(
+        &[origin.addr],
+        "protocol = \"h2c\"\npool_min_idle = 1\npool_max = 1",
+        "",
+    ))
+    .await;
+    let addr = proxy.addr;
+    let mut clients = tokio::task::JoinSet::new();
+    let t = Instant::now();
+    for i in 0..50u32 {
+        clients.spawn(async move { try_get_from(&format!("127.0.50.{}", i + 1), addr).await });
+    }
+    while let Some(r) = clients.join_next().await {
+        assert_eq!(r.unwrap(), Some(200));
+    }
+    // 50 requests of 100 ms each in well under 50 x 100 ms: they ran concurrently.
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert_eq!(origin.accepts(), 1);
+    assert!(origin
+        .requests()
+        .iter()
+        .all(|r| r.version == hyper::Version::HTTP_2));
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_posts_do_not_starve_a_legitimate_client() {
+    let origin = echo_origin().await;
+    let proxy = Proxy::start(&config(
+        &[origin.addr],
+        "pool_min_idle = 2\npool_max = 8",
+        "[http]\nheader_read_timeout = \"1s\"\nmin_body_rate = 1000",
+    ))
+    .await;
+    let addr = proxy.addr;
+    // 200 clients from 4 addresses announce 100 kB bodies and trickle a byte every 300 ms.
+    let mut attackers = tokio::task::JoinSet::new();
+    for i in 0..200u32 {
+        attackers.spawn(async move {
+            let mut s = connect_from(&format!("127.0.60.{}", i % 4 + 1), addr)
+                .await
+                .ok()?;
+            s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+                .await
+                .ok()?;
+            for _ in 0..20 {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                if s.write_all(b"x").await.is_err() {
+                    break;
+                }
+            }
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut out)).await;
+            Some(String::from_utf8_lossy(&out).into_owned())
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut ok = 0;
+    for i in 0..100 {
+        let body = format!("order {i}");
+        let g = send(addr, request("POST", addr, "/buy", full(body.clone()))).await;
+        if g.status == 200 && g.text() == body {
+            ok += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ok >= 99, "legitimate client served {ok}/100");
+    let mut timed_out = 0;
+    while let Some(r) = attackers.join_next().await {
+        if r.unwrap()
+            .is_some_and(|out| out.starts_with("HTTP/1.1 408"))
+        {
+            timed_out += 1;
+        }
+    }
+    assert!(timed_out >= 150, "only {timed_out} slow bodies got 408");
+    assert!(origin.max_open() <= 8);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_read_do_not_starve_a_legitimate_client() {
+    // Big responses for /big, small for everything else.
+    let origin = origin(Arc::new(|req: hyper::Request<hyper::body::Incoming>| {
+        Box::pin(async move {
+            if req.uri().path() == "/big" {
+                let chunks = (0..512).map(|_| {
+                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>(hyper::body::Frame::data(
+                        bytes::Bytes::from(vec![b'z'; 64 * 1024]),
+                    ))
+                });
+                use http_body_util::BodyExt;
+                Response::new(
+                    http_body_util::StreamBody::new(futures_util::stream::iter(chunks)).boxed(),
+                )
+            } else {
+                Response::new(full("ok"))
+            }
+        })
+    }))
+    .await;
+    let proxy = Proxy::start(&config(
+        &[origin.addr],
+        "pool_min_idle = 2\npool_max = 16",
+        "[http]\nsend_timeout = \"2s\"\n[admission]\nper_ip_rate = 0",
+    ))
+    .await;
+    let addr = proxy.addr;
+    // 150 clients from 3 addresses ask for 32 MB each and never read.
+    let mut idle = Vec::new();
+    for i in 0..150u32 {
+        let mut s = connect_from(&format!("127.0.70.{}", i % 3 + 1), addr)
+            .await
+            .unwrap();
+        s.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        idle.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut ok = 0;
+    for _ in 0..100 {
+        if try_get_from("127.0.71.1", addr).await == Some(200) {
+            ok += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    eprintln!(
+        "never-read: legitimate {ok}/100, origin at most {} open, {} accepted",
+        origin.max_open(),
+        origin.accepts()
+    );
+    assert!(ok >= 99, "legitimate client served {ok}/100");
+    // Connections cut by send_timeout are replaced as soon as Breakwater has closed them; the
+    // origin may still be finishing its side of a few, so allow that overlap.
+    assert!(
+        origin.max_open() <= 16 + 4,
+        "origin saw {} at once",
+        origin.max_open()
+    );
+    drop(idle);
+    proxy.stop().await;
+}
