@@ -445,3 +445,35 @@ async fn clients_that_never_read_do_not_starve_a_legitimate_client() {
     drop(idle);
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_retire_after_max_requests_and_idle_ones_above_the_warm_level_close() {
+    let origin = slow_origin(Duration::from_millis(100)).await;
+    let proxy = Proxy::start(&config(
+        &[origin.addr],
+        "pool_min_idle = 1\npool_max = 8\nmax_requests_per_connection = 5\npool_idle_timeout = \"500ms\"\nmax_client_share = 1.0",
+        "",
+    ))
+    .await;
+    let addr = proxy.addr;
+    // A burst opens more than the warm connection...
+    let mut burst = tokio::task::JoinSet::new();
+    for _ in 0..6 {
+        burst.spawn(async move { get(addr, "/").await.status });
+    }
+    while let Some(s) = burst.join_next().await {
+        assert_eq!(s.unwrap(), 200);
+    }
+    assert!(origin.max_open() >= 4, "the burst should have opened connections");
+    // ...which close again once idle past pool_idle_timeout, down to pool_min_idle.
+    wait_until("back to the warm level", Duration::from_secs(4), || origin.open() == 1).await;
+
+    // Sequential requests: a connection serves at most 5, then is replaced.
+    let before = origin.accepts();
+    for _ in 0..20 {
+        assert_eq!(get(addr, "/").await.status, 200);
+    }
+    let opened = origin.accepts() - before;
+    assert!((3..=6).contains(&opened), "20 requests at 5 per connection opened {opened}");
+    proxy.stop().await;
+}
