@@ -73,7 +73,7 @@ impl Drop for Admitted {
 }
 
 /// Counters since start, read by the reject log and the metrics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Stats {
     pub rejected_deny: AtomicU64,
     pub rejected_rate: AtomicU64,
@@ -83,6 +83,50 @@ pub struct Stats {
     pub global_cap_pauses: AtomicU64,
     pub requests_limited: AtomicU64,
     pub accept_fd_exhausted: AtomicU64,
+    /// Failed accepts by errno name.
+    pub accept_errors: [(&'static str, AtomicU64); 6],
+    /// Accept-loop sleeps after resource errors.
+    pub accept_backoffs: AtomicU64,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        let z = || AtomicU64::new(0);
+        Stats {
+            rejected_deny: z(),
+            rejected_rate: z(),
+            rejected_per_ip_cap: z(),
+            would_reject: z(),
+            global_cap_pauses: z(),
+            requests_limited: z(),
+            accept_fd_exhausted: z(),
+            accept_errors: [
+                ("EMFILE", z()),
+                ("ENFILE", z()),
+                ("ENOBUFS", z()),
+                ("ENOMEM", z()),
+                ("ECONNABORTED", z()),
+                ("other", z()),
+            ],
+            accept_backoffs: z(),
+        }
+    }
+}
+
+impl Stats {
+    pub fn count_accept_error(&self, errno: Option<i32>) {
+        let name = match errno {
+            Some(libc::EMFILE) => "EMFILE",
+            Some(libc::ENFILE) => "ENFILE",
+            Some(libc::ENOBUFS) => "ENOBUFS",
+            Some(libc::ENOMEM) => "ENOMEM",
+            Some(libc::ECONNABORTED) => "ECONNABORTED",
+            _ => "other",
+        };
+        if let Some((_, c)) = self.accept_errors.iter().find(|(n, _)| *n == name) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl std::fmt::Debug for Admission {
@@ -117,6 +161,16 @@ pub struct ShardStats {
     pub shard: usize,
     pub accepted: AtomicU64,
     pub refused: AtomicU64,
+    /// The shard's listening socket, while its accept loop runs (for TCP_INFO).
+    socket: std::sync::Weak<tokio::io::unix::AsyncFd<socket2::Socket>>,
+}
+
+impl ShardStats {
+    /// The accept queue's length and effective backlog, read from the kernel now.
+    pub fn listen_queue(&self) -> Option<crate::listener::sockopt::ListenQueue> {
+        let s = self.socket.upgrade()?;
+        crate::listener::sockopt::listen_queue(std::os::fd::AsFd::as_fd(s.get_ref())).ok()
+    }
 }
 
 impl Admission {
@@ -139,12 +193,18 @@ impl Admission {
     }
 
     /// Counters for a new accept loop.
-    pub fn register_shard(&self, listener: std::net::SocketAddr, shard: usize) -> Arc<ShardStats> {
+    pub fn register_shard(
+        &self,
+        listener: std::net::SocketAddr,
+        shard: usize,
+        socket: &Arc<tokio::io::unix::AsyncFd<socket2::Socket>>,
+    ) -> Arc<ShardStats> {
         let s = Arc::new(ShardStats {
             listener,
             shard,
             accepted: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            socket: Arc::downgrade(socket),
         });
         self.shards
             .lock()

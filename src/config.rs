@@ -28,7 +28,16 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
     pub admission: AdmissionConfig,
+    /// `[admin]`: metrics and health endpoints; None = off.
+    pub admin: Option<AdminConfig>,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub addr: SocketAddr,
+    /// When set, every admin request needs `Authorization: Bearer <token>`.
+    pub token: Option<String>,
 }
 
 /// `[admission]`: what is decided right after accept. For every count, 0 disables.
@@ -273,6 +282,13 @@ impl Config {
             a.deny.len(),
             if a.dry_run { "  DRY RUN" } else { "" }
         );
+        if let Some(a) = &self.admin {
+            s += &format!(
+                "admin     {}  /metrics /healthz /readyz{}\n",
+                a.addr,
+                if a.token.is_some() { "  (bearer token)" } else { "" }
+            );
+        }
         if self.routes.is_empty() {
             s += &format!("route     * /  -> {}\n", self.upstreams[0].name);
         }
@@ -546,6 +562,38 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
     }
 
     let admission = validate_admission(raw.admission, &err)?;
+    let admin = match raw.admin {
+        None => None,
+        Some(a) => {
+            let addr: SocketAddr = a.addr.get_ref().parse().map_err(|_| {
+                err(
+                    a.addr.span(),
+                    format!(
+                        "invalid address {:?}: expected IP:port, such as \"127.0.0.1:9901\"",
+                        a.addr.get_ref()
+                    ),
+                )
+            })?;
+            let token = match a.token {
+                Some(t) if t.get_ref().trim().is_empty() => {
+                    return Err(err(t.span(), "token is empty: remove it or set a secret".into()))
+                }
+                Some(t) => Some(t.into_inner()),
+                None => None,
+            };
+            if !addr.ip().is_loopback() && token.is_none() {
+                return Err(err(
+                    a.addr.span(),
+                    format!(
+                        "admin addr {addr} is not a loopback address and no token is set: the \
+                         metrics would be open to anyone who can reach it. Set token = \"...\" \
+                         or listen on 127.0.0.1"
+                    ),
+                ));
+            }
+            Some(AdminConfig { addr, token })
+        }
+    };
 
     let level = raw.log.level.get_ref().to_ascii_lowercase();
     if !["off", "error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
@@ -565,6 +613,7 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
         upstreams,
         routes,
         admission,
+        admin,
         log: LogConfig {
             level,
             format: raw.log.format,

@@ -51,7 +51,7 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let http = &shared.config.http;
-    let activity = Arc::new(ConnActivity::default());
+    let activity = Arc::new(ConnActivity::new(Some(shared.requests.clone())));
     let io = Timed::new(
         stream,
         activity.clone(),

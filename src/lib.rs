@@ -25,11 +25,13 @@
 //! The library never binds from the config on its own and never reads signals: `run` takes
 //! bound listeners and a shutdown future, so tests start the whole proxy on port 0.
 
+pub mod admin;
 pub mod admission;
 pub mod config;
 pub mod conn;
 pub mod demo;
 pub mod listener;
+pub mod metrics;
 pub mod proxy;
 pub mod telemetry;
 pub mod upstream;
@@ -49,6 +51,10 @@ pub use listener::BoundListener;
 pub struct Shared {
     pub config: Config,
     pub admission: Arc<admission::Admission>,
+    pub requests: Arc<metrics::RequestMetrics>,
+    pub registry: prometheus_client::registry::Registry,
+    /// Listeners bound and every warm pool filled (for /readyz).
+    pub ready: std::sync::atomic::AtomicBool,
     pub proxy: proxy::Proxy,
     pub http: auto::Builder<TokioExecutor>,
 }
@@ -81,6 +87,7 @@ pub async fn run(
 /// on to its parts.
 pub struct Engine {
     shared: Arc<Shared>,
+    admin: Option<std::net::TcpListener>,
 }
 
 impl Engine {
@@ -101,14 +108,35 @@ impl Engine {
         };
         let http = conn::builder(&config.http);
         let admission = Arc::new(admission::Admission::new(&config.admission));
+        let requests = Arc::new(metrics::RequestMetrics::new(proxy.upstreams.len()));
+        let registry = metrics::registry(admission.clone(), proxy.upstreams.clone(), requests.clone());
         Engine {
             shared: Arc::new(Shared {
                 config,
                 admission,
+                requests,
+                registry,
+                ready: std::sync::atomic::AtomicBool::new(false),
                 http,
                 proxy,
             }),
+            admin: None,
         }
+    }
+
+    /// Serves the admin endpoints on `listener` (bound by the caller from `[admin] addr`).
+    pub fn with_admin(mut self, listener: std::net::TcpListener) -> Engine {
+        self.admin = Some(listener);
+        self
+    }
+
+    /// The metrics as `/metrics` would show them now.
+    pub fn render_metrics(&self) -> String {
+        metrics::render(&self.shared.registry)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.shared.config
     }
 
     pub fn admission(&self) -> &Arc<admission::Admission> {
@@ -142,6 +170,11 @@ impl Engine {
                     stop_rx.clone(),
                 ));
             }
+        }
+        if let Some(admin) = self.admin {
+            admin.set_nonblocking(true)?;
+            let admin = tokio::net::TcpListener::from_std(admin)?;
+            tokio::spawn(admin::serve(admin, shared.clone(), stop_rx.clone()));
         }
         drop(stop_rx);
         let reaper = tokio::spawn(maintain_pools(shared.clone()));

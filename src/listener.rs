@@ -97,14 +97,14 @@ pub async fn accept_loop(
 ) {
     let local = listener.local_addr().ok();
     let listener = match sockopt::register_listener(Socket::from(listener)) {
-        Ok(fd) => fd,
+        Ok(fd) => Arc::new(fd),
         Err(e) => {
             tracing::error!(listener = ?local, shard, error = %e, "cannot register listener");
             return;
         }
     };
     let admission = &shared.admission;
-    let counters = admission.register_shard(local.unwrap_or(([0, 0, 0, 0], 0).into()), shard);
+    let counters = admission.register_shard(local.unwrap_or(([0, 0, 0, 0], 0).into()), shard, &listener);
     let mut backoff = Backoff::default();
     'outer: loop {
         // Cancel-safe: `changed` only observes a flag; `readable` takes nothing.
@@ -158,6 +158,7 @@ pub async fn accept_loop(
                 }
                 Err(e) => {
                     drop(slot);
+                    admission.stats.count_accept_error(e.raw_os_error());
                     if is_fd_exhaustion(&e) {
                         admission
                             .stats
@@ -166,6 +167,9 @@ pub async fn accept_loop(
                         shed_one(listener.get_ref(), admission);
                     }
                     if let Some(pause) = backoff.on_error(&e, local, shard) {
+                        if !pause.is_zero() {
+                            admission.stats.accept_backoffs.fetch_add(1, Ordering::Relaxed);
+                        }
                         drop(ready);
                         // Sleep, but wake for shutdown: an exhausted process must still stop.
                         tokio::select! {

@@ -125,12 +125,25 @@ fn serve(mut config: Config, demo: Option<SocketAddr>) -> ExitCode {
         for l in &listeners {
             tracing::info!(addr = %l.local_addr, shards = l.sockets.len(), "listening");
         }
+        let mut engine = breakwater::Engine::new(config);
+        if let Some(admin) = engine.config().admin.clone() {
+            match std::net::TcpListener::bind(admin.addr) {
+                Ok(l) => {
+                    tracing::info!(addr = %admin.addr, "admin listening: /metrics /healthz /readyz");
+                    engine = engine.with_admin(l);
+                }
+                Err(e) => {
+                    eprintln!("error: cannot listen on the admin address {}: {e}", admin.addr);
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
         if let Some(addr) = demo {
             println!(
                 "Breakwater demo is running. Try:\n  curl http://{addr}/\nPress Ctrl-C to stop."
             );
         }
-        match breakwater::run(config, listeners, signal()).await {
+        match engine.run(listeners, signal()).await {
             Ok(_) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e}");

@@ -152,6 +152,7 @@ pub async fn handle(
     };
     let mut log = AccessLog {
         enabled: shared.proxy.access_log,
+        upstream_idx: None,
         client: peer,
         method: req.method().clone(),
         path: req.uri().path().to_string(),
@@ -252,6 +253,7 @@ async fn forward(
         .ok_or(ProxyError::NoRoute)?;
     let upstream = &proxy.upstreams[idx];
     log.upstream = Some(upstream.name.clone());
+    log.upstream_idx = Some(idx);
 
     let client_version = req.version();
     let upgrade = if client_version == Version::HTTP_11 {

@@ -58,7 +58,7 @@ pub enum UpstreamError {
 }
 
 /// Counters since start, for logs and metrics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct UpstreamStats {
     pub connects: AtomicU64,
     pub connect_failures: AtomicU64,
@@ -66,6 +66,24 @@ pub struct UpstreamStats {
     pub retries: AtomicU64,
     pub queue_timeouts: AtomicU64,
     pub queue_full: AtomicU64,
+    /// Seconds requests waited in the queue (only those that waited).
+    pub queue_wait: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for UpstreamStats {
+    fn default() -> Self {
+        UpstreamStats {
+            connects: AtomicU64::new(0),
+            connect_failures: AtomicU64::new(0),
+            reuses: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            queue_timeouts: AtomicU64::new(0),
+            queue_full: AtomicU64::new(0),
+            queue_wait: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 16),
+            ),
+        }
+    }
 }
 
 #[derive(Debug)]

@@ -45,6 +45,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub admission: FileAdmission,
     #[serde(default)]
+    pub admin: Option<FileAdmin>,
+    #[serde(default)]
     pub log: FileLog,
 }
 
@@ -97,6 +99,14 @@ impl Default for FileAdmission {
             dry_run: false,
         }
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAdmin {
+    pub addr: Spanned<String>,
+    #[serde(default)]
+    pub token: Option<Spanned<String>>,
 }
 
 /// How a refused connection is closed.

@@ -170,6 +170,8 @@ impl Body for UpstreamBody {
 #[derive(Debug)]
 pub struct AccessLog {
     pub enabled: bool,
+    /// Index of the upstream that served the request, for the metrics.
+    pub upstream_idx: Option<usize>,
     pub client: SocketAddr,
     pub method: http::Method,
     pub path: String,
@@ -304,6 +306,9 @@ impl Body for ProxyBody {
 
 impl Drop for ProxyBody {
     fn drop(&mut self) {
+        if let Some(m) = &self._in_flight.activity().requests {
+            m.observe(self.log.upstream_idx, self.log.status, self.log.start.elapsed().as_secs_f64());
+        }
         if !self.log.enabled {
             return;
         }

@@ -34,6 +34,8 @@ pub fn full(s: impl Into<Bytes>) -> Body {
 
 pub struct Proxy {
     pub addr: SocketAddr,
+    /// The admin listener, when the config has `[admin]` (bound on 127.0.0.1:0).
+    pub admin: Option<SocketAddr>,
     pub admission: Arc<breakwater::admission::Admission>,
     pub engine_upstreams: Vec<Arc<breakwater::upstream::Upstream>>,
     stop: Option<oneshot::Sender<()>>,
@@ -51,7 +53,13 @@ impl Proxy {
         let bound = breakwater::bind_all(&cfg).expect("bind");
         let addr = bound[0].local_addr;
         let (tx, rx) = oneshot::channel::<()>();
-        let engine = breakwater::Engine::new(cfg);
+        let mut engine = breakwater::Engine::new(cfg);
+        let mut admin = None;
+        if engine.config().admin.is_some() {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            admin = Some(l.local_addr().unwrap());
+            engine = engine.with_admin(l);
+        }
         let admission = engine.admission().clone();
         let engine_upstreams = engine.upstreams().to_vec();
         let task = tokio::spawn(engine.run(bound, async move {
@@ -59,6 +67,7 @@ impl Proxy {
         }));
         Proxy {
             addr,
+            admin,
             admission,
             engine_upstreams,
             stop: Some(tx),
