@@ -24,7 +24,11 @@ const RUN: Duration = Duration::from_secs(3);
 fn start_origin(accepts: Arc<AtomicUsize>) -> SocketAddr {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
         rt.block_on(async move {
             let l = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
             tx.send(l.local_addr().expect("addr")).expect("send addr");
@@ -104,11 +108,16 @@ async fn keepalive(target: SocketAddr) -> f64 {
     for _ in 0..CONNECTIONS {
         let done = done.clone();
         tasks.push(tokio::spawn(async move {
-            let Ok(mut s) = TcpStream::connect(target).await else { return };
+            let Ok(mut s) = TcpStream::connect(target).await else {
+                return;
+            };
             let _ = s.set_nodelay(true);
             let mut buf = Vec::new();
             while Instant::now() < end {
-                if s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n").await.is_err() {
+                if s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 match read_response(&mut s, &mut buf).await {
@@ -138,9 +147,14 @@ async fn new_connections(target: SocketAddr) -> (f64, u64) {
         tasks.push(tokio::spawn(async move {
             let mut buf = Vec::new();
             while Instant::now() < end {
-                let Ok(mut s) = TcpStream::connect(target).await else { continue };
+                let Ok(mut s) = TcpStream::connect(target).await else {
+                    continue;
+                };
                 let _ = s.set_nodelay(true);
-                if s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n").await.is_err() {
+                if s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+                    .await
+                    .is_err()
+                {
                     continue;
                 }
                 if let Some(true) = read_response(&mut s, &mut buf).await {
@@ -161,8 +175,13 @@ fn main() {
     let accepts = Arc::new(AtomicUsize::new(0));
     let origin = start_origin(accepts.clone());
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port");
-    let mut cfg = tempfile::Builder::new().suffix(".toml").tempfile().expect("temp config");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port");
+    let mut cfg = tempfile::Builder::new()
+        .suffix(".toml")
+        .tempfile()
+        .expect("temp config");
     write!(
         cfg,
         r#"[[listeners]]
@@ -204,7 +223,11 @@ access_log = false
     }
     std::thread::sleep(Duration::from_millis(500));
 
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
     let ka_direct = rt.block_on(keepalive(origin));
     let ka_proxy = rt.block_on(keepalive(port));
     let (nc_direct, _) = rt.block_on(new_connections(origin));
@@ -226,5 +249,8 @@ access_log = false
         nc_proxy / nc_direct,
     );
     println!("{table}");
-    let _ = std::fs::write(concat!(env!("CARGO_TARGET_TMPDIR"), "/throughput.md"), &table);
+    let _ = std::fs::write(
+        concat!(env!("CARGO_TARGET_TMPDIR"), "/throughput.md"),
+        &table,
+    );
 }

@@ -17,7 +17,11 @@ use tokio::sync::watch;
 
 use crate::Shared;
 
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let accepted = tokio::select! {
             _ = shutdown.changed() => return,
@@ -48,25 +52,38 @@ fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let text = |status: StatusCode, body: String| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = status;
-        r.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
         r
     };
-    if let Some(token) = shared.config.admin.as_ref().and_then(|a| a.token.as_deref()) {
+    if let Some(token) = shared
+        .config
+        .admin
+        .as_ref()
+        .and_then(|a| a.token.as_deref())
+    {
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
-            let mut r = text(StatusCode::UNAUTHORIZED, "401 Unauthorized: bearer token required\n".into());
+            let mut r = text(
+                StatusCode::UNAUTHORIZED,
+                "401 Unauthorized: bearer token required\n".into(),
+            );
             r.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             return r;
         }
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "405 Method Not Allowed\n".into());
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "405 Method Not Allowed\n".into(),
+        );
     }
     match req.uri().path() {
         "/metrics" => {
@@ -79,8 +96,14 @@ fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         "/readyz" if shared.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n".into()),
-        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "warming: origin pools not yet filled\n".into()),
-        _ => text(StatusCode::NOT_FOUND, "404 Not Found: /metrics, /healthz, /readyz\n".into()),
+        "/readyz" => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "warming: origin pools not yet filled\n".into(),
+        ),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "404 Not Found: /metrics, /healthz, /readyz\n".into(),
+        ),
     }
 }
 

@@ -286,7 +286,11 @@ impl Config {
             s += &format!(
                 "admin     {}  /metrics /healthz /readyz{}\n",
                 a.addr,
-                if a.token.is_some() { "  (bearer token)" } else { "" }
+                if a.token.is_some() {
+                    "  (bearer token)"
+                } else {
+                    ""
+                }
             );
         }
         if self.routes.is_empty() {
@@ -576,7 +580,10 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
             })?;
             let token = match a.token {
                 Some(t) if t.get_ref().trim().is_empty() => {
-                    return Err(err(t.span(), "token is empty: remove it or set a secret".into()))
+                    return Err(err(
+                        t.span(),
+                        "token is empty: remove it or set a secret".into(),
+                    ))
                 }
                 Some(t) => Some(t.into_inner()),
                 None => None,

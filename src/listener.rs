@@ -104,7 +104,8 @@ pub async fn accept_loop(
         }
     };
     let admission = &shared.admission;
-    let counters = admission.register_shard(local.unwrap_or(([0, 0, 0, 0], 0).into()), shard, &listener);
+    let counters =
+        admission.register_shard(local.unwrap_or(([0, 0, 0, 0], 0).into()), shard, &listener);
     let mut backoff = Backoff::default();
     'outer: loop {
         // Cancel-safe: `changed` only observes a flag; `readable` takes nothing.
@@ -168,7 +169,10 @@ pub async fn accept_loop(
                     }
                     if let Some(pause) = backoff.on_error(&e, local, shard) {
                         if !pause.is_zero() {
-                            admission.stats.accept_backoffs.fetch_add(1, Ordering::Relaxed);
+                            admission
+                                .stats
+                                .accept_backoffs
+                                .fetch_add(1, Ordering::Relaxed);
                         }
                         drop(ready);
                         // Sleep, but wake for shutdown: an exhausted process must still stop.

@@ -35,14 +35,21 @@ impl RequestMetrics {
     pub fn new(upstreams: usize) -> RequestMetrics {
         RequestMetrics {
             by_upstream: (0..=upstreams)
-                .map(|_| (Default::default(), Histogram::new(exponential_buckets(0.001, 2.0, 16))))
+                .map(|_| {
+                    (
+                        Default::default(),
+                        Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+                    )
+                })
                 .collect(),
         }
     }
 
     /// `upstream` None: answered by Breakwater itself before any upstream was chosen.
     pub fn observe(&self, upstream: Option<usize>, status: u16, seconds: f64) {
-        let i = upstream.unwrap_or(self.by_upstream.len() - 1).min(self.by_upstream.len() - 1);
+        let i = upstream
+            .unwrap_or(self.by_upstream.len() - 1)
+            .min(self.by_upstream.len() - 1);
         let (classes, duration) = &self.by_upstream[i];
         let class = (status / 100).clamp(1, 5) as usize - 1;
         classes[class].inc();
@@ -51,9 +58,17 @@ impl RequestMetrics {
 }
 
 /// Builds the registry for one engine.
-pub fn registry(admission: Arc<Admission>, upstreams: Vec<Arc<Upstream>>, requests: Arc<RequestMetrics>) -> Registry {
+pub fn registry(
+    admission: Arc<Admission>,
+    upstreams: Vec<Arc<Upstream>>,
+    requests: Arc<RequestMetrics>,
+) -> Registry {
     let mut r = Registry::default();
-    r.register_collector(Box::new(Snapshot { admission, upstreams, requests }));
+    r.register_collector(Box::new(Snapshot {
+        admission,
+        upstreams,
+        requests,
+    }));
     r
 }
 
@@ -89,12 +104,40 @@ fn family<M: EncodeMetric>(
     Ok(())
 }
 
-fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, samples: Vec<(Labels<'_>, i64)>) -> Result<(), std::fmt::Error> {
-    family(enc, name, help, MetricType::Gauge, samples.into_iter().map(|(l, v)| (l, ConstGauge::new(v))).collect())
+fn gauge(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: Vec<(Labels<'_>, i64)>,
+) -> Result<(), std::fmt::Error> {
+    family(
+        enc,
+        name,
+        help,
+        MetricType::Gauge,
+        samples
+            .into_iter()
+            .map(|(l, v)| (l, ConstGauge::new(v)))
+            .collect(),
+    )
 }
 
-fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, samples: Vec<(Labels<'_>, u64)>) -> Result<(), std::fmt::Error> {
-    family(enc, name, help, MetricType::Counter, samples.into_iter().map(|(l, v)| (l, ConstCounter::new(v))).collect())
+fn counter(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: Vec<(Labels<'_>, u64)>,
+) -> Result<(), std::fmt::Error> {
+    family(
+        enc,
+        name,
+        help,
+        MetricType::Counter,
+        samples
+            .into_iter()
+            .map(|(l, v)| (l, ConstCounter::new(v)))
+            .collect(),
+    )
 }
 
 impl prometheus_client::collector::Collector for Snapshot {
@@ -104,25 +147,79 @@ impl prometheus_client::collector::Collector for Snapshot {
         let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
         let shards = a.shard_stats();
         let shard_labels = |sh: &crate::admission::ShardStats| {
-            vec![("listener", sh.listener.to_string()), ("shard", sh.shard.to_string())]
+            vec![
+                ("listener", sh.listener.to_string()),
+                ("shard", sh.shard.to_string()),
+            ]
         };
 
-        counter(&mut enc, "breakwater_connections_accepted", "Client connections admitted, by listener and accept shard.",
-            shards.iter().map(|sh| (shard_labels(sh), load(&sh.accepted))).collect())?;
-        counter(&mut enc, "breakwater_connections_rejected", "Client connections refused at accept, by reason (dry-run refusals included).",
+        counter(
+            &mut enc,
+            "breakwater_connections_accepted",
+            "Client connections admitted, by listener and accept shard.",
+            shards
+                .iter()
+                .map(|sh| (shard_labels(sh), load(&sh.accepted)))
+                .collect(),
+        )?;
+        counter(
+            &mut enc,
+            "breakwater_connections_rejected",
+            "Client connections refused at accept, by reason (dry-run refusals included).",
             vec![
                 (vec![("reason", "rate".into())], load(&s.rejected_rate)),
-                (vec![("reason", "per_ip_cap".into())], load(&s.rejected_per_ip_cap)),
+                (
+                    vec![("reason", "per_ip_cap".into())],
+                    load(&s.rejected_per_ip_cap),
+                ),
                 (vec![("reason", "deny".into())], load(&s.rejected_deny)),
-            ])?;
-        counter(&mut enc, "breakwater_connections_would_reject", "Dry run: connections that would have been refused.", vec![(vec![], load(&s.would_reject))])?;
-        counter(&mut enc, "breakwater_global_cap_pauses", "Episodes in which the accept loops paused at max_connections.", vec![(vec![], load(&s.global_cap_pauses))])?;
-        gauge(&mut enc, "breakwater_connections_open", "Client connections open now.", vec![(vec![], a.open_connections() as i64)])?;
-        counter(&mut enc, "breakwater_accept_errors", "Failed accept calls, by errno.",
-            s.accept_errors.iter().map(|(errno, c)| (vec![("errno", (*errno).to_string())], load(c))).collect())?;
-        counter(&mut enc, "breakwater_accept_backoffs", "Accept-loop pauses after resource errors (EMFILE, ENFILE, ENOBUFS, ENOMEM).", vec![(vec![], load(&s.accept_backoffs))])?;
-        counter(&mut enc, "breakwater_requests_rate_limited", "Requests answered 429 for per_ip_request_rate.", vec![(vec![], load(&s.requests_limited))])?;
-        gauge(&mut enc, "breakwater_limiter_keys", "Client addresses the rate limiters and per-IP caps hold state for.", vec![(vec![], a.tracked_keys() as i64)])?;
+            ],
+        )?;
+        counter(
+            &mut enc,
+            "breakwater_connections_would_reject",
+            "Dry run: connections that would have been refused.",
+            vec![(vec![], load(&s.would_reject))],
+        )?;
+        counter(
+            &mut enc,
+            "breakwater_global_cap_pauses",
+            "Episodes in which the accept loops paused at max_connections.",
+            vec![(vec![], load(&s.global_cap_pauses))],
+        )?;
+        gauge(
+            &mut enc,
+            "breakwater_connections_open",
+            "Client connections open now.",
+            vec![(vec![], a.open_connections() as i64)],
+        )?;
+        counter(
+            &mut enc,
+            "breakwater_accept_errors",
+            "Failed accept calls, by errno.",
+            s.accept_errors
+                .iter()
+                .map(|(errno, c)| (vec![("errno", (*errno).to_string())], load(c)))
+                .collect(),
+        )?;
+        counter(
+            &mut enc,
+            "breakwater_accept_backoffs",
+            "Accept-loop pauses after resource errors (EMFILE, ENFILE, ENOBUFS, ENOMEM).",
+            vec![(vec![], load(&s.accept_backoffs))],
+        )?;
+        counter(
+            &mut enc,
+            "breakwater_requests_rate_limited",
+            "Requests answered 429 for per_ip_request_rate.",
+            vec![(vec![], load(&s.requests_limited))],
+        )?;
+        gauge(
+            &mut enc,
+            "breakwater_limiter_keys",
+            "Client addresses the rate limiters and per-IP caps hold state for.",
+            vec![(vec![], a.tracked_keys() as i64)],
+        )?;
 
         let mut queued = Vec::new();
         let mut backlog = Vec::new();
@@ -132,8 +229,18 @@ impl prometheus_client::collector::Collector for Snapshot {
                 backlog.push((shard_labels(sh), i64::from(q.backlog)));
             }
         }
-        gauge(&mut enc, "breakwater_listen_queue_length", "Connections waiting in the listening socket's accept queue (TCP_INFO).", queued)?;
-        gauge(&mut enc, "breakwater_listen_backlog", "The listening socket's effective backlog, after the somaxconn cap (TCP_INFO).", backlog)?;
+        gauge(
+            &mut enc,
+            "breakwater_listen_queue_length",
+            "Connections waiting in the listening socket's accept queue (TCP_INFO).",
+            queued,
+        )?;
+        gauge(
+            &mut enc,
+            "breakwater_listen_backlog",
+            "The listening socket's effective backlog, after the somaxconn cap (TCP_INFO).",
+            backlog,
+        )?;
 
         self.encode_requests(&mut enc)?;
         self.encode_upstreams(&mut enc)?;
@@ -144,26 +251,48 @@ impl prometheus_client::collector::Collector for Snapshot {
 
 impl Snapshot {
     fn encode_requests(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let name = |i: usize| self.upstreams.get(i).map_or("-".to_string(), |u| u.name.clone());
+        let name = |i: usize| {
+            self.upstreams
+                .get(i)
+                .map_or("-".to_string(), |u| u.name.clone())
+        };
         let mut counts = Vec::new();
         for (i, (classes, _)) in self.requests.by_upstream.iter().enumerate() {
             for (c, counter) in classes.iter().enumerate() {
-                counts.push((vec![("upstream", name(i)), ("status", CLASSES[c].to_string())], counter.get()));
+                counts.push((
+                    vec![("upstream", name(i)), ("status", CLASSES[c].to_string())],
+                    counter.get(),
+                ));
             }
         }
         counter(enc, "breakwater_requests", "Requests answered, by upstream (\"-\": answered by Breakwater before routing) and status class.", counts)?;
-        family(enc, "breakwater_request_duration_seconds", "Time from request head to the end of the response body.", MetricType::Histogram,
-            self.requests.by_upstream.iter().enumerate().map(|(i, (_, h))| (vec![("upstream", name(i))], h.clone())).collect())
+        family(
+            enc,
+            "breakwater_request_duration_seconds",
+            "Time from request head to the end of the response body.",
+            MetricType::Histogram,
+            self.requests
+                .by_upstream
+                .iter()
+                .enumerate()
+                .map(|(i, (_, h))| (vec![("upstream", name(i))], h.clone()))
+                .collect(),
+        )
     }
 
     fn encode_upstreams(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let (mut open, mut idle, mut busy, mut healthy, mut depth) = (vec![], vec![], vec![], vec![], vec![]);
-        let (mut connects, mut failures, mut reuses, mut retries, mut timeouts, mut full) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+        let (mut open, mut idle, mut busy, mut healthy, mut depth) =
+            (vec![], vec![], vec![], vec![], vec![]);
+        let (mut connects, mut failures, mut reuses, mut retries, mut timeouts, mut full) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
         let mut waits = Vec::new();
         for u in &self.upstreams {
             let (per_server, queue) = u.snapshot();
             for (i, (o, id, b)) in per_server.into_iter().enumerate() {
-                let l = vec![("upstream", u.name.clone()), ("server", u.servers[i].addr.clone())];
+                let l = vec![
+                    ("upstream", u.name.clone()),
+                    ("server", u.servers[i].addr.clone()),
+                ];
                 open.push((l.clone(), o as i64));
                 idle.push((l.clone(), id as i64));
                 busy.push((l.clone(), b as i64));
@@ -181,31 +310,116 @@ impl Snapshot {
             full.push((l.clone(), load(&st.queue_full)));
             waits.push((l, st.queue_wait.clone()));
         }
-        gauge(enc, "breakwater_upstream_connections_open", "Origin connections open (connecting included), per server.", open)?;
-        gauge(enc, "breakwater_upstream_connections_idle", "Origin connections idle in the pool, per server.", idle)?;
-        gauge(enc, "breakwater_upstream_connections_busy", "Requests holding an origin connection, per server.", busy)?;
-        gauge(enc, "breakwater_upstream_server_healthy", "1 when the server takes traffic, 0 when ejected.", healthy)?;
-        gauge(enc, "breakwater_upstream_queue_depth", "Requests waiting for an origin connection.", depth)?;
-        counter(enc, "breakwater_upstream_connects", "Origin connections opened.", connects)?;
-        counter(enc, "breakwater_upstream_connect_failures", "Origin connects that failed.", failures)?;
-        counter(enc, "breakwater_upstream_reuses", "Requests sent on an already-used origin connection.", reuses)?;
-        counter(enc, "breakwater_upstream_retries", "Requests retried after a dead pooled connection.", retries)?;
-        counter(enc, "breakwater_upstream_queue_timeouts", "Requests answered 503 after queue_timeout.", timeouts)?;
-        counter(enc, "breakwater_upstream_queue_full", "Requests answered 503 because the queue was full.", full)?;
-        family(enc, "breakwater_upstream_queue_wait_seconds", "Time requests waited in the queue for a connection.", MetricType::Histogram, waits)
+        gauge(
+            enc,
+            "breakwater_upstream_connections_open",
+            "Origin connections open (connecting included), per server.",
+            open,
+        )?;
+        gauge(
+            enc,
+            "breakwater_upstream_connections_idle",
+            "Origin connections idle in the pool, per server.",
+            idle,
+        )?;
+        gauge(
+            enc,
+            "breakwater_upstream_connections_busy",
+            "Requests holding an origin connection, per server.",
+            busy,
+        )?;
+        gauge(
+            enc,
+            "breakwater_upstream_server_healthy",
+            "1 when the server takes traffic, 0 when ejected.",
+            healthy,
+        )?;
+        gauge(
+            enc,
+            "breakwater_upstream_queue_depth",
+            "Requests waiting for an origin connection.",
+            depth,
+        )?;
+        counter(
+            enc,
+            "breakwater_upstream_connects",
+            "Origin connections opened.",
+            connects,
+        )?;
+        counter(
+            enc,
+            "breakwater_upstream_connect_failures",
+            "Origin connects that failed.",
+            failures,
+        )?;
+        counter(
+            enc,
+            "breakwater_upstream_reuses",
+            "Requests sent on an already-used origin connection.",
+            reuses,
+        )?;
+        counter(
+            enc,
+            "breakwater_upstream_retries",
+            "Requests retried after a dead pooled connection.",
+            retries,
+        )?;
+        counter(
+            enc,
+            "breakwater_upstream_queue_timeouts",
+            "Requests answered 503 after queue_timeout.",
+            timeouts,
+        )?;
+        counter(
+            enc,
+            "breakwater_upstream_queue_full",
+            "Requests answered 503 because the queue was full.",
+            full,
+        )?;
+        family(
+            enc,
+            "breakwater_upstream_queue_wait_seconds",
+            "Time requests waited in the queue for a connection.",
+            MetricType::Histogram,
+            waits,
+        )
     }
 }
 
 /// The kernel's TCP counters: the SYN and accept queues overflowing, SYN cookies, passive opens.
 const KERNEL_COUNTERS: [(&str, &str, &str); 9] = [
-    ("TcpExt", "ListenOverflows", "Connections dropped because an accept queue was full."),
-    ("TcpExt", "ListenDrops", "SYNs dropped at a listening socket, for any reason."),
-    ("TcpExt", "TCPReqQFullDrop", "SYNs dropped because the SYN queue was full (no cookies)."),
-    ("TcpExt", "TCPReqQFullDoCookies", "SYN cookies sent because the SYN queue was full."),
+    (
+        "TcpExt",
+        "ListenOverflows",
+        "Connections dropped because an accept queue was full.",
+    ),
+    (
+        "TcpExt",
+        "ListenDrops",
+        "SYNs dropped at a listening socket, for any reason.",
+    ),
+    (
+        "TcpExt",
+        "TCPReqQFullDrop",
+        "SYNs dropped because the SYN queue was full (no cookies).",
+    ),
+    (
+        "TcpExt",
+        "TCPReqQFullDoCookies",
+        "SYN cookies sent because the SYN queue was full.",
+    ),
     ("TcpExt", "SyncookiesSent", "SYN cookies sent."),
     ("TcpExt", "SyncookiesRecv", "Valid SYN cookies received."),
-    ("TcpExt", "SyncookiesFailed", "Invalid SYN cookies received."),
-    ("Tcp", "PassiveOpens", "Connections accepted by the kernel (SYN-RECV to established)."),
+    (
+        "TcpExt",
+        "SyncookiesFailed",
+        "Invalid SYN cookies received.",
+    ),
+    (
+        "Tcp",
+        "PassiveOpens",
+        "Connections accepted by the kernel (SYN-RECV to established).",
+    ),
     ("Tcp", "AttemptFails", "Connection attempts that failed."),
 ];
 
@@ -219,22 +433,50 @@ fn encode_kernel(enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
     for (section, key, help) in KERNEL_COUNTERS {
         if let Some(v) = values.get(&(section.to_string(), key.to_string())) {
             let name = format!("breakwater_kernel_{}", snake(key));
-            counter(enc, &name, &format!("{help} ({section} {key}, whole host namespace.)"), vec![(vec![], *v)])?;
+            counter(
+                enc,
+                &name,
+                &format!("{help} ({section} {key}, whole host namespace.)"),
+                vec![(vec![], *v)],
+            )?;
         }
     }
-    if let Some((tw, orphan)) = std::fs::read_to_string("/proc/net/sockstat").ok().and_then(|t| parse_sockstat(&t)) {
-        gauge(enc, "breakwater_kernel_tcp_time_wait", "TCP sockets in TIME_WAIT (as ss -s shows).", vec![(vec![], tw as i64)])?;
-        gauge(enc, "breakwater_kernel_tcp_orphans", "Orphaned TCP sockets (as ss -s shows).", vec![(vec![], orphan as i64)])?;
+    if let Some((tw, orphan)) = std::fs::read_to_string("/proc/net/sockstat")
+        .ok()
+        .and_then(|t| parse_sockstat(&t))
+    {
+        gauge(
+            enc,
+            "breakwater_kernel_tcp_time_wait",
+            "TCP sockets in TIME_WAIT (as ss -s shows).",
+            vec![(vec![], tw as i64)],
+        )?;
+        gauge(
+            enc,
+            "breakwater_kernel_tcp_orphans",
+            "Orphaned TCP sockets (as ss -s shows).",
+            vec![(vec![], orphan as i64)],
+        )?;
     }
     Ok(())
 }
 
 fn encode_process(enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
     if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
-        gauge(enc, "breakwater_process_open_fds", "File descriptors this process holds.", vec![(vec![], dir.count() as i64)])?;
+        gauge(
+            enc,
+            "breakwater_process_open_fds",
+            "File descriptors this process holds.",
+            vec![(vec![], dir.count() as i64)],
+        )?;
     }
     if let Ok((soft, _)) = rlimit::Resource::NOFILE.get() {
-        gauge(enc, "breakwater_process_max_fds", "RLIMIT_NOFILE soft limit.", vec![(vec![], soft.min(i64::MAX as u64) as i64)])?;
+        gauge(
+            enc,
+            "breakwater_process_max_fds",
+            "RLIMIT_NOFILE soft limit.",
+            vec![(vec![], soft.min(i64::MAX as u64) as i64)],
+        )?;
     }
     Ok(())
 }
@@ -245,7 +487,9 @@ pub fn parse_proc_pairs(text: &str) -> HashMap<(String, String), u64> {
     let lines: Vec<&str> = text.lines().collect();
     for pair in lines.chunks(2) {
         let [names, values] = pair else { continue };
-        let (Some((sec_a, names)), Some((sec_b, values))) = (names.split_once(':'), values.split_once(':')) else {
+        let (Some((sec_a, names)), Some((sec_b, values))) =
+            (names.split_once(':'), values.split_once(':'))
+        else {
             continue;
         };
         if sec_a != sec_b {
@@ -265,7 +509,12 @@ pub fn parse_proc_pairs(text: &str) -> HashMap<(String, String), u64> {
 pub fn parse_sockstat(text: &str) -> Option<(u64, u64)> {
     let line = text.lines().find(|l| l.starts_with("TCP:"))?;
     let f: Vec<&str> = line.split_whitespace().collect();
-    let get = |key: &str| f.iter().position(|w| *w == key).and_then(|i| f.get(i + 1)).and_then(|v| v.parse().ok());
+    let get = |key: &str| {
+        f.iter()
+            .position(|w| *w == key)
+            .and_then(|i| f.get(i + 1))
+            .and_then(|v| v.parse().ok())
+    };
     Some((get("tw")?, get("orphan")?))
 }
 
@@ -292,7 +541,8 @@ mod tests {
 TcpExt: 12 3 1 4567 4570 12 0\n\
 IpExt: InNoRoutes InTruncatedPkts\n\
 IpExt: 0 0\n";
-    const SNMP: &str = "Tcp: RtoAlgorithm RtoMin RtoMax MaxConn ActiveOpens PassiveOpens AttemptFails\n\
+    const SNMP: &str =
+        "Tcp: RtoAlgorithm RtoMin RtoMax MaxConn ActiveOpens PassiveOpens AttemptFails\n\
 Tcp: 1 200 120000 -1 100 20345 17\n";
 
     #[test]
@@ -306,7 +556,10 @@ Tcp: 1 200 120000 -1 100 20345 17\n";
         assert_eq!(get("Tcp", "PassiveOpens"), Some(20345));
         assert_eq!(get("Tcp", "AttemptFails"), Some(17));
         assert_eq!(get("Tcp", "MaxConn"), None);
-        assert_eq!(parse_sockstat("sockets: used 15\nTCP: inuse 4 orphan 2 tw 36 alloc 4 mem 0\n"), Some((36, 2)));
+        assert_eq!(
+            parse_sockstat("sockets: used 15\nTCP: inuse 4 orphan 2 tw 36 alloc 4 mem 0\n"),
+            Some((36, 2))
+        );
     }
 
     #[test]

@@ -372,7 +372,12 @@ impl Upstream {
             up: self,
             client,
         };
-        match tokio::time::timeout(self.cfg.queue_timeout, &mut waiting.rx).await {
+        let queued_at = Instant::now();
+        let outcome = tokio::time::timeout(self.cfg.queue_timeout, &mut waiting.rx).await;
+        self.stats
+            .queue_wait
+            .observe(queued_at.elapsed().as_secs_f64());
+        match outcome {
             Ok(Ok(Ok(g))) => Ok(self.lease(g, client)),
             Ok(Ok(Err(e))) => Err(e),
             Ok(Err(_)) | Err(_) => {

@@ -464,9 +464,15 @@ async fn connections_retire_after_max_requests_and_idle_ones_above_the_warm_leve
     while let Some(s) = burst.join_next().await {
         assert_eq!(s.unwrap(), 200);
     }
-    assert!(origin.max_open() >= 4, "the burst should have opened connections");
+    assert!(
+        origin.max_open() >= 4,
+        "the burst should have opened connections"
+    );
     // ...which close again once idle past pool_idle_timeout, down to pool_min_idle.
-    wait_until("back to the warm level", Duration::from_secs(4), || origin.open() == 1).await;
+    wait_until("back to the warm level", Duration::from_secs(4), || {
+        origin.open() == 1
+    })
+    .await;
 
     // Sequential requests: a connection serves at most 5, then is replaced.
     let before = origin.accepts();
@@ -474,6 +480,9 @@ async fn connections_retire_after_max_requests_and_idle_ones_above_the_warm_leve
         assert_eq!(get(addr, "/").await.status, 200);
     }
     let opened = origin.accepts() - before;
-    assert!((3..=6).contains(&opened), "20 requests at 5 per connection opened {opened}");
+    assert!(
+        (3..=6).contains(&opened),
+        "20 requests at 5 per connection opened {opened}"
+    );
     proxy.stop().await;
 }

@@ -307,7 +307,11 @@ impl Body for ProxyBody {
 impl Drop for ProxyBody {
     fn drop(&mut self) {
         if let Some(m) = &self._in_flight.activity().requests {
-            m.observe(self.log.upstream_idx, self.log.status, self.log.start.elapsed().as_secs_f64());
+            m.observe(
+                self.log.upstream_idx,
+                self.log.status,
+                self.log.start.elapsed().as_secs_f64(),
+            );
         }
         if !self.log.enabled {
             return;
