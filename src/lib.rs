@@ -30,6 +30,7 @@ pub mod admission;
 pub mod config;
 pub mod conn;
 pub mod demo;
+pub mod doctor;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;

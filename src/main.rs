@@ -38,6 +38,16 @@ enum Command {
         #[arg(long, short, default_value = "config/breakwater.toml")]
         config: PathBuf,
     },
+    /// Compare the host's network and descriptor settings with what a config needs; exit 0
+    /// when nothing caps it, 1 otherwise.
+    Doctor {
+        /// Config to check against (default: config/breakwater.toml, else the embedded default).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Start a built-in origin on a loopback port with Breakwater in front of it, on the
     /// default config's settings, until Ctrl-C.
     Demo {
@@ -67,6 +77,7 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
+        Command::Doctor { config, json } => doctor(config, json),
         Command::Demo { addr } => match Config::embedded_default() {
             Ok(mut c) => {
                 c.listeners.truncate(1);
@@ -78,6 +89,45 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
+    }
+}
+
+fn doctor(path: Option<PathBuf>, json: bool) -> ExitCode {
+    let default = PathBuf::from("config/breakwater.toml");
+    let loaded = match &path {
+        Some(p) => Config::load(p),
+        None if default.exists() => Config::load(&default),
+        None => Config::embedded_default(),
+    };
+    let config = match loaded {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let needs = breakwater::doctor::needs(&config);
+    let checks = breakwater::doctor::assess(&breakwater::doctor::read_host(), &needs);
+    let capped = breakwater::doctor::caps_anything(&checks);
+    if json {
+        let out = serde_json::json!({ "config": config.source, "ok": !capped, "checks": checks });
+        println!("{out}");
+    } else {
+        println!("host settings against {}:\n", config.source);
+        print!("{}", breakwater::doctor::render(&checks));
+        println!(
+            "\n{}",
+            if capped {
+                "Some settings cap what this config asks for: apply the fixes above."
+            } else {
+                "Nothing on this host caps this config."
+            }
+        );
+    }
+    if capped {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

@@ -322,3 +322,44 @@ fn listener_options_are_set_in_the_kernel() {
         0
     );
 }
+
+#[test]
+fn doctor_json_on_this_host_parses_and_its_exit_code_follows_the_verdicts() {
+    for config in ["config/breakwater.toml", "config/minimal.toml"] {
+        let out = Command::new(bin())
+            .args(["doctor", "--json", "--config", config])
+            .output()
+            .unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("doctor --json prints JSON");
+        let checks = v["checks"].as_array().expect("checks");
+        assert!(checks.len() >= 10);
+        for c in checks {
+            for key in ["setting", "value", "needs", "verdict"] {
+                assert!(c[key].is_string(), "{c}");
+            }
+            // Every non-ok verdict comes with its fix.
+            if c["verdict"] == "caps" || c["verdict"] == "advice" {
+                assert!(c["fix"].is_string(), "{c}");
+            }
+        }
+        let caps = checks.iter().any(|c| c["verdict"] == "caps");
+        assert_eq!(v["ok"], !caps);
+        assert_eq!(
+            out.status.code(),
+            Some(if caps { 1 } else { 0 }),
+            "{config}"
+        );
+        // somaxconn on this host against the default backlog of 65535.
+        let somaxconn: u64 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let c = checks
+            .iter()
+            .find(|c| c["setting"] == "net.core.somaxconn")
+            .unwrap();
+        assert_eq!(c["verdict"] == "caps", somaxconn < 65535);
+    }
+}

@@ -1,0 +1,438 @@
+//! `breakwater doctor`: the host settings that decide whether a handshake storm is absorbed or
+//! dropped, compared with what the config asks for. Reading is separate from judging, so the
+//! judgement is tested on given values.
+
+use serde::Serialize;
+
+use crate::Config;
+
+/// The host's values; None where unreadable (another OS, a restricted container).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HostFacts {
+    pub somaxconn: Option<u64>,
+    pub tcp_max_syn_backlog: Option<u64>,
+    pub tcp_syncookies: Option<u64>,
+    pub netdev_max_backlog: Option<u64>,
+    pub ip_local_port_range: Option<(u64, u64)>,
+    pub tcp_tw_reuse: Option<u64>,
+    pub tcp_fin_timeout: Option<u64>,
+    pub file_max: Option<u64>,
+    pub nr_open: Option<u64>,
+    /// RLIMIT_NOFILE (soft, hard) of this process; Breakwater raises soft to hard at start.
+    pub nofile: Option<(u64, u64)>,
+}
+
+fn sysctl(name: &str) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/sys/{}", name.replace('.', "/")))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+fn num(name: &str) -> Option<u64> {
+    sysctl(name)?.parse().ok()
+}
+
+pub fn read_host() -> HostFacts {
+    HostFacts {
+        somaxconn: num("net.core.somaxconn"),
+        tcp_max_syn_backlog: num("net.ipv4.tcp_max_syn_backlog"),
+        tcp_syncookies: num("net.ipv4.tcp_syncookies"),
+        netdev_max_backlog: num("net.core.netdev_max_backlog"),
+        ip_local_port_range: sysctl("net.ipv4.ip_local_port_range").and_then(|s| {
+            let mut it = s.split_whitespace().filter_map(|v| v.parse().ok());
+            Some((it.next()?, it.next()?))
+        }),
+        tcp_tw_reuse: num("net.ipv4.tcp_tw_reuse"),
+        tcp_fin_timeout: num("net.ipv4.tcp_fin_timeout"),
+        file_max: num("fs.file-max"),
+        nr_open: num("fs.nr_open"),
+        nofile: rlimit::Resource::NOFILE.get().ok(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// Enough for this config.
+    Ok,
+    /// Does not cap the config, but a storm would go better with the fix.
+    Advice,
+    /// Caps what the config asks for.
+    Caps,
+    /// Could not be read.
+    Unknown,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub setting: &'static str,
+    pub value: String,
+    pub needs: String,
+    pub verdict: Verdict,
+    /// The command or sysctl.d line that fixes it, when the verdict is not ok.
+    pub fix: Option<String>,
+}
+
+/// What the config needs from the host.
+#[derive(Debug, Clone, Copy)]
+pub struct Needs {
+    pub backlog: u64,
+    /// Descriptors: client connections, origin pools, listeners and a margin.
+    pub fds: u64,
+    /// Origin connections open at once at most.
+    pub origin_connections: u64,
+}
+
+pub fn needs(config: &Config) -> Needs {
+    let backlog = config
+        .listeners
+        .iter()
+        .map(|l| u64::from(l.backlog))
+        .max()
+        .unwrap_or(0);
+    let origin: u64 = config
+        .upstreams
+        .iter()
+        .map(|u| (u.pool_max * u.servers.len()) as u64)
+        .sum();
+    let sockets: u64 = config.listeners.iter().map(|l| l.shards as u64).sum();
+    let clients = u64::from(config.admission.max_connections);
+    Needs {
+        backlog,
+        // The inverse of admission::fd::connection_budget: stop accepting at 90 %.
+        fds: (clients + origin + sockets + 64) * 10 / 9 + 1,
+        origin_connections: origin,
+    }
+}
+
+fn sysctl_fix(name: &str, value: impl std::fmt::Display) -> Option<String> {
+    Some(format!(
+        "sysctl -w {name}={value}  (persist: echo '{name} = {value}' > /etc/sysctl.d/90-breakwater.conf)"
+    ))
+}
+
+pub fn assess(h: &HostFacts, n: &Needs) -> Vec<Check> {
+    let mut out = Vec::new();
+    let mut at_least =
+        |setting: &'static str, have: Option<u64>, want: u64, caps: bool, why: &str| {
+            let (verdict, fix) = match have {
+                None => (Verdict::Unknown, None),
+                Some(v) if v >= want => (Verdict::Ok, None),
+                Some(_) => (
+                    if caps { Verdict::Caps } else { Verdict::Advice },
+                    sysctl_fix(setting, want),
+                ),
+            };
+            out.push(Check {
+                setting,
+                value: have.map_or("?".into(), |v| v.to_string()),
+                needs: format!(">= {want} ({why})"),
+                verdict,
+                fix,
+            });
+        };
+    at_least(
+        "net.core.somaxconn",
+        h.somaxconn,
+        n.backlog,
+        true,
+        "the listen backlog",
+    );
+    at_least(
+        "net.ipv4.tcp_max_syn_backlog",
+        h.tcp_max_syn_backlog,
+        n.backlog,
+        true,
+        "half-open connections during a storm",
+    );
+    at_least(
+        "net.core.netdev_max_backlog",
+        h.netdev_max_backlog,
+        16384,
+        false,
+        "packets queued per CPU in a burst",
+    );
+    at_least(
+        "fs.file-max",
+        h.file_max,
+        n.fds,
+        true,
+        "max_connections + pools",
+    );
+    at_least(
+        "fs.nr_open",
+        h.nr_open,
+        n.fds,
+        true,
+        "max_connections + pools",
+    );
+
+    out.push(match h.tcp_syncookies {
+        None => unknown("net.ipv4.tcp_syncookies", "1"),
+        Some(1) => ok(
+            "net.ipv4.tcp_syncookies",
+            "1",
+            "1 (cookies when the SYN queue overflows)",
+        ),
+        Some(v @ 2) => Check {
+            setting: "net.ipv4.tcp_syncookies",
+            value: v.to_string(),
+            needs: "1 (cookies only on overflow)".into(),
+            verdict: Verdict::Advice,
+            fix: sysctl_fix("net.ipv4.tcp_syncookies", 1),
+        },
+        Some(v) => Check {
+            setting: "net.ipv4.tcp_syncookies",
+            value: v.to_string(),
+            needs: "1 (without cookies a full SYN queue drops new clients)".into(),
+            verdict: Verdict::Caps,
+            fix: sysctl_fix("net.ipv4.tcp_syncookies", 1),
+        },
+    });
+    out.push(match h.ip_local_port_range {
+        None => unknown("net.ipv4.ip_local_port_range", "a range"),
+        Some((lo, hi)) => {
+            let ports = hi.saturating_sub(lo) + 1;
+            // Each origin connection holds a port, and a closed one holds it in TIME_WAIT.
+            let want = n.origin_connections * 4;
+            let verdict = if ports >= want {
+                Verdict::Ok
+            } else {
+                Verdict::Caps
+            };
+            Check {
+                setting: "net.ipv4.ip_local_port_range",
+                value: format!("{lo} {hi} ({ports} ports)"),
+                needs: format!(">= {want} ports (origin pools, 4x for TIME_WAIT churn)"),
+                verdict,
+                fix: (verdict != Verdict::Ok).then(|| {
+                    sysctl_fix("net.ipv4.ip_local_port_range", "\"1024 65000\"").unwrap_or_default()
+                }),
+            }
+        }
+    });
+    out.push(match h.tcp_tw_reuse {
+        None => unknown("net.ipv4.tcp_tw_reuse", "1 or 2"),
+        Some(v @ (1 | 2)) => ok(
+            "net.ipv4.tcp_tw_reuse",
+            &v.to_string(),
+            "1 or 2 (reuse TIME_WAIT ports for origin connects)",
+        ),
+        Some(v) => Check {
+            setting: "net.ipv4.tcp_tw_reuse",
+            value: v.to_string(),
+            needs: "1 (reuse TIME_WAIT ports for origin connects)".into(),
+            verdict: Verdict::Advice,
+            fix: sysctl_fix("net.ipv4.tcp_tw_reuse", 1),
+        },
+    });
+    out.push(match h.tcp_fin_timeout {
+        None => unknown("net.ipv4.tcp_fin_timeout", "<= 30"),
+        Some(v) if v <= 30 => ok(
+            "net.ipv4.tcp_fin_timeout",
+            &v.to_string(),
+            "<= 30 s (orphaned sockets freed sooner)",
+        ),
+        Some(v) => Check {
+            setting: "net.ipv4.tcp_fin_timeout",
+            value: v.to_string(),
+            needs: "<= 30 s (orphaned sockets freed sooner)".into(),
+            verdict: Verdict::Advice,
+            fix: sysctl_fix("net.ipv4.tcp_fin_timeout", 15),
+        },
+    });
+    out.push(match h.nofile {
+        None => unknown("RLIMIT_NOFILE", "enough for max_connections"),
+        Some((soft, hard)) => {
+            let verdict = if hard >= n.fds {
+                Verdict::Ok
+            } else {
+                Verdict::Caps
+            };
+            Check {
+                setting: "RLIMIT_NOFILE",
+                value: format!("soft {soft}, hard {hard}"),
+                needs: format!(
+                    "hard >= {} (Breakwater raises soft to hard at start)",
+                    n.fds
+                ),
+                verdict,
+                fix: (verdict != Verdict::Ok).then(|| {
+                    format!(
+                        "LimitNOFILE={0} in the systemd unit; docker run --ulimit nofile={0}:{0}; \
+                         or lower [admission] max_connections",
+                        n.fds
+                    )
+                }),
+            }
+        }
+    });
+    out
+}
+
+fn ok(setting: &'static str, value: &str, needs: &str) -> Check {
+    Check {
+        setting,
+        value: value.into(),
+        needs: needs.into(),
+        verdict: Verdict::Ok,
+        fix: None,
+    }
+}
+
+fn unknown(setting: &'static str, needs: &str) -> Check {
+    Check {
+        setting,
+        value: "?".into(),
+        needs: needs.into(),
+        verdict: Verdict::Unknown,
+        fix: None,
+    }
+}
+
+/// The table a person reads.
+pub fn render(checks: &[Check]) -> String {
+    let w = |f: &dyn Fn(&Check) -> usize| checks.iter().map(f).max().unwrap_or(0);
+    let (ws, wv, wn) = (
+        w(&|c| c.setting.len()).max(7),
+        w(&|c| c.value.len()).max(5),
+        w(&|c| c.needs.len()).max(12),
+    );
+    let mut s = format!(
+        "{:ws$}  {:wv$}  {:wn$}  {:7}  fix\n",
+        "setting", "value", "config needs", "verdict"
+    );
+    for c in checks {
+        let verdict = match c.verdict {
+            Verdict::Ok => "ok",
+            Verdict::Advice => "advice",
+            Verdict::Caps => "CAPS",
+            Verdict::Unknown => "unknown",
+        };
+        s += &format!(
+            "{:ws$}  {:wv$}  {:wn$}  {:7}  {}\n",
+            c.setting,
+            c.value,
+            c.needs,
+            verdict,
+            c.fix.as_deref().unwrap_or("")
+        );
+    }
+    s
+}
+
+pub fn caps_anything(checks: &[Check]) -> bool {
+    checks.iter().any(|c| c.verdict == Verdict::Caps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host() -> HostFacts {
+        HostFacts {
+            somaxconn: Some(65535),
+            tcp_max_syn_backlog: Some(65535),
+            tcp_syncookies: Some(1),
+            netdev_max_backlog: Some(16384),
+            ip_local_port_range: Some((1024, 65000)),
+            tcp_tw_reuse: Some(1),
+            tcp_fin_timeout: Some(15),
+            file_max: Some(1_000_000),
+            nr_open: Some(1_000_000),
+            nofile: Some((1024, 1_000_000)),
+        }
+    }
+
+    const NEEDS: Needs = Needs {
+        backlog: 65535,
+        fds: 55_700,
+        origin_connections: 64,
+    };
+
+    fn verdict(checks: &[Check], setting: &str) -> Verdict {
+        checks
+            .iter()
+            .find(|c| c.setting == setting)
+            .map(|c| c.verdict)
+            .unwrap()
+    }
+
+    #[test]
+    fn a_tuned_host_caps_nothing() {
+        let c = assess(&host(), &NEEDS);
+        assert!(!caps_anything(&c), "{}", render(&c));
+        assert!(c.iter().all(|c| c.verdict == Verdict::Ok));
+    }
+
+    #[test]
+    fn somaxconn_below_the_backlog_caps_it_with_the_fix() {
+        let c = assess(
+            &HostFacts {
+                somaxconn: Some(4096),
+                ..host()
+            },
+            &NEEDS,
+        );
+        let chk = c
+            .iter()
+            .find(|c| c.setting == "net.core.somaxconn")
+            .unwrap();
+        assert_eq!(chk.verdict, Verdict::Caps);
+        assert!(chk
+            .fix
+            .as_deref()
+            .unwrap()
+            .starts_with("sysctl -w net.core.somaxconn=65535"));
+        assert!(caps_anything(&c));
+    }
+
+    #[test]
+    fn descriptors_ports_and_cookies() {
+        let c = assess(
+            &HostFacts {
+                nofile: Some((1024, 20_000)),
+                ip_local_port_range: Some((60000, 60100)),
+                tcp_syncookies: Some(0),
+                tcp_fin_timeout: Some(60),
+                ..host()
+            },
+            &NEEDS,
+        );
+        assert_eq!(verdict(&c, "RLIMIT_NOFILE"), Verdict::Caps);
+        assert_eq!(
+            verdict(&c, "net.ipv4.ip_local_port_range"),
+            Verdict::Caps,
+            "101 ports for 64 pooled"
+        );
+        assert_eq!(verdict(&c, "net.ipv4.tcp_syncookies"), Verdict::Caps);
+        assert_eq!(verdict(&c, "net.ipv4.tcp_fin_timeout"), Verdict::Advice);
+    }
+
+    #[test]
+    fn advice_alone_does_not_fail() {
+        let c = assess(
+            &HostFacts {
+                netdev_max_backlog: Some(1000),
+                tcp_tw_reuse: Some(0),
+                ..host()
+            },
+            &NEEDS,
+        );
+        assert_eq!(verdict(&c, "net.core.netdev_max_backlog"), Verdict::Advice);
+        assert!(!caps_anything(&c));
+    }
+
+    #[test]
+    fn needs_follow_the_config() {
+        let cfg = Config::parse(
+            "[upstreams.a]\nservers = [\"127.0.0.1:1\", \"127.0.0.1:2\"]\npool_max = 10\n",
+            "t",
+        )
+        .unwrap();
+        let n = needs(&cfg);
+        assert_eq!(n.backlog, 65535);
+        assert_eq!(n.origin_connections, 20);
+        assert!(n.fds > 50_000);
+    }
+}
