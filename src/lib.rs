@@ -34,6 +34,7 @@ pub mod doctor;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;
+pub mod storm;
 pub mod telemetry;
 pub mod upstream;
 
