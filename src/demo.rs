@@ -10,7 +10,8 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
-pub async fn origin(listener: TcpListener) {
+/// Serves until the task is dropped, counting the connections it accepts in `accepts`.
+pub async fn origin(listener: TcpListener, accepts: std::sync::Arc<std::sync::atomic::AtomicU64>) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(a) => a,
@@ -20,6 +21,7 @@ pub async fn origin(listener: TcpListener) {
                 continue;
             }
         };
+        accepts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
                 let xff = req

@@ -138,6 +138,11 @@ impl Engine {
         metrics::render(&self.shared.registry)
     }
 
+    /// The state every connection shares (readiness, counters), kept by callers that watch.
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
     pub fn config(&self) -> &Config {
         &self.shared.config
     }

@@ -60,7 +60,23 @@ enum Command {
         /// Where the proxy listens.
         #[arg(long, default_value = "127.0.0.1:8080")]
         addr: SocketAddr,
+        /// Where the metrics are served.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: SocketAddr,
+        /// Connections in the opening storm; 0 skips it.
+        #[arg(long, default_value_t = 20_000)]
+        storm: u64,
+        /// Where the storm comes from.
+        #[arg(long, default_value = "127.0.1.0/28")]
+        sources: ipnet::IpNet,
     },
+}
+
+/// What `demo` adds around the proxy.
+struct Demo {
+    admin: SocketAddr,
+    storm: u64,
+    sources: ipnet::IpNet,
 }
 
 fn main() -> ExitCode {
@@ -85,11 +101,29 @@ fn main() -> ExitCode {
         },
         Command::Doctor { config, json } => doctor(config, json),
         Command::Storm(args) => storm(args),
-        Command::Demo { addr } => match Config::embedded_default() {
+        Command::Demo {
+            addr,
+            admin,
+            storm,
+            sources,
+        } => match Config::embedded_default() {
             Ok(mut c) => {
                 c.listeners.truncate(1);
                 c.listeners[0].addr = addr;
-                serve(c, Some(addr))
+                c.admin = Some(breakwater::config::AdminConfig {
+                    addr: admin,
+                    token: None,
+                });
+                // 20,000 lines of access log would hide the summary.
+                c.log.access_log = false;
+                serve(
+                    c,
+                    Some(Demo {
+                        admin,
+                        storm,
+                        sources,
+                    }),
+                )
             }
             Err(e) => {
                 eprintln!("error: the embedded default config is invalid: {e}");
@@ -241,7 +275,7 @@ fn doctor(path: Option<PathBuf>, json: bool) -> ExitCode {
 
 /// Binds, then runs until SIGTERM or SIGINT. With `demo`, starts the built-in origin first and
 /// points the (single) upstream at it.
-fn serve(mut config: Config, demo: Option<SocketAddr>) -> ExitCode {
+fn serve(mut config: Config, demo: Option<Demo>) -> ExitCode {
     breakwater::telemetry::init(&config.log);
     fit_to_fd_limit(&mut config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -254,6 +288,7 @@ fn serve(mut config: Config, demo: Option<SocketAddr>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let origin_accepts = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     runtime.block_on(async move {
         if demo.is_some() {
             let origin = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
@@ -270,7 +305,7 @@ fn serve(mut config: Config, demo: Option<SocketAddr>) -> ExitCode {
             for u in &mut config.upstreams {
                 u.servers = vec![origin_addr.clone()];
             }
-            tokio::spawn(breakwater::demo::origin(origin));
+            tokio::spawn(breakwater::demo::origin(origin, origin_accepts.clone()));
             tracing::info!(origin = %origin_addr, "demo origin started");
         }
         let listeners = match breakwater::bind_all(&config) {
@@ -296,19 +331,100 @@ fn serve(mut config: Config, demo: Option<SocketAddr>) -> ExitCode {
                 }
             }
         }
-        if let Some(addr) = demo {
-            println!(
-                "Breakwater demo is running. Try:\n  curl http://{addr}/\nPress Ctrl-C to stop."
-            );
+        let Some(demo) = demo else {
+            return match engine.run(listeners, signal()).await {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        };
+        let addr = listeners[0].local_addr;
+        let shared = engine.shared();
+        let running = tokio::spawn(engine.run(listeners, signal()));
+        // Wait for the warm pool, so the storm meets the proxy as a user would.
+        for _ in 0..50 {
+            if shared.ready.load(std::sync::atomic::Ordering::Acquire) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
-        match engine.run(listeners, signal()).await {
-            Ok(_) => ExitCode::SUCCESS,
+        if demo.storm > 0 {
+            demo_storm(&demo, addr, &shared, &origin_accepts).await;
+        }
+        println!(
+            "\nBreakwater demo is running. Try:\n  curl http://{addr}/\n  curl http://{}/metrics\n  \
+             breakwater storm {addr} --connections 20000 --probe\nPress Ctrl-C to stop.",
+            demo.admin
+        );
+        match running.await {
+            Ok(Ok(_)) => ExitCode::SUCCESS,
+            Ok(Err(e)) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
             Err(e) => {
                 eprintln!("error: {e}");
                 ExitCode::FAILURE
             }
         }
     })
+}
+
+/// The opening act: a short, bounded storm from a few loopback addresses, and what it did.
+async fn demo_storm(
+    demo: &Demo,
+    addr: SocketAddr,
+    shared: &breakwater::Shared,
+    origin_accepts: &std::sync::atomic::AtomicU64,
+) {
+    use std::sync::atomic::Ordering;
+    let plan = breakwater::storm::Plan {
+        target: addr,
+        connections: demo.storm,
+        concurrency: 1000,
+        rate: 0,
+        sources: demo.sources,
+        mode: breakwater::storm::Mode::Request,
+        path: "/".into(),
+        host: addr.to_string(),
+        hold: std::time::Duration::from_secs(5),
+        interval: std::time::Duration::from_secs(2),
+        duration: std::time::Duration::from_secs(20),
+        probe: Some(
+            "127.0.0.2"
+                .parse()
+                .unwrap_or(std::net::IpAddr::from([127, 0, 0, 2])),
+        ),
+        progress: true,
+    };
+    println!(
+        "Storming {addr} with {} new connections from {}…",
+        demo.storm, demo.sources
+    );
+    let origin_before = origin_accepts.load(Ordering::Relaxed);
+    let r = breakwater::storm::run(plan).await;
+    let s = &shared.admission.stats;
+    let refused = s.rejected_rate.load(Ordering::Relaxed)
+        + s.rejected_per_ip_cap.load(Ordering::Relaxed)
+        + s.rejected_deny.load(Ordering::Relaxed);
+    let served = r.status.get(&200).copied().unwrap_or(0);
+    let origin_total = origin_accepts.load(Ordering::Relaxed);
+    let probe = r.probe.clone().unwrap_or_default();
+    println!(
+        "\n{} connections from {} addresses in {:.1} s: {} refused by per-IP limits, {} served; \
+         origin saw {} connections ({} during the storm); probe {:.0}% served, p99 {:.0} ms",
+        r.attempted,
+        r.sources,
+        r.elapsed_s,
+        refused,
+        served,
+        origin_total,
+        origin_total - origin_before,
+        probe.success_ratio * 100.0,
+        probe.latency_ms.p99
+    );
 }
 
 /// Raises RLIMIT_NOFILE's soft limit to the hard one, then keeps `max_connections` within what
