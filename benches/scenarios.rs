@@ -1,0 +1,181 @@
+//! Storm scenarios against Breakwater and against the same origin directly, in one run, with
+//! the `storm` tester; prints a markdown table (and writes it to target/tmp/scenarios.md).
+//! Run: `cargo bench --bench scenarios`.
+//!
+//! Breakwater runs as its own release process with the limits of ../shared/anchors (2 shards,
+//! 100 new connections/s and 200 open per address, pool of 64, header timeout 5 s); the origin
+//! (hyper, counting its accepted connections) and the storm run in this process. Traffic stays
+//! on 127.0.0.0/8.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use breakwater::storm::{self, Mode, Plan, Report};
+
+fn plan(
+    target: SocketAddr,
+    connections: u64,
+    concurrency: usize,
+    sources: &str,
+    mode: Mode,
+) -> Plan {
+    Plan {
+        target,
+        connections,
+        concurrency,
+        rate: 0,
+        sources: sources.parse().expect("cidr"),
+        mode,
+        path: "/".into(),
+        host: "bench".into(),
+        hold: Duration::from_secs(8),
+        interval: Duration::from_secs(1),
+        duration: Duration::from_secs(30),
+        probe: Some("127.0.0.2".parse().expect("ip")),
+        progress: false,
+    }
+}
+
+struct Row {
+    name: &'static str,
+    direct: Report,
+    proxied: Report,
+    origin_direct: u64,
+    origin_proxied: u64,
+}
+
+fn served(r: &Report) -> u64 {
+    r.status.get(&200).copied().unwrap_or(0)
+}
+
+fn probe(r: &Report) -> String {
+    r.probe.as_ref().map_or("-".into(), |p| {
+        format!(
+            "{:.0} % ok, p99 {:.1} ms",
+            p.success_ratio * 100.0,
+            p.latency_ms.p99
+        )
+    })
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let accepts = Arc::new(AtomicU64::new(0));
+    let origin = rt.block_on(async {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind origin");
+        let a = l.local_addr().expect("addr");
+        tokio::spawn(breakwater::demo::origin(l, accepts.clone()));
+        a
+    });
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port");
+    let mut cfg = tempfile::Builder::new()
+        .suffix(".toml")
+        .tempfile()
+        .expect("config");
+    write!(
+        cfg,
+        "[[listeners]]\naddr = \"{port}\"\nbacklog = 65535\ndefer_accept = \"1s\"\nshards = 2\n\
+         [http]\nheader_read_timeout = \"5s\"\nidle_timeout = \"5s\"\n\
+         [admission]\nper_ip_rate = 100\nper_ip_max_connections = 200\nallow = [\"127.0.0.1/32\"]\n\
+         [upstreams.app]\nservers = [\"{origin}\"]\npool_min_idle = 8\npool_max = 64\nqueue_timeout = \"5s\"\n\
+         [log]\nlevel = \"warn\"\naccess_log = false\n"
+    )
+    .expect("write config");
+    let mut proxy = Command::new(env!("CARGO_BIN_EXE_breakwater"))
+        .args(["run", "--config"])
+        .arg(cfg.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start breakwater");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(port).is_err() {
+        assert!(Instant::now() < deadline, "breakwater did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+
+    let scenarios: [(&'static str, u64, usize, &str, Mode); 3] = [
+        (
+            "20,000 new connections from 254 addresses, 1,000 at once",
+            20_000,
+            1000,
+            "127.0.1.0/24",
+            Mode::Request,
+        ),
+        (
+            "10,000 new connections from one abusive address",
+            10_000,
+            500,
+            "127.0.0.66/32",
+            Mode::Request,
+        ),
+        (
+            "1,000 slowloris connections (a byte a second, 8 s)",
+            1_000,
+            1000,
+            "127.0.2.0/24",
+            Mode::Slowloris,
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (name, n, c, src, mode) in scenarios {
+        let run = |target| {
+            let before = accepts.load(Ordering::Relaxed);
+            let r = rt.block_on(storm::run(plan(target, n, c, src, mode)));
+            // Let TIME_WAIT and the proxy's queues settle between runs.
+            std::thread::sleep(Duration::from_secs(1));
+            (r, accepts.load(Ordering::Relaxed) - before)
+        };
+        let (direct, origin_direct) = run(origin);
+        let (proxied, origin_proxied) = run(port);
+        rows.push(Row {
+            name,
+            direct,
+            proxied,
+            origin_direct,
+            origin_proxied,
+        });
+    }
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+
+    let mut t = String::from(
+        "| scenario | target | conn/s | served (200) | refused or cut | origin connections opened | probe (legitimate client) |\n|---|---|---|---|---|---|---|\n",
+    );
+    for r in &rows {
+        for (label, rep, opened) in [
+            ("direct", &r.direct, r.origin_direct),
+            ("Breakwater", &r.proxied, r.origin_proxied),
+        ] {
+            let e = &rep.errors;
+            let cut = match rep.mode {
+                Mode::Slowloris | Mode::Hold => {
+                    format!("{} closed by server", rep.closed_by_server)
+                }
+                _ => format!("{}", e.refused + e.reset + e.closed + e.timeout),
+            };
+            t += &format!(
+                "| {} | {label} | {:.0} | {} | {cut} | {opened} | {} |\n",
+                r.name,
+                rep.connections_per_s,
+                served(rep),
+                probe(rep)
+            );
+        }
+    }
+    println!("{t}");
+    let _ = std::fs::write(concat!(env!("CARGO_TARGET_TMPDIR"), "/scenarios.md"), &t);
+}
