@@ -110,7 +110,16 @@ impl Engine {
         };
         let http = conn::builder(&config.http);
         let admission = Arc::new(admission::Admission::new(&config.admission));
-        let requests = Arc::new(metrics::RequestMetrics::new(proxy.upstreams.len()));
+        let route_labels = (0..proxy.router.routes().len())
+            .map(|i| {
+                let upstream = proxy.router.routes()[i].upstream;
+                (
+                    proxy.router.label(i),
+                    proxy.upstreams[upstream].name.clone(),
+                )
+            })
+            .collect();
+        let requests = Arc::new(metrics::RequestMetrics::new(route_labels));
         let registry =
             metrics::registry(admission.clone(), proxy.upstreams.clone(), requests.clone());
         Engine {

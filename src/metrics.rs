@@ -24,17 +24,21 @@ use crate::upstream::Upstream;
 /// Status classes counted per upstream: 1xx..5xx.
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
-/// Counted as requests complete. One set per upstream (index as in the config), plus one for
-/// requests that reached no upstream (no route, 429).
+/// Counted as requests complete. One set per route, labelled with its upstream, plus one for
+/// requests answered before any route was chosen (no route, 429).
 #[derive(Debug)]
 pub struct RequestMetrics {
-    by_upstream: Vec<([Counter; 5], Histogram)>,
+    /// (route label, upstream name) per route, then ("-", "-").
+    labels: Vec<(String, String)>,
+    by_route: Vec<([Counter; 5], Histogram)>,
 }
 
 impl RequestMetrics {
-    pub fn new(upstreams: usize) -> RequestMetrics {
+    pub fn new(mut labels: Vec<(String, String)>) -> RequestMetrics {
+        labels.push(("-".into(), "-".into()));
         RequestMetrics {
-            by_upstream: (0..=upstreams)
+            by_route: labels
+                .iter()
                 .map(|_| {
                     (
                         Default::default(),
@@ -42,15 +46,14 @@ impl RequestMetrics {
                     )
                 })
                 .collect(),
+            labels,
         }
     }
 
-    /// `upstream` None: answered by Breakwater itself before any upstream was chosen.
-    pub fn observe(&self, upstream: Option<usize>, status: u16, seconds: f64) {
-        let i = upstream
-            .unwrap_or(self.by_upstream.len() - 1)
-            .min(self.by_upstream.len() - 1);
-        let (classes, duration) = &self.by_upstream[i];
+    /// `route` None: answered by Breakwater itself before any route was chosen.
+    pub fn observe(&self, route: Option<usize>, status: u16, seconds: f64) {
+        let last = self.by_route.len() - 1;
+        let (classes, duration) = &self.by_route[route.unwrap_or(last).min(last)];
         let class = (status / 100).clamp(1, 5) as usize - 1;
         classes[class].inc();
         duration.observe(seconds);
@@ -251,31 +254,31 @@ impl prometheus_client::collector::Collector for Snapshot {
 
 impl Snapshot {
     fn encode_requests(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let name = |i: usize| {
-            self.upstreams
-                .get(i)
-                .map_or("-".to_string(), |u| u.name.clone())
+        let r = &self.requests;
+        let labels = |i: usize| {
+            vec![
+                ("route", r.labels[i].0.clone()),
+                ("upstream", r.labels[i].1.clone()),
+            ]
         };
         let mut counts = Vec::new();
-        for (i, (classes, _)) in self.requests.by_upstream.iter().enumerate() {
+        for (i, (classes, _)) in r.by_route.iter().enumerate() {
             for (c, counter) in classes.iter().enumerate() {
-                counts.push((
-                    vec![("upstream", name(i)), ("status", CLASSES[c].to_string())],
-                    counter.get(),
-                ));
+                let mut l = labels(i);
+                l.push(("status", CLASSES[c].to_string()));
+                counts.push((l, counter.get()));
             }
         }
-        counter(enc, "breakwater_requests", "Requests answered, by upstream (\"-\": answered by Breakwater before routing) and status class.", counts)?;
+        counter(enc, "breakwater_requests", "Requests answered, by route, upstream (\"-\": answered by Breakwater before routing) and status class.", counts)?;
         family(
             enc,
             "breakwater_request_duration_seconds",
             "Time from request head to the end of the response body.",
             MetricType::Histogram,
-            self.requests
-                .by_upstream
+            r.by_route
                 .iter()
                 .enumerate()
-                .map(|(i, (_, h))| (vec![("upstream", name(i))], h.clone()))
+                .map(|(i, (_, h))| (labels(i), h.clone()))
                 .collect(),
         )
     }

@@ -152,7 +152,7 @@ pub async fn handle(
     };
     let mut log = AccessLog {
         enabled: shared.proxy.access_log,
-        upstream_idx: None,
+        route: None,
         client: peer,
         method: req.method().clone(),
         path: req.uri().path().to_string(),
@@ -247,13 +247,13 @@ async fn forward(
             .map(str::to_string),
     };
     let host = authority.as_deref().map(route::host_only);
-    let idx = proxy
+    let route = proxy
         .router
         .pick(host, req.uri().path())
         .ok_or(ProxyError::NoRoute)?;
-    let upstream = &proxy.upstreams[idx];
+    let upstream = &proxy.upstreams[proxy.router.routes()[route].upstream];
     log.upstream = Some(upstream.name.clone());
-    log.upstream_idx = Some(idx);
+    log.route = Some(route);
 
     let client_version = req.version();
     let upgrade = if client_version == Version::HTTP_11 {

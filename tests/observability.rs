@@ -141,7 +141,9 @@ async fn accepts_and_every_reject_reason_are_counted() {
         1.0
     );
     assert!(sum(&after, "breakwater_connections_open") >= 2.0);
-    assert!(delta("breakwater_requests_total{upstream=\"app\",status=\"2xx\"}") >= 8.0);
+    assert!(
+        delta("breakwater_requests_total{route=\"*/\",upstream=\"app\",status=\"2xx\"}") >= 8.0
+    );
     assert!(sum(&after, "breakwater_limiter_keys") >= 3.0);
     drop((a, b));
     proxy.stop().await;
@@ -199,7 +201,7 @@ async fn queue_depth_and_busy_connections_under_a_saturated_pool() {
     assert!(
         sum(
             &m,
-            "breakwater_request_duration_seconds_count{upstream=\"app\"}"
+            "breakwater_request_duration_seconds_count{route=\"*/\",upstream=\"app\"}"
         ) >= 6.0
     );
     proxy.stop().await;

@@ -170,8 +170,8 @@ impl Body for UpstreamBody {
 #[derive(Debug)]
 pub struct AccessLog {
     pub enabled: bool,
-    /// Index of the upstream that served the request, for the metrics.
-    pub upstream_idx: Option<usize>,
+    /// Index of the route that matched, for the metrics.
+    pub route: Option<usize>,
     pub client: SocketAddr,
     pub method: http::Method,
     pub path: String,
@@ -308,7 +308,7 @@ impl Drop for ProxyBody {
     fn drop(&mut self) {
         if let Some(m) = &self._in_flight.activity().requests {
             m.observe(
-                self.log.upstream_idx,
+                self.log.route,
                 self.log.status,
                 self.log.start.elapsed().as_secs_f64(),
             );

@@ -6,25 +6,29 @@ use crate::config::RouteConfig;
 
 #[derive(Debug)]
 pub struct Router {
+    /// With no routes and exactly one upstream, one implicit route sends everything there.
     routes: Vec<RouteConfig>,
-    /// With no routes and exactly one upstream, everything goes there.
-    fallback: Option<usize>,
 }
 
 impl Router {
     pub fn new(routes: Vec<RouteConfig>, upstreams: usize) -> Router {
-        let fallback = (routes.is_empty() && upstreams == 1).then_some(0);
-        Router { routes, fallback }
+        let routes = if routes.is_empty() && upstreams == 1 {
+            vec![RouteConfig {
+                host: None,
+                path_prefix: "/".into(),
+                upstream: 0,
+            }]
+        } else {
+            routes
+        };
+        Router { routes }
     }
 
-    /// The upstream index for a host (without port, any case) and path. Longest prefix wins;
+    /// The route (index) for a host (without port, any case) and path. Longest prefix wins;
     /// ties go to the first route in the file.
     pub fn pick(&self, host: Option<&str>, path: &str) -> Option<usize> {
-        if let Some(f) = self.fallback {
-            return Some(f);
-        }
-        let mut best: Option<&RouteConfig> = None;
-        for r in &self.routes {
+        let mut best: Option<usize> = None;
+        for (i, r) in self.routes.iter().enumerate() {
             let host_ok = match (&r.host, host) {
                 (None, _) => true,
                 (Some(p), Some(h)) => p.matches(h),
@@ -32,12 +36,26 @@ impl Router {
             };
             if host_ok
                 && path.starts_with(&r.path_prefix)
-                && best.is_none_or(|b| r.path_prefix.len() > b.path_prefix.len())
+                && best.is_none_or(|b| r.path_prefix.len() > self.routes[b].path_prefix.len())
             {
-                best = Some(r);
+                best = Some(i);
             }
         }
-        best.map(|r| r.upstream)
+        best
+    }
+
+    pub fn routes(&self) -> &[RouteConfig] {
+        &self.routes
+    }
+
+    /// "host/prefix" as metrics label it ("*" for any host).
+    pub fn label(&self, route: usize) -> String {
+        let r = &self.routes[route];
+        format!(
+            "{}{}",
+            r.host.as_ref().map_or("*".to_string(), |h| h.to_string()),
+            r.path_prefix
+        )
     }
 }
 
@@ -77,10 +95,12 @@ mod tests {
             ],
             4,
         );
-        assert_eq!(r.pick(Some("x"), "/index.html"), Some(0));
-        assert_eq!(r.pick(Some("x"), "/api/v2/items"), Some(1));
-        assert_eq!(r.pick(Some("shop.example.com"), "/api/v2/items"), Some(3));
-        assert_eq!(r.pick(None, "/api/v2/items"), Some(1));
+        let up = |h, p| r.pick(h, p).map(|i| r.routes()[i].upstream);
+        assert_eq!(up(Some("x"), "/index.html"), Some(0));
+        assert_eq!(up(Some("x"), "/api/v2/items"), Some(1));
+        assert_eq!(up(Some("shop.example.com"), "/api/v2/items"), Some(3));
+        assert_eq!(up(None, "/api/v2/items"), Some(1));
+        assert_eq!(r.label(3), "shop.example.com/api/v2");
     }
 
     #[test]
