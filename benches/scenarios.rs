@@ -7,12 +7,12 @@
 //! (hyper, counting its accepted connections) and the storm run in this process. Traffic stays
 //! on 127.0.0.0/8.
 
-use std::io::Write;
+mod support;
+
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use breakwater::storm::{self, Mode, Plan, Report};
 
@@ -77,35 +77,8 @@ fn main() {
         a
     });
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port");
-    let mut cfg = tempfile::Builder::new()
-        .suffix(".toml")
-        .tempfile()
-        .expect("config");
-    write!(
-        cfg,
-        "[[listeners]]\naddr = \"{port}\"\nbacklog = 65535\ndefer_accept = \"1s\"\nshards = 2\n\
-         [http]\nheader_read_timeout = \"5s\"\nidle_timeout = \"5s\"\n\
-         [admission]\nper_ip_rate = 100\nper_ip_max_connections = 200\nallow = [\"127.0.0.1/32\"]\n\
-         [upstreams.app]\nservers = [\"{origin}\"]\npool_min_idle = 8\npool_max = 64\nqueue_timeout = \"5s\"\n\
-         [log]\nlevel = \"warn\"\naccess_log = false\n"
-    )
-    .expect("write config");
-    let mut proxy = Command::new(env!("CARGO_BIN_EXE_breakwater"))
-        .args(["run", "--config"])
-        .arg(cfg.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start breakwater");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(port).is_err() {
-        assert!(Instant::now() < deadline, "breakwater did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(500));
+    let proxy = support::anchor_breakwater(origin);
+    let port = proxy.addr;
 
     let scenarios: [(&'static str, u64, usize, &str, Mode); 3] = [
         (
@@ -149,8 +122,7 @@ fn main() {
             origin_proxied,
         });
     }
-    let _ = proxy.kill();
-    let _ = proxy.wait();
+    drop(proxy);
 
     let mut t = String::from(
         "| scenario | target | conn/s | served (200) | refused or cut | origin connections opened | probe (legitimate client) |\n|---|---|---|---|---|---|---|\n",

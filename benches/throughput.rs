@@ -7,9 +7,9 @@
 //! The load generator is a plain tokio client in this process. Everything shares the machine's
 //! cores, so the absolute numbers measure the machine; the ratios are the result.
 
-use std::io::Write;
+mod support;
+
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -175,53 +175,8 @@ fn main() {
     let accepts = Arc::new(AtomicUsize::new(0));
     let origin = start_origin(accepts.clone());
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port");
-    let mut cfg = tempfile::Builder::new()
-        .suffix(".toml")
-        .tempfile()
-        .expect("temp config");
-    write!(
-        cfg,
-        r#"[[listeners]]
-addr = "{port}"
-backlog = 65535
-defer_accept = "1s"
-shards = 2
-[http]
-header_read_timeout = "5s"
-idle_timeout = "5s"
-[admission]
-per_ip_rate = 100
-per_ip_max_connections = 200
-allow = ["127.0.0.1/32"]
-[upstreams.app]
-servers = ["{origin}"]
-pool_min_idle = 8
-pool_max = 64
-queue_timeout = "5s"
-connect_timeout = "2s"
-response_timeout = "10s"
-[log]
-level = "warn"
-access_log = false
-"#
-    )
-    .expect("write config");
-    let mut proxy = Command::new(env!("CARGO_BIN_EXE_breakwater"))
-        .args(["run", "--config"])
-        .arg(cfg.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start breakwater");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(port).is_err() {
-        assert!(Instant::now() < deadline, "breakwater did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(500));
+    let proxy = support::anchor_breakwater(origin);
+    let port = proxy.addr;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -234,8 +189,7 @@ access_log = false
     let before = accepts.load(Ordering::Relaxed);
     let (nc_proxy, client_conns) = rt.block_on(new_connections(port));
     let origin_conns = accepts.load(Ordering::Relaxed) - before;
-    let _ = proxy.kill();
-    let _ = proxy.wait();
+    drop(proxy);
 
     let per_10k = origin_conns as f64 * 10_000.0 / client_conns.max(1) as f64;
     let table = format!(

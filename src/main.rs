@@ -179,6 +179,19 @@ struct StormArgs {
     allow_remote: bool,
 }
 
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            None
+        }
+    }
+}
+
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     breakwater::config::file::parse_duration(s)
 }
@@ -207,15 +220,8 @@ fn storm(a: StormArgs) -> ExitCode {
         probe: a.probe.then_some(a.probe_source),
         progress: !a.json,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     // Each connection holds a descriptor: use all the process may have.
     let _ = breakwater::admission::fd::raise_nofile();
@@ -278,15 +284,8 @@ fn doctor(path: Option<PathBuf>, json: bool) -> ExitCode {
 fn serve(mut config: Config, demo: Option<Demo>) -> ExitCode {
     breakwater::telemetry::init(&config.log);
     fit_to_fd_limit(&mut config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     let origin_accepts = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     runtime.block_on(async move {

@@ -151,19 +151,23 @@ impl Body for UpstreamBody {
 
     fn size_hint(&self) -> SizeHint {
         let buffered = self.buffered.as_ref().map_or(0, |b| b.len() as u64);
-        match &self.rest {
-            None => SizeHint::with_exact(buffered),
-            Some(r) => {
-                let h = r.size_hint();
-                let mut out = SizeHint::new();
-                out.set_lower(h.lower() + buffered);
-                if let Some(u) = h.upper() {
-                    out.set_upper(u + buffered);
-                }
-                out
-            }
-        }
+        hint_with(buffered, self.rest.as_ref())
     }
+}
+
+/// The size of `buffered` bytes followed by what `rest` still holds: exact when nothing is left
+/// to stream, so hyper can send a Content-Length.
+fn hint_with(buffered: u64, rest: Option<&Incoming>) -> SizeHint {
+    let Some(r) = rest else {
+        return SizeHint::with_exact(buffered);
+    };
+    let h = r.size_hint();
+    let mut out = SizeHint::new();
+    out.set_lower(h.lower() + buffered);
+    if let Some(u) = h.upper() {
+        out.set_upper(u + buffered);
+    }
+    out
 }
 
 /// One request's line in the access log, filled in as the request goes.
@@ -289,18 +293,7 @@ impl Body for ProxyBody {
             .filter_map(|f| f.data_ref())
             .map(|d| d.len() as u64)
             .sum();
-        match &self.rest {
-            None => SizeHint::with_exact(buffered),
-            Some(r) => {
-                let h = r.size_hint();
-                let mut out = SizeHint::new();
-                out.set_lower(h.lower() + buffered);
-                if let Some(u) = h.upper() {
-                    out.set_upper(u + buffered);
-                }
-                out
-            }
-        }
+        hint_with(buffered, self.rest.as_ref())
     }
 }
 
