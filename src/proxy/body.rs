@@ -319,7 +319,7 @@ impl Drop for ProxyBody {
             status = l.status,
             upstream = l.upstream.as_deref().unwrap_or("-"),
             server = l.server.as_deref().unwrap_or("-"),
-            duration_ms = l.start.elapsed().as_secs_f64() * 1000.0,
+            duration_ms = (l.start.elapsed().as_secs_f64() * 1_000_000.0).round() / 1000.0,
             bytes = self.bytes,
             complete,
         );
