@@ -30,6 +30,8 @@ pub struct Config {
     pub admission: AdmissionConfig,
     /// `[admin]`: metrics and health endpoints; None = off.
     pub admin: Option<AdminConfig>,
+    /// `[runtime] worker_threads`, resolved: threads serving connections.
+    pub worker_threads: usize,
     pub log: LogConfig,
 }
 
@@ -232,6 +234,7 @@ impl Config {
                 l.addr, l.backlog, defer, l.shards
             );
         }
+        s += &format!("runtime   worker_threads {}\n", self.worker_threads);
         let h = &self.http;
         s += &format!(
             "http      header_read_timeout {}  idle_timeout {}  max_header_bytes {}  http2 {}  \
@@ -566,6 +569,16 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
     }
 
     let admission = validate_admission(raw.admission, &err)?;
+    let worker_threads = match *raw.runtime.worker_threads.get_ref() {
+        0 => default_shards(),
+        n if n <= 1024 => n,
+        n => {
+            return Err(err(
+                raw.runtime.worker_threads.span(),
+                format!("worker_threads {n} is out of range: expected 0 (one per core) to 1024"),
+            ))
+        }
+    };
     let admin = match raw.admin {
         None => None,
         Some(a) => {
@@ -621,6 +634,7 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
         routes,
         admission,
         admin,
+        worker_threads,
         log: LogConfig {
             level,
             format: raw.log.format,

@@ -179,11 +179,13 @@ struct StormArgs {
     allow_remote: bool,
 }
 
-fn runtime() -> Option<tokio::runtime::Runtime> {
-    match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+/// The multi-threaded runtime; `workers` None = one thread per core.
+fn runtime(workers: Option<usize>) -> Option<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        b.worker_threads(n.max(1));
+    }
+    match b.enable_all().build() {
         Ok(r) => Some(r),
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -220,7 +222,7 @@ fn storm(a: StormArgs) -> ExitCode {
         probe: a.probe.then_some(a.probe_source),
         progress: !a.json,
     };
-    let Some(runtime) = runtime() else {
+    let Some(runtime) = runtime(None) else {
         return ExitCode::FAILURE;
     };
     // Each connection holds a descriptor: use all the process may have.
@@ -284,7 +286,7 @@ fn doctor(path: Option<PathBuf>, json: bool) -> ExitCode {
 fn serve(mut config: Config, demo: Option<Demo>) -> ExitCode {
     breakwater::telemetry::init(&config.log);
     fit_to_fd_limit(&mut config);
-    let Some(runtime) = runtime() else {
+    let Some(runtime) = runtime(Some(config.worker_threads)) else {
         return ExitCode::FAILURE;
     };
     let origin_accepts = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));

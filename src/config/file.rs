@@ -47,6 +47,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub admin: Option<FileAdmin>,
     #[serde(default)]
+    pub runtime: FileRuntime,
+    #[serde(default)]
     pub log: FileLog,
 }
 
@@ -97,6 +99,21 @@ impl Default for FileAdmission {
             deny: Vec::new(),
             ipv6_prefix: default_ipv6_prefix(),
             dry_run: false,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRuntime {
+    #[serde(default = "default_shards")]
+    pub worker_threads: Spanned<usize>,
+}
+
+impl Default for FileRuntime {
+    fn default() -> Self {
+        FileRuntime {
+            worker_threads: default_shards(),
         }
     }
 }
