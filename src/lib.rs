@@ -99,7 +99,7 @@ impl Engine {
             upstreams: config
                 .upstreams
                 .iter()
-                .map(upstream::Upstream::new)
+                .map(|u| upstream::Upstream::new(u, &config.admission.allow))
                 .collect(),
             access_log: config.log.access_log,
             ipv6_prefix: config.admission.ipv6_prefix,

@@ -120,6 +120,7 @@ pub struct Upstream {
     rr: AtomicUsize,
     /// Busy connections (or h2c streams) one client address may hold.
     client_cap: usize,
+    exempt: Vec<ipnet::IpNet>,
     pub stats: UpstreamStats,
     me: Weak<Upstream>,
 }
@@ -239,7 +240,8 @@ struct Failed {
 }
 
 impl Upstream {
-    pub fn new(cfg: &UpstreamConfig) -> Arc<Upstream> {
+    /// `exempt`: client networks never held to `max_client_share` (the admission allow list).
+    pub fn new(cfg: &UpstreamConfig, exempt: &[ipnet::IpNet]) -> Arc<Upstream> {
         let streams = match cfg.protocol {
             UpstreamProtocol::Http1 => 1,
             UpstreamProtocol::H2c => pool::H2_STREAMS,
@@ -270,6 +272,7 @@ impl Upstream {
             next_conn: AtomicU64::new(1),
             rr: AtomicUsize::new(0),
             client_cap,
+            exempt: exempt.to_vec(),
             stats: UpstreamStats::default(),
             cfg: cfg.clone(),
             me: me.clone(),
@@ -299,6 +302,12 @@ impl Upstream {
             }
         }
         healthy
+    }
+
+    /// Whether `client` may take another connection under `max_client_share`.
+    fn under_cap(&self, busy: &HashMap<IpAddr, usize>, client: IpAddr) -> bool {
+        busy.get(&client).copied().unwrap_or(0) < self.client_cap
+            || self.exempt.iter().any(|n| n.contains(&client))
     }
 
     fn checkout(&self, st: &mut State, client: IpAddr) -> Option<Granted> {
@@ -348,7 +357,7 @@ impl Upstream {
             if !self.servers.iter().any(|s| s.health.is_healthy()) {
                 return Err(UpstreamError::NoHealthyServer);
             }
-            let under_cap = st.busy_by_client.get(&client).copied().unwrap_or(0) < self.client_cap;
+            let under_cap = self.under_cap(&st.busy_by_client, client);
             if st.queue.is_empty() && under_cap {
                 if let Some(g) = self.checkout(&mut st, client) {
                     drop(st);
@@ -397,15 +406,12 @@ impl Upstream {
             if !any_room {
                 break;
             }
-            let cap = self.client_cap;
             let State {
                 queue,
                 busy_by_client,
                 ..
             } = &mut *st;
-            let Some((client, waiter)) =
-                queue.pop(|c| busy_by_client.get(&c).copied().unwrap_or(0) < cap)
-            else {
+            let Some((client, waiter)) = queue.pop(|c| self.under_cap(busy_by_client, c)) else {
                 break;
             };
             if waiter.is_closed() {

@@ -486,3 +486,34 @@ async fn connections_retire_after_max_requests_and_idle_ones_above_the_warm_leve
     );
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_share_cap_binds_ordinary_addresses_but_not_the_allow_list() {
+    let origin = slow_origin(Duration::from_millis(200)).await;
+    let proxy = Proxy::start(&config(
+        &[origin.addr],
+        "pool_min_idle = 8\npool_max = 8\nmax_client_share = 0.25\nqueue_timeout = \"10s\"",
+        "[admission]\nper_ip_rate = 0",
+    ))
+    .await;
+    let addr = proxy.addr;
+    let burst = |src: &'static str| async move {
+        let t = Instant::now();
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..16 {
+            set.spawn(async move { try_get_from(src, addr).await });
+        }
+        while let Some(r) = set.join_next().await {
+            assert_eq!(r.unwrap(), Some(200));
+        }
+        t.elapsed()
+    };
+    // An ordinary address may hold 2 of the 8 connections: 16 requests take 8 rounds.
+    let capped = burst("127.0.90.1").await;
+    // 127.0.0.1 is on the admission allow list: it may use all 8, so 2 rounds.
+    let exempt = burst("127.0.0.1").await;
+    eprintln!("16 requests of 200 ms: capped address {capped:?}, allow-listed {exempt:?}");
+    assert!(capped >= Duration::from_millis(1400), "{capped:?}");
+    assert!(exempt < Duration::from_millis(1000), "{exempt:?}");
+    proxy.stop().await;
+}
