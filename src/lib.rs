@@ -3,19 +3,24 @@
 //! # The data flow
 //!
 //! ```text
-//! client ─TCP─▶ ① listener ─▶ ③ conn ─────────────▶ ④ proxy ─────────▶ ⑤ upstream ─▶ origin
-//!               (bind, shards,  (clock: slowloris     (route, headers,    (pick a server,
-//!                accept loop)    and idle timeouts;    errors → HTTP)      keep-alive pool,
-//!                                hyper HTTP/1 + h2c)                       timeouts, retry)
+//! client ─TCP─▶ ① listener ─▶ ② admission ─▶ ③ conn ──────────▶ ④ proxy ────────▶ ⑤ upstream ─▶ origin
+//!               (bind, shards,  (deny/allow,    (clock: slowloris   (route, headers,   (warm pool per
+//!                accept4 loop)   rate, caps:     and idle timeouts;  read-ahead,        server, fair
+//!                                guards or RST)  hyper HTTP/1+h2c)   errors → HTTP)     queue, health)
 //! ```
-//! ② admission (rate limits and caps decided right after accept) slots in between ① and ③.
+//! At the edges: `config` (TOML → validated `Config`), `metrics` and `admin` (Prometheus,
+//! health), `telemetry` (logs), `doctor` (host settings), `storm` (load tester), `main.rs`
+//! (CLI, signals).
 //!
 //! # Where is…
 //! - the listen backlog, TCP_DEFER_ACCEPT, SO_REUSEPORT, the accept loop: `listener.rs`
-//! - the header-read and idle timeouts: `conn/clock.rs`
+//! - the per-IP rate limiter: `admission/rate_limit.rs`; caps: `admission/conn_limit.rs`,
+//!   `admission/global_cap.rs`; descriptor budget and reserve: `admission/fd.rs`
+//! - the header-read, idle and send timeouts, the rapid-reset guard: `conn/clock.rs`
 //! - hop-by-hop headers, X-Forwarded-*: `proxy/headers.rs`; routing: `proxy/route.rs`
 //! - which error gives which status: `ProxyError` in `proxy.rs`
-//! - origin connections: `upstream/pool.rs`
+//! - the warm pool and queue: `upstream.rs`, `upstream/pool.rs`, `upstream/queue.rs`;
+//!   health checks: `upstream/health.rs`
 //! - config keys and their defaults: `config/file.rs` and `config/breakwater.toml`
 //!
 //! # Words
