@@ -207,12 +207,7 @@ async fn fifty_megabytes_each_way_stream_through_in_bounded_memory() {
     assert_eq!(got.status, 200);
     assert_eq!(got.text(), FIFTY_MB.to_string());
 
-    let stream = tokio::net::TcpStream::connect(bw.addr).await.unwrap();
-    let (mut tx, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut tx = client(bw.addr).await;
     let resp = tx
         .send_request(request("GET", bw.addr, "/download", full("")))
         .await

@@ -330,12 +330,7 @@ async fn origin_dying_mid_body_leaves_a_visibly_incomplete_response() {
     }))
     .await;
     let proxy = Proxy::start(&config_for(origin.addr, "")).await;
-    let stream = TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut tx, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut tx = client(proxy.addr).await;
     let resp = tx
         .send_request(request("GET", proxy.addr, "/big", full("")))
         .await

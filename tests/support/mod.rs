@@ -295,14 +295,23 @@ impl Got {
     }
 }
 
-/// One request on a new HTTP/1.1 connection.
-pub async fn send(addr: SocketAddr, req: Request<Body>) -> Got {
+/// A new HTTP/1.1 client connection, for tests that keep it or read the body themselves.
+pub async fn client(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Body> {
     let stream = TcpStream::connect(addr).await.expect("connect to proxy");
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .unwrap();
     tokio::spawn(conn);
-    let resp = tx.send_request(req).await.expect("response");
+    tx
+}
+
+/// One request on a new HTTP/1.1 connection.
+pub async fn send(addr: SocketAddr, req: Request<Body>) -> Got {
+    let resp = client(addr)
+        .await
+        .send_request(req)
+        .await
+        .expect("response");
     collect(resp).await
 }
 
