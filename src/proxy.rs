@@ -362,6 +362,16 @@ async fn forward(
             }
         }
     }
+    if body.is_end_stream() {
+        // The read-ahead took the last byte without seeing the end: the body is complete.
+        lease.finish();
+        return Ok(Relayed {
+            head,
+            buffered,
+            rest: None,
+            conn: None,
+        });
+    }
     Ok(Relayed {
         head,
         buffered,

@@ -517,3 +517,48 @@ async fn the_client_share_cap_binds_ordinary_addresses_but_not_the_allow_list() 
     assert!(exempt < Duration::from_millis(1000), "{exempt:?}");
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_responses_give_their_connection_back() {
+    // 256 KiB: more than response_buffer, so it streams instead of being read ahead.
+    let origin = origin(Arc::new(|req: hyper::Request<hyper::body::Incoming>| {
+        Box::pin(async move {
+            let chunked = req.uri().path() == "/chunked";
+            let chunks = (0..4).map(|_| {
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(hyper::body::Frame::data(
+                    bytes::Bytes::from(vec![b'y'; 64 * 1024]),
+                ))
+            });
+            use http_body_util::BodyExt;
+            let body = http_body_util::StreamBody::new(futures_util::stream::iter(chunks)).boxed();
+            let mut r = Response::new(body);
+            if !chunked {
+                r.headers_mut()
+                    .insert("content-length", (256 * 1024).into());
+            }
+            r
+        })
+    }))
+    .await;
+    let proxy = Proxy::start(&config(
+        &[origin.addr],
+        "pool_min_idle = 2\npool_max = 4",
+        "",
+    ))
+    .await;
+    wait_until("warm", Duration::from_secs(3), || origin.open() == 2).await;
+    for path in ["/length", "/chunked"] {
+        let before = origin.accepts();
+        for _ in 0..10 {
+            let g = get(proxy.addr, path).await;
+            assert_eq!((g.status, g.body.len()), (200, 256 * 1024));
+        }
+        eprintln!("{path}: origin accepted {} more", origin.accepts() - before);
+    }
+    assert_eq!(
+        origin.accepts(),
+        2,
+        "streamed responses must not cost their origin connection"
+    );
+    proxy.stop().await;
+}

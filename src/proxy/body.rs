@@ -260,6 +260,15 @@ impl Body for ProxyBody {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Some(Ok(f))) => {
                 this.count(&f);
+                // hyper stops polling once `is_end_stream` says the body is complete (a
+                // Content-Length body after its last byte) and drops us without a final
+                // `None`: give the connection back now, or it would be discarded.
+                if this.rest.as_ref().is_some_and(|r| r.is_end_stream()) {
+                    this.rest = None;
+                    if let Some(c) = this.conn.take() {
+                        c.finish();
+                    }
+                }
                 Poll::Ready(Some(Ok(f)))
             }
             Poll::Ready(Some(Err(e))) => {
@@ -299,6 +308,13 @@ impl Body for ProxyBody {
 
 impl Drop for ProxyBody {
     fn drop(&mut self) {
+        // hyper drops a body it knows is complete without polling it to its end: if the
+        // origin's response was read whole, its connection is reusable.
+        if !self.failed && self.rest.as_ref().is_none_or(|r| r.is_end_stream()) {
+            if let Some(c) = self.conn.take() {
+                c.finish();
+            }
+        }
         if let Some(m) = &self._in_flight.activity().requests {
             m.observe(
                 self.log.route,
