@@ -17,9 +17,11 @@ const EXIT_USAGE: u8 = 2;
     version,
     about = "A hardened TCP accept-front HTTP reverse proxy for connection storms",
     after_help = "Examples:\n  \
-        breakwater demo                                  built-in origin + proxy on 127.0.0.1:8080\n  \
+        breakwater demo                                  built-in origin + proxy on 127.0.0.1:8080, an opening storm\n  \
         breakwater check --config config/breakwater.toml validate a config and show what would run\n  \
-        breakwater run --config /etc/breakwater.toml     front your app"
+        breakwater run --config /etc/breakwater.toml     front your app\n  \
+        breakwater doctor --config /etc/breakwater.toml  host settings that would cap the config\n  \
+        breakwater storm 127.0.0.1:8080 --probe          rehearse a handshake storm"
 )]
 struct Cli {
     #[command(subcommand)]
