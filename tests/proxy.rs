@@ -520,3 +520,25 @@ async fn curl_as_a_real_client() {
     }
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv4_and_ipv6_listeners_side_by_side() {
+    let origin = echo_origin().await;
+    let toml = format!(
+        "[[listeners]]\naddr = \"[::1]:0\"\n[[listeners]]\naddr = \"127.0.0.1:0\"\n[upstreams.app]\nservers = [\"{}\"]\n",
+        origin.addr
+    );
+    let cfg = breakwater::Config::parse(&toml, "t.toml").unwrap();
+    let bound = breakwater::bind_all(&cfg).unwrap();
+    let (v6, v4) = (bound[0].local_addr, bound[1].local_addr);
+    assert!(v6.is_ipv6() && v4.is_ipv4());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(breakwater::run(cfg, bound, async move {
+        let _ = rx.await;
+    }));
+    assert_eq!(get(v6, "/six").await.text(), "GET /six");
+    assert_eq!(get(v4, "/four").await.text(), "GET /four");
+    assert_eq!(origin.requests()[0].headers["x-forwarded-for"], "::1");
+    let _ = tx.send(());
+    task.await.unwrap().unwrap();
+}
