@@ -562,3 +562,33 @@ async fn streamed_responses_give_their_connection_back() {
     );
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_larger_than_the_read_ahead_stream_both_ways_over_h2() {
+    let origin = echo_origin().await;
+    let proxy = Proxy::start(&config(
+        &[origin.addr],
+        "protocol = \"h2c\"\npool_min_idle = 1\npool_max = 1",
+        "",
+    ))
+    .await;
+    // An HTTP/2 client, a 200 kB body (past the 64 kB read-ahead), an h2c origin echoing it.
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let body: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let req = hyper::Request::post(format!("http://{}/echo", proxy.addr))
+        .body(full(body.clone()))
+        .unwrap();
+    let got = collect(tx.send_request(req).await.unwrap()).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.body.len(), body.len());
+    assert!(got.body == body, "the echoed body differs");
+    assert_eq!(origin.accepts(), 1);
+    proxy.stop().await;
+}
