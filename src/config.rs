@@ -867,6 +867,15 @@ mod tests {
     }
 
     #[test]
+    fn absurd_durations_are_errors_not_overflows() {
+        let e = parse(&format!("{ONE}[http]\nidle_timeout = \"1000000000y\"\n")).unwrap_err();
+        assert!(
+            e.contains("`http.idle_timeout`") && e.contains("too long"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn dangling_upstream() {
         let e = parse(&format!("{ONE}[[routes]]\nupstream = \"ap\"\n")).unwrap_err();
         assert_eq!(

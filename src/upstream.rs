@@ -494,7 +494,7 @@ impl Upstream {
                     .success(false, self.cfg.health.healthy_after);
                 let mut st = self.lock();
                 let slots = &mut st.slots[server];
-                slots.connecting -= 1;
+                slots.connecting = slots.connecting.saturating_sub(1);
                 slots.entries.push(Entry {
                     id,
                     tx: Some(tx),
@@ -517,8 +517,8 @@ impl Upstream {
                     Purpose::Warm => Transition::None,
                 };
                 let mut st = self.lock();
-                st.slots[server].connecting -= 1;
-                st.slots[server].open -= 1;
+                st.slots[server].connecting = st.slots[server].connecting.saturating_sub(1);
+                st.slots[server].open = st.slots[server].open.saturating_sub(1);
                 if purpose == Purpose::Warm {
                     st.slots[server].refill_after =
                         Instant::now() + std::time::Duration::from_secs(1);
@@ -545,7 +545,7 @@ impl Upstream {
     /// A connection's socket closed (origin closed it, or we retired it).
     fn closed(&self, server: usize, id: u64) {
         let mut st = self.lock();
-        st.slots[server].open -= 1;
+        st.slots[server].open = st.slots[server].open.saturating_sub(1);
         st.slots[server].remove(id);
         self.refill(&mut st);
         self.dispatch(&mut st);

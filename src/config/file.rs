@@ -329,13 +329,21 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if t == "0" {
         return Ok(Duration::ZERO);
     }
-    humantime::parse_duration(t).map_err(|_| {
+    let d = humantime::parse_duration(t).map_err(|_| {
         format!(
             "invalid duration {s:?}: expected a number with a unit (ms, s, m, h), \
              such as \"250ms\", \"5s\" or \"2m\""
         )
-    })
+    })?;
+    // Deadlines are computed as now + duration; an absurd value must be an error, not an
+    // overflow at the first connection.
+    if d > MAX_DURATION {
+        return Err(format!("duration {s:?} is too long: at most 30 days"));
+    }
+    Ok(d)
 }
+
+const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 fn no_upstreams() -> Spanned<BTreeMap<String, Spanned<FileUpstream>>> {
     Spanned::new(0..0, BTreeMap::new())
