@@ -187,8 +187,14 @@ pub async fn handle(
                     server,
                     error,
                 } => {
-                    tracing::warn!(client = %peer, upstream = %upstream, server = %server, error = %error,
-                        status = status.as_u16(), "upstream request failed")
+                    let sampled = log
+                        .route
+                        .map(|r| &shared.proxy.upstreams[shared.proxy.router.routes()[r].upstream])
+                        .and_then(|u| u.request_failure_log.admit());
+                    if let Some(n) = sampled {
+                        tracing::warn!(client = %peer, upstream = %upstream, server = %server, error = %error,
+                            status = status.as_u16(), failures = n, "upstream request failed");
+                    }
                 }
                 ProxyError::BodyTooSlow => {
                     tracing::debug!(client = %peer, path = %log.path, "request body too slow")

@@ -22,3 +22,60 @@ pub fn init(cfg: &LogConfig) {
         LogFormat::Text => builder.try_init(),
     };
 }
+
+/// At most one line per `every` for a kind of event that can repeat per connection (a dead
+/// origin during a storm fails thousands of requests a second); the line says how many it
+/// stands for. Lock-free: one atomic load on the common, suppressed path.
+#[derive(Debug)]
+pub struct Sampled {
+    every_ms: u64,
+    epoch: std::time::Instant,
+    next_ms: std::sync::atomic::AtomicU64,
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+impl Sampled {
+    pub fn new(every: std::time::Duration) -> Sampled {
+        Sampled {
+            every_ms: every.as_millis() as u64,
+            epoch: std::time::Instant::now(),
+            next_ms: std::sync::atomic::AtomicU64::new(0),
+            suppressed: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)` when this event should be logged, `n` being how many it stands for (itself
+    /// and those suppressed since the last line); None when it is only counted.
+    pub fn admit(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let next = self.next_ms.load(Relaxed);
+        if now >= next
+            && self
+                .next_ms
+                .compare_exchange(next, now + self.every_ms, Relaxed, Relaxed)
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Relaxed) + 1);
+        }
+        self.suppressed.fetch_add(1, Relaxed);
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_line_per_interval_with_the_count() {
+        let s = Sampled::new(std::time::Duration::from_secs(3600));
+        assert_eq!(s.admit(), Some(1));
+        for _ in 0..99 {
+            assert_eq!(s.admit(), None);
+        }
+        let s = Sampled::new(std::time::Duration::ZERO);
+        assert_eq!(s.admit(), Some(1));
+        assert_eq!(s.admit(), Some(1));
+    }
+}

@@ -122,6 +122,9 @@ pub struct Upstream {
     client_cap: usize,
     exempt: Vec<ipnet::IpNet>,
     pub stats: UpstreamStats,
+    /// Connect failures and failed requests are logged at most once a second each.
+    connect_failure_log: crate::telemetry::Sampled,
+    pub request_failure_log: crate::telemetry::Sampled,
     me: Weak<Upstream>,
 }
 
@@ -274,6 +277,8 @@ impl Upstream {
             client_cap,
             exempt: exempt.to_vec(),
             stats: UpstreamStats::default(),
+            connect_failure_log: crate::telemetry::Sampled::new(std::time::Duration::from_secs(1)),
+            request_failure_log: crate::telemetry::Sampled::new(std::time::Duration::from_secs(1)),
             cfg: cfg.clone(),
             me: me.clone(),
         })
@@ -506,8 +511,10 @@ impl Upstream {
             }
             Err(e) => {
                 self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(upstream = %self.name, server = %self.servers[server].addr, error = %e,
-                    "origin connect failed");
+                if let Some(n) = self.connect_failure_log.admit() {
+                    tracing::warn!(upstream = %self.name, server = %self.servers[server].addr, error = %e,
+                        failures = n, "origin connect failed");
+                }
                 // A connect made for waiting requests counts against the server; warm connects
                 // fail together (one event seen several times) and only pause the refill.
                 let transition = match purpose {
