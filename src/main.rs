@@ -328,6 +328,10 @@ fn serve(mut config: Config, demo: Option<Demo>) -> ExitCode {
                     tracing::info!(addr = %admin.addr, "admin listening: /metrics /healthz /readyz");
                     engine = engine.with_admin(l);
                 }
+                // The demo's metrics are a nicety; a configured admin port is not.
+                Err(e) if demo.is_some() => {
+                    eprintln!("warning: no metrics for the demo: cannot listen on {}: {e}", admin.addr);
+                }
                 Err(e) => {
                     eprintln!("error: cannot listen on the admin address {}: {e}", admin.addr);
                     return ExitCode::FAILURE;
