@@ -327,49 +327,20 @@ async fn forward(
     );
     head.version = client_version;
 
-    let mut buffered = VecDeque::new();
-    if is_head || body.is_end_stream() {
-        lease.finish();
-        return Ok(Relayed {
-            head,
-            buffered,
-            rest: None,
-            conn: None,
-        });
-    }
-    let deadline = tokio::time::Instant::now() + PREFETCH_WAIT;
-    let mut size = 0;
-    while size < proxy.response_buffer {
-        // `frame()` is cancel-safe: dropping it before it completes loses no data.
-        let next = tokio::select! {
-            f = body.frame() => f,
-            _ = tokio::time::sleep_until(deadline) => break,
-        };
-        match next {
-            Some(Ok(f)) => {
-                size += f.data_ref().map_or(0, |d| d.len());
-                buffered.push_back(f);
-            }
-            Some(Err(e)) => {
-                return Err(ProxyError::Upstream {
-                    upstream: upstream.name.clone(),
-                    server: lease.server().to_string(),
-                    error: UpstreamError::Response(e),
-                })
-            }
-            None => {
-                lease.finish();
-                return Ok(Relayed {
-                    head,
-                    buffered,
-                    rest: None,
-                    conn: None,
-                });
-            }
-        }
-    }
-    if body.is_end_stream() {
-        // The read-ahead took the last byte without seeing the end: the body is complete.
+    let (buffered, complete) = if is_head {
+        (VecDeque::new(), true)
+    } else {
+        read_ahead_response(&mut body, proxy.response_buffer)
+            .await
+            .map_err(|e| ProxyError::Upstream {
+                upstream: upstream.name.clone(),
+                server: lease.server().to_string(),
+                error: UpstreamError::Response(e),
+            })?
+    };
+    if complete {
+        // The origin's response is read whole: its connection is free before the client
+        // has read a byte.
         lease.finish();
         return Ok(Relayed {
             head,
@@ -384,6 +355,34 @@ async fn forward(
         rest: Some(body),
         conn: Some(lease),
     })
+}
+
+/// Reads response frames that come within `PREFETCH_WAIT`, up to `limit` bytes. Returns them
+/// and whether the body is complete (its end seen, or its last byte read: hyper reports a
+/// Content-Length body as ended once that many bytes were yielded).
+async fn read_ahead_response(
+    body: &mut Incoming,
+    limit: usize,
+) -> Result<(VecDeque<Frame<Bytes>>, bool), hyper::Error> {
+    let mut buffered = VecDeque::new();
+    let deadline = tokio::time::Instant::now() + PREFETCH_WAIT;
+    let mut size = 0;
+    while size < limit && !body.is_end_stream() {
+        // `frame()` is cancel-safe: dropping it before it completes loses no data.
+        let next = tokio::select! {
+            f = body.frame() => f,
+            _ = tokio::time::sleep_until(deadline) => break,
+        };
+        match next {
+            Some(f) => {
+                let f = f?;
+                size += f.data_ref().map_or(0, |d| d.len());
+                buffered.push_back(f);
+            }
+            None => return Ok((buffered, true)),
+        }
+    }
+    Ok((buffered, body.is_end_stream()))
 }
 
 /// Reads the start of a request body (all of it when it fits `request_buffer`), requiring
