@@ -1,7 +1,9 @@
 //! The admin listener: `GET /metrics` (Prometheus text), `/healthz` (the process is up) and
 //! `/readyz` (listeners bound and every warm pool filled). Off unless `[admin]` is configured;
 //! config validation refuses a non-loopback address without a token. Served by a plain hyper
-//! HTTP/1 server outside admission control, so an operator can look while a storm is on.
+//! HTTP/1 server outside admission control, so an operator can look while a storm is on; it
+//! has limits of its own instead (connections, head size, a deadline per connection), so an
+//! unauthenticated peer cannot hold it open.
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -11,9 +13,18 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
+
+use crate::admission::fd::ADMIN_CONNECTIONS;
+
+/// A request head must arrive within this (also the idle limit between keep-alive requests).
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// No admin connection lives longer: a scrape takes milliseconds.
+const CONNECTION_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+/// The largest head read (hyper's smallest allowed buffer): admin requests are tiny.
+const MAX_HEAD: usize = 8192;
 
 use crate::Shared;
 
@@ -22,6 +33,7 @@ pub async fn serve(
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let slots = Arc::new(Semaphore::new(ADMIN_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
             _ = shutdown.changed() => return,
@@ -35,15 +47,25 @@ pub async fn serve(
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Over the cap: closed at once, costing nothing more.
+            let _ = stream.set_zero_linger();
+            drop(stream);
+            continue;
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(respond(&shared, &req)) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(MAX_HEAD)
+                .serve_connection(TokioIo::new(stream), svc);
+            let _ = tokio::time::timeout(CONNECTION_DEADLINE, conn).await;
+            drop(slot);
         });
     }
 }
@@ -107,10 +129,31 @@ fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
-/// Compares without returning early, so response timing does not leak the token.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
+/// Compares `given` with `token` in time that depends only on `given`'s length (which the
+/// caller knows anyway): no early return on the first difference, and none on a length
+/// mismatch, so timing leaks neither the token's bytes nor its length. (`subtle`'s slice
+/// compare returns early when lengths differ.)
+fn constant_time_eq(given: &[u8], token: &[u8]) -> bool {
+    if token.is_empty() {
+        return given.is_empty();
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    let mut diff = u8::from(given.len() != token.len());
+    for (i, g) in given.iter().enumerate() {
+        diff |= g ^ token[i % token.len()];
+    }
+    diff == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn token_compare() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secreT", b"secret"));
+        assert!(!constant_time_eq(b"secretsecret", b"secret"));
+        assert!(!constant_time_eq(b"sec", b"secret"));
+        assert!(!constant_time_eq(b"", b"secret"));
+    }
 }

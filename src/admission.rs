@@ -260,8 +260,7 @@ impl Admission {
 
     /// Decides on a freshly accepted connection from `ip`, which already holds `global`.
     pub fn admit(&self, ip: IpAddr, global: GlobalSlot) -> Result<Admitted, Rejected> {
-        let key = client_key(ip, self.ipv6_prefix);
-        let verdict = self.decide(key);
+        let verdict = self.decide(ip);
         match verdict {
             Ok(per_ip) => Ok(Admitted { per_ip, global }),
             Err(r) => {
@@ -284,14 +283,24 @@ impl Admission {
         }
     }
 
+    /// Whether `ip` is on the allow list (matched on the address itself, like deny).
+    pub fn is_allowed(&self, ip: IpAddr) -> bool {
+        let ip = unmapped(ip);
+        self.allow.iter().any(|n| n.contains(&ip))
+    }
+
     /// The per-client slot's key when one was taken.
-    fn decide(&self, key: IpAddr) -> Result<Option<IpAddr>, Rejected> {
-        if self.deny.iter().any(|n| n.contains(&key)) {
+    fn decide(&self, ip: IpAddr) -> Result<Option<IpAddr>, Rejected> {
+        // Lists match the address itself: an entry more specific than `ipv6_prefix` (a /128
+        // deny) must still match. The grouped key is only for counting.
+        let raw = unmapped(ip);
+        if self.deny.iter().any(|n| n.contains(&raw)) {
             return Err(Rejected::Deny);
         }
-        if self.allow.iter().any(|n| n.contains(&key)) {
+        if self.allow.iter().any(|n| n.contains(&raw)) {
             return Ok(None);
         }
+        let key = client_key(ip, self.ipv6_prefix);
         if let Some(rl) = &self.conn_rate {
             if !rl.check(key) {
                 return Err(Rejected::Rate);
@@ -309,8 +318,7 @@ impl Admission {
         let Some(rl) = &self.request_rate else {
             return true;
         };
-        let key = client_key(ip, self.ipv6_prefix);
-        if self.allow.iter().any(|n| n.contains(&key)) || rl.check(key) {
+        if self.is_allowed(ip) || rl.check(client_key(ip, self.ipv6_prefix)) {
             return true;
         }
         self.stats.requests_limited.fetch_add(1, Ordering::Relaxed);
@@ -381,6 +389,14 @@ impl Admission {
                 self.prune();
             }
         }
+    }
+}
+
+/// The address itself, with IPv4-mapped IPv6 read as the IPv4 address it carries.
+pub fn unmapped(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
     }
 }
 

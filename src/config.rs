@@ -93,6 +93,9 @@ pub struct HttpConfig {
     pub response_buffer: usize,
     /// A response write the client does not take for this long aborts the connection.
     pub send_timeout: Duration,
+    /// This instance's name in Via (`[http] via_name`, default the hostname); a request that
+    /// already carries it has looped back here (508).
+    pub via_name: String,
 }
 
 #[derive(Debug, Clone)]
@@ -120,6 +123,9 @@ pub struct UpstreamConfig {
     /// The share of the upstream's connections (or HTTP/2 streams) one client address may hold
     /// busy at once, 0 < share <= 1.
     pub max_client_share: f64,
+    /// WebSocket tunnels open at once to this upstream (each holds a dedicated origin
+    /// connection); one client may hold `max_client_share` of them. 0 refuses upgrades.
+    pub max_tunnels: usize,
     pub health: HealthConfig,
 }
 
@@ -138,6 +144,8 @@ pub struct RouteConfig {
     pub path_prefix: String,
     /// Index into `Config::upstreams`.
     pub upstream: usize,
+    /// Whether `%2F`/`%5C` may appear in paths of this route (else 400).
+    pub allow_encoded_slashes: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -417,6 +425,27 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
         min_body_rate: h.min_body_rate,
         response_buffer: h.response_buffer,
         send_timeout: h.send_timeout.get_ref().0,
+        via_name: match &h.via_name {
+            None => default_via_name(),
+            Some(v) => {
+                let name = v.get_ref().trim();
+                let ok = !name.is_empty()
+                    && name.len() <= 255
+                    && name.bytes().all(|b| {
+                        b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':')
+                    });
+                if !ok {
+                    return Err(err(
+                        v.span(),
+                        format!(
+                            "via_name {name:?} is not a valid Via pseudonym: expected letters, \
+                             digits, '-', '.', '_' or ':', such as \"edge-1\""
+                        ),
+                    ));
+                }
+                name.to_string()
+            }
+        },
     };
     if http.send_timeout.is_zero() {
         return Err(err(
@@ -510,6 +539,7 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
             queue_timeout: u.queue_timeout.get_ref().0,
             retry_idempotent: u.retry_idempotent,
             max_client_share: share,
+            max_tunnels: u.max_tunnels,
             health: HealthConfig {
                 path: h.path.as_ref().map(|p| p.get_ref().clone()),
                 interval: h.interval.get_ref().0,
@@ -547,6 +577,26 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
                 format!("path_prefix {prefix:?} must start with \"/\""),
             ));
         }
+        // Requests are matched in their normalised form, so a prefix that is not would
+        // never match (or match something other than it says).
+        match crate::proxy::target::normalize_path(prefix) {
+            Ok(n) if &n == prefix => {}
+            Ok(n) => {
+                return Err(err(
+                    r.path_prefix.span(),
+                    format!(
+                        "path_prefix {prefix:?} is not in normal form: requests are matched \
+                         after normalisation, write it as {n:?}"
+                    ),
+                ))
+            }
+            Err(e) => {
+                return Err(err(
+                    r.path_prefix.span(),
+                    format!("path_prefix {prefix:?} is not a valid path: {e}"),
+                ))
+            }
+        }
         let host = match &r.host {
             None => None,
             Some(h) => Some(parse_host_pattern(h.get_ref()).map_err(|m| err(h.span(), m))?),
@@ -555,6 +605,7 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
             host,
             path_prefix: prefix.clone(),
             upstream,
+            allow_encoded_slashes: r.allow_encoded_slashes,
         });
     }
     if routes.is_empty() && upstreams.len() > 1 {
@@ -743,6 +794,21 @@ fn check_server(s: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(bad())
+    }
+}
+
+/// The machine's hostname, as Via names this instance unless `via_name` is set.
+fn default_via_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into the buffer it is given.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    match std::str::from_utf8(&buf[..len]) {
+        Ok(h) if rc == 0 && !h.is_empty() && h.bytes().all(|b| b.is_ascii_graphic()) => {
+            h.to_string()
+        }
+        _ => "breakwater".to_string(),
     }
 }
 

@@ -43,6 +43,16 @@ pub fn builder(cfg: &HttpConfig) -> auto::Builder<TokioExecutor> {
     }
 }
 
+/// What a connection holds that a WebSocket tunnel made from it must keep after hyper hands
+/// the socket over: its admission slots (per-IP and global caps, the fd budget) and its place
+/// in the shutdown drain (the receiver). Shared by the connection task and its tunnel; the
+/// last one to end gives them back.
+#[derive(Debug)]
+pub struct ConnHold {
+    pub admitted: Admitted,
+    pub stop: watch::Receiver<bool>,
+}
+
 pub async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
@@ -60,11 +70,23 @@ pub async fn serve(
         http.send_timeout,
     );
     let svc_shared = shared.clone();
+    let hold = Arc::new(ConnHold {
+        admitted,
+        stop: shutdown.clone(),
+    });
+    let svc_hold = hold.clone();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         // Counted before the future first runs, so the clock never sees a dispatched request
         // as idle.
         let in_flight = activity.begin();
-        crate::proxy::handle(svc_shared.clone(), peer, activity.clone(), in_flight, req)
+        crate::proxy::handle(
+            svc_shared.clone(),
+            peer,
+            activity.clone(),
+            svc_hold.clone(),
+            in_flight,
+            req,
+        )
     });
     let conn = shared
         .http
@@ -79,8 +101,8 @@ pub async fn serve(
             conn.as_mut().await
         }
     };
-    // The slots go back only now, with the socket closed.
-    drop(admitted);
+    // The slots go back only now, with the socket closed (or later, with its tunnel).
+    drop(hold);
     if let Err(e) = result {
         // Timeouts, resets and malformed requests are routine at an edge.
         tracing::debug!(client = %peer, error = %e, "connection ended with an error");

@@ -100,7 +100,7 @@ pub fn needs(config: &Config) -> Needs {
     Needs {
         backlog,
         // The inverse of admission::fd::connection_budget: stop accepting at 90 %.
-        fds: (clients + origin + sockets + 64) * 10 / 9 + 1,
+        fds: crate::admission::fd::descriptors_needed(clients, origin, sockets),
         origin_connections: origin,
     }
 }

@@ -112,6 +112,8 @@ impl Engine {
             response_buffer: config.http.response_buffer,
             min_body_rate: config.http.min_body_rate,
             body_grace: config.http.header_read_timeout,
+            via_name: config.http.via_name.clone(),
+            shutdown_grace: config.http.shutdown_timeout,
         };
         let http = conn::builder(&config.http);
         let admission = Arc::new(admission::Admission::new(&config.admission));
@@ -209,7 +211,8 @@ impl Engine {
         let housekeeping = tokio::spawn(shared.admission.clone().housekeeping());
 
         shutdown.await;
-        let open = stop_tx.receiver_count();
+        // Admission slots are held by connections and their tunnels alike.
+        let open = shared.admission.open_connections();
         tracing::info!(open_connections = open, grace = ?grace, "shutting down: stopped accepting, draining");
         let _ = stop_tx.send(true);
         let outcome = match tokio::time::timeout(grace, stop_tx.closed()).await {
@@ -218,7 +221,7 @@ impl Engine {
                 Shutdown::Drained
             }
             Err(_) => {
-                let open = stop_tx.receiver_count();
+                let open = shared.admission.open_connections();
                 tracing::warn!(
                     open_connections = open,
                     "shutdown timeout reached: cutting open connections"

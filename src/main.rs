@@ -462,7 +462,7 @@ fn fit_to_fd_limit(config: &mut Config) {
             "max_connections does not fit the file-descriptor limit; capping it. Fix: raise the \
              limit (LimitNOFILE= in the systemd unit, `ulimit -n` or --ulimit nofile= for docker) \
              to at least {} or lower max_connections",
-            (wanted + origin + sockets + 64) * 10 / 9 + 1
+            breakwater::admission::fd::descriptors_needed(wanted, origin, sockets)
         );
         config.admission.max_connections = budget as u32;
     }

@@ -289,6 +289,7 @@ impl Snapshot {
         let (mut connects, mut failures, mut reuses, mut retries, mut timeouts, mut full) =
             (vec![], vec![], vec![], vec![], vec![], vec![]);
         let mut waits = Vec::new();
+        let mut tunnels = Vec::new();
         for u in &self.upstreams {
             let (per_server, queue) = u.snapshot();
             for (i, (o, id, b)) in per_server.into_iter().enumerate() {
@@ -303,6 +304,7 @@ impl Snapshot {
             }
             let l = vec![("upstream", u.name.clone())];
             depth.push((l.clone(), queue as i64));
+            tunnels.push((l.clone(), u.tunnels.open() as i64));
             let st = &u.stats;
             let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
             connects.push((l.clone(), load(&st.connects)));
@@ -313,6 +315,12 @@ impl Snapshot {
             full.push((l.clone(), load(&st.queue_full)));
             waits.push((l, st.queue_wait.clone()));
         }
+        gauge(
+            enc,
+            "breakwater_tunnels_open",
+            "WebSocket tunnels open, per upstream (each holds a client connection and a dedicated origin connection).",
+            tunnels,
+        )?;
         gauge(
             enc,
             "breakwater_upstream_connections_open",

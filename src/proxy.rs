@@ -4,6 +4,7 @@
 pub mod body;
 pub mod headers;
 pub mod route;
+pub mod target;
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -20,6 +21,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
 use crate::conn::clock::{ConnActivity, InFlight};
+use crate::conn::ConnHold;
 use crate::upstream::pool::Sender;
 use crate::upstream::{Lease, Upstream, UpstreamError};
 use crate::Shared;
@@ -41,6 +43,14 @@ pub enum ProxyError {
     RateLimited,
     #[error("request body slower than min_body_rate")]
     BodyTooSlow,
+    #[error("malformed request body")]
+    BadBody,
+    #[error("bad request target: {0}")]
+    BadTarget(target::BadTarget),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("the request has passed through this proxy already (Via)")]
+    Loop,
     #[error("upstream {upstream} server {server}: {error}")]
     Upstream {
         upstream: String,
@@ -56,18 +66,23 @@ impl ProxyError {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::BodyTooSlow => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::BadBody | ProxyError::BadTarget(_) => StatusCode::BAD_REQUEST,
+            ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::Loop => StatusCode::LOOP_DETECTED,
             ProxyError::Upstream { error, .. } => match error {
                 UpstreamError::ConnectTimeout | UpstreamError::ResponseTimeout => {
                     StatusCode::GATEWAY_TIMEOUT
                 }
                 UpstreamError::Connect(_)
                 | UpstreamError::Handshake(_)
-                | UpstreamError::Response(_) => StatusCode::BAD_GATEWAY,
+                | UpstreamError::Response(_)
+                | UpstreamError::BadUpgrade => StatusCode::BAD_GATEWAY,
                 UpstreamError::ClientBody(e) if is_too_slow(e) => StatusCode::REQUEST_TIMEOUT,
                 UpstreamError::ClientBody(_) => StatusCode::BAD_REQUEST,
                 UpstreamError::QueueTimeout
                 | UpstreamError::QueueFull
-                | UpstreamError::NoHealthyServer => StatusCode::SERVICE_UNAVAILABLE,
+                | UpstreamError::NoHealthyServer
+                | UpstreamError::TooManyTunnels => StatusCode::SERVICE_UNAVAILABLE,
             },
         }
     }
@@ -78,6 +93,19 @@ impl ProxyError {
             ProxyError::NoRoute => "404 Not Found: no route for this host and path\n",
             ProxyError::RateLimited => "429 Too Many Requests: slow down\n",
             ProxyError::BodyTooSlow => "408 Request Timeout: the request body came too slowly\n",
+            ProxyError::BadBody => "400 Bad Request: the request body is malformed\n",
+            ProxyError::BadTarget(t) => match t {
+                target::BadTarget::MissingHost => "400 Bad Request: Host is required\n",
+                target::BadTarget::DuplicateHost => "400 Bad Request: more than one Host\n",
+                target::BadTarget::InvalidHost | target::BadTarget::Userinfo => {
+                    "400 Bad Request: invalid Host or authority\n"
+                }
+                target::BadTarget::EncodedSlash
+                | target::BadTarget::EncodedDotSegment
+                | target::BadTarget::InvalidPath => "400 Bad Request: invalid path\n",
+            },
+            ProxyError::MethodNotAllowed => "405 Method Not Allowed: CONNECT is not served\n",
+            ProxyError::Loop => "508 Loop Detected: the request came back to this proxy\n",
             ProxyError::Upstream { error, .. } => match error {
                 UpstreamError::ConnectTimeout => {
                     "504 Gateway Timeout: the origin did not accept the connection in time\n"
@@ -88,6 +116,12 @@ impl ProxyError {
                 UpstreamError::Connect(_) => "502 Bad Gateway: the origin is unreachable\n",
                 UpstreamError::Handshake(_) | UpstreamError::Response(_) => {
                     "502 Bad Gateway: the origin sent no valid response\n"
+                }
+                UpstreamError::BadUpgrade => {
+                    "502 Bad Gateway: the origin did not complete the WebSocket handshake\n"
+                }
+                UpstreamError::TooManyTunnels => {
+                    "503 Service Unavailable: too many WebSocket connections open\n"
                 }
                 UpstreamError::ClientBody(e) if is_too_slow(e) => {
                     "408 Request Timeout: the request body came too slowly\n"
@@ -128,6 +162,10 @@ pub struct Proxy {
     pub min_body_rate: u64,
     /// Grace before `min_body_rate` applies.
     pub body_grace: Duration,
+    /// This instance's Via pseudonym.
+    pub via_name: String,
+    /// How long a tunnel may outlive the start of a shutdown.
+    pub shutdown_grace: Duration,
 }
 
 struct Relayed {
@@ -141,6 +179,7 @@ pub async fn handle(
     shared: Arc<Shared>,
     peer: SocketAddr,
     activity: Arc<ConnActivity>,
+    hold: Arc<ConnHold>,
     in_flight: InFlight,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
@@ -162,7 +201,7 @@ pub async fn handle(
         start: Instant::now(),
     };
     let result = if shared.admission.check_request(peer.ip()) {
-        forward(&shared.proxy, peer, &activity, req, &mut log).await
+        forward(&shared.proxy, peer, &activity, &hold, req, &mut log).await
     } else {
         Err(ProxyError::RateLimited)
     };
@@ -199,6 +238,12 @@ pub async fn handle(
                 ProxyError::BodyTooSlow => {
                     tracing::debug!(client = %peer, path = %log.path, "request body too slow")
                 }
+                ProxyError::BadBody
+                | ProxyError::BadTarget(_)
+                | ProxyError::MethodNotAllowed
+                | ProxyError::Loop => {
+                    tracing::debug!(client = %peer, path = %log.path, error = %e, "bad request")
+                }
             }
             log.status = status.as_u16();
             let mut r = Response::new(ProxyBody::full(
@@ -215,6 +260,12 @@ pub async fn handle(
             {
                 r.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            if status == StatusCode::METHOD_NOT_ALLOWED {
+                r.headers_mut().insert(
+                    header::ALLOW,
+                    HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"),
+                );
             }
             r
         }
@@ -238,68 +289,96 @@ async fn forward(
     proxy: &Proxy,
     peer: SocketAddr,
     activity: &ConnActivity,
+    hold: &Arc<ConnHold>,
     mut req: Request<Incoming>,
     log: &mut AccessLog,
 ) -> Result<Relayed, ProxyError> {
-    // An absolute-form target or an HTTP/2 :authority names the host; otherwise Host does.
-    // Either way it only selects among configured routes: the request always goes to a
-    // configured upstream, never to the host it names.
-    let authority = match req.uri().authority() {
-        Some(a) => Some(a.as_str().to_string()),
-        None => req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_string),
-    };
-    let host = authority.as_deref().map(route::host_only);
+    // CONNECT asks for a raw tunnel to a host the client names: never served here (the
+    // origin's 2xx would take a pooled connection while the client gets nothing).
+    if req.method() == http::Method::CONNECT {
+        return Err(ProxyError::MethodNotAllowed);
+    }
+    if headers::via_names(req.headers(), &proxy.via_name) {
+        return Err(ProxyError::Loop);
+    }
+    let host = request_host(&req)?;
+    let path = target::normalize_path(req.uri().path()).map_err(ProxyError::BadTarget)?;
+    if path == "*" && req.method() != http::Method::OPTIONS {
+        return Err(ProxyError::BadTarget(target::BadTarget::InvalidPath));
+    }
+    // OPTIONS * is about the server: it goes where "/" would.
+    let route_path = if path == "*" { "/" } else { path.as_str() };
+    // Routing only selects among configured routes: the request always goes to a configured
+    // upstream, never to the host it names.
     let route = proxy
         .router
-        .pick(host, req.uri().path())
+        .pick(host.as_ref().map(|h| h.route_name()), route_path)
         .ok_or(ProxyError::NoRoute)?;
+    if !proxy.router.routes()[route].allow_encoded_slashes && target::has_encoded_slash(&path) {
+        return Err(ProxyError::BadTarget(target::BadTarget::EncodedSlash));
+    }
     let upstream = &proxy.upstreams[proxy.router.routes()[route].upstream];
     log.upstream = Some(upstream.name.clone());
     log.route = Some(route);
 
     let client_version = req.version();
-    let upgrade = if client_version == Version::HTTP_11 {
-        headers::upgrade_request(req.headers())
-    } else {
-        None
-    };
-    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    // Only a real WebSocket handshake (GET, no body) opens a tunnel; any other Upgrade is
+    // stripped with the hop-by-hop headers and the request uses the pool like any other.
+    let websocket = client_version == Version::HTTP_11
+        && req.method() == http::Method::GET
+        && req.body().is_end_stream()
+        && headers::is_websocket_upgrade(req.headers());
+    let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
 
     let (mut parts, body) = req.into_parts();
-    if authority.is_some() && parts.uri.authority().is_some() {
-        // RFC 9112 §3.2.2: with an absolute-form target the Host header is replaced.
-        parts.headers.remove(header::HOST);
-    }
+    let host_value = host.as_ref().map(target::Host::header_value);
+    headers::join_cookies(&mut parts.headers);
     headers::prepare_request(
         &mut parts.headers,
         &headers::Forwarded {
             client: peer.ip(),
-            host: authority.as_deref(),
+            host: host_value.as_deref(),
             proto: "http",
             version: headers::version_token(client_version),
-            upgrade: upgrade.clone(),
+            via_name: &proxy.via_name,
+            upgrade: websocket.then(|| HeaderValue::from_static("websocket")),
         },
     );
-    parts.uri = parts
-        .uri
-        .path_and_query()
-        .map_or_else(|| Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+    // The origin gets the path routing matched, so its own normalisation cannot take the
+    // request anywhere else.
+    let forwarded = match parts.uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    parts.uri = Uri::try_from(forwarded)
+        .map_err(|_| ProxyError::BadTarget(target::BadTarget::InvalidPath))?;
     parts.version = Version::HTTP_11;
     let is_head = parts.method == http::Method::HEAD;
 
-    if let (Some(client_upgrade), Some(up)) = (client_upgrade, upgrade) {
+    if let Some(client_upgrade) = client_upgrade {
+        let client = crate::admission::client_key(peer.ip(), proxy.ipv6_prefix);
+        let slot = upstream
+            .tunnels
+            .try_take(client)
+            .ok_or(ProxyError::Upstream {
+                upstream: upstream.name.clone(),
+                server: "-".into(),
+                error: UpstreamError::TooManyTunnels,
+            })?;
+        let tunnel = Tunnel {
+            client_upgrade,
+            slot,
+            hold: hold.clone(),
+            grace: proxy.shutdown_grace,
+            peer,
+        };
         return tunnel_request(
             upstream,
             parts,
             body,
-            client_upgrade,
-            up,
+            tunnel,
             activity,
-            peer,
+            &proxy.via_name,
             log,
         )
         .await;
@@ -323,6 +402,7 @@ async fn forward(
     headers::prepare_response(
         &mut head.headers,
         headers::version_token(head.version),
+        &proxy.via_name,
         None,
     );
     head.version = client_version;
@@ -355,6 +435,28 @@ async fn forward(
         rest: Some(body),
         conn: Some(lease),
     })
+}
+
+/// The host a request is for (RFC 9112 §3.2): an absolute-form target's or HTTP/2
+/// :authority's host wins over Host; otherwise exactly one valid Host, required from
+/// HTTP/1.1 on. None only for an HTTP/1.0 request without one.
+fn request_host(req: &Request<Incoming>) -> Result<Option<target::Host>, ProxyError> {
+    let bad = ProxyError::BadTarget;
+    if let Some(a) = req.uri().authority() {
+        return target::parse_host(a.as_str()).map(Some).map_err(bad);
+    }
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => Err(bad(target::BadTarget::DuplicateHost)),
+        (Some(h), None) => {
+            let h = h
+                .to_str()
+                .map_err(|_| bad(target::BadTarget::InvalidHost))?;
+            target::parse_host(h).map(Some).map_err(bad)
+        }
+        (None, _) if req.version() <= Version::HTTP_10 => Ok(None),
+        (None, _) => Err(bad(target::BadTarget::MissingHost)),
+    }
 }
 
 /// Reads response frames that come within `PREFETCH_WAIT`, up to `limit` bytes. Returns them
@@ -402,8 +504,10 @@ async fn read_ahead(proxy: &Proxy, mut body: Incoming) -> Result<UpstreamBody, P
         };
         match frame {
             None => return Ok(UpstreamBody::new(buf.freeze(), None, None)),
-            // The client broke off: it is gone, and what it sent cannot be forwarded.
-            Some(Err(_)) => return Err(ProxyError::BodyTooSlow),
+            // Malformed framing (a chunk-size overflow, a bare LF) or a client that broke
+            // off: either way what it sent cannot be forwarded. A broken-off client never
+            // reads the 400.
+            Some(Err(_)) => return Err(ProxyError::BadBody),
             Some(Ok(f)) => {
                 if let Some(d) = f.data_ref() {
                     buf.extend_from_slice(d);
@@ -420,17 +524,25 @@ async fn read_ahead(proxy: &Proxy, mut body: Incoming) -> Result<UpstreamBody, P
     Ok(UpstreamBody::new(buf.freeze(), Some(body), rate))
 }
 
-/// An Upgrade (WebSocket) request: sent on a dedicated origin connection, and on 101 both
-/// sides are joined into a tunnel.
-#[allow(clippy::too_many_arguments)]
+/// What a WebSocket tunnel keeps for its whole life: the client's side of the upgrade, a
+/// tunnel slot of the upstream, and the connection's admission slots and place in the drain.
+struct Tunnel {
+    client_upgrade: hyper::upgrade::OnUpgrade,
+    slot: crate::upstream::tunnel::TunnelSlot,
+    hold: Arc<ConnHold>,
+    grace: Duration,
+    peer: SocketAddr,
+}
+
+/// A WebSocket handshake: sent on a dedicated origin connection, and on a 101 that completes
+/// the handshake both sides are joined into a tunnel. A 101 that does not is a 502.
 async fn tunnel_request(
     upstream: &Upstream,
     parts: http::request::Parts,
     body: Incoming,
-    client_upgrade: hyper::upgrade::OnUpgrade,
-    up: HeaderValue,
+    tunnel: Tunnel,
     activity: &ConnActivity,
-    peer: SocketAddr,
+    via_name: &str,
     log: &mut AccessLog,
 ) -> Result<Relayed, ProxyError> {
     let fail = |server: Option<String>, error| ProxyError::Upstream {
@@ -448,23 +560,30 @@ async fn tunnel_request(
     if let Err(e) = tx.ready().await {
         return Err(fail(Some(server), UpstreamError::Response(e)));
     }
-    let mut resp = tx.send(req).await.map_err(|e| {
-        fail(
-            Some(server.clone()),
-            UpstreamError::Response(e.into_error()),
-        )
-    })?;
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+    let mut resp = tokio::time::timeout(upstream.cfg.response_timeout, tx.send(req))
+        .await
+        .map_err(|_| fail(Some(server.clone()), UpstreamError::ResponseTimeout))?
+        .map_err(|e| {
+            fail(
+                Some(server.clone()),
+                UpstreamError::Response(e.into_error()),
+            )
+        })?;
+    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if switching && !headers::is_websocket_accept(resp.headers()) {
+        return Err(fail(Some(server), UpstreamError::BadUpgrade));
+    }
+    if switching {
         let origin_upgrade = hyper::upgrade::on(&mut resp);
         activity.set_upgraded();
-        tokio::spawn(tunnel(client_upgrade, origin_upgrade, tx, peer, server));
+        tokio::spawn(relay(tunnel, origin_upgrade, tx, server));
     }
     let (mut head, body) = resp.into_parts();
-    let switching = head.status == StatusCode::SWITCHING_PROTOCOLS;
-    let token = head.headers.get(header::UPGRADE).cloned().unwrap_or(up);
+    let token = HeaderValue::from_static("websocket");
     headers::prepare_response(
         &mut head.headers,
         headers::version_token(head.version),
+        via_name,
         switching.then_some(&token),
     );
     head.version = Version::HTTP_11;
@@ -477,33 +596,44 @@ async fn tunnel_request(
     })
 }
 
-/// Relays bytes both ways once client and origin have both switched protocols.
-async fn tunnel(
-    client: hyper::upgrade::OnUpgrade,
-    origin: hyper::upgrade::OnUpgrade,
-    conn: Sender,
-    peer: SocketAddr,
-    server: String,
-) {
-    let (c, o) = tokio::join!(client, origin);
+/// Relays bytes both ways once client and origin have both switched protocols. The client
+/// socket is still under the connection clock, which ends a tunnel silent both ways for
+/// `idle_timeout`; a shutdown ends it after the grace period.
+async fn relay(tunnel: Tunnel, origin: hyper::upgrade::OnUpgrade, conn: Sender, server: String) {
+    let Tunnel {
+        client_upgrade,
+        slot,
+        hold,
+        grace,
+        peer,
+    } = tunnel;
+    let (c, o) = tokio::join!(client_upgrade, origin);
     // The origin connection's sender is no longer needed once its socket is upgraded.
     drop(conn);
-    match (c, o) {
-        (Ok(c), Ok(o)) => {
-            let mut c = TokioIo::new(c);
-            let mut o = TokioIo::new(o);
-            match tokio::io::copy_bidirectional(&mut c, &mut o).await {
-                Ok((up, down)) => {
-                    tracing::debug!(client = %peer, server, up, down, "tunnel closed")
-                }
-                Err(e) => {
-                    tracing::debug!(client = %peer, server, error = %e, "tunnel ended with an error")
-                }
-            }
-        }
+    let (c, o) = match (c, o) {
+        (Ok(c), Ok(o)) => (c, o),
         (c, o) => {
             tracing::debug!(client = %peer, server, client_ok = c.is_ok(), origin_ok = o.is_ok(),
-            "upgrade did not complete")
+            "upgrade did not complete");
+            return;
         }
+    };
+    let mut c = TokioIo::new(c);
+    let mut o = TokioIo::new(o);
+    let mut stop = hold.stop.clone();
+    let shutdown = async {
+        // Ends when shutdown starts, or when the engine is gone.
+        let _ = stop.wait_for(|s| *s).await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut c, &mut o) => match r {
+            Ok((up, down)) => tracing::debug!(client = %peer, server, up, down, "tunnel closed"),
+            Err(e) => tracing::debug!(client = %peer, server, error = %e, "tunnel ended with an error"),
+        },
+        _ = shutdown => tracing::debug!(client = %peer, server, "tunnel cut at the end of the shutdown grace"),
     }
+    // Explicit for the reader: the slots go back only now.
+    drop(slot);
+    drop(hold);
 }

@@ -16,6 +16,7 @@
 pub mod health;
 pub mod pool;
 pub mod queue;
+pub mod tunnel;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -55,6 +56,10 @@ pub enum UpstreamError {
     QueueFull,
     #[error("every server is down")]
     NoHealthyServer,
+    #[error("max_tunnels reached for this upstream or this client")]
+    TooManyTunnels,
+    #[error("the origin answered 101 without a matching WebSocket upgrade")]
+    BadUpgrade,
 }
 
 /// Counters since start, for logs and metrics.
@@ -122,6 +127,8 @@ pub struct Upstream {
     client_cap: usize,
     exempt: Vec<ipnet::IpNet>,
     pub stats: UpstreamStats,
+    /// WebSocket tunnels open to this upstream, capped by `max_tunnels`.
+    pub tunnels: Arc<tunnel::TunnelSlots>,
     /// Connect failures and failed requests are logged at most once a second each.
     connect_failure_log: crate::telemetry::Sampled,
     pub request_failure_log: crate::telemetry::Sampled,
@@ -277,6 +284,10 @@ impl Upstream {
             client_cap,
             exempt: exempt.to_vec(),
             stats: UpstreamStats::default(),
+            tunnels: tunnel::TunnelSlots::new(
+                cfg.max_tunnels,
+                ((cfg.max_tunnels as f64 * cfg.max_client_share).ceil() as usize).max(1),
+            ),
             connect_failure_log: crate::telemetry::Sampled::new(std::time::Duration::from_secs(1)),
             request_failure_log: crate::telemetry::Sampled::new(std::time::Duration::from_secs(1)),
             cfg: cfg.clone(),

@@ -35,7 +35,7 @@ async fn get_and_post_through_the_proxy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hop_by_hop_removed_and_forwarding_headers_set() {
     let origin = echo_origin().await;
-    let proxy = Proxy::start(&config_for(origin.addr, "")).await;
+    let proxy = Proxy::start(&config_for(origin.addr, "[http]\nvia_name = \"edge-1\"")).await;
     let req = Request::builder()
         .uri("/h")
         .header("host", "shop.example.com")
@@ -50,7 +50,7 @@ async fn hop_by_hop_removed_and_forwarding_headers_set() {
         .unwrap();
     let got = send(proxy.addr, req).await;
     assert_eq!(got.status, 200);
-    assert_eq!(got.headers["via"], "1.1 breakwater");
+    assert_eq!(got.headers["via"], "1.1 edge-1");
 
     let seen = &origin.requests()[0].headers;
     for h in [
@@ -67,7 +67,7 @@ async fn hop_by_hop_removed_and_forwarding_headers_set() {
     assert_eq!(seen["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
     assert_eq!(seen["x-forwarded-proto"], "http");
     assert_eq!(seen["x-forwarded-host"], "shop.example.com");
-    assert_eq!(seen["via"], "1.1 breakwater");
+    assert_eq!(seen["via"], "1.1 edge-1");
     proxy.stop().await;
 }
 
@@ -344,7 +344,7 @@ async fn origin_dying_mid_body_leaves_a_visibly_incomplete_response() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_prior_knowledge_client() {
     let origin = echo_origin().await;
-    let proxy = Proxy::start(&config_for(origin.addr, "")).await;
+    let proxy = Proxy::start(&config_for(origin.addr, "[http]\nvia_name = \"edge-1\"")).await;
     let stream = TcpStream::connect(proxy.addr).await.unwrap();
     let (tx, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
@@ -368,7 +368,7 @@ async fn http2_prior_knowledge_client() {
         assert_eq!(h.await.unwrap(), format!("GET /stream/{i}"));
     }
     let seen = origin.requests();
-    assert_eq!(seen[0].headers["via"], "2 breakwater");
+    assert_eq!(seen[0].headers["via"], "2 edge-1");
     assert_eq!(seen[0].headers["host"], proxy.addr.to_string());
     proxy.stop().await;
 }
@@ -393,6 +393,7 @@ async fn websocket_style_upgrade_round_trip() {
                 .status(101)
                 .header("connection", "upgrade")
                 .header("upgrade", "websocket")
+                .header("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
                 .body(full(""))
                 .unwrap()
         })
@@ -401,7 +402,8 @@ async fn websocket_style_upgrade_round_trip() {
     let proxy = Proxy::start(&config_for(origin.addr, "")).await;
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     s.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
     )
     .await
     .unwrap();

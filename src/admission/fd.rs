@@ -11,8 +11,12 @@ use std::sync::Mutex;
 
 use rlimit::Resource;
 
-/// Descriptors kept aside for listeners, logs, the admin port, DNS and the like.
+/// Descriptors kept aside for listeners, logs, DNS and the like.
 const FIXED_MARGIN: u64 = 64;
+
+/// Connections the admin listener serves at once; more are closed at accept. Counted in the
+/// budget so an operator scraping during a storm cannot push the proxy into EMFILE.
+pub const ADMIN_CONNECTIONS: usize = 32;
 
 /// Raises RLIMIT_NOFILE's soft limit to the hard limit; returns the soft limit now in force.
 pub fn raise_nofile() -> std::io::Result<u64> {
@@ -26,7 +30,24 @@ pub fn raise_nofile() -> std::io::Result<u64> {
 /// How many client connections fit under `nofile`: 90 % of it (stop before the limit, not at
 /// it), less the origin connections the pools may keep and a fixed margin.
 pub fn connection_budget(nofile: u64, origin_connections: u64, listeners: u64) -> u64 {
-    (nofile / 10 * 9).saturating_sub(origin_connections + listeners + FIXED_MARGIN)
+    (nofile / 10 * 9).saturating_sub(
+        origin_connections
+            .saturating_add(listeners)
+            .saturating_add(FIXED_MARGIN + ADMIN_CONNECTIONS as u64),
+    )
+}
+
+/// The RLIMIT_NOFILE that `clients` connections need beside the pools and listeners: the
+/// inverse of `connection_budget`, for the fix a warning or `doctor` suggests.
+pub fn descriptors_needed(clients: u64, origin_connections: u64, listeners: u64) -> u64 {
+    clients
+        .saturating_add(origin_connections)
+        .saturating_add(listeners)
+        .saturating_add(FIXED_MARGIN + ADMIN_CONNECTIONS as u64)
+        .saturating_mul(10)
+        .div_ceil(9)
+        // connection_budget rounds nofile down to a multiple of 10.
+        .saturating_add(10)
 }
 
 /// The spare descriptor, shared by all accept loops.
@@ -54,7 +75,13 @@ mod tests {
 
     #[test]
     fn budget_stays_below_the_limit() {
-        assert_eq!(connection_budget(20_000, 64, 2), 17_870);
+        assert_eq!(
+            connection_budget(20_000, 64, 2),
+            17_870 - ADMIN_CONNECTIONS as u64
+        );
+        assert_eq!(connection_budget(u64::MAX, u64::MAX, 2), 0);
         assert_eq!(connection_budget(100, 64, 2), 0);
+        let need = descriptors_needed(10_000, 64, 2);
+        assert!(connection_budget(need, 64, 2) >= 10_000);
     }
 }

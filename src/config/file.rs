@@ -25,6 +25,7 @@ pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 pub const DEFAULT_QUEUE_MAX: usize = 10_000;
 pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_MAX_CLIENT_SHARE: f64 = 0.25;
+pub const DEFAULT_MAX_TUNNELS: usize = 256;
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 pub const DEFAULT_REQUEST_BUFFER: usize = 64 * 1024;
 pub const DEFAULT_RESPONSE_BUFFER: usize = 64 * 1024;
@@ -172,6 +173,8 @@ pub struct FileHttp {
     pub response_buffer: usize,
     #[serde(default = "default_send_timeout")]
     pub send_timeout: Spanned<Dur>,
+    #[serde(default)]
+    pub via_name: Option<Spanned<String>>,
 }
 
 impl Default for FileHttp {
@@ -187,6 +190,7 @@ impl Default for FileHttp {
             min_body_rate: DEFAULT_MIN_BODY_RATE,
             response_buffer: DEFAULT_RESPONSE_BUFFER,
             send_timeout: default_send_timeout(),
+            via_name: None,
         }
     }
 }
@@ -219,6 +223,8 @@ pub struct FileUpstream {
     pub retry_idempotent: bool,
     #[serde(default = "default_max_client_share")]
     pub max_client_share: Spanned<f64>,
+    #[serde(default = "default_max_tunnels")]
+    pub max_tunnels: usize,
     #[serde(default)]
     pub health: FileHealth,
 }
@@ -271,6 +277,8 @@ pub struct FileRoute {
     #[serde(default = "default_path_prefix")]
     pub path_prefix: Spanned<String>,
     pub upstream: Spanned<String>,
+    #[serde(default)]
+    pub allow_encoded_slashes: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -413,6 +421,9 @@ fn default_queue_timeout() -> Spanned<Dur> {
 }
 fn default_max_client_share() -> Spanned<f64> {
     Spanned::new(0..0, DEFAULT_MAX_CLIENT_SHARE)
+}
+fn default_max_tunnels() -> usize {
+    DEFAULT_MAX_TUNNELS
 }
 fn default_health_interval() -> Spanned<Dur> {
     Spanned::new(0..0, Dur(DEFAULT_HEALTH_INTERVAL))

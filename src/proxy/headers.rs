@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Headers that describe one hop and never travel past a proxy.
-const HOP_BY_HOP: [&str; 9] = [
+const HOP_BY_HOP: [&str; 10] = [
     "connection",
     "keep-alive",
     "te",
@@ -16,9 +16,9 @@ const HOP_BY_HOP: [&str; 9] = [
     "proxy-connection",
     "proxy-authenticate",
     "proxy-authorization",
+    // Only meaningful with `Upgrade: h2c`, which is never passed on.
+    "http2-settings",
 ];
-
-const VIA_NAME: &str = "breakwater";
 
 /// Removes `Connection`, every header it names, and the fixed hop-by-hop list.
 pub fn remove_hop_by_hop(h: &mut HeaderMap) {
@@ -37,19 +37,56 @@ pub fn remove_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
-/// The protocol token a request asked to switch to, when it is a valid HTTP/1.1 upgrade
-/// (`Connection: upgrade` plus `Upgrade: X`).
-pub fn upgrade_request(h: &HeaderMap) -> Option<HeaderValue> {
-    let wants = h
-        .get_all(header::CONNECTION)
+fn has_token(h: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    h.get_all(name)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    if wants {
-        h.get(header::UPGRADE).cloned()
-    } else {
-        None
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Whether an HTTP/1.1 request head is a WebSocket opening handshake (RFC 6455 §4.1):
+/// `Connection: upgrade`, `Upgrade: websocket` and the `Sec-WebSocket-Key`/`-Version`
+/// headers. The caller also requires GET without a body. Only this opens a tunnel: any other
+/// `Upgrade` (h2c, TLS, made-up tokens) is stripped and the request goes through the pool.
+pub fn is_websocket_upgrade(h: &HeaderMap) -> bool {
+    has_token(h, &header::CONNECTION, "upgrade")
+        && has_token(h, &header::UPGRADE, "websocket")
+        && h.contains_key(header::SEC_WEBSOCKET_KEY)
+        && h.contains_key(header::SEC_WEBSOCKET_VERSION)
+}
+
+/// Whether an origin's 101 completes a WebSocket handshake: it switches to `websocket` and
+/// carries `Sec-WebSocket-Accept`. Anything else is not a tunnel we asked for.
+pub fn is_websocket_accept(h: &HeaderMap) -> bool {
+    has_token(h, &header::UPGRADE, "websocket") && h.contains_key(header::SEC_WEBSOCKET_ACCEPT)
+}
+
+/// Whether a Via list already names `name` as a receiver: the request has looped back.
+pub fn via_names(h: &HeaderMap, name: &str) -> bool {
+    h.get_all(header::VIA)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        // Each entry is `[protocol/]version received-by [comment]`.
+        .filter_map(|entry| entry.split_whitespace().nth(1))
+        .any(|by| by.eq_ignore_ascii_case(name))
+}
+
+/// HTTP/2 lets a client split `cookie` into several fields; an HTTP/1.1 origin expects one,
+/// joined with "; " (RFC 9113 §8.2.3).
+pub fn join_cookies(h: &mut HeaderMap) {
+    if h.get_all(header::COOKIE).iter().nth(1).is_none() {
+        return;
+    }
+    let joined = h
+        .get_all(header::COOKIE)
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect::<Vec<_>>()
+        .join(&b"; "[..]);
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        h.insert(header::COOKIE, v);
     }
 }
 
@@ -62,6 +99,8 @@ pub struct Forwarded<'a> {
     pub proto: &'static str,
     /// The protocol version the request came in on, for Via: "1.0", "1.1", "2".
     pub version: &'static str,
+    /// This instance's Via pseudonym.
+    pub via_name: &'a str,
     pub upgrade: Option<HeaderValue>,
 }
 
@@ -80,27 +119,34 @@ pub fn prepare_request(h: &mut HeaderMap, f: &Forwarded<'_>) {
         HeaderName::from_static("x-forwarded-proto"),
         HeaderValue::from_static(f.proto),
     );
+    // The host the request was routed by, in the form routing read it: the origin must not
+    // pick a virtual host from anything else.
     if let Some(host) = f.host.and_then(|v| HeaderValue::from_str(v).ok()) {
-        if !h.contains_key(header::HOST) {
-            h.insert(header::HOST, host.clone());
-        }
+        h.insert(header::HOST, host.clone());
         h.insert(HeaderName::from_static("x-forwarded-host"), host);
     }
-    append_list(h, header::VIA, &format!("{} {VIA_NAME}", f.version));
+    append_list(h, header::VIA, &format!("{} {}", f.version, f.via_name));
 }
 
 /// What the client should see of an origin response.
 pub fn prepare_response(
     h: &mut HeaderMap,
     origin_version: &'static str,
+    via_name: &str,
     upgrade: Option<&HeaderValue>,
 ) {
+    // A response framed by Transfer-Encoding has no meaningful Content-Length (RFC 9112
+    // §6.3): the body was de-chunked, so passing the origin's length on would let a
+    // downstream cache read the rest as the next response.
+    if h.contains_key(header::TRANSFER_ENCODING) {
+        h.remove(header::CONTENT_LENGTH);
+    }
     remove_hop_by_hop(h);
     if let Some(up) = upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(header::UPGRADE, up.clone());
     }
-    append_list(h, header::VIA, &format!("{origin_version} {VIA_NAME}"));
+    append_list(h, header::VIA, &format!("{origin_version} {via_name}"));
 }
 
 /// Folds every existing value of a list header into one and appends `item`.
@@ -176,6 +222,7 @@ mod tests {
                 host: Some("shop.example.com:8080"),
                 proto: "http",
                 version: "1.1",
+                via_name: "breakwater",
                 upgrade: None,
             },
         );
@@ -187,22 +234,44 @@ mod tests {
     }
 
     #[test]
-    fn upgrade_survives() {
-        let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
-        let up = upgrade_request(&h);
-        assert_eq!(up.as_ref().unwrap(), "websocket");
-        prepare_request(
-            &mut h,
-            &Forwarded {
-                client: "::1".parse().unwrap(),
-                host: None,
-                proto: "http",
-                version: "1.1",
-                upgrade: up,
-            },
-        );
-        assert_eq!(h["connection"], "upgrade");
-        assert_eq!(h["upgrade"], "websocket");
-        assert!(upgrade_request(&map(&[("upgrade", "websocket")])).is_none());
+    fn only_websocket_is_an_upgrade() {
+        let ws = map(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "WebSocket"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("sec-websocket-version", "13"),
+        ]);
+        assert!(is_websocket_upgrade(&ws));
+        let h2c = map(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAAQAAP__"),
+        ]);
+        assert!(!is_websocket_upgrade(&h2c));
+        let no_key = map(&[("connection", "upgrade"), ("upgrade", "websocket")]);
+        assert!(!is_websocket_upgrade(&no_key));
+        let mut stripped = h2c.clone();
+        remove_hop_by_hop(&mut stripped);
+        assert!(stripped.is_empty(), "{stripped:?}");
+        assert!(is_websocket_accept(&map(&[
+            ("upgrade", "websocket"),
+            ("sec-websocket-accept", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+        ])));
+        assert!(!is_websocket_accept(&map(&[("upgrade", "websocket")])));
+    }
+
+    #[test]
+    fn via_loops_cookies_and_framing() {
+        let h = map(&[("via", "1.1 cdn, HTTP/1.1 Edge-1 (breakwater)")]);
+        assert!(via_names(&h, "edge-1"));
+        assert!(!via_names(&h, "edge-2"));
+        let mut c = map(&[("cookie", "a=1"), ("cookie", "b=2")]);
+        join_cookies(&mut c);
+        assert_eq!(c.get_all("cookie").iter().count(), 1);
+        assert_eq!(c["cookie"], "a=1; b=2");
+        let mut r = map(&[("content-length", "5"), ("transfer-encoding", "chunked")]);
+        prepare_response(&mut r, "1.1", "bw", None);
+        assert!(r.get("content-length").is_none());
+        assert_eq!(r["via"], "1.1 bw");
     }
 }

@@ -17,6 +17,7 @@ impl Router {
                 host: None,
                 path_prefix: "/".into(),
                 upstream: 0,
+                allow_encoded_slashes: false,
             }]
         } else {
             routes
@@ -24,8 +25,9 @@ impl Router {
         Router { routes }
     }
 
-    /// The route (index) for a host (without port, any case) and path. Longest prefix wins;
-    /// ties go to the first route in the file.
+    /// The route (index) for a host (lower-case, without port) and a normalised path. Longest
+    /// prefix wins, matched on segment boundaries (`/api` never takes `/api-internal`); ties
+    /// go to the first route in the file.
     pub fn pick(&self, host: Option<&str>, path: &str) -> Option<usize> {
         let mut best: Option<usize> = None;
         for (i, r) in self.routes.iter().enumerate() {
@@ -35,7 +37,7 @@ impl Router {
                 (Some(_), None) => false,
             };
             if host_ok
-                && path.starts_with(&r.path_prefix)
+                && super::target::prefix_matches(&r.path_prefix, path)
                 && best.is_none_or(|b| r.path_prefix.len() > self.routes[b].path_prefix.len())
             {
                 best = Some(i);
@@ -59,14 +61,6 @@ impl Router {
     }
 }
 
-/// The host part of a Host header or authority: port and IPv6 brackets dropped.
-pub fn host_only(authority: &str) -> &str {
-    if let Some(rest) = authority.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or(rest);
-    }
-    authority.rsplit_once(':').map_or(authority, |(h, _)| h)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,6 +71,7 @@ mod tests {
             host,
             path_prefix: prefix.into(),
             upstream,
+            allow_encoded_slashes: false,
         }
     }
 
@@ -115,12 +110,5 @@ mod tests {
         );
         assert_eq!(r.pick(Some("evil.test"), "/"), None);
         assert_eq!(r.pick(Some("a.example.com"), "/"), Some(0));
-    }
-
-    #[test]
-    fn host_only_strips_port() {
-        assert_eq!(host_only("a.example.com:8080"), "a.example.com");
-        assert_eq!(host_only("[::1]:80"), "::1");
-        assert_eq!(host_only("a"), "a");
     }
 }

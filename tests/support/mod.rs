@@ -420,3 +420,25 @@ pub async fn read_head(s: &mut TcpStream) -> std::io::Result<String> {
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_breakwater")
 }
+
+/// Polls `check` until it holds or `timeout` passes; returns whether it held. For waiting on
+/// something another task does, instead of sleeping "long enough".
+pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Writes raw bytes on a new connection and returns the status of the first response, or None
+/// when the connection closed without one within `wait`.
+pub async fn raw_status(addr: SocketAddr, bytes: &[u8], wait: Duration) -> Option<u16> {
+    let text = raw(addr, bytes, wait).await;
+    text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+}

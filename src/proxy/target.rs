@@ -1,0 +1,328 @@
+//! What a request names, once: the host it is for and the path it asks for, each reduced to
+//! one canonical form before routing, so that the route table, the forwarded request and the
+//! origin all read the same thing. Pure functions, no I/O.
+//!
+//! Why this is strict: a proxy that routes on one reading of a request and forwards another
+//! lets a client reach what the route table never exposed (`/api/../admin` routed as `/api`,
+//! then normalised by the origin), or pick a different virtual host than the proxy did (two
+//! Host headers, `host:x@evil`). So an ambiguous request is refused with 400 instead of
+//! guessed at.
+
+use std::fmt;
+
+/// Why a request target was refused (each is a 400).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadTarget {
+    MissingHost,
+    DuplicateHost,
+    InvalidHost,
+    Userinfo,
+    /// `%2F` or `%5C` in the path, where the route does not allow it.
+    EncodedSlash,
+    /// `%2e` spelling a `.` or `..` segment, or a `..;` / `.;` segment.
+    EncodedDotSegment,
+    /// NUL, a literal backslash, or a malformed percent-escape.
+    InvalidPath,
+}
+
+impl fmt::Display for BadTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BadTarget::MissingHost => "the request has no Host",
+            BadTarget::DuplicateHost => "the request has more than one Host",
+            BadTarget::InvalidHost => "the Host is not a valid host[:port]",
+            BadTarget::Userinfo => "the target carries userinfo (user@host)",
+            BadTarget::EncodedSlash => "the path has an encoded slash or backslash",
+            BadTarget::EncodedDotSegment => "the path has an encoded or parameterised dot segment",
+            BadTarget::InvalidPath => "the path has a NUL, a backslash or a bad percent-escape",
+        })
+    }
+}
+
+/// A host as routing and the origin read it: lower-case, no trailing dot, port split off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Host {
+    /// The name or address, lower-cased; an IPv6 literal keeps its brackets.
+    pub name: String,
+    pub port: Option<u16>,
+}
+
+impl Host {
+    /// The name without IPv6 brackets, as route patterns are written.
+    pub fn route_name(&self) -> &str {
+        self.name
+            .strip_prefix('[')
+            .and_then(|n| n.strip_suffix(']'))
+            .unwrap_or(&self.name)
+    }
+
+    /// `name[:port]`, the Host header the origin is sent.
+    pub fn header_value(&self) -> String {
+        match self.port {
+            Some(p) => format!("{}:{p}", self.name),
+            None => self.name.clone(),
+        }
+    }
+}
+
+/// Parses a Host header value or an authority (RFC 9110 §7.2, RFC 3986 §3.2). Userinfo is
+/// refused: in a Host header it is invalid, and in a target it is how `host:x@evil` tricks work.
+pub fn parse_host(authority: &str) -> Result<Host, BadTarget> {
+    if authority.contains('@') {
+        return Err(BadTarget::Userinfo);
+    }
+    let (name, port) = if authority.starts_with('[') {
+        let end = authority.find(']').ok_or(BadTarget::InvalidHost)?;
+        let literal = &authority[1..end];
+        if literal.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(BadTarget::InvalidHost);
+        }
+        let rest = &authority[end + 1..];
+        let port = match rest.strip_prefix(':') {
+            Some(p) => Some(p),
+            None if rest.is_empty() => None,
+            None => return Err(BadTarget::InvalidHost),
+        };
+        (format!("[{}]", literal.to_ascii_lowercase()), port)
+    } else {
+        let (name, port) = match authority.split_once(':') {
+            Some((n, p)) => (n, Some(p)),
+            None => (authority, None),
+        };
+        let name = name.strip_suffix('.').unwrap_or(name);
+        let valid = !name.is_empty()
+            && name.len() <= 253
+            && !name.starts_with('.')
+            && !name.contains("..")
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+        if !valid {
+            return Err(BadTarget::InvalidHost);
+        }
+        (name.to_ascii_lowercase(), port)
+    };
+    let port = match port {
+        // "host:" is allowed by the grammar and means the default port.
+        None | Some("") => None,
+        Some(p) if p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) => {
+            Some(p.parse::<u16>().map_err(|_| BadTarget::InvalidHost)?)
+        }
+        Some(_) => return Err(BadTarget::InvalidHost),
+    };
+    Ok(Host { name, port })
+}
+
+/// The canonical path: unreserved percent-escapes decoded (`%61` → `a`), other escapes in
+/// upper case, repeated slashes merged, dot segments removed (RFC 3986 §5.2.4). Refused: NUL
+/// (encoded or not), a literal backslash, a malformed escape, a `.`/`..` segment spelled with
+/// `%2e`, and `.;`/`..;` segments (which some origins read as dot segments). `%2F` and `%5C`
+/// stay encoded and are data, not separators; whether a route accepts them is
+/// `has_encoded_slash`'s question, asked after routing.
+pub fn normalize_path(path: &str) -> Result<String, BadTarget> {
+    if path == "*" {
+        // OPTIONS * (asterisk form) names the server, not a path.
+        return Ok("*".into());
+    }
+    if !path.starts_with('/') {
+        return Err(BadTarget::InvalidPath);
+    }
+    let mut out: Vec<String> = Vec::new();
+    let raw_segments: Vec<&str> = path[1..].split('/').collect();
+    let last = raw_segments.len() - 1;
+    let mut trailing_slash = false;
+    for (i, raw) in raw_segments.iter().enumerate() {
+        let (seg, had_encoded_dot) = decode_segment(raw)?;
+        let before_params = seg.split(';').next().unwrap_or("");
+        if seg.contains(';') && (before_params == "." || before_params == "..") {
+            return Err(BadTarget::EncodedDotSegment);
+        }
+        if had_encoded_dot && (seg == "." || seg == "..") {
+            return Err(BadTarget::EncodedDotSegment);
+        }
+        match seg.as_str() {
+            // Empty segments (`//`) are merged; a final empty one is a trailing slash.
+            "" => trailing_slash = i == last,
+            "." => trailing_slash = i == last,
+            ".." => {
+                out.pop();
+                trailing_slash = i == last;
+            }
+            _ => {
+                out.push(seg);
+                trailing_slash = false;
+            }
+        }
+    }
+    let mut s = String::with_capacity(path.len());
+    for seg in &out {
+        s.push('/');
+        s.push_str(seg);
+    }
+    if s.is_empty() || trailing_slash {
+        s.push('/');
+    }
+    Ok(s)
+}
+
+/// Decodes one segment's unreserved escapes; says whether a `.` came from `%2e`.
+fn decode_segment(raw: &str) -> Result<(String, bool), BadTarget> {
+    let b = raw.as_bytes();
+    let mut out = String::with_capacity(raw.len());
+    let mut encoded_dot = false;
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = b.get(i + 1..i + 3).ok_or(BadTarget::InvalidPath)?;
+                let v = std::str::from_utf8(hex)
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or(BadTarget::InvalidPath)?;
+                if v == 0 {
+                    return Err(BadTarget::InvalidPath);
+                }
+                if v.is_ascii_alphanumeric() || matches!(v, b'-' | b'.' | b'_' | b'~') {
+                    encoded_dot |= v == b'.';
+                    out.push(v as char);
+                } else {
+                    out.push('%');
+                    out.push_str(&format!("{v:02X}"));
+                }
+                i += 3;
+            }
+            0 | b'\\' => return Err(BadTarget::InvalidPath),
+            c if c.is_ascii() => {
+                out.push(c as char);
+                i += 1;
+            }
+            // Non-ASCII bytes cannot come from a parsed URI; refuse rather than re-encode.
+            _ => return Err(BadTarget::InvalidPath),
+        }
+    }
+    Ok((out, encoded_dot))
+}
+
+/// Whether a normalised path carries an encoded `/` or `\`.
+pub fn has_encoded_slash(normalized: &str) -> bool {
+    normalized.contains("%2F") || normalized.contains("%5C")
+}
+
+/// Whether `path` is under `prefix` on a segment boundary: `/api` matches `/api` and
+/// `/api/x`, never `/api-internal`.
+pub fn prefix_matches(prefix: &str, path: &str) -> bool {
+    path.starts_with(prefix)
+        && (prefix.ends_with('/')
+            || path.len() == prefix.len()
+            || path.as_bytes()[prefix.len()] == b'/')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn hosts() {
+        let h = parse_host("Shop.Example.COM.:8080").unwrap();
+        assert_eq!(h.name, "shop.example.com");
+        assert_eq!(h.port, Some(8080));
+        assert_eq!(h.header_value(), "shop.example.com:8080");
+        assert_eq!(parse_host("[::1]:80").unwrap().route_name(), "::1");
+        assert_eq!(parse_host("a:").unwrap().port, None);
+        for bad in [
+            "shop.example.com:x@evil.test",
+            "a b",
+            "",
+            ".",
+            "a:99999",
+            "a:8x",
+            "[zz]",
+            "[::1]x",
+            "a..b",
+            "a/b",
+        ] {
+            assert!(parse_host(bad).is_err(), "{bad:?} should be refused");
+        }
+        assert_eq!(parse_host("u@h"), Err(BadTarget::Userinfo));
+    }
+
+    #[test]
+    fn paths() {
+        let n = |p: &str| normalize_path(p);
+        assert_eq!(n("/api/../internal").unwrap(), "/internal");
+        assert_eq!(n("/api/./x/").unwrap(), "/api/x/");
+        assert_eq!(n("//admin").unwrap(), "/admin");
+        assert_eq!(n("/%61dmin").unwrap(), "/admin");
+        assert_eq!(n("/a/%7e%2f").unwrap(), "/a/~%2F");
+        assert_eq!(n("/../..").unwrap(), "/");
+        assert_eq!(n("/a/b/..").unwrap(), "/a/");
+        assert_eq!(n("/").unwrap(), "/");
+        assert_eq!(n("/a.b/..c").unwrap(), "/a.b/..c");
+        assert_eq!(n("/api/%2e%2e/internal"), Err(BadTarget::EncodedDotSegment));
+        assert_eq!(n("/api/%2E/x"), Err(BadTarget::EncodedDotSegment));
+        assert_eq!(n("/api/..;/admin"), Err(BadTarget::EncodedDotSegment));
+        assert_eq!(n("/api\\..\\internal"), Err(BadTarget::InvalidPath));
+        assert_eq!(n("/a%00"), Err(BadTarget::InvalidPath));
+        assert_eq!(n("/a%zz"), Err(BadTarget::InvalidPath));
+        assert_eq!(n("/a%2"), Err(BadTarget::InvalidPath));
+        assert!(has_encoded_slash(&n("/a%2fb").unwrap()));
+        assert!(has_encoded_slash(&n("/a%5cb").unwrap()));
+    }
+
+    #[test]
+    fn prefixes_on_segment_boundaries() {
+        assert!(prefix_matches("/api", "/api"));
+        assert!(prefix_matches("/api", "/api/x"));
+        assert!(!prefix_matches("/api", "/api-internal"));
+        assert!(prefix_matches("/api/", "/api/x"));
+        assert!(!prefix_matches("/api/", "/api"));
+        assert!(prefix_matches("/", "/anything"));
+    }
+
+    fn path_strategy() -> impl Strategy<Value = String> {
+        let seg = prop_oneof![
+            Just("".to_string()),
+            Just(".".to_string()),
+            Just("..".to_string()),
+            Just("api".to_string()),
+            Just("admin".to_string()),
+            Just("%2e".to_string()),
+            Just("%2F".to_string()),
+            Just("%61".to_string()),
+            Just("..;".to_string()),
+            "[a-z0-9%._~-]{0,6}",
+        ];
+        prop::collection::vec(seg, 0..8).prop_map(|v| format!("/{}", v.join("/")))
+    }
+
+    proptest! {
+        #[test]
+        fn normalising_is_idempotent_and_has_no_dot_segments(p in path_strategy()) {
+            if let Ok(once) = normalize_path(&p) {
+                prop_assert_eq!(normalize_path(&once), Ok(once.clone()));
+                prop_assert!(once.starts_with('/'));
+                prop_assert!(!once.contains("//"));
+                for seg in once.split('/') {
+                    prop_assert!(seg != "." && seg != "..");
+                }
+            }
+        }
+
+        #[test]
+        fn a_matched_prefix_stays_the_forwarded_prefix(
+            p in path_strategy(),
+            prefix in prop_oneof![Just("/api"), Just("/admin"), Just("/"), Just("/api/")],
+        ) {
+            if let Ok(path) = normalize_path(&p) {
+                if prefix_matches(prefix, &path) {
+                    // What is forwarded is `path` itself: it starts with the prefix, and a
+                    // second normalisation by the origin cannot climb out of it.
+                    prop_assert!(path.starts_with(prefix));
+                    let again = normalize_path(&path).unwrap();
+                    prop_assert!(prefix_matches(prefix, &again));
+                }
+            }
+        }
+    }
+}
