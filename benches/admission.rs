@@ -22,6 +22,10 @@ fn ip(i: u32) -> IpAddr {
     IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i))
 }
 
+fn peer(i: u32) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(ip(i), 40_000)
+}
+
 /// The baseline makes the same decision the simple way: one lock around one map holding each
 /// client's token bucket and open count, plus the same deny/allow lists and global counter.
 struct Naive {
@@ -95,7 +99,7 @@ fn bench(c: &mut Criterion) {
     let admission = std::sync::Arc::new(Admission::new(&cfg.admission));
     for i in 0..TRACKED {
         let slot = admission.try_global_slot().expect("slot");
-        drop(admission.admit(ip(i), slot));
+        drop(admission.admit(peer(i), ip(i), slot));
     }
     let naive = Naive {
         map: Mutex::new(HashMap::new()),
@@ -114,7 +118,7 @@ fn bench(c: &mut Criterion) {
 
     let ours = |i: u32| {
         let slot = admission.try_global_slot().expect("slot");
-        black_box(admission.admit(black_box(ip(i)), slot).is_ok());
+        black_box(admission.admit(peer(i), black_box(ip(i)), slot).is_ok());
     };
     let theirs = |i: u32| {
         let a = black_box(ip(i));

@@ -14,13 +14,14 @@ pub mod fd;
 pub mod global_cap;
 pub mod rate_limit;
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
 
+use crate::client::Client;
 use crate::config::{AdmissionConfig, RejectMode};
 use conn_limit::ConnLimit;
 use global_cap::GlobalCap;
@@ -59,6 +60,8 @@ impl Drop for GlobalSlot {
 /// The slots an admitted connection holds; dropping it gives them back.
 #[derive(Debug)]
 pub struct Admitted {
+    /// Who the connection is from, as every later stage sees it.
+    pub client: Client,
     /// The per-client slot's key, when one was taken.
     per_ip: Option<IpAddr>,
     global: GlobalSlot,
@@ -258,11 +261,28 @@ impl Admission {
         self.global.open()
     }
 
-    /// Decides on a freshly accepted connection from `ip`, which already holds `global`.
-    pub fn admit(&self, ip: IpAddr, global: GlobalSlot) -> Result<Admitted, Rejected> {
-        let verdict = self.decide(ip);
+    /// The client at `addr` (reached through `peer`): its key and whether the allow list
+    /// exempts it.
+    pub fn client(&self, peer: SocketAddr, addr: IpAddr) -> Client {
+        Client::new(peer, addr, self.ipv6_prefix, self.is_allowed(addr))
+    }
+
+    /// Decides on a freshly accepted connection from `addr` (the peer, or the address its
+    /// PROXY header carries), which already holds `global`.
+    pub fn admit(
+        &self,
+        peer: SocketAddr,
+        addr: IpAddr,
+        global: GlobalSlot,
+    ) -> Result<Admitted, Rejected> {
+        let client = self.client(peer, addr);
+        let verdict = self.decide(&client);
         match verdict {
-            Ok(per_ip) => Ok(Admitted { per_ip, global }),
+            Ok(per_ip) => Ok(Admitted {
+                client,
+                per_ip,
+                global,
+            }),
             Err(r) => {
                 let counter = match r {
                     Rejected::Deny => &self.stats.rejected_deny,
@@ -273,6 +293,7 @@ impl Admission {
                     self.stats.would_reject.fetch_add(1, Ordering::Relaxed);
                     counter.fetch_add(1, Ordering::Relaxed);
                     return Ok(Admitted {
+                        client,
                         per_ip: None,
                         global,
                     });
@@ -290,17 +311,16 @@ impl Admission {
     }
 
     /// The per-client slot's key when one was taken.
-    fn decide(&self, ip: IpAddr) -> Result<Option<IpAddr>, Rejected> {
-        // Lists match the address itself: an entry more specific than `ipv6_prefix` (a /128
-        // deny) must still match. The grouped key is only for counting.
-        let raw = unmapped(ip);
-        if self.deny.iter().any(|n| n.contains(&raw)) {
+    fn decide(&self, client: &Client) -> Result<Option<IpAddr>, Rejected> {
+        // Lists match the address itself (`client.addr`): an entry more specific than
+        // `ipv6_prefix` (a /128 deny) must still match. The grouped key is only for counting.
+        if self.deny.iter().any(|n| n.contains(&client.addr)) {
             return Err(Rejected::Deny);
         }
-        if self.allow.iter().any(|n| n.contains(&raw)) {
+        if client.key.exempt {
             return Ok(None);
         }
-        let key = client_key(ip, self.ipv6_prefix);
+        let key = client.key.ip;
         if let Some(rl) = &self.conn_rate {
             if !rl.check(key) {
                 return Err(Rejected::Rate);
@@ -314,11 +334,11 @@ impl Admission {
     }
 
     /// Per-client request rate over keep-alive and HTTP/2; false means answer 429.
-    pub fn check_request(&self, ip: IpAddr) -> bool {
+    pub fn check_request(&self, client: &Client) -> bool {
         let Some(rl) = &self.request_rate else {
             return true;
         };
-        if self.is_allowed(ip) || rl.check(client_key(ip, self.ipv6_prefix)) {
+        if client.key.exempt || rl.check(client.key.ip) {
             return true;
         }
         self.stats.requests_limited.fetch_add(1, Ordering::Relaxed);
@@ -392,47 +412,4 @@ impl Admission {
     }
 }
 
-/// The address itself, with IPv4-mapped IPv6 read as the IPv4 address it carries.
-pub fn unmapped(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
-}
-
-/// The identity a limit applies to: IPv4-mapped IPv6 is the IPv4 address, and IPv6 is grouped
-/// by `prefix` bits, or one host with a /64 could mint unlimited keys.
-pub fn client_key(ip: IpAddr, prefix: u8) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let bits = u128::from(v6);
-                let mask = if prefix >= 128 {
-                    u128::MAX
-                } else {
-                    !(u128::MAX >> prefix)
-                };
-                IpAddr::V6((bits & mask).into())
-            }
-        },
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ipv6_grouped_and_mapped_ipv4_unwrapped() {
-        let a = client_key("2001:db8:1:2:aaaa::1".parse().unwrap(), 64);
-        let b = client_key("2001:db8:1:2:bbbb::9".parse().unwrap(), 64);
-        assert_eq!(a, b);
-        assert_eq!(a, "2001:db8:1:2::".parse::<IpAddr>().unwrap());
-        assert_eq!(
-            client_key("::ffff:127.0.0.5".parse().unwrap(), 64),
-            "127.0.0.5".parse::<IpAddr>().unwrap()
-        );
-    }
-}
+pub use crate::client::{client_key, unmapped};

@@ -81,7 +81,6 @@ pub async fn serve(
         let in_flight = activity.begin();
         crate::proxy::handle(
             svc_shared.clone(),
-            peer,
             activity.clone(),
             svc_hold.clone(),
             in_flight,

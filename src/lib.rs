@@ -32,6 +32,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod client;
 pub mod config;
 pub mod conn;
 pub mod demo;
@@ -104,10 +105,9 @@ impl Engine {
             upstreams: config
                 .upstreams
                 .iter()
-                .map(|u| upstream::Upstream::new(u, &config.admission.allow))
+                .map(upstream::Upstream::new)
                 .collect(),
             access_log: config.log.access_log,
-            ipv6_prefix: config.admission.ipv6_prefix,
             request_buffer: config.http.request_buffer,
             response_buffer: config.http.response_buffer,
             min_body_rate: config.http.min_body_rate,

@@ -142,7 +142,7 @@ pub async fn accept_loop(
                     let Some(peer) = peer.as_socket() else {
                         continue;
                     };
-                    match admission.admit(peer.ip(), slot) {
+                    match admission.admit(peer, peer.ip(), slot) {
                         Ok(admitted) => {
                             counters.accepted.fetch_add(1, Ordering::Relaxed);
                             serve(socket, peer, admitted, &shared, &shutdown)

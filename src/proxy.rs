@@ -20,6 +20,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
+use crate::client::Client;
 use crate::conn::clock::{ConnActivity, InFlight};
 use crate::conn::ConnHold;
 use crate::upstream::pool::Sender;
@@ -156,7 +157,6 @@ pub struct Proxy {
     pub router: route::Router,
     pub upstreams: Vec<Arc<Upstream>>,
     pub access_log: bool,
-    pub ipv6_prefix: u8,
     pub request_buffer: usize,
     pub response_buffer: usize,
     pub min_body_rate: u64,
@@ -177,7 +177,6 @@ struct Relayed {
 
 pub async fn handle(
     shared: Arc<Shared>,
-    peer: SocketAddr,
     activity: Arc<ConnActivity>,
     hold: Arc<ConnHold>,
     in_flight: InFlight,
@@ -189,6 +188,8 @@ pub async fn handle(
         activity: &activity,
         answered: false,
     };
+    let client = hold.admitted.client;
+    let peer = client.peer;
     let mut log = AccessLog {
         enabled: shared.proxy.access_log,
         route: None,
@@ -200,8 +201,8 @@ pub async fn handle(
         server: None,
         start: Instant::now(),
     };
-    let result = if shared.admission.check_request(peer.ip()) {
-        forward(&shared.proxy, peer, &activity, &hold, req, &mut log).await
+    let result = if shared.admission.check_request(&client) {
+        forward(&shared.proxy, client, &activity, &hold, req, &mut log).await
     } else {
         Err(ProxyError::RateLimited)
     };
@@ -287,7 +288,7 @@ impl Drop for Outcome<'_> {
 
 async fn forward(
     proxy: &Proxy,
-    peer: SocketAddr,
+    client: Client,
     activity: &ConnActivity,
     hold: &Arc<ConnHold>,
     mut req: Request<Incoming>,
@@ -336,7 +337,7 @@ async fn forward(
     headers::prepare_request(
         &mut parts.headers,
         &headers::Forwarded {
-            client: peer.ip(),
+            client: client.addr,
             host: host_value.as_deref(),
             proto: "http",
             version: headers::version_token(client_version),
@@ -356,10 +357,9 @@ async fn forward(
     let is_head = parts.method == http::Method::HEAD;
 
     if let Some(client_upgrade) = client_upgrade {
-        let client = crate::admission::client_key(peer.ip(), proxy.ipv6_prefix);
         let slot = upstream
             .tunnels
-            .try_take(client)
+            .try_take(client.key.ip)
             .ok_or(ProxyError::Upstream {
                 upstream: upstream.name.clone(),
                 server: "-".into(),
@@ -370,7 +370,7 @@ async fn forward(
             slot,
             hold: hold.clone(),
             grace: proxy.shutdown_grace,
-            peer,
+            peer: client.peer,
         };
         return tunnel_request(
             upstream,
@@ -388,9 +388,8 @@ async fn forward(
     // taken, at no less than min_body_rate.
     let body = read_ahead(proxy, body).await?;
     let out = Request::from_parts(parts, body);
-    let client = crate::admission::client_key(peer.ip(), proxy.ipv6_prefix);
     let (resp, lease) = upstream
-        .send(client, out)
+        .send(client.key, out)
         .await
         .map_err(|(server, error)| ProxyError::Upstream {
             upstream: upstream.name.clone(),

@@ -29,6 +29,7 @@ use hyper::{Request, Response};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use crate::client::ClientKey;
 use crate::config::{Balance, UpstreamConfig, UpstreamProtocol};
 use crate::proxy::body::UpstreamBody;
 use health::{Health, Transition};
@@ -102,7 +103,7 @@ type Waiter = oneshot::Sender<Result<Granted, UpstreamError>>;
 #[derive(Debug, Default)]
 struct State {
     slots: Vec<Slots>,
-    queue: FairQueue<Waiter>,
+    queue: FairQueue<ClientKey, Waiter>,
     busy_by_client: HashMap<IpAddr, usize>,
 }
 
@@ -125,7 +126,6 @@ pub struct Upstream {
     rr: AtomicUsize,
     /// Busy connections (or h2c streams) one client address may hold.
     client_cap: usize,
-    exempt: Vec<ipnet::IpNet>,
     pub stats: UpstreamStats,
     /// WebSocket tunnels open to this upstream, capped by `max_tunnels`.
     pub tunnels: Arc<tunnel::TunnelSlots>,
@@ -143,7 +143,7 @@ pub struct Lease {
     server: usize,
     conn: u64,
     tx: Option<Sender>,
-    client: IpAddr,
+    client: ClientKey,
     pub reused: bool,
     reusable: bool,
 }
@@ -166,7 +166,7 @@ impl Drop for Lease {
         let slots = &mut st.slots[self.server];
         slots.checkin(self.conn, self.tx.take(), self.reusable);
         slots.busy = slots.busy.saturating_sub(1);
-        release_client(&mut st.busy_by_client, self.client);
+        release_client(&mut st.busy_by_client, self.client.ip);
         up.dispatch(&mut st);
     }
 }
@@ -185,7 +185,7 @@ fn release_client(map: &mut HashMap<IpAddr, usize>, client: IpAddr) {
 struct Waiting<'a> {
     rx: oneshot::Receiver<Result<Granted, UpstreamError>>,
     up: &'a Upstream,
-    client: IpAddr,
+    client: ClientKey,
 }
 
 impl Drop for Waiting<'_> {
@@ -250,8 +250,7 @@ struct Failed {
 }
 
 impl Upstream {
-    /// `exempt`: client networks never held to `max_client_share` (the admission allow list).
-    pub fn new(cfg: &UpstreamConfig, exempt: &[ipnet::IpNet]) -> Arc<Upstream> {
+    pub fn new(cfg: &UpstreamConfig) -> Arc<Upstream> {
         let streams = match cfg.protocol {
             UpstreamProtocol::Http1 => 1,
             UpstreamProtocol::H2c => pool::H2_STREAMS,
@@ -282,7 +281,6 @@ impl Upstream {
             next_conn: AtomicU64::new(1),
             rr: AtomicUsize::new(0),
             client_cap,
-            exempt: exempt.to_vec(),
             stats: UpstreamStats::default(),
             tunnels: tunnel::TunnelSlots::new(
                 cfg.max_tunnels,
@@ -321,16 +319,15 @@ impl Upstream {
     }
 
     /// Whether `client` may take another connection under `max_client_share`.
-    fn under_cap(&self, busy: &HashMap<IpAddr, usize>, client: IpAddr) -> bool {
-        busy.get(&client).copied().unwrap_or(0) < self.client_cap
-            || self.exempt.iter().any(|n| n.contains(&client))
+    fn under_cap(&self, busy: &HashMap<IpAddr, usize>, client: ClientKey) -> bool {
+        client.exempt || busy.get(&client.ip).copied().unwrap_or(0) < self.client_cap
     }
 
-    fn checkout(&self, st: &mut State, client: IpAddr) -> Option<Granted> {
+    fn checkout(&self, st: &mut State, client: ClientKey) -> Option<Granted> {
         for i in self.order(st) {
             if let Some((conn, tx, reused)) = st.slots[i].checkout() {
                 st.slots[i].busy += 1;
-                *st.busy_by_client.entry(client).or_insert(0) += 1;
+                *st.busy_by_client.entry(client.ip).or_insert(0) += 1;
                 if reused {
                     self.stats.reuses.fetch_add(1, Ordering::Relaxed);
                 }
@@ -346,14 +343,14 @@ impl Upstream {
     }
 
     /// Undoes a grant that found no taker.
-    fn ungrant(&self, st: &mut State, client: IpAddr, g: Granted) {
+    fn ungrant(&self, st: &mut State, client: ClientKey, g: Granted) {
         let slots = &mut st.slots[g.server];
         slots.checkin(g.conn, Some(g.tx), true);
         slots.busy = slots.busy.saturating_sub(1);
-        release_client(&mut st.busy_by_client, client);
+        release_client(&mut st.busy_by_client, client.ip);
     }
 
-    fn lease(&self, g: Granted, client: IpAddr) -> Lease {
+    fn lease(&self, g: Granted, client: ClientKey) -> Lease {
         Lease {
             up: self.arc(),
             server: g.server,
@@ -367,7 +364,7 @@ impl Upstream {
 
     /// A connection for a request from `client`: at once when one has room and nobody waits,
     /// else through the queue.
-    pub async fn acquire(&self, client: IpAddr) -> Result<Lease, UpstreamError> {
+    pub async fn acquire(&self, client: ClientKey) -> Result<Lease, UpstreamError> {
         let rx = {
             let mut st = self.lock();
             if !self.servers.iter().any(|s| s.health.is_healthy()) {
@@ -612,7 +609,7 @@ impl Upstream {
     /// byte (the stale keep-alive race), is tried once more.
     pub async fn send(
         &self,
-        client: IpAddr,
+        client: ClientKey,
         req: Request<UpstreamBody>,
     ) -> Result<(Response<Incoming>, Lease), (Option<String>, UpstreamError)> {
         let replay = if self.cfg.retry_idempotent {

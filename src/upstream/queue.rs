@@ -3,17 +3,18 @@
 //! requests does not make a newcomer wait behind all of them.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::IpAddr;
+use std::hash::Hash;
 
+/// Waiters `T` queued per client key `K`.
 #[derive(Debug)]
-pub struct FairQueue<T> {
-    by_client: HashMap<IpAddr, VecDeque<T>>,
+pub struct FairQueue<K, T> {
+    by_client: HashMap<K, VecDeque<T>>,
     /// Clients with at least one waiter, in serving order.
-    ring: VecDeque<IpAddr>,
+    ring: VecDeque<K>,
     len: usize,
 }
 
-impl<T> Default for FairQueue<T> {
+impl<K, T> Default for FairQueue<K, T> {
     fn default() -> Self {
         FairQueue {
             by_client: HashMap::new(),
@@ -23,8 +24,8 @@ impl<T> Default for FairQueue<T> {
     }
 }
 
-impl<T> FairQueue<T> {
-    pub fn push(&mut self, client: IpAddr, item: T) {
+impl<K: Copy + Eq + Hash, T> FairQueue<K, T> {
+    pub fn push(&mut self, client: K, item: T) {
         let q = self.by_client.entry(client).or_default();
         if q.is_empty() {
             self.ring.push_back(client);
@@ -35,7 +36,7 @@ impl<T> FairQueue<T> {
 
     /// The next waiter of the next client in turn for whom `eligible` holds; that client then
     /// goes to the back of the ring.
-    pub fn pop(&mut self, mut eligible: impl FnMut(IpAddr) -> bool) -> Option<(IpAddr, T)> {
+    pub fn pop(&mut self, mut eligible: impl FnMut(K) -> bool) -> Option<(K, T)> {
         for _ in 0..self.ring.len() {
             let client = self.ring.pop_front()?;
             if !eligible(client) {
@@ -85,6 +86,7 @@ impl<T> FairQueue<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::IpAddr;
 
     fn ip(n: u8) -> IpAddr {
         IpAddr::from([127, 0, 0, n])
