@@ -96,6 +96,9 @@ pub struct HttpConfig {
     /// This instance's name in Via (`[http] via_name`, default the hostname); a request that
     /// already carries it has looped back here (508).
     pub via_name: String,
+    /// Peers whose forwarding headers are believed: the client is then the rightmost
+    /// X-Forwarded-For entry that is not itself one of these.
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 #[derive(Debug, Clone)]
@@ -425,6 +428,7 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
         min_body_rate: h.min_body_rate,
         response_buffer: h.response_buffer,
         send_timeout: h.send_timeout.get_ref().0,
+        trusted_proxies: parse_nets(&h.trusted_proxies, &err)?,
         via_name: match &h.via_name {
             None => default_via_name(),
             Some(v) => {
@@ -732,25 +736,7 @@ fn validate_admission(
             ),
         ));
     }
-    let nets = |list: &[toml::Spanned<String>]| -> Result<Vec<IpNet>, ConfigError> {
-        list.iter()
-            .map(|s| {
-                let t = s.get_ref().trim();
-                t.parse::<IpNet>()
-                    .or_else(|_| t.parse::<std::net::IpAddr>().map(IpNet::from))
-                    .map(|n| n.trunc())
-                    .map_err(|_| {
-                        err(
-                            s.span(),
-                            format!(
-                                "invalid network {t:?}: expected an address or CIDR such as \
-                                 \"192.0.2.0/24\", \"127.0.0.1\" or \"2001:db8::/32\""
-                            ),
-                        )
-                    })
-            })
-            .collect()
-    };
+    let nets = |list: &[toml::Spanned<String>]| parse_nets(list, err);
     Ok(AdmissionConfig {
         max_connections: *a.max_connections.get_ref(),
         per_ip_rate: a.per_ip_rate,
@@ -764,6 +750,31 @@ fn validate_admission(
         ipv6_prefix: prefix,
         dry_run: a.dry_run,
     })
+}
+
+/// A list of networks as `allow`, `deny`, `trusted_proxies` and `proxy_protocol_from` write
+/// them: CIDRs or single addresses.
+fn parse_nets(
+    list: &[toml::Spanned<String>],
+    err: &dyn Fn(Range<usize>, String) -> ConfigError,
+) -> Result<Vec<IpNet>, ConfigError> {
+    list.iter()
+        .map(|s| {
+            let t = s.get_ref().trim();
+            t.parse::<IpNet>()
+                .or_else(|_| t.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map(|n| n.trunc())
+                .map_err(|_| {
+                    err(
+                        s.span(),
+                        format!(
+                            "invalid network {t:?}: expected an address or CIDR such as \
+                             \"192.0.2.0/24\", \"127.0.0.1\" or \"2001:db8::/32\""
+                        ),
+                    )
+                })
+        })
+        .collect()
 }
 
 fn default_shards() -> usize {

@@ -114,6 +114,7 @@ impl Engine {
             body_grace: config.http.header_read_timeout,
             via_name: config.http.via_name.clone(),
             shutdown_grace: config.http.shutdown_timeout,
+            trusted_proxies: config.http.trusted_proxies.clone(),
         };
         let http = conn::builder(&config.http);
         let admission = Arc::new(admission::Admission::new(&config.admission));

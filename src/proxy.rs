@@ -166,6 +166,8 @@ pub struct Proxy {
     pub via_name: String,
     /// How long a tunnel may outlive the start of a shutdown.
     pub shutdown_grace: Duration,
+    /// `[http] trusted_proxies`.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 struct Relayed {
@@ -188,8 +190,20 @@ pub async fn handle(
         activity: &activity,
         answered: false,
     };
-    let client = hold.admitted.client;
-    let peer = client.peer;
+    // The connection's client, unless it is a proxy we trust, which names the real one.
+    let conn_client = hold.admitted.client;
+    let trusted = shared
+        .proxy
+        .trusted_proxies
+        .iter()
+        .any(|n| n.contains(&conn_client.addr));
+    let client = trusted
+        .then(|| headers::forwarded_client(req.headers(), &shared.proxy.trusted_proxies))
+        .flatten()
+        .map_or(conn_client, |ip| {
+            shared.admission.client(conn_client.peer, ip)
+        });
+    let peer = SocketAddr::new(client.addr, conn_client.peer.port());
     let mut log = AccessLog {
         enabled: shared.proxy.access_log,
         route: None,
@@ -202,7 +216,16 @@ pub async fn handle(
         start: Instant::now(),
     };
     let result = if shared.admission.check_request(&client) {
-        forward(&shared.proxy, client, &activity, &hold, req, &mut log).await
+        forward(
+            &shared.proxy,
+            client,
+            trusted,
+            &activity,
+            &hold,
+            req,
+            &mut log,
+        )
+        .await
     } else {
         Err(ProxyError::RateLimited)
     };
@@ -286,9 +309,11 @@ impl Drop for Outcome<'_> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn forward(
     proxy: &Proxy,
     client: Client,
+    trusted: bool,
     activity: &ConnActivity,
     hold: &Arc<ConnHold>,
     mut req: Request<Incoming>,
@@ -337,7 +362,8 @@ async fn forward(
     headers::prepare_request(
         &mut parts.headers,
         &headers::Forwarded {
-            client: client.addr,
+            client: hold.admitted.client.addr,
+            trusted,
             host: host_value.as_deref(),
             proto: "http",
             version: headers::version_token(client_version),

@@ -175,6 +175,8 @@ pub struct FileHttp {
     pub send_timeout: Spanned<Dur>,
     #[serde(default)]
     pub via_name: Option<Spanned<String>>,
+    #[serde(default)]
+    pub trusted_proxies: Vec<Spanned<String>>,
 }
 
 impl Default for FileHttp {
@@ -191,6 +193,7 @@ impl Default for FileHttp {
             response_buffer: DEFAULT_RESPONSE_BUFFER,
             send_timeout: default_send_timeout(),
             via_name: None,
+            trusted_proxies: Vec::new(),
         }
     }
 }

@@ -90,9 +90,71 @@ pub fn join_cookies(h: &mut HeaderMap) {
     }
 }
 
+/// The client a trusted proxy in front of us vouches for: walking `X-Forwarded-For` (or, when
+/// absent, `Forwarded: for=`, RFC 7239) from the right, the first address that is not itself a
+/// trusted proxy. Entries to the right of it were appended by proxies we trust; entries to the
+/// left were written by the client and prove nothing. None when the headers are absent or the
+/// entry that would decide is not an address (then the peer stays the client).
+pub fn forwarded_client(h: &HeaderMap, trusted: &[ipnet::IpNet]) -> Option<IpAddr> {
+    let xff: Vec<&str> = list_items(h, "x-forwarded-for");
+    let items = if xff.is_empty() {
+        list_items(h, "forwarded")
+            .into_iter()
+            .filter_map(|item| {
+                item.split(';').find_map(|pair| {
+                    let (k, v) = pair.split_once('=')?;
+                    k.trim().eq_ignore_ascii_case("for").then_some(v.trim())
+                })
+            })
+            .collect()
+    } else {
+        xff
+    };
+    let mut last = None;
+    for item in items.iter().rev() {
+        let ip = parse_node(item)?;
+        last = Some(ip);
+        if !trusted
+            .iter()
+            .any(|n| n.contains(&crate::client::unmapped(ip)))
+        {
+            return Some(ip);
+        }
+    }
+    // Every hop is a trusted proxy: the leftmost is as close to the client as we can see.
+    last
+}
+
+fn list_items<'a>(h: &'a HeaderMap, name: &str) -> Vec<&'a str> {
+    h.get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// An address as forwarding headers write it: `1.2.3.4`, `1.2.3.4:80`, `::1`, `[::1]:80`,
+/// and in `Forwarded` also quoted.
+fn parse_node(item: &str) -> Option<IpAddr> {
+    let item = item.trim_matches('"');
+    if let Ok(ip) = item.parse() {
+        return Some(ip);
+    }
+    if let Some(rest) = item.strip_prefix('[') {
+        return rest.split(']').next()?.parse().ok();
+    }
+    item.parse::<std::net::SocketAddr>().ok().map(|a| a.ip())
+}
+
 /// What the origin should see of a client request.
 pub struct Forwarded<'a> {
+    /// The address the connection came from (the TCP peer, or what a PROXY header carried).
     pub client: IpAddr,
+    /// Whether that address is a trusted proxy (`[http] trusted_proxies`): then the forwarding
+    /// headers it sent are kept and extended; otherwise they are replaced.
+    pub trusted: bool,
     /// The host the client asked for (Host or :authority), port included, if any.
     pub host: Option<&'a str>,
     /// "http" or "https".
@@ -110,20 +172,41 @@ pub fn prepare_request(h: &mut HeaderMap, f: &Forwarded<'_>) {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(header::UPGRADE, up.clone());
     }
-    append_list(
-        h,
-        HeaderName::from_static("x-forwarded-for"),
-        &f.client.to_string(),
-    );
-    h.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static(f.proto),
-    );
+    let xff = HeaderName::from_static("x-forwarded-for");
+    let xfp = HeaderName::from_static("x-forwarded-proto");
+    let xfh = HeaderName::from_static("x-forwarded-host");
+    let proto = HeaderValue::from_static(f.proto);
+    let host = f.host.and_then(|v| HeaderValue::from_str(v).ok());
+    if f.trusted {
+        // A proxy we trust already says who the client is and how it came in: extend the
+        // chain, keep its proto and host (overwriting them is the classic https redirect loop).
+        append_list(h, xff, &f.client.to_string());
+        if !h.contains_key(&xfp) {
+            h.insert(xfp, proto);
+        }
+        if let (false, Some(host)) = (h.contains_key(&xfh), &host) {
+            h.insert(xfh, host.clone());
+        }
+    } else {
+        // From anyone else these headers are the client's own words: replaced, not extended,
+        // so nothing downstream reads a forged leftmost entry.
+        for name in ["forwarded", "x-real-ip", "x-forwarded-port"] {
+            h.remove(name);
+        }
+        // An IP address's text form is always a valid header value.
+        if let Ok(v) = HeaderValue::from_str(&f.client.to_string()) {
+            h.insert(xff, v);
+        }
+        h.insert(xfp, proto);
+        match &host {
+            Some(host) => h.insert(xfh, host.clone()),
+            None => h.remove(xfh),
+        };
+    }
     // The host the request was routed by, in the form routing read it: the origin must not
     // pick a virtual host from anything else.
-    if let Some(host) = f.host.and_then(|v| HeaderValue::from_str(v).ok()) {
-        h.insert(header::HOST, host.clone());
-        h.insert(HeaderName::from_static("x-forwarded-host"), host);
+    if let Some(host) = host {
+        h.insert(header::HOST, host);
     }
     append_list(h, header::VIA, &format!("{} {}", f.version, f.via_name));
 }
@@ -209,16 +292,70 @@ mod tests {
     }
 
     #[test]
-    fn forwarding_headers() {
+    fn forwarded_client_walks_from_the_right_past_trusted_hops() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let h = map(&[
+            ("x-forwarded-for", "1.2.3.4, 203.0.113.9"),
+            ("x-forwarded-for", "10.0.0.7"),
+        ]);
+        assert_eq!(forwarded_client(&h, &trusted), "203.0.113.9".parse().ok());
+        let h = map(&[(
+            "forwarded",
+            "for=\"[2001:db8::1]:4711\";proto=https, for=10.1.1.1",
+        )]);
+        assert_eq!(forwarded_client(&h, &trusted), "2001:db8::1".parse().ok());
+        let h = map(&[("x-forwarded-for", "10.0.0.1, 10.0.0.2")]);
+        assert_eq!(forwarded_client(&h, &trusted), "10.0.0.1".parse().ok());
+        let h = map(&[("x-forwarded-for", "1.2.3.4, unknown")]);
+        assert_eq!(forwarded_client(&h, &trusted), None);
+        assert_eq!(forwarded_client(&HeaderMap::new(), &trusted), None);
+        let h = map(&[("x-forwarded-for", "198.51.100.1:5000")]);
+        assert_eq!(forwarded_client(&h, &trusted), "198.51.100.1".parse().ok());
+    }
+
+    #[test]
+    fn forwarding_headers_from_an_untrusted_peer_are_replaced() {
+        let mut h = map(&[
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "evil.test"),
+            ("forwarded", "for=1.2.3.4"),
+            ("x-real-ip", "1.2.3.4"),
+            ("x-forwarded-port", "443"),
+        ]);
+        prepare_request(
+            &mut h,
+            &Forwarded {
+                client: "127.0.0.9".parse().unwrap(),
+                trusted: false,
+                host: Some("shop.example.com"),
+                proto: "http",
+                version: "1.1",
+                via_name: "bw",
+                upgrade: None,
+            },
+        );
+        assert_eq!(h["x-forwarded-for"], "127.0.0.9");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "shop.example.com");
+        for gone in ["forwarded", "x-real-ip", "x-forwarded-port"] {
+            assert!(h.get(gone).is_none(), "{gone}");
+        }
+    }
+
+    #[test]
+    fn forwarding_headers_from_a_trusted_peer_are_extended() {
         let mut h = map(&[
             ("x-forwarded-for", "10.0.0.1"),
             ("x-forwarded-for", "10.0.0.2"),
+            ("x-forwarded-proto", "https"),
             ("via", "1.0 cdn"),
         ]);
         prepare_request(
             &mut h,
             &Forwarded {
                 client: "127.0.0.9".parse().unwrap(),
+                trusted: true,
                 host: Some("shop.example.com:8080"),
                 proto: "http",
                 version: "1.1",
@@ -227,7 +364,7 @@ mod tests {
             },
         );
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 10.0.0.2, 127.0.0.9");
-        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "shop.example.com:8080");
         assert_eq!(h["host"], "shop.example.com:8080");
         assert_eq!(h["via"], "1.0 cdn, 1.1 breakwater");
