@@ -81,6 +81,10 @@ pub struct Stats {
     pub rejected_deny: AtomicU64,
     pub rejected_rate: AtomicU64,
     pub rejected_per_ip_cap: AtomicU64,
+    /// On a PROXY-protocol listener: a peer outside `proxy_protocol_from`.
+    pub rejected_proxy_source: AtomicU64,
+    /// On a PROXY-protocol listener: no valid header within the timeout.
+    pub rejected_proxy_header: AtomicU64,
     /// Dry run: connections that would have been rejected.
     pub would_reject: AtomicU64,
     pub global_cap_pauses: AtomicU64,
@@ -99,6 +103,8 @@ impl Default for Stats {
             rejected_deny: z(),
             rejected_rate: z(),
             rejected_per_ip_cap: z(),
+            rejected_proxy_source: z(),
+            rejected_proxy_header: z(),
             would_reject: z(),
             global_cap_pauses: z(),
             requests_limited: z(),
@@ -308,6 +314,16 @@ impl Admission {
     pub fn is_allowed(&self, ip: IpAddr) -> bool {
         let ip = unmapped(ip);
         self.allow.iter().any(|n| n.contains(&ip))
+    }
+
+    /// Admits the load balancer's own connection on a PROXY-protocol listener (a v2 LOCAL
+    /// health check): it is trusted by `proxy_protocol_from`, so no per-client limit applies.
+    pub fn admit_balancer(&self, peer: SocketAddr, global: GlobalSlot) -> Admitted {
+        Admitted {
+            client: Client::new(peer, peer.ip(), self.ipv6_prefix, true),
+            per_ip: None,
+            global,
+        }
     }
 
     /// The per-client slot's key when one was taken.

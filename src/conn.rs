@@ -3,8 +3,8 @@
 //! The task owns everything the connection holds, so ending it releases all of it.
 
 pub mod clock;
+pub mod tls;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hyper::body::Incoming;
@@ -51,17 +51,36 @@ pub fn builder(cfg: &HttpConfig) -> auto::Builder<TokioExecutor> {
 pub struct ConnHold {
     pub admitted: Admitted,
     pub stop: watch::Receiver<bool>,
+    /// The connection came in over TLS (X-Forwarded-Proto: https).
+    pub tls: bool,
 }
 
+/// Serves one admitted connection: the TLS handshake when the listener has one, then HTTP.
 pub async fn serve(
-    stream: TcpStream,
-    peer: SocketAddr,
+    mut stream: TcpStream,
     admitted: Admitted,
+    tls: Option<Arc<tls::Acceptor>>,
     shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let http = &shared.config.http;
+    let peer = admitted.client.peer;
     let activity = Arc::new(ConnActivity::new(Some(shared.requests.clone())));
+    let Some(acceptor) = tls else {
+        let io = Timed::new(
+            stream,
+            activity.clone(),
+            http.header_read_timeout,
+            http.idle_timeout,
+            http.send_timeout,
+        );
+        return serve_http(io, activity, admitted, false, shared, shutdown).await;
+    };
+    if !acceptor.sniff(&mut stream).await {
+        let _ = stream.set_zero_linger();
+        return;
+    }
+    // The clock runs under TLS, so a slow handshake also spends the head deadline.
     let io = Timed::new(
         stream,
         activity.clone(),
@@ -69,10 +88,29 @@ pub async fn serve(
         http.idle_timeout,
         http.send_timeout,
     );
+    let Some(tls) = acceptor.accept(io).await else {
+        tracing::debug!(client = %peer, "TLS handshake did not complete");
+        return;
+    };
+    serve_http(tls, activity, admitted, true, shared, shutdown).await;
+}
+
+async fn serve_http<I>(
+    io: I,
+    activity: Arc<ConnActivity>,
+    admitted: Admitted,
+    tls: bool,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let peer = admitted.client.peer;
     let svc_shared = shared.clone();
     let hold = Arc::new(ConnHold {
         admitted,
         stop: shutdown.clone(),
+        tls,
     });
     let svc_hold = hold.clone();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {

@@ -96,6 +96,7 @@ pub async fn run(
 pub struct Engine {
     shared: Arc<Shared>,
     admin: Option<std::net::TcpListener>,
+    tls: Arc<conn::tls::TlsListeners>,
 }
 
 impl Engine {
@@ -128,8 +129,13 @@ impl Engine {
             })
             .collect();
         let requests = Arc::new(metrics::RequestMetrics::new(route_labels));
-        let registry =
-            metrics::registry(admission.clone(), proxy.upstreams.clone(), requests.clone());
+        let tls = Arc::new(conn::tls::TlsListeners::default());
+        let registry = metrics::registry(
+            admission.clone(),
+            proxy.upstreams.clone(),
+            requests.clone(),
+            tls.clone(),
+        );
         Engine {
             shared: Arc::new(Shared {
                 config,
@@ -141,7 +147,13 @@ impl Engine {
                 proxy,
             }),
             admin: None,
+            tls,
         }
+    }
+
+    /// The TLS listeners (filled by `run`), for re-reading certificates on SIGHUP.
+    pub fn tls_listeners(&self) -> Arc<conn::tls::TlsListeners> {
+        self.tls.clone()
     }
 
     /// Serves the admin endpoints on `listener` (bound by the caller from `[admin] addr`).
@@ -186,11 +198,31 @@ impl Engine {
         // Every accept loop and connection task holds a receiver; `closed()` resolves when the
         // last one is gone, which is how we know the drain finished.
         let (stop_tx, stop_rx) = watch::channel(false);
-        for bound in listeners {
+        // Certificates are read before any listener accepts: a bad file stops the start.
+        let mut frontends = Vec::with_capacity(listeners.len());
+        for bound in &listeners {
+            let tls = match &bound.config.tls {
+                None => None,
+                Some(t) => {
+                    let a =
+                        conn::tls::Acceptor::load(t, bound.local_addr, shared.config.http.http2)
+                            .map_err(|e| std::io::Error::other(e.to_string()))?;
+                    let a = Arc::new(a);
+                    self.tls.add(a.clone());
+                    Some(a)
+                }
+            };
+            frontends.push(Arc::new(listener::Frontend {
+                proxy_protocol: bound.config.proxy_protocol.clone(),
+                tls,
+            }));
+        }
+        for (bound, frontend) in listeners.into_iter().zip(frontends) {
             for (shard, socket) in bound.sockets.into_iter().enumerate() {
                 tokio::spawn(listener::accept_loop(
                     socket,
                     shard,
+                    frontend.clone(),
                     shared.clone(),
                     stop_rx.clone(),
                 ));

@@ -3,6 +3,7 @@
 //! skipped, resource errors (EMFILE, ENFILE, ENOBUFS, ENOMEM) back off exponentially up to a
 //! small cap and are logged at most once a second.
 
+pub mod proxy_protocol;
 pub mod sockopt;
 
 use std::io;
@@ -16,8 +17,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::admission::Admission;
-use crate::config::{ListenerConfig, RejectMode};
+use crate::admission::{Admission, Admitted, GlobalSlot};
+use crate::config::{ListenerConfig, ProxyProtocolConfig, RejectMode};
+use crate::conn::tls::Acceptor;
 use crate::Shared;
 
 /// The sockets of one configured listener, bound and listening, before any accept loop runs.
@@ -79,6 +81,14 @@ fn read_somaxconn() -> Option<u32> {
         .ok()
 }
 
+/// What a listener's connections go through between accept and HTTP: a PROXY protocol header
+/// (which names the client) and TLS.
+#[derive(Debug, Default)]
+pub struct Frontend {
+    pub proxy_protocol: Option<ProxyProtocolConfig>,
+    pub tls: Option<Arc<Acceptor>>,
+}
+
 /// Accepted connections taken per readiness event before yielding to other tasks.
 const ACCEPT_BATCH: usize = 64;
 
@@ -92,6 +102,7 @@ const ACCEPT_BATCH: usize = 64;
 pub async fn accept_loop(
     listener: std::net::TcpListener,
     shard: usize,
+    frontend: Arc<Frontend>,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -142,10 +153,28 @@ pub async fn accept_loop(
                     let Some(peer) = peer.as_socket() else {
                         continue;
                     };
+                    if let Some(pp) = &frontend.proxy_protocol {
+                        // Behind a balancer the peer is the balancer: per-client admission
+                        // waits for the address its header carries. Only the source is
+                        // checked here, inline, so a stranger still costs nothing.
+                        let source = crate::client::unmapped(peer.ip());
+                        if pp.from.iter().any(|n| n.contains(&source)) {
+                            counters.accepted.fetch_add(1, Ordering::Relaxed);
+                            serve_proxied(socket, peer, slot, &frontend, &shared, &shutdown);
+                        } else {
+                            counters.refused.fetch_add(1, Ordering::Relaxed);
+                            admission
+                                .stats
+                                .rejected_proxy_source
+                                .fetch_add(1, Ordering::Relaxed);
+                            refuse(socket, admission.reject);
+                        }
+                        continue;
+                    }
                     match admission.admit(peer, peer.ip(), slot) {
                         Ok(admitted) => {
                             counters.accepted.fetch_add(1, Ordering::Relaxed);
-                            serve(socket, peer, admitted, &shared, &shutdown)
+                            serve(socket, peer, admitted, &frontend, &shared, &shutdown)
                         }
                         Err(_) => {
                             counters.refused.fetch_add(1, Ordering::Relaxed);
@@ -192,30 +221,96 @@ pub async fn accept_loop(
     tracing::debug!(listener = ?local, shard, "accept loop stopped");
 }
 
-fn serve(
-    socket: Socket,
-    peer: SocketAddr,
-    admitted: crate::admission::Admitted,
-    shared: &Arc<Shared>,
-    shutdown: &watch::Receiver<bool>,
-) {
+fn register(socket: Socket, peer: SocketAddr) -> Option<TcpStream> {
     // Small responses must not wait for Nagle; an error here only means the peer is already
     // gone, which the connection task will find out.
     let _ = socket.set_tcp_nodelay(true);
-    let stream = match TcpStream::from_std(socket.into()) {
-        Ok(s) => s,
+    match TcpStream::from_std(socket.into()) {
+        Ok(s) => Some(s),
         Err(e) => {
             tracing::debug!(client = %peer, error = %e, "cannot register connection");
-            return;
+            None
         }
+    }
+}
+
+fn serve(
+    socket: Socket,
+    peer: SocketAddr,
+    admitted: Admitted,
+    frontend: &Arc<Frontend>,
+    shared: &Arc<Shared>,
+    shutdown: &watch::Receiver<bool>,
+) {
+    let Some(stream) = register(socket, peer) else {
+        return;
     };
     tokio::spawn(crate::conn::serve(
         stream,
-        peer,
         admitted,
+        frontend.tls.clone(),
         shared.clone(),
         shutdown.clone(),
     ));
+}
+
+/// A connection from a trusted balancer: read its PROXY header (within the timeout), admit the
+/// client it names, then serve. Runs in the connection's own task, so a slow header holds up
+/// nobody else; the global slot taken at accept bounds how many can wait.
+fn serve_proxied(
+    socket: Socket,
+    peer: SocketAddr,
+    slot: GlobalSlot,
+    frontend: &Arc<Frontend>,
+    shared: &Arc<Shared>,
+    shutdown: &watch::Receiver<bool>,
+) {
+    let Some(mut stream) = register(socket, peer) else {
+        return;
+    };
+    let Some(pp) = frontend.proxy_protocol.clone() else {
+        return;
+    };
+    let (frontend, shared, shutdown) = (frontend.clone(), shared.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        let admission = &shared.admission;
+        let header = tokio::time::timeout(
+            pp.timeout,
+            proxy_protocol::read_header(&mut stream, pp.version),
+        )
+        .await;
+        let carried = match header {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                return refuse_stream(stream, admission, peer, &e.to_string());
+            }
+            Err(_) => {
+                return refuse_stream(stream, admission, peer, "PROXY header timed out");
+            }
+        };
+        let admitted = match carried {
+            proxy_protocol::Carried::Local => admission.admit_balancer(peer, slot),
+            proxy_protocol::Carried::Client(client) => {
+                match admission.admit(peer, client.ip(), slot) {
+                    Ok(a) => a,
+                    Err(_) => {
+                        let _ = stream.set_zero_linger();
+                        return;
+                    }
+                }
+            }
+        };
+        crate::conn::serve(stream, admitted, frontend.tls.clone(), shared, shutdown).await;
+    });
+}
+
+fn refuse_stream(stream: TcpStream, admission: &Admission, peer: SocketAddr, why: &str) {
+    admission
+        .stats
+        .rejected_proxy_header
+        .fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(balancer = %peer, error = why, "PROXY protocol header refused");
+    let _ = stream.set_zero_linger();
 }
 
 /// Closes a refused connection: a reset (SO_LINGER 0) frees the descriptor at once and leaves

@@ -82,10 +82,30 @@ struct Demo {
 }
 
 fn main() -> ExitCode {
+    // One process-wide provider, chosen before anything builds a TLS config (rustls panics
+    // when it finds two compiled in and none chosen).
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => match Config::load(&config) {
             Ok(c) => {
+                // The certificate files are part of the config: a listener whose files
+                // cannot be used would not start.
+                let mut failed = false;
+                for l in &c.listeners {
+                    let Some(tls) = &l.tls else { continue };
+                    let (errors, warnings) = breakwater::conn::tls::check(tls);
+                    for w in warnings {
+                        eprintln!("warning: listener {}: {w}", l.addr);
+                    }
+                    for e in &errors {
+                        eprintln!("error: listener {}: {e}", l.addr);
+                    }
+                    failed |= !errors.is_empty();
+                }
+                if failed {
+                    return ExitCode::from(EXIT_CONFIG);
+                }
                 println!("{}: valid\n{}", c.source, c.summary());
                 ExitCode::SUCCESS
             }
@@ -338,6 +358,7 @@ fn serve(mut config: Config, demo: Option<Demo>) -> ExitCode {
                 }
             }
         }
+        reload_on_sighup(engine.tls_listeners());
         let Some(demo) = demo else {
             return match engine.run(listeners, signal()).await {
                 Ok(_) => ExitCode::SUCCESS,
@@ -471,6 +492,28 @@ fn fit_to_fd_limit(config: &mut Config) {
         max_connections = config.admission.max_connections,
         "file-descriptor budget"
     );
+}
+
+/// SIGHUP re-reads the TLS certificates (a bad file keeps the old ones and is logged). It must
+/// be handled at all: its default action kills the process.
+fn reload_on_sighup(tls: std::sync::Arc<breakwater::conn::tls::TlsListeners>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot handle SIGHUP; it will stop the process");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let failed = tls.reload();
+            tracing::info!(
+                tls_listeners_failed = failed,
+                "SIGHUP: TLS certificates re-read; other config changes need a restart"
+            );
+        }
+    });
 }
 
 async fn signal() {

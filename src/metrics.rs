@@ -65,12 +65,14 @@ pub fn registry(
     admission: Arc<Admission>,
     upstreams: Vec<Arc<Upstream>>,
     requests: Arc<RequestMetrics>,
+    tls: Arc<crate::conn::tls::TlsListeners>,
 ) -> Registry {
     let mut r = Registry::default();
     r.register_collector(Box::new(Snapshot {
         admission,
         upstreams,
         requests,
+        tls,
     }));
     r
 }
@@ -88,6 +90,7 @@ struct Snapshot {
     admission: Arc<Admission>,
     upstreams: Vec<Arc<Upstream>>,
     requests: Arc<RequestMetrics>,
+    tls: Arc<crate::conn::tls::TlsListeners>,
 }
 
 type Labels<'a> = Vec<(&'static str, String)>;
@@ -176,6 +179,14 @@ impl prometheus_client::collector::Collector for Snapshot {
                     load(&s.rejected_per_ip_cap),
                 ),
                 (vec![("reason", "deny".into())], load(&s.rejected_deny)),
+                (
+                    vec![("reason", "proxy_protocol_source".into())],
+                    load(&s.rejected_proxy_source),
+                ),
+                (
+                    vec![("reason", "proxy_protocol_header".into())],
+                    load(&s.rejected_proxy_header),
+                ),
             ],
         )?;
         counter(
@@ -246,6 +257,7 @@ impl prometheus_client::collector::Collector for Snapshot {
         )?;
 
         self.encode_requests(&mut enc)?;
+        self.encode_tls(&mut enc)?;
         self.encode_upstreams(&mut enc)?;
         encode_kernel(&mut enc)?;
         encode_process(&mut enc)
@@ -253,6 +265,47 @@ impl prometheus_client::collector::Collector for Snapshot {
 }
 
 impl Snapshot {
+    fn encode_tls(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let all = self.tls.all();
+        if all.is_empty() {
+            return Ok(());
+        }
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        let (mut done, mut resumed, mut failed, mut hist) = (vec![], vec![], vec![], vec![]);
+        for a in &all {
+            let st = &a.stats;
+            let l = vec![("listener", st.listener.to_string())];
+            done.push((l.clone(), load(&st.completed)));
+            resumed.push((l.clone(), load(&st.resumed)));
+            for (i, reason) in crate::conn::tls::FAILURE_REASONS.iter().enumerate() {
+                let mut l = l.clone();
+                l.push(("reason", reason.to_string()));
+                failed.push((l, load(&st.failed[i])));
+            }
+            hist.push((l, st.duration.clone()));
+        }
+        counter(
+            enc,
+            "breakwater_tls_handshakes",
+            "TLS handshakes completed, by listener (resumed ones included).",
+            done,
+        )?;
+        counter(
+            enc,
+            "breakwater_tls_handshakes_resumed",
+            "TLS handshakes that resumed a session (ticket or cache).",
+            resumed,
+        )?;
+        counter(enc, "breakwater_tls_handshake_failures", "TLS handshakes that failed, by reason: timeout, protocol (garbage or a TLS error), incompatible (no shared version or cipher), cleartext_http, io.", failed)?;
+        family(
+            enc,
+            "breakwater_tls_handshake_duration_seconds",
+            "Time from the first TLS byte to a completed handshake.",
+            MetricType::Histogram,
+            hist,
+        )
+    }
+
     fn encode_requests(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let r = &self.requests;
         let labels = |i: usize| {

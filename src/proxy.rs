@@ -365,7 +365,7 @@ async fn forward(
             client: hold.admitted.client.addr,
             trusted,
             host: host_value.as_deref(),
-            proto: "http",
+            proto: if hold.tls { "https" } else { "http" },
             version: headers::version_token(client_version),
             via_name: &proxy.via_name,
             upgrade: websocket.then(|| HeaderValue::from_static("websocket")),

@@ -13,8 +13,12 @@ use crate::config::LogConfig;
 
 pub fn init(cfg: &LogConfig) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.level));
+    // Colour codes only for a person at a terminal: in a file, journald or a pipe they are
+    // noise that breaks grep.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     // A second init (tests starting several proxies in one process) keeps the first subscriber.
     let _ = match cfg.format {

@@ -86,6 +86,18 @@ fn bad_configs_name_file_line_key_and_fix() {
             "[upstreams.app]\nservers = [\"10.0.0.1\"]\n".to_string(),
             "error: FILE:2:12: `upstreams.app.servers`: invalid server address \"10.0.0.1\": expected host:port",
         ),
+        (
+            format!("{up}[[listeners]]\naddr = \"127.0.0.1:8080\"\nproxy_protocol = \"v2\"\n"),
+            "error: FILE:5:18: `listeners.proxy_protocol`: proxy_protocol needs proxy_protocol_from",
+        ),
+        (
+            format!("{up}[[listeners]]\naddr = \"127.0.0.1:8080\"\n[[listeners.certs]]\nnames = [\"a.test\"]\ncert = \"a.pem\"\nkey = \"a.key\"\n"),
+            "error: FILE:5:1: [[listeners.certs]] without `tls`",
+        ),
+        (
+            format!("{up}[http]\ntrusted_proxies = [\"10.0.0.0/33\"]\n"),
+            "error: FILE:4:20: `http.trusted_proxies`: invalid network \"10.0.0.0/33\"",
+        ),
     ];
     for (text, want) in cases {
         let (code, _, stderr) = check(&text);
@@ -284,6 +296,8 @@ fn listener_options_are_set_in_the_kernel() {
         backlog: 1000,
         defer_accept: Duration::from_secs(1),
         shards: 3,
+        tls: None,
+        proxy_protocol: None,
     };
     let bound = breakwater::listener::bind(&cfg).unwrap();
     assert_eq!(bound.sockets.len(), 3);
@@ -309,7 +323,7 @@ fn listener_options_are_set_in_the_kernel() {
     let off = breakwater::config::ListenerConfig {
         defer_accept: Duration::ZERO,
         shards: 1,
-        ..cfg
+        ..cfg.clone()
     };
     let bound = breakwater::listener::bind(&off).unwrap();
     assert_eq!(

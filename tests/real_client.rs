@@ -85,3 +85,121 @@ async fn a_trusted_proxy_names_the_client_and_limits_follow_it() {
     assert_eq!(seen["x-forwarded-proto"], "https");
     proxy.stop().await;
 }
+
+/// A v2 header (as HAProxy writes it) for an IPv4 TCP client, or LOCAL when `src` is None.
+fn v2(src: Option<([u8; 4], u16)>) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    match src {
+        Some((ip, port)) => {
+            h.extend_from_slice(&[0x21, 0x11, 0, 12]);
+            h.extend_from_slice(&ip);
+            h.extend_from_slice(&[127, 0, 0, 1]);
+            h.extend_from_slice(&port.to_be_bytes());
+            h.extend_from_slice(&443u16.to_be_bytes());
+        }
+        None => h.extend_from_slice(&[0x20, 0x00, 0, 0]),
+    }
+    h
+}
+
+async fn proxied_proxy(origin: std::net::SocketAddr) -> Proxy {
+    let toml = format!(
+        "[[listeners]]\naddr = \"127.0.0.1:0\"\nproxy_protocol = \"any\"\n\
+         proxy_protocol_from = [\"127.0.0.2\"]\nproxy_protocol_timeout = \"1s\"\n\
+         [admission]\nallow = []\nper_ip_max_connections = 1\n\
+         [upstreams.app]\nservers = [\"{origin}\"]\n"
+    );
+    Proxy::start(&toml).await
+}
+
+/// Sends a header then a request from the balancer's address; the status, or None if cut.
+async fn via_balancer(addr: std::net::SocketAddr, header: &[u8]) -> (TcpStream, Option<u16>) {
+    let mut s = connect_from("127.0.0.2", addr).await.unwrap();
+    let mut bytes = header.to_vec();
+    bytes.extend_from_slice(b"GET /pp HTTP/1.1\r\nHost: x\r\n\r\n");
+    if s.write_all(&bytes).await.is_err() {
+        return (s, None);
+    }
+    let head = tokio::time::timeout(WAIT, read_head(&mut s)).await;
+    let status = head
+        .ok()
+        .and_then(|h| h.ok())
+        .and_then(|h| h.get(9..12).and_then(|c| c.parse().ok()));
+    (s, status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_names_the_client_for_admission_and_headers() {
+    let origin = echo_origin().await;
+    let proxy = proxied_proxy(origin.addr).await;
+
+    // v1 and v2 from the trusted balancer: served, and the origin sees the carried client.
+    let (_a, st) = via_balancer(proxy.addr, b"PROXY TCP4 203.0.113.1 127.0.0.1 5000 443\r\n").await;
+    assert_eq!(st, Some(200));
+    let (_b, st) = via_balancer(proxy.addr, &v2(Some(([203, 0, 113, 2], 5001)))).await;
+    assert_eq!(st, Some(200));
+    let seen = origin.requests();
+    assert_eq!(seen[0].headers["x-forwarded-for"], "203.0.113.1");
+    assert_eq!(seen[1].headers["x-forwarded-for"], "203.0.113.2");
+
+    // Per-client limits follow the carried address: 203.0.113.1 already holds its one
+    // connection (`_a`), so a second is refused, while a new address is admitted.
+    let (_c, st) = via_balancer(proxy.addr, b"PROXY TCP4 203.0.113.1 127.0.0.1 5002 443\r\n").await;
+    assert_eq!(st, None, "a second connection for a capped client");
+    let (_d, st) = via_balancer(proxy.addr, &v2(Some(([203, 0, 113, 3], 5003)))).await;
+    assert_eq!(st, Some(200));
+
+    // The balancer's own health check (v2 LOCAL) is served, and the balancer is not capped
+    // as a client: two at once.
+    let (_e, st) = via_balancer(proxy.addr, &v2(None)).await;
+    assert_eq!(st, Some(200));
+    let (_f, st) = via_balancer(proxy.addr, &v2(None)).await;
+    assert_eq!(st, Some(200));
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_refuses_strangers_bad_and_slow_headers() {
+    let origin = echo_origin().await;
+    let proxy = proxied_proxy(origin.addr).await;
+
+    // A header from outside proxy_protocol_from would let anyone pose as any client.
+    let mut s = connect_from("127.0.0.3", proxy.addr).await.unwrap();
+    let _ = s
+        .write_all(
+            b"PROXY TCP4 203.0.113.1 127.0.0.1 5000 443\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+        .await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await;
+    assert!(out.is_empty(), "a stranger was served");
+
+    for (bytes, what) in [
+        (&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..], "no header"),
+        (&b"PROXY TCP4 not-an-address 127.0.0.1 1 2\r\n"[..], "malformed v1"),
+        (&b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2 and then far too much text to be a header at all, past 107 bytes\r\n"[..], "over-long v1"),
+        (&b"\r\n\r\n\0\r\nQUIT\n\x21\x11\xff\xff"[..], "v2 claiming 64 KiB"),
+    ] {
+        let (_s, st) = via_balancer(proxy.addr, bytes).await;
+        assert_eq!(st, None, "{what} was served");
+    }
+
+    // Half a header, then silence: cut at proxy_protocol_timeout (1 s).
+    let started = std::time::Instant::now();
+    let mut s = connect_from("127.0.0.2", proxy.addr).await.unwrap();
+    s.write_all(b"PROXY TCP4 203.0.113.9").await.unwrap();
+    let mut out = Vec::new();
+    let r = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await;
+    assert!(r.is_ok(), "a stalled header held the connection");
+    assert!(started.elapsed() < Duration::from_secs(4));
+    assert!(origin.requests().is_empty());
+    assert_eq!(
+        proxy
+            .admission
+            .stats
+            .rejected_proxy_source
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    proxy.stop().await;
+}

@@ -148,7 +148,48 @@ pub struct FileListener {
     pub defer_accept: Dur,
     #[serde(default = "default_shards")]
     pub shards: Spanned<usize>,
+    /// The default certificate; turns the listener into a TLS one.
+    #[serde(default)]
+    pub tls: Option<Spanned<FileCertPair>>,
+    #[serde(default)]
+    pub tls_handshake_timeout: Option<Spanned<Dur>>,
+    /// More certificates, chosen by SNI.
+    #[serde(default)]
+    pub certs: Vec<Spanned<FileSniCert>>,
+    #[serde(default)]
+    pub proxy_protocol: Option<Spanned<ProxyProtocolVersion>>,
+    #[serde(default)]
+    pub proxy_protocol_from: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub proxy_protocol_timeout: Option<Spanned<Dur>>,
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCertPair {
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSniCert {
+    pub names: Spanned<Vec<Spanned<String>>>,
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
+}
+
+/// Which PROXY protocol versions a listener accepts (or an upstream sends).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocolVersion {
+    V1,
+    V2,
+    Any,
+}
+
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_PROXY_PROTOCOL_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
