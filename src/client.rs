@@ -17,6 +17,8 @@ pub struct Client {
     pub addr: IpAddr,
     /// What per-client limits count under: `addr` with IPv6 grouped by prefix.
     pub key: ClientKey,
+    /// The address the client reached (the listener's), for a PROXY header sent upstream.
+    pub local: SocketAddr,
 }
 
 /// The identity a per-client limit applies to, and whether the allow list exempts it.
@@ -37,6 +39,7 @@ impl Client {
                 ip: client_key(addr, ipv6_prefix),
                 exempt,
             },
+            local: SocketAddr::from(([0, 0, 0, 0], 0)),
         }
     }
 }

@@ -159,6 +159,9 @@ pub struct UpstreamConfig {
     /// WebSocket tunnels open at once to this upstream (each holds a dedicated origin
     /// connection); one client may hold `max_client_share` of them. 0 refuses upgrades.
     pub max_tunnels: usize,
+    /// Send a PROXY header naming the client on each origin connection. Such connections are
+    /// private to one request (see `Upstream::send_private`).
+    pub send_proxy_protocol: Option<ProxyProtocolVersion>,
     pub health: HealthConfig,
 }
 
@@ -575,6 +578,15 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
                     .into(),
             ));
         }
+        let send_proxy_protocol = match &u.send_proxy_protocol {
+            None => None,
+            Some(v) if *v.get_ref() == ProxyProtocolVersion::Any => return Err(err(
+                v.span(),
+                "send_proxy_protocol \"any\" names no version to send: expected \"v1\" or \"v2\""
+                    .into(),
+            )),
+            Some(v) => Some(*v.get_ref()),
+        };
         let share = *u.max_client_share.get_ref();
         if !(share > 0.0 && share <= 1.0) {
             return Err(err(
@@ -618,7 +630,13 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
             response_timeout: u.response_timeout.get_ref().0,
             balance: u.balance,
             protocol: u.protocol,
-            pool_min_idle: u.pool_min_idle.min(pool_max),
+            // With send_proxy_protocol every connection is opened for one request and names its
+            // client; a warm connection would have no client to name.
+            pool_min_idle: if u.send_proxy_protocol.is_some() {
+                0
+            } else {
+                u.pool_min_idle.min(pool_max)
+            },
             pool_max,
             max_requests_per_connection: u.max_requests_per_connection,
             pool_idle_timeout: u.pool_idle_timeout.0,
@@ -627,6 +645,7 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
             retry_idempotent: u.retry_idempotent,
             max_client_share: share,
             max_tunnels: u.max_tunnels,
+            send_proxy_protocol,
             health: HealthConfig {
                 path: h.path.as_ref().map(|p| p.get_ref().clone()),
                 interval: h.interval.get_ref().0,

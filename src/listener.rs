@@ -115,6 +115,7 @@ pub async fn accept_loop(
         }
     };
     let admission = &shared.admission;
+    let listen_addr = local.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
     let counters =
         admission.register_shard(local.unwrap_or(([0, 0, 0, 0], 0).into()), shard, &listener);
     let mut backoff = Backoff::default();
@@ -160,7 +161,14 @@ pub async fn accept_loop(
                         let source = crate::client::unmapped(peer.ip());
                         if pp.from.iter().any(|n| n.contains(&source)) {
                             counters.accepted.fetch_add(1, Ordering::Relaxed);
-                            serve_proxied(socket, peer, slot, &frontend, &shared, &shutdown);
+                            serve_proxied(
+                                socket,
+                                (peer, listen_addr),
+                                slot,
+                                &frontend,
+                                &shared,
+                                &shutdown,
+                            );
                         } else {
                             counters.refused.fetch_add(1, Ordering::Relaxed);
                             admission
@@ -172,7 +180,8 @@ pub async fn accept_loop(
                         continue;
                     }
                     match admission.admit(peer, peer.ip(), slot) {
-                        Ok(admitted) => {
+                        Ok(mut admitted) => {
+                            admitted.client.local = listen_addr;
                             counters.accepted.fetch_add(1, Ordering::Relaxed);
                             serve(socket, peer, admitted, &frontend, &shared, &shutdown)
                         }
@@ -259,7 +268,7 @@ fn serve(
 /// nobody else; the global slot taken at accept bounds how many can wait.
 fn serve_proxied(
     socket: Socket,
-    peer: SocketAddr,
+    (peer, local): (SocketAddr, SocketAddr),
     slot: GlobalSlot,
     frontend: &Arc<Frontend>,
     shared: &Arc<Shared>,
@@ -288,7 +297,7 @@ fn serve_proxied(
                 return refuse_stream(stream, admission, peer, "PROXY header timed out");
             }
         };
-        let admitted = match carried {
+        let mut admitted = match carried {
             proxy_protocol::Carried::Local => admission.admit_balancer(peer, slot),
             proxy_protocol::Carried::Client(client) => {
                 match admission.admit(peer, client.ip(), slot) {
@@ -300,6 +309,7 @@ fn serve_proxied(
                 }
             }
         };
+        admitted.client.local = local;
         crate::conn::serve(stream, admitted, frontend.tls.clone(), shared, shutdown).await;
     });
 }

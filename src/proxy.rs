@@ -200,8 +200,9 @@ pub async fn handle(
     let client = trusted
         .then(|| headers::forwarded_client(req.headers(), &shared.proxy.trusted_proxies))
         .flatten()
-        .map_or(conn_client, |ip| {
-            shared.admission.client(conn_client.peer, ip)
+        .map_or(conn_client, |ip| Client {
+            local: conn_client.local,
+            ..shared.admission.client(conn_client.peer, ip)
         });
     let peer = SocketAddr::new(client.addr, conn_client.peer.port());
     let mut log = AccessLog {
@@ -397,6 +398,7 @@ async fn forward(
             hold: hold.clone(),
             grace: proxy.shutdown_grace,
             peer: client.peer,
+            client,
         };
         return tunnel_request(
             upstream,
@@ -415,7 +417,7 @@ async fn forward(
     let body = read_ahead(proxy, body).await?;
     let out = Request::from_parts(parts, body);
     let (resp, lease) = upstream
-        .send(client.key, out)
+        .send(&client, out)
         .await
         .map_err(|(server, error)| ProxyError::Upstream {
             upstream: upstream.name.clone(),
@@ -557,6 +559,7 @@ struct Tunnel {
     hold: Arc<ConnHold>,
     grace: Duration,
     peer: SocketAddr,
+    client: Client,
 }
 
 /// A WebSocket handshake: sent on a dedicated origin connection, and on a 101 that completes
@@ -576,7 +579,7 @@ async fn tunnel_request(
         error,
     };
     let (mut tx, server, drive) = upstream
-        .connect_dedicated()
+        .connect_dedicated(&tunnel.client)
         .await
         .map_err(|(s, e)| fail(s, e))?;
     tokio::spawn(drive);
@@ -631,6 +634,7 @@ async fn relay(tunnel: Tunnel, origin: hyper::upgrade::OnUpgrade, conn: Sender, 
         hold,
         grace,
         peer,
+        ..
     } = tunnel;
     let (c, o) = tokio::join!(client_upgrade, origin);
     // The origin connection's sender is no longer needed once its socket is upgraded.

@@ -15,6 +15,7 @@
 
 pub mod health;
 pub mod pool;
+pub mod proxy_protocol;
 pub mod queue;
 pub mod tunnel;
 
@@ -29,7 +30,7 @@ use hyper::{Request, Response};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::client::ClientKey;
+use crate::client::{Client, ClientKey};
 use crate::config::{Balance, UpstreamConfig, UpstreamProtocol};
 use crate::proxy::body::UpstreamBody;
 use health::{Health, Transition};
@@ -126,6 +127,8 @@ pub struct Upstream {
     rr: AtomicUsize,
     /// Busy connections (or h2c streams) one client address may hold.
     client_cap: usize,
+    /// With `send_proxy_protocol`: how many private connections may be open at once.
+    private: Option<Arc<tokio::sync::Semaphore>>,
     pub stats: UpstreamStats,
     /// WebSocket tunnels open to this upstream, capped by `max_tunnels`.
     pub tunnels: Arc<tunnel::TunnelSlots>,
@@ -146,6 +149,9 @@ pub struct Lease {
     client: ClientKey,
     pub reused: bool,
     reusable: bool,
+    /// A connection private to this request (`send_proxy_protocol`): outside the pool, closed
+    /// when the lease ends; the permit bounds how many exist.
+    private: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Lease {
@@ -161,6 +167,10 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        if self.private.is_some() {
+            // Dropping the sender lets hyper close the connection once its response is done.
+            return;
+        }
         let up = self.up.clone();
         let mut st = up.lock();
         let slots = &mut st.slots[self.server];
@@ -281,6 +291,9 @@ impl Upstream {
             next_conn: AtomicU64::new(1),
             rr: AtomicUsize::new(0),
             client_cap,
+            private: cfg
+                .send_proxy_protocol
+                .map(|_| Arc::new(tokio::sync::Semaphore::new(capacity.max(1)))),
             stats: UpstreamStats::default(),
             tunnels: tunnel::TunnelSlots::new(
                 cfg.max_tunnels,
@@ -359,6 +372,7 @@ impl Upstream {
             client,
             reused: g.reused,
             reusable: false,
+            private: None,
         }
     }
 
@@ -476,7 +490,9 @@ impl Upstream {
         let up = self.arc();
         tokio::spawn(async move {
             let addr = up.servers[server].addr.clone();
-            let result = pool::connect(&addr, up.cfg.protocol, up.cfg.connect_timeout).await;
+            let preface = up.local_preface();
+            let result =
+                pool::connect(&addr, up.cfg.protocol, up.cfg.connect_timeout, &preface).await;
             up.connected(server, purpose, result);
         });
     }
@@ -609,9 +625,13 @@ impl Upstream {
     /// byte (the stale keep-alive race), is tried once more.
     pub async fn send(
         &self,
-        client: ClientKey,
+        client: &Client,
         req: Request<UpstreamBody>,
     ) -> Result<(Response<Incoming>, Lease), (Option<String>, UpstreamError)> {
+        if let Some(private) = &self.private {
+            return self.send_private(private.clone(), client, req).await;
+        }
+        let client = client.key;
         let replay = if self.cfg.retry_idempotent {
             Replay::of(&req)
         } else {
@@ -703,6 +723,7 @@ impl Upstream {
     /// WebSocket tunnel holds its socket for good).
     pub async fn connect_dedicated(
         &self,
+        client: &Client,
     ) -> Result<
         (
             Sender,
@@ -716,9 +737,92 @@ impl Upstream {
             return Err((None, UpstreamError::NoHealthyServer));
         };
         let addr = self.servers[server].addr.clone();
-        match pool::connect(&addr, UpstreamProtocol::Http1, self.cfg.connect_timeout).await {
+        let preface = self.client_preface(client);
+        match pool::connect(
+            &addr,
+            UpstreamProtocol::Http1,
+            self.cfg.connect_timeout,
+            &preface,
+        )
+        .await
+        {
             Ok((tx, drive)) => Ok((tx, addr, drive)),
             Err(e) => Err((Some(addr), e)),
+        }
+    }
+
+    /// The PROXY header for a connection no client caused (warm, health check): LOCAL.
+    fn local_preface(&self) -> Vec<u8> {
+        self.cfg.send_proxy_protocol.map_or_else(Vec::new, |v| {
+            proxy_protocol::encode(v, None, std::net::SocketAddr::from(([0, 0, 0, 0], 0)))
+        })
+    }
+
+    /// The PROXY header naming `client`, with `send_proxy_protocol`.
+    fn client_preface(&self, client: &Client) -> Vec<u8> {
+        self.cfg.send_proxy_protocol.map_or_else(Vec::new, |v| {
+            proxy_protocol::encode(
+                v,
+                Some(std::net::SocketAddr::new(client.addr, client.peer.port())),
+                client.local,
+            )
+        })
+    }
+
+    /// `send_proxy_protocol`: a PROXY header names one client per connection, and a pooled
+    /// connection carries many clients' requests, so it would name the wrong one for all but
+    /// the first. Each request therefore gets a connection of its own, opened with its
+    /// client's header and closed after its response. Those connections stay bounded by
+    /// `pool_max` per server (waiting up to `queue_timeout` for one, FIFO); the price is an
+    /// origin handshake per request, which is why this is opt-in and X-Forwarded-For is the
+    /// default way to tell the origin who the client is.
+    async fn send_private(
+        &self,
+        permits: Arc<tokio::sync::Semaphore>,
+        client: &Client,
+        req: Request<UpstreamBody>,
+    ) -> Result<(Response<Incoming>, Lease), (Option<String>, UpstreamError)> {
+        let queued_at = Instant::now();
+        let permit =
+            match tokio::time::timeout(self.cfg.queue_timeout, permits.acquire_owned()).await {
+                Ok(Ok(p)) => p,
+                _ => {
+                    self.stats.queue_timeouts.fetch_add(1, Ordering::Relaxed);
+                    return Err((None, UpstreamError::QueueTimeout));
+                }
+            };
+        self.stats
+            .queue_wait
+            .observe(queued_at.elapsed().as_secs_f64());
+        let Some(&server) = self.order(&self.lock()).first() else {
+            return Err((None, UpstreamError::NoHealthyServer));
+        };
+        let addr = self.servers[server].addr.clone();
+        let preface = self.client_preface(client);
+        let (tx, drive) =
+            match pool::connect(&addr, self.cfg.protocol, self.cfg.connect_timeout, &preface).await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    self.record(server, false, false);
+                    return Err((Some(addr), e));
+                }
+            };
+        self.stats.connects.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(drive);
+        let mut lease = Lease {
+            up: self.arc(),
+            server,
+            conn: 0,
+            tx: Some(tx),
+            client: client.key,
+            reused: false,
+            reusable: false,
+            private: Some(permit),
+        };
+        match self.exchange(&mut lease, req).await {
+            Ok(resp) => Ok((resp, lease)),
+            Err(f) => Err((Some(addr), f.error)),
         }
     }
 
@@ -759,8 +863,13 @@ impl Upstream {
                 if server.health.is_healthy() && (server.health.recently_ok(h.interval) || live) {
                     continue;
                 }
-                let ok =
-                    health::probe(&server.addr, h.path.as_deref(), self.cfg.connect_timeout).await;
+                let ok = health::probe(
+                    &server.addr,
+                    h.path.as_deref(),
+                    self.cfg.connect_timeout,
+                    &self.local_preface(),
+                )
+                .await;
                 self.record(i, ok, true);
             }
         }

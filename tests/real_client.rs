@@ -4,6 +4,8 @@
 
 mod support;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use support::*;
@@ -201,5 +203,79 @@ async fn proxy_protocol_refuses_strangers_bad_and_slow_headers() {
             .load(std::sync::atomic::Ordering::Relaxed),
         1
     );
+    proxy.stop().await;
+}
+
+/// An origin behind `send_proxy_protocol`: reads the PROXY header, records what it carried,
+/// then serves HTTP/1.1 on the rest of the stream.
+async fn pp_origin() -> (
+    std::net::SocketAddr,
+    Arc<Mutex<Vec<String>>>,
+    Arc<AtomicUsize>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let accepts = Arc::new(AtomicUsize::new(0));
+    let (s2, a2) = (seen.clone(), accepts.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            a2.fetch_add(1, Ordering::SeqCst);
+            let seen = s2.clone();
+            tokio::spawn(async move {
+                let carried = breakwater::listener::proxy_protocol::read_header(
+                    &mut stream,
+                    breakwater::config::ProxyProtocolVersion::Any,
+                )
+                .await;
+                seen.lock().unwrap().push(format!("{carried:?}"));
+                if carried.is_err() {
+                    return;
+                }
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(full("behind pp")))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen, accepts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_proxy_protocol_names_each_requests_client_to_the_origin() {
+    let (origin, seen, accepts) = pp_origin().await;
+    let toml = format!(
+        "[[listeners]]\naddr = \"127.0.0.1:0\"\n[admission]\nallow = []\n\
+         [upstreams.app]\nservers = [\"{origin}\"]\nsend_proxy_protocol = \"v1\"\npool_max = 2\n\
+         [upstreams.app.health]\npath = \"/health\"\ninterval = \"100ms\"\n"
+    );
+    let proxy = Proxy::start(&toml).await;
+    for src in ["127.0.0.5", "127.0.0.6", "127.0.0.5"] {
+        assert_eq!(try_get_from(src, proxy.addr).await, Some(200), "{src}");
+    }
+    // Wait for one active health check, which must speak PROXY protocol too (LOCAL).
+    assert!(
+        eventually(WAIT, || seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|s| s.contains("Local")))
+        .await
+    );
+    let seen = seen.lock().unwrap().clone();
+    let clients: Vec<&String> = seen.iter().filter(|s| s.contains("Client")).collect();
+    assert_eq!(clients.len(), 3, "{seen:?}");
+    assert!(clients[0].contains("127.0.0.5:"), "{seen:?}");
+    assert!(clients[1].contains("127.0.0.6:"), "{seen:?}");
+    assert!(clients[2].contains("127.0.0.5:"), "{seen:?}");
+    // Private connections: one per request, none shared between clients, no warm ones.
+    assert!(accepts.load(Ordering::SeqCst) >= 3);
+    assert!(!seen.iter().any(|s| s.contains("Err")), "{seen:?}");
     proxy.stop().await;
 }

@@ -270,6 +270,8 @@ pub struct FileUpstream {
     #[serde(default = "default_max_tunnels")]
     pub max_tunnels: usize,
     #[serde(default)]
+    pub send_proxy_protocol: Option<Spanned<ProxyProtocolVersion>>,
+    #[serde(default)]
     pub health: FileHealth,
 }
 

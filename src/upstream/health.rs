@@ -82,10 +82,16 @@ impl Health {
 }
 
 /// One active check: TCP connect, and with `path` a GET answered below 500.
-pub async fn probe(addr: &str, path: Option<&str>, timeout: Duration) -> bool {
+/// `preface` (a PROXY LOCAL header, with `send_proxy_protocol`) is written before the GET.
+pub async fn probe(addr: &str, path: Option<&str>, timeout: Duration, preface: &[u8]) -> bool {
     let check = async {
-        let stream = TcpStream::connect(addr).await.ok()?;
+        let mut stream = TcpStream::connect(addr).await.ok()?;
         let Some(path) = path else { return Some(true) };
+        if !preface.is_empty() {
+            tokio::io::AsyncWriteExt::write_all(&mut stream, preface)
+                .await
+                .ok()?;
+        }
         let (mut tx, conn) = http1::handshake(TokioIo::new(stream)).await.ok()?;
         tokio::spawn(async move {
             let _ = conn.await;

@@ -233,11 +233,18 @@ pub async fn connect(
     addr: &str,
     protocol: UpstreamProtocol,
     timeout: Duration,
+    preface: &[u8],
 ) -> Result<(Sender, impl Future<Output = ()> + Send + 'static), UpstreamError> {
     let attempt = async {
-        let stream = TcpStream::connect(addr)
+        let mut stream = TcpStream::connect(addr)
             .await
             .map_err(UpstreamError::Connect)?;
+        if !preface.is_empty() {
+            // A PROXY protocol header goes before any HTTP byte.
+            tokio::io::AsyncWriteExt::write_all(&mut stream, preface)
+                .await
+                .map_err(UpstreamError::Connect)?;
+        }
         // Best effort: a failure only costs latency.
         let _ = stream.set_nodelay(true);
         let io = TokioIo::new(stream);
