@@ -510,3 +510,77 @@ async fn sighup_rereads_certificates_and_a_bad_file_keeps_the_old_ones() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rsa_pkcs1_and_ec_sec1_keys_from_openssl_serve() {
+    if Command::new("openssl").arg("version").output().is_err() {
+        eprintln!("openssl is not installed; skipped");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(d)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // RSA in PKCS#1 ("BEGIN RSA PRIVATE KEY") and EC in SEC1 ("BEGIN EC PRIVATE KEY").
+    run(&["genrsa", "-traditional", "-out", "rsa.key", "2048"]);
+    run(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        "ec.key",
+    ]);
+    for k in ["rsa", "ec"] {
+        run(&[
+            "req",
+            "-new",
+            "-x509",
+            "-key",
+            &format!("{k}.key"),
+            "-out",
+            &format!("{k}.pem"),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=shop.example.com",
+            "-addext",
+            "subjectAltName=DNS:shop.example.com",
+        ]);
+        let key = std::fs::read_to_string(d.join(format!("{k}.key"))).unwrap();
+        assert!(
+            key.contains("BEGIN RSA PRIVATE KEY") || key.contains("BEGIN EC PRIVATE KEY"),
+            "{key}"
+        );
+    }
+    let origin = echo_origin().await;
+    for k in ["rsa", "ec"] {
+        let toml = format!(
+            "[[listeners]]\naddr = \"127.0.0.1:0\"\nshards = 1\n\
+             tls = {{ cert = \"{}\", key = \"{}\" }}\n[upstreams.app]\nservers = [\"{}\"]\n",
+            d.join(format!("{k}.pem")).display(),
+            d.join(format!("{k}.key")).display(),
+            origin.addr
+        );
+        let proxy = Proxy::start(&toml).await;
+        let tls = connect_tls(
+            proxy.addr,
+            client_config(None, &[b"http/1.1"]),
+            "shop.example.com",
+        )
+        .await;
+        assert!(tls.get_ref().1.peer_certificates().is_some(), "{k}");
+        proxy.stop().await;
+    }
+}
