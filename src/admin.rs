@@ -80,12 +80,10 @@ fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         );
         r
     };
-    if let Some(token) = shared
-        .config
-        .admin
-        .as_ref()
-        .and_then(|a| a.token.as_deref())
-    {
+    let admin = shared.config.admin.as_ref();
+    let health = matches!(req.uri().path(), "/healthz" | "/readyz");
+    let public = health && admin.is_none_or(|a| a.public_health);
+    if let Some(token) = admin.and_then(|a| a.token.as_deref()).filter(|_| !public) {
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
@@ -117,16 +115,45 @@ fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             r
         }
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
-        "/readyz" if shared.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n".into()),
-        "/readyz" => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "warming: origin pools not yet filled\n".into(),
-        ),
+        "/readyz" => {
+            let (ok, why) = readiness(shared);
+            if ok {
+                text(StatusCode::OK, "ready\n".into())
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"))
+            }
+        }
         _ => text(
             StatusCode::NOT_FOUND,
             "404 Not Found: /metrics, /healthz, /readyz\n".into(),
         ),
     }
+}
+
+/// Whether to take traffic, and why not.
+fn readiness(shared: &Shared) -> (bool, String) {
+    if *shared.draining.borrow() {
+        return (false, "draining: shutting down".into());
+    }
+    if !shared.ready.load(Ordering::Acquire) {
+        return (false, "warming: origin pools not yet filled".into());
+    }
+    let requires_origin = shared
+        .config
+        .admin
+        .as_ref()
+        .is_some_and(|a| a.ready_requires_origin);
+    if requires_origin {
+        for u in &shared.proxy.upstreams {
+            if !u.servers.iter().any(|s| s.health.is_healthy()) {
+                return (
+                    false,
+                    format!("origin down: every server of upstream {} is down", u.name),
+                );
+            }
+        }
+    }
+    (true, String::new())
 }
 
 /// Compares `given` with `token` in time that depends only on `given`'s length (which the

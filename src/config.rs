@@ -38,8 +38,13 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
     pub addr: SocketAddr,
-    /// When set, every admin request needs `Authorization: Bearer <token>`.
+    /// When set, every admin request needs `Authorization: Bearer <token>` (but see
+    /// `public_health`).
     pub token: Option<String>,
+    /// `/healthz` and `/readyz` answer without the token (kubelet probes carry none).
+    pub public_health: bool,
+    /// `/readyz` is 503 while every server of some upstream is down.
+    pub ready_requires_origin: bool,
 }
 
 /// `[admission]`: what is decided right after accept. For every count, 0 disables.
@@ -129,6 +134,9 @@ pub struct HttpConfig {
     /// Peers whose forwarding headers are believed: the client is then the rightmost
     /// X-Forwarded-For entry that is not itself one of these.
     pub trusted_proxies: Vec<IpNet>,
+    /// After SIGTERM: /readyz is 503 at once, but the listeners keep accepting this long (so a
+    /// load balancer or Kubernetes stops sending before anything is refused).
+    pub drain_delay: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -515,6 +523,7 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
         response_buffer: h.response_buffer,
         send_timeout: h.send_timeout.get_ref().0,
         trusted_proxies: parse_nets(&h.trusted_proxies, &err)?,
+        drain_delay: h.drain_delay.0,
         via_name: match &h.via_name {
             None => default_via_name(),
             Some(v) => {
@@ -748,15 +757,47 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
                     ),
                 )
             })?;
-            let token = match a.token {
-                Some(t) if t.get_ref().trim().is_empty() => {
+            // Port 0 picks a free port each: no clash.
+            if addr.port() != 0 && listeners.iter().any(|l| l.addr == addr) {
+                return Err(err(
+                    a.addr.span(),
+                    format!(
+                        "admin addr {addr} is also a listener address: the admin port needs an \
+                         address of its own, such as \"127.0.0.1:9901\""
+                    ),
+                ));
+            }
+            let token = match (a.token, a.token_file) {
+                (Some(_), Some(f)) => {
+                    return Err(err(
+                        f.span(),
+                        "token and token_file are both set: keep one".into(),
+                    ))
+                }
+                (Some(t), None) if t.get_ref().trim().is_empty() => {
                     return Err(err(
                         t.span(),
                         "token is empty: remove it or set a secret".into(),
                     ))
                 }
-                Some(t) => Some(t.into_inner()),
-                None => None,
+                (Some(t), None) => Some(t.into_inner()),
+                // A secret mounted as a file (Kubernetes, docker secrets), read at load.
+                (None, Some(f)) => match std::fs::read_to_string(f.get_ref()) {
+                    Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
+                    Ok(_) => {
+                        return Err(err(
+                            f.span(),
+                            format!("token_file {:?} is empty", f.get_ref()),
+                        ))
+                    }
+                    Err(e) => {
+                        return Err(err(
+                            f.span(),
+                            format!("cannot read token_file {:?}: {e}", f.get_ref()),
+                        ))
+                    }
+                },
+                (None, None) => None,
             };
             if !addr.ip().is_loopback() && token.is_none() {
                 return Err(err(
@@ -768,7 +809,12 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
                     ),
                 ));
             }
-            Some(AdminConfig { addr, token })
+            Some(AdminConfig {
+                addr,
+                token,
+                public_health: a.public_health,
+                ready_requires_origin: a.ready_requires_origin,
+            })
         }
     };
 

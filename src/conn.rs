@@ -113,7 +113,14 @@ async fn serve_http<I>(
         tls,
     });
     let svc_hold = hold.clone();
+    // Seen an HTTP/2 request: such a connection is told to go away (GOAWAY) when draining
+    // starts; HTTP/1 responses carry `Connection: close` instead.
+    let h2 = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let svc_h2 = h2.clone();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        if req.version() == hyper::Version::HTTP_2 {
+            svc_h2.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         // Counted before the future first runs, so the clock never sees a dispatched request
         // as idle.
         let in_flight = activity.begin();
@@ -129,13 +136,24 @@ async fn serve_http<I>(
         .http
         .serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        // Cancel-safe: `changed` only observes the flag; the connection future stays pinned
-        // here and is driven to its end below.
-        _ = shutdown.changed() => {
-            conn.as_mut().graceful_shutdown();
-            conn.as_mut().await
+    let mut draining = shared.draining.subscribe();
+    let mut told = false;
+    let result = loop {
+        tokio::select! {
+            r = conn.as_mut() => break r,
+            // Cancel-safe: `changed` only observes the flag; the connection future stays
+            // pinned here and is driven to its end below.
+            _ = shutdown.changed() => {
+                conn.as_mut().graceful_shutdown();
+                break conn.as_mut().await;
+            }
+            // The borrow `wait_for` returns is dropped inside: it must not live across awaits.
+            ok = async { draining.wait_for(|d| *d).await.is_ok() }, if !told => {
+                told = true;
+                if ok && h2.load(std::sync::atomic::Ordering::Relaxed) {
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
         }
     };
     // The slots go back only now, with the socket closed (or later, with its tunnel).

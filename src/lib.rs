@@ -63,6 +63,10 @@ pub struct Shared {
     pub registry: prometheus_client::registry::Registry,
     /// Listeners bound and every warm pool filled (for /readyz).
     pub ready: std::sync::atomic::AtomicBool,
+    /// True from the shutdown signal on: /readyz answers 503, HTTP/1 responses carry
+    /// `Connection: close` and HTTP/2 connections get GOAWAY, while the listeners still accept
+    /// for `drain_delay`.
+    pub draining: watch::Sender<bool>,
     pub proxy: proxy::Proxy,
     pub http: auto::Builder<TokioExecutor>,
 }
@@ -143,6 +147,7 @@ impl Engine {
                 requests,
                 registry,
                 ready: std::sync::atomic::AtomicBool::new(false),
+                draining: watch::Sender::new(false),
                 http,
                 proxy,
             }),
@@ -244,6 +249,14 @@ impl Engine {
         let housekeeping = tokio::spawn(shared.admission.clone().housekeeping());
 
         shutdown.await;
+        // First tell the load balancer (readyz 503) and the clients (Connection: close,
+        // GOAWAY) while still accepting: whoever has not noticed yet is still served.
+        shared.draining.send_replace(true);
+        let delay = shared.config.http.drain_delay;
+        if !delay.is_zero() {
+            tracing::info!(drain_delay = ?delay, "draining: /readyz is 503; still accepting until the drain delay ends");
+            tokio::time::sleep(delay).await;
+        }
         // Admission slots are held by connections and their tunnels alike.
         let open = shared.admission.open_connections();
         tracing::info!(open_connections = open, grace = ?grace, "shutting down: stopped accepting, draining");

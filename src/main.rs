@@ -135,6 +135,8 @@ fn main() -> ExitCode {
                 c.admin = Some(breakwater::config::AdminConfig {
                     addr: admin,
                     token: None,
+                    public_health: true,
+                    ready_requires_origin: false,
                 });
                 // 20,000 lines of access log would hide the summary.
                 c.log.access_log = false;

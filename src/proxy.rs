@@ -197,6 +197,7 @@ pub async fn handle(
         .trusted_proxies
         .iter()
         .any(|n| n.contains(&conn_client.addr));
+    let client_version_h1 = req.version() <= Version::HTTP_11;
     let client = trusted
         .then(|| headers::forwarded_client(req.headers(), &shared.proxy.trusted_proxies))
         .flatten()
@@ -230,6 +231,7 @@ pub async fn handle(
     } else {
         Err(ProxyError::RateLimited)
     };
+    let draining = *shared.draining.borrow();
     let resp = match result {
         Ok(r) => {
             log.status = r.head.status.as_u16();
@@ -296,6 +298,13 @@ pub async fn handle(
         }
     };
     outcome.answered = true;
+    let mut resp = resp;
+    if draining && client_version_h1 && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        // hyper closes an HTTP/1 connection after a response that says so: the client
+        // reconnects, to an instance that is not going away.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     Ok(resp)
 }
 

@@ -95,6 +95,10 @@ fn bad_configs_name_file_line_key_and_fix() {
             "error: FILE:5:1: [[listeners.certs]] without `tls`",
         ),
         (
+            format!("{up}[[listeners]]\naddr = \"127.0.0.1:8080\"\n[admin]\naddr = \"127.0.0.1:8080\"\n"),
+            "error: FILE:6:8: `admin.addr`: admin addr 127.0.0.1:8080 is also a listener address",
+        ),
+        (
             format!("{up}[http]\ntrusted_proxies = [\"10.0.0.0/33\"]\n"),
             "error: FILE:4:20: `http.trusted_proxies`: invalid network \"10.0.0.0/33\"",
         ),

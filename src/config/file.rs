@@ -125,6 +125,12 @@ pub struct FileAdmin {
     pub addr: Spanned<String>,
     #[serde(default)]
     pub token: Option<Spanned<String>>,
+    #[serde(default)]
+    pub token_file: Option<Spanned<String>>,
+    #[serde(default = "yes")]
+    pub public_health: bool,
+    #[serde(default)]
+    pub ready_requires_origin: bool,
 }
 
 /// How a refused connection is closed.
@@ -218,6 +224,8 @@ pub struct FileHttp {
     pub via_name: Option<Spanned<String>>,
     #[serde(default)]
     pub trusted_proxies: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub drain_delay: Dur,
 }
 
 impl Default for FileHttp {
@@ -235,6 +243,7 @@ impl Default for FileHttp {
             send_timeout: default_send_timeout(),
             via_name: None,
             trusted_proxies: Vec::new(),
+            drain_delay: Dur(Duration::ZERO),
         }
     }
 }
@@ -359,7 +368,7 @@ pub enum LogFormat {
 /// A duration written as a string with a unit: "250ms", "5s", "2m", "1h". Bare numbers are
 /// refused on purpose: `timeout = 5` is ambiguous (seconds? milliseconds?) and a wrong guess
 /// either cuts every request or lets slowloris in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Dur(pub Duration);
 
 impl<'de> Deserialize<'de> for Dur {

@@ -1,0 +1,189 @@
+//! Operating Breakwater: the drain an orchestrator needs, health endpoints a kubelet can read,
+//! and logs fit for files and journald.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+async fn admin_status(
+    admin: std::net::SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, String) {
+    let mut req = hyper::Request::builder().uri(path).header("host", "admin");
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let got = send(admin, req.body(full("")).unwrap()).await;
+    (got.status, got.text())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drain_keeps_accepting_for_the_delay_while_readyz_says_go_away() {
+    let origin = echo_origin().await;
+    let proxy = Proxy::start(&config_for(
+        origin.addr,
+        "[http]\ndrain_delay = \"1500ms\"\nshutdown_timeout = \"2s\"\n[admin]\naddr = \"127.0.0.1:0\"",
+    ))
+    .await;
+    let (addr, admin) = (proxy.addr, proxy.admin.unwrap());
+    let mut ready = false;
+    for _ in 0..100 {
+        if admin_status(admin, "/readyz", None).await.0 == 200 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ready, "never ready");
+    // A keep-alive client connected before the signal.
+    let mut keep = tokio::net::TcpStream::connect(addr).await.unwrap();
+    assert_eq!(request_on(&mut keep, "/before").await, Some(200));
+
+    let started = Instant::now();
+    let stopping = tokio::spawn(proxy.stop());
+    let mut draining = false;
+    for _ in 0..50 {
+        let (status, body) = admin_status(admin, "/readyz", None).await;
+        if status == 503 && body.contains("draining") {
+            draining = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(draining, "/readyz did not turn 503");
+    // Still accepting during the delay: a new client is served, and told to close.
+    let text = raw(addr, b"GET /during HTTP/1.1\r\nHost: x\r\n\r\n", WAIT).await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("connection: close"),
+        "{text}"
+    );
+    assert!(started.elapsed() < Duration::from_millis(1500));
+    // The kept-alive client's next response says close too, and the connection ends.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    keep.write_all(b"GET /last HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, keep.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out).to_ascii_lowercase();
+    assert!(
+        out.starts_with("http/1.1 200") && out.contains("connection: close"),
+        "{out}"
+    );
+
+    // After the delay the listener stops accepting, and the drain completes.
+    let shutdown = tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(shutdown, breakwater::Shutdown::Drained);
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    assert!(try_get_from("127.0.0.1", addr).await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_public_by_default_metrics_keep_the_token() {
+    let origin = echo_origin().await;
+    let proxy = Proxy::start(&config_for(
+        origin.addr,
+        "[admin]\naddr = \"127.0.0.1:0\"\ntoken = \"s3cret\"",
+    ))
+    .await;
+    let admin = proxy.admin.unwrap();
+    assert_eq!(admin_status(admin, "/healthz", None).await.0, 200);
+    assert_ne!(admin_status(admin, "/readyz", None).await.0, 401);
+    assert_eq!(admin_status(admin, "/metrics", None).await.0, 401);
+    assert_eq!(admin_status(admin, "/metrics", Some("s3cret")).await.0, 200);
+    proxy.stop().await;
+
+    let proxy = Proxy::start(&config_for(
+        origin.addr,
+        "[admin]\naddr = \"127.0.0.1:0\"\ntoken = \"s3cret\"\npublic_health = false",
+    ))
+    .await;
+    assert_eq!(
+        admin_status(proxy.admin.unwrap(), "/healthz", None).await.0,
+        401
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_can_require_a_live_origin() {
+    let origin = echo_origin().await;
+    let proxy = Proxy::start(&config_for(
+        origin.addr,
+        "[admin]\naddr = \"127.0.0.1:0\"\nready_requires_origin = true",
+    ))
+    .await;
+    let admin = proxy.admin.unwrap();
+    let mut ready = false;
+    for _ in 0..100 {
+        if admin_status(admin, "/readyz", None).await.0 == 200 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ready);
+    // The origin goes away; traffic finds it down and the instance reports not ready.
+    drop(origin);
+    let mut said = String::new();
+    for _ in 0..200 {
+        let _ = try_get_from("127.0.0.9", proxy.addr).await;
+        let (status, body) = admin_status(admin, "/readyz", None).await;
+        if status == 503 {
+            said = body;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(said.contains("origin down"), "{said:?}");
+    proxy.stop().await;
+}
+
+#[test]
+fn logs_to_a_pipe_carry_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bw.toml");
+    std::fs::write(
+        &cfg,
+        "[[listeners]]\naddr = \"127.0.0.1:0\"\nshards = 1\n[upstreams.app]\nservers = [\"127.0.0.1:9\"]\n",
+    )
+    .unwrap();
+    let mut child = Command::new(bin())
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref().take(10) {
+        let line = line.unwrap();
+        let done = line.contains("listening");
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        seen.iter().any(|l| l.contains("listening addr=127.0.0.1:")),
+        "{seen:#?}"
+    );
+    assert!(!seen.iter().any(|l| l.contains('\u{1b}')), "{seen:#?}");
+}
