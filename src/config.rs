@@ -4,6 +4,7 @@
 //! checks ranges and references. Every error names the file, line, column and key, says what
 //! was wrong and what is expected.
 
+pub mod env;
 pub mod file;
 
 use std::fmt;
@@ -258,13 +259,38 @@ impl Config {
         Config::parse(&text, &shown)
     }
 
+    /// The config file to use when none is named: `$BREAKWATER_CONFIG`, else
+    /// `./config/breakwater.toml`, else `/etc/breakwater/breakwater.toml`. The error lists
+    /// where it looked.
+    pub fn locate(explicit: Option<&Path>) -> Result<std::path::PathBuf, String> {
+        if let Some(p) = explicit {
+            return Ok(p.to_path_buf());
+        }
+        if let Some(p) = std::env::var_os("BREAKWATER_CONFIG").filter(|p| !p.is_empty()) {
+            return Ok(p.into());
+        }
+        let candidates = ["config/breakwater.toml", "/etc/breakwater/breakwater.toml"];
+        for c in candidates {
+            if Path::new(c).is_file() {
+                return Ok(c.into());
+            }
+        }
+        Err(format!(
+            "no config file: looked for --config, $BREAKWATER_CONFIG, ./{} and {}",
+            candidates[0], candidates[1]
+        ))
+    }
+
     /// The embedded default (`config/breakwater.toml`).
     pub fn embedded_default() -> Result<Config, ConfigError> {
         Config::parse(DEFAULT_TOML, "<embedded config/breakwater.toml>")
     }
 
-    /// Parses and validates TOML text; `source` names it in errors.
+    /// Parses and validates TOML text; `source` names it in errors. `${NAME}` in strings is
+    /// read from the environment first.
     pub fn parse(text: &str, source: &str) -> Result<Config, ConfigError> {
+        let text = &env::interpolate(text, |n| std::env::var(n).ok())
+            .map_err(|(span, message)| invalid(text, source, span, message))?;
         let raw: FileConfig = toml::from_str(text).map_err(|e| {
             let span = e.span().unwrap_or(0..0);
             invalid(text, source, span, e.message().trim_end().to_string())

@@ -32,14 +32,35 @@ struct Cli {
 enum Command {
     /// Run the proxy.
     Run {
-        /// TOML config file.
-        #[arg(long, short, default_value = "config/breakwater.toml")]
-        config: PathBuf,
+        /// TOML config file [default: $BREAKWATER_CONFIG, else ./config/breakwater.toml, else
+        /// /etc/breakwater/breakwater.toml].
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Write the process id here (removed at exit), for `breakwater reload`.
+        #[arg(long)]
+        pid_file: Option<PathBuf>,
     },
     /// Validate a config and print what would run; exit 0 when valid, 64 when not.
     Check {
-        #[arg(long, short, default_value = "config/breakwater.toml")]
-        config: PathBuf,
+        /// TOML config file [default: as for `run`].
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Ask a running instance to re-read its TLS certificates (sends SIGHUP to the pid in the
+    /// pid file; `kill -HUP <pid>` does the same).
+    Reload {
+        #[arg(long, default_value = "/run/breakwater/breakwater.pid")]
+        pid_file: PathBuf,
+    },
+    /// Exit 0 when the instance's admin /healthz answers 200, 1 otherwise: a container
+    /// HEALTHCHECK that needs no curl.
+    Healthcheck {
+        /// The config whose [admin] addr to ask [default: as for `run`].
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Ask this address instead (host:port of the admin listener).
+        #[arg(long)]
+        addr: Option<SocketAddr>,
     },
     /// Compare the host's network and descriptor settings with what a config needs; exit 0
     /// when nothing caps it, 1 otherwise.
@@ -87,7 +108,7 @@ fn main() -> ExitCode {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => match Config::load(&config) {
+        Command::Check { config } => match load(config.as_deref()) {
             Ok(c) => {
                 // The certificate files are part of the config: a listener whose files
                 // cannot be used would not start.
@@ -114,13 +135,27 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Run { config } => match Config::load(&config) {
-            Ok(c) => serve(c, None),
+        Command::Run { config, pid_file } => match load(config.as_deref()) {
+            Ok(c) => {
+                if let Some(p) = &pid_file {
+                    if let Err(e) = std::fs::write(p, format!("{}\n", std::process::id())) {
+                        eprintln!("error: cannot write the pid file {}: {e}", p.display());
+                        return ExitCode::FAILURE;
+                    }
+                }
+                let code = serve(c, None);
+                if let Some(p) = &pid_file {
+                    let _ = std::fs::remove_file(p);
+                }
+                code
+            }
             Err(e) => {
                 eprintln!("error: {e}");
                 ExitCode::from(EXIT_CONFIG)
             }
         },
+        Command::Reload { pid_file } => reload(&pid_file),
+        Command::Healthcheck { config, addr } => healthcheck(config.as_deref(), addr),
         Command::Doctor { config, json } => doctor(config, json),
         Command::Storm(args) => storm(args),
         Command::Demo {
@@ -307,6 +342,95 @@ fn doctor(path: Option<PathBuf>, json: bool) -> ExitCode {
 
 /// Binds, then runs until SIGTERM or SIGINT. With `demo`, starts the built-in origin first and
 /// points the (single) upstream at it.
+/// The config named, or found where `Config::locate` looks.
+fn load(explicit: Option<&std::path::Path>) -> Result<Config, String> {
+    let path = Config::locate(explicit)?;
+    Config::load(&path).map_err(|e| e.to_string())
+}
+
+fn reload(pid_file: &std::path::Path) -> ExitCode {
+    let pid = match std::fs::read_to_string(pid_file) {
+        Ok(t) => t.trim().parse::<i32>().ok().filter(|&p| p > 0),
+        Err(e) => {
+            eprintln!(
+                "error: cannot read the pid file {}: {e}",
+                pid_file.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let Some(pid) = pid else {
+        eprintln!("error: {} does not hold a process id", pid_file.display());
+        return ExitCode::FAILURE;
+    };
+    // SAFETY: kill(2) with a pid read from the pid file and a constant signal.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::kill(pid, libc::SIGHUP) };
+    if rc != 0 {
+        eprintln!(
+            "error: cannot signal process {pid}: {}",
+            std::io::Error::last_os_error()
+        );
+        return ExitCode::FAILURE;
+    }
+    println!("sent SIGHUP to {pid}");
+    ExitCode::SUCCESS
+}
+
+fn healthcheck(config: Option<&std::path::Path>, addr: Option<SocketAddr>) -> ExitCode {
+    use std::io::{Read, Write};
+    let (addr, token) = match addr {
+        Some(a) => (a, None),
+        None => match load(config) {
+            Ok(c) => match c.admin {
+                Some(a) => {
+                    let token = if a.public_health { None } else { a.token };
+                    (a.addr, token)
+                }
+                None => {
+                    eprintln!("error: the config has no [admin] section to ask");
+                    return ExitCode::FAILURE;
+                }
+            },
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    // A wildcard bind is reached on loopback.
+    let target = match addr.ip() {
+        ip if ip.is_unspecified() && addr.is_ipv4() => {
+            SocketAddr::from(([127, 0, 0, 1], addr.port()))
+        }
+        ip if ip.is_unspecified() => SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port())),
+        _ => addr,
+    };
+    let timeout = std::time::Duration::from_secs(3);
+    let answer = (|| -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect_timeout(&target, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+        write!(s, "GET /healthz HTTP/1.0\r\nHost: {target}\r\n{auth}\r\n")?;
+        let mut out = String::new();
+        s.take(4096).read_to_string(&mut out)?;
+        Ok(out)
+    })();
+    match answer {
+        Ok(a) if a.starts_with("HTTP/1.1 200") || a.starts_with("HTTP/1.0 200") => {
+            ExitCode::SUCCESS
+        }
+        Ok(a) => {
+            eprintln!("unhealthy: {}", a.lines().next().unwrap_or("no answer"));
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("unhealthy: {target}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn serve(mut config: Config, demo: Option<Demo>) -> ExitCode {
     breakwater::telemetry::init(&config.log);
     fit_to_fd_limit(&mut config);
@@ -361,6 +485,7 @@ fn serve(mut config: Config, demo: Option<Demo>) -> ExitCode {
             }
         }
         reload_on_sighup(engine.tls_listeners());
+        notify_systemd(engine.shared());
         let Some(demo) = demo else {
             return match engine.run(listeners, signal()).await {
                 Ok(_) => ExitCode::SUCCESS,
@@ -494,6 +619,26 @@ fn fit_to_fd_limit(config: &mut Config) {
         max_connections = config.admission.max_connections,
         "file-descriptor budget"
     );
+}
+
+/// Under systemd `Type=notify`: READY=1 once every listener is bound and the warm pools are
+/// filled. A no-op elsewhere (no NOTIFY_SOCKET).
+fn notify_systemd(shared: std::sync::Arc<breakwater::Shared>) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    tokio::spawn(async move {
+        while !shared.ready.load(std::sync::atomic::Ordering::Acquire) {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+            tracing::warn!(error = %e, "cannot tell systemd we are ready");
+        }
+        let mut draining = shared.draining.subscribe();
+        if draining.wait_for(|d| *d).await.is_ok() {
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        }
+    });
 }
 
 /// SIGHUP re-reads the TLS certificates (a bad file keeps the old ones and is logged). It must

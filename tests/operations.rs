@@ -187,3 +187,170 @@ fn logs_to_a_pipe_carry_no_colour_codes() {
     );
     assert!(!seen.iter().any(|l| l.contains('\u{1b}')), "{seen:#?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_subcommand_follows_the_admin_endpoint() {
+    let origin = echo_origin().await;
+    let proxy = Proxy::start(&config_for(origin.addr, "[admin]\naddr = \"127.0.0.1:0\"")).await;
+    let admin = proxy.admin.unwrap();
+    let status = tokio::process::Command::new(bin())
+        .args(["healthcheck", "--addr", &admin.to_string()])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    proxy.stop().await;
+    let gone = closed_port().await;
+    let out = tokio::process::Command::new(bin())
+        .args(["healthcheck", "--addr", &gone.to_string()])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unhealthy"));
+}
+
+#[test]
+fn config_is_found_by_env_and_default_paths_and_interpolates_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bw.toml");
+    std::fs::write(
+        &cfg,
+        "[upstreams.app]\nservers = [\"${APP_ADDR:-127.0.0.1:3000}\"]\n\
+         [admin]\naddr = \"0.0.0.0:9901\"\ntoken = \"${ADMIN_TOKEN}\"\n",
+    )
+    .unwrap();
+    let check = |envs: &[(&str, &str)]| {
+        let mut c = Command::new(bin());
+        c.arg("check")
+            .current_dir(dir.path())
+            .env_remove("ADMIN_TOKEN");
+        for (k, v) in envs {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // No --config, no $BREAKWATER_CONFIG, nothing at the default paths.
+    let (code, _, err) = check(&[]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(
+        err.contains("looked for --config, $BREAKWATER_CONFIG"),
+        "{err}"
+    );
+    // Found through the environment; an unset variable is named with its line.
+    let path = cfg.display().to_string();
+    let (code, _, err) = check(&[("BREAKWATER_CONFIG", &path)]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(
+        err.contains(":5:10:") && err.contains("ADMIN_TOKEN is not set"),
+        "{err}"
+    );
+    let (code, out, err) = check(&[("BREAKWATER_CONFIG", &path), ("ADMIN_TOKEN", "s3cret")]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("127.0.0.1:3000"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_writes_a_pid_file_and_reload_signals_it_without_stopping_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bw.toml");
+    let pid_file = dir.path().join("bw.pid");
+    let origin = echo_origin().await;
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[listeners]]\naddr = \"127.0.0.1:0\"\nshards = 1\n[upstreams.app]\nservers = [\"{}\"]\n",
+            origin.addr
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(bin())
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .arg("--pid-file")
+        .arg(&pid_file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(eventually(WAIT, || pid_file.exists()).await);
+    let out = Command::new(bin())
+        .args(["reload", "--pid-file"])
+        .arg(&pid_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP stopped the process"
+    );
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success());
+    assert!(!pid_file.exists(), "the pid file outlived the process");
+}
+
+#[test]
+fn the_container_and_kubernetes_configs_we_ship_are_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    let mut configs = vec![(
+        "docker/breakwater.toml".to_string(),
+        std::fs::read_to_string("docker/breakwater.toml").unwrap(),
+    )];
+    // The TOML inside each ConfigMap: the indented block under `breakwater.toml: |`.
+    for yaml in [
+        "docker/kubernetes/sidecar.yaml",
+        "docker/kubernetes/daemonset-proxy-protocol.yaml",
+    ] {
+        let text = std::fs::read_to_string(yaml).unwrap();
+        let block: Vec<&str> = text
+            .lines()
+            .skip_while(|l| !l.trim_start().starts_with("breakwater.toml: |"))
+            .skip(1)
+            .take_while(|l| l.starts_with("    ") || l.trim().is_empty())
+            .map(|l| l.get(4..).unwrap_or(""))
+            .collect();
+        assert!(!block.is_empty(), "no config in {yaml}");
+        // The secret is mounted in the cluster; here it is a temp file.
+        let toml = block.join("\n").replace(
+            "/run/secrets/breakwater/token",
+            &token.display().to_string(),
+        );
+        configs.push((yaml.to_string(), toml));
+    }
+    for (name, toml) in configs {
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, toml).unwrap();
+        let out = Command::new(bin())
+            .args(["check", "--config"])
+            .arg(&path)
+            .env("BREAKWATER_ADMIN_TOKEN", "s3cret")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The unit file at least names the binary's real subcommands and flags.
+    let unit = std::fs::read_to_string("docker/breakwater.service").unwrap();
+    assert!(
+        unit.contains("Type=notify")
+            && unit.contains("run --config")
+            && unit.contains("--pid-file")
+    );
+}
