@@ -35,6 +35,9 @@ pub struct BoundListener {
 /// picks the port and the others join it, so tests get a sharded listener too.
 pub fn bind(cfg: &ListenerConfig) -> io::Result<BoundListener> {
     let mut addr = cfg.addr;
+    if addr.port() != 0 {
+        refuse_shared_port(addr)?;
+    }
     let mut sockets = Vec::with_capacity(cfg.shards);
     for _ in 0..cfg.shards.max(1) {
         let socket = bind_one(addr, cfg)
@@ -58,6 +61,28 @@ pub fn bind(cfg: &ListenerConfig) -> io::Result<BoundListener> {
         local_addr: addr,
         sockets,
     })
+}
+
+/// SO_REUSEPORT lets a second process bind the same address and silently take half the new
+/// connections (a second Breakwater started by mistake, an old one still running). A probe
+/// bound without SO_REUSEPORT fails if anything listens there already, and that is refused.
+fn refuse_shared_port(addr: SocketAddr) -> io::Result<()> {
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // SO_REUSEADDR: TIME_WAIT leftovers of an earlier run do not count as a listener.
+    probe.set_reuse_address(true)?;
+    match probe.bind(&addr.into()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(io::Error::new(
+            e.kind(),
+            format!(
+                "cannot listen on {addr}: another process already listens there (another \
+                 Breakwater?). With SO_REUSEPORT the two would split the traffic; stop the \
+                 other one first"
+            ),
+        )),
+        // Anything else (no such address here, permission) is reported by the real bind.
+        Err(_) => Ok(()),
+    }
 }
 
 fn bind_one(addr: SocketAddr, cfg: &ListenerConfig) -> io::Result<std::net::TcpListener> {

@@ -354,3 +354,26 @@ fn the_container_and_kubernetes_configs_we_ship_are_valid() {
             && unit.contains("--pid-file")
     );
 }
+
+#[test]
+fn a_second_instance_on_the_same_address_is_refused() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let cfg = breakwater::Config::parse(
+        &format!("[[listeners]]\naddr = \"{port}\"\nshards = 2\n[upstreams.app]\nservers = [\"127.0.0.1:9\"]\n"),
+        "t.toml",
+    )
+    .unwrap();
+    let first = breakwater::bind_all(&cfg).expect("the first instance binds");
+    let err = breakwater::bind_all(&cfg).expect_err("the second must not share the port");
+    assert!(
+        err.to_string()
+            .contains("another process already listens there"),
+        "{err}"
+    );
+    drop(first);
+    // Once the first is gone the address is free again.
+    assert!(breakwater::bind_all(&cfg).is_ok());
+}
