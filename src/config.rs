@@ -33,6 +33,8 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// `[runtime] worker_threads`, resolved: threads serving connections.
     pub worker_threads: usize,
+    /// What `check` and `run` warn about: valid, but probably not what was meant.
+    pub warnings: Vec<String>,
     pub log: LogConfig,
 }
 
@@ -293,7 +295,7 @@ impl Config {
             .map_err(|(span, message)| invalid(text, source, span, message))?;
         let raw: FileConfig = toml::from_str(text).map_err(|e| {
             let span = e.span().unwrap_or(0..0);
-            invalid(text, source, span, e.message().trim_end().to_string())
+            invalid(text, source, span, plain_types(e.message().trim_end()))
         })?;
         validate(raw, text, source)
     }
@@ -324,21 +326,29 @@ impl Config {
             h.max_concurrent_streams
         );
         for u in &self.upstreams {
-            s +=
-                &format!(
-                "upstream {}  servers [{}]  {:?} {:?}  pool {}..{} per server  queue {} for {}  \
+            s += &format!(
+                "upstream {}  servers [{}]  {} {}  pool {}..{} per server  queue {} for {}  \
                  connect_timeout {}  response_timeout {}  health {} every {}\n",
                 u.name,
                 u.servers.join(", "),
-                u.protocol,
-                u.balance,
+                match u.protocol {
+                    UpstreamProtocol::Http1 => "http1",
+                    UpstreamProtocol::H2c => "h2c",
+                },
+                match u.balance {
+                    Balance::LeastOutstanding => "least_outstanding",
+                    Balance::RoundRobin => "round_robin",
+                },
                 u.pool_min_idle,
                 u.pool_max,
                 u.queue_max,
                 humantime::format_duration(u.queue_timeout),
                 humantime::format_duration(u.connect_timeout),
                 humantime::format_duration(u.response_timeout),
-                u.health.path.as_deref().map_or("tcp".to_string(), |p| format!("GET {p}")),
+                u.health
+                    .path
+                    .as_deref()
+                    .map_or("tcp".to_string(), |p| format!("GET {p}")),
                 humantime::format_duration(u.health.interval),
             );
         }
@@ -352,13 +362,16 @@ impl Config {
         };
         s += &format!(
             "admission max_connections {}  per_ip_rate {} (burst {})  per_ip_max_connections {}  \
-             per_ip_request_rate {}  reject {:?}  allow {}  deny {}{}\n",
+             per_ip_request_rate {}  reject {}  allow {}  deny {}{}\n",
             a.max_connections,
             off(a.per_ip_rate, "/s"),
             a.per_ip_burst,
             off(a.per_ip_max_connections, ""),
             off(a.per_ip_request_rate, "/s"),
-            a.reject,
+            match a.reject {
+                RejectMode::Reset => "reset",
+                RejectMode::Close => "close",
+            },
             a.allow.len(),
             a.deny.len(),
             if a.dry_run { "  DRY RUN" } else { "" }
@@ -390,6 +403,11 @@ impl Config {
 
 fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigError> {
     let err = |span: Range<usize>, msg: String| invalid(text, source, span, msg);
+    // Things that work but probably not as meant, located like errors.
+    let warnings = Warnings {
+        err: &err,
+        list: std::cell::RefCell::new(Vec::new()),
+    };
 
     let mut listeners = Vec::new();
     match raw.listeners {
@@ -493,7 +511,7 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
                         )?;
                         Some(ProxyProtocolConfig {
                             version: *v.get_ref(),
-                            from: parse_nets(&l.proxy_protocol_from, &err)?,
+                            from: parse_nets(&l.proxy_protocol_from, &warnings)?,
                             timeout,
                         })
                     }
@@ -531,10 +549,14 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
             ),
         ));
     }
-    if *h.max_concurrent_streams.get_ref() == 0 {
+    if !(1..=1000).contains(h.max_concurrent_streams.get_ref()) {
         return Err(err(
             h.max_concurrent_streams.span(),
-            "max_concurrent_streams must be at least 1".into(),
+            format!(
+                "max_concurrent_streams {} is out of range: expected 1 to 1000 (each stream \
+                 may hold a request's read-ahead)",
+                h.max_concurrent_streams.get_ref()
+            ),
         ));
     }
     let http = HttpConfig {
@@ -544,11 +566,23 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
         http2: h.http2,
         max_concurrent_streams: *h.max_concurrent_streams.get_ref(),
         shutdown_timeout: h.shutdown_timeout.0,
-        request_buffer: h.request_buffer,
+        request_buffer: bounded(
+            &h.request_buffer,
+            "request_buffer",
+            0..=64 << 20,
+            " bytes (read ahead per request, so it multiplies by the requests in flight)",
+            &err,
+        )?,
         min_body_rate: h.min_body_rate,
-        response_buffer: h.response_buffer,
+        response_buffer: bounded(
+            &h.response_buffer,
+            "response_buffer",
+            0..=64 << 20,
+            " bytes (read ahead per response)",
+            &err,
+        )?,
         send_timeout: h.send_timeout.get_ref().0,
-        trusted_proxies: parse_nets(&h.trusted_proxies, &err)?,
+        trusted_proxies: parse_nets(&h.trusted_proxies, &warnings)?,
         drain_delay: h.drain_delay.0,
         via_name: match &h.via_name {
             None => default_via_name(),
@@ -604,15 +638,25 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
             }
         }
         let _ = span;
-        let pool_max = *u.pool_max.get_ref();
-        if pool_max == 0 {
+        let pool_max = bounded(
+            &u.pool_max,
+            "pool_max",
+            1..=10_000,
+            ": the connections each server may have open (a few dozen is typical; the point \
+             of the pool is that the origin sees few)",
+            &err,
+        )?;
+        let pool_min_idle = *u.pool_min_idle.get_ref();
+        if pool_min_idle > pool_max {
             return Err(err(
-                u.pool_max.span(),
-                "pool_max must be at least 1: it is the number of connections each server may \
-                 have open"
-                    .into(),
+                u.pool_min_idle.span(),
+                format!(
+                    "pool_min_idle {pool_min_idle} is above pool_max {pool_max}: the warm \
+                     connections are part of the pool; lower pool_min_idle or raise pool_max"
+                ),
             ));
         }
+        let queue_max = bounded(&u.queue_max, "queue_max", 0..=10_000_000, " requests", &err)?;
         let send_proxy_protocol = match &u.send_proxy_protocol {
             None => None,
             Some(v) if *v.get_ref() == ProxyProtocolVersion::Any => return Err(err(
@@ -670,12 +714,12 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
             pool_min_idle: if u.send_proxy_protocol.is_some() {
                 0
             } else {
-                u.pool_min_idle.min(pool_max)
+                pool_min_idle
             },
             pool_max,
             max_requests_per_connection: u.max_requests_per_connection,
             pool_idle_timeout: u.pool_idle_timeout.0,
-            queue_max: u.queue_max,
+            queue_max,
             queue_timeout: u.queue_timeout.get_ref().0,
             retry_idempotent: u.retry_idempotent,
             max_client_share: share,
@@ -742,6 +786,19 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
             None => None,
             Some(h) => Some(parse_host_pattern(h.get_ref()).map_err(|m| err(h.span(), m))?),
         };
+        if let Some(first) = routes
+            .iter()
+            .position(|x: &RouteConfig| x.host == host && &x.path_prefix == prefix)
+        {
+            return Err(err(
+                r.path_prefix.span(),
+                format!(
+                    "this route repeats route {} (same host and path_prefix {prefix:?}); only \
+                     the first would ever match: remove one",
+                    first + 1
+                ),
+            ));
+        }
         routes.push(RouteConfig {
             host,
             path_prefix: prefix.clone(),
@@ -760,7 +817,7 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
         ));
     }
 
-    let admission = validate_admission(raw.admission, &err)?;
+    let admission = validate_admission(raw.admission, &warnings)?;
     let worker_threads = match *raw.runtime.worker_threads.get_ref() {
         0 => default_shards(),
         n if n <= 1024 => n,
@@ -864,6 +921,7 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
         admission,
         admin,
         worker_threads,
+        warnings: warnings.list.take(),
         log: LogConfig {
             level,
             format: raw.log.format,
@@ -874,8 +932,9 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
 
 fn validate_admission(
     a: file::FileAdmission,
-    err: &dyn Fn(Range<usize>, String) -> ConfigError,
+    warnings: &Warnings<'_>,
 ) -> Result<AdmissionConfig, ConfigError> {
+    let err = warnings.err;
     if *a.max_connections.get_ref() == 0 {
         return Err(err(
             a.max_connections.span(),
@@ -910,7 +969,7 @@ fn validate_admission(
             ),
         ));
     }
-    let nets = |list: &[toml::Spanned<String>]| parse_nets(list, err);
+    let nets = |list: &[toml::Spanned<String>]| parse_nets(list, warnings);
     Ok(AdmissionConfig {
         max_connections: *a.max_connections.get_ref(),
         per_ip_rate: a.per_ip_rate,
@@ -924,6 +983,53 @@ fn validate_admission(
         ipv6_prefix: prefix,
         dry_run: a.dry_run,
     })
+}
+
+/// Warnings collected while validating, each located like an error.
+struct Warnings<'a> {
+    err: &'a dyn Fn(Range<usize>, String) -> ConfigError,
+    list: std::cell::RefCell<Vec<String>>,
+}
+
+impl Warnings<'_> {
+    fn push(&self, span: Range<usize>, message: String) {
+        self.list
+            .borrow_mut()
+            .push((self.err)(span, message).to_string());
+    }
+}
+
+/// serde names Rust types ("expected usize"); a config's reader wants the kind of value.
+fn plain_types(message: &str) -> String {
+    let mut m = message.to_string();
+    for t in ["usize", "u64", "u32", "u16", "u8", "i64", "i32"] {
+        m = m.replace(&format!("expected {t}"), "expected a whole number");
+    }
+    m.replace("expected f64", "expected a number")
+        .replace("expected a boolean", "expected true or false")
+}
+
+/// A size key within `range`, or an error naming it with the range.
+fn bounded(
+    v: &toml::Spanned<usize>,
+    key: &str,
+    range: std::ops::RangeInclusive<usize>,
+    why: &str,
+    err: &dyn Fn(Range<usize>, String) -> ConfigError,
+) -> Result<usize, ConfigError> {
+    let n = *v.get_ref();
+    if range.contains(&n) {
+        Ok(n)
+    } else {
+        Err(err(
+            v.span(),
+            format!(
+                "{key} {n} is out of range: expected {} to {}{why}",
+                range.start(),
+                range.end()
+            ),
+        ))
+    }
 }
 
 /// The `tls`, `certs` and `tls_handshake_timeout` keys of one listener. Only the shape is
@@ -999,13 +1105,27 @@ fn validate_tls(
 /// them: CIDRs or single addresses.
 fn parse_nets(
     list: &[toml::Spanned<String>],
-    err: &dyn Fn(Range<usize>, String) -> ConfigError,
+    warnings: &Warnings<'_>,
 ) -> Result<Vec<IpNet>, ConfigError> {
+    let err = warnings.err;
     list.iter()
         .map(|s| {
             let t = s.get_ref().trim();
             t.parse::<IpNet>()
                 .or_else(|_| t.parse::<std::net::IpAddr>().map(IpNet::from))
+                .inspect(|n| {
+                    if n.trunc() != *n {
+                        warnings.push(
+                            s.span(),
+                            format!(
+                                "{t} has host bits set: it is read as the network {}; write \
+                                 that, or /{} for the one address",
+                                n.trunc(),
+                                n.max_prefix_len()
+                            ),
+                        );
+                    }
+                })
                 .map(|n| n.trunc())
                 .map_err(|_| {
                     err(
@@ -1026,7 +1146,12 @@ fn default_shards() -> usize {
 
 /// "host:port" where host is an IP literal or a DNS name.
 fn check_server(s: &str) -> Result<(), String> {
-    if s.parse::<SocketAddr>().is_ok() {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        if a.port() == 0 {
+            return Err(format!(
+                "server address {s:?} has port 0, which no server listens on: give its port"
+            ));
+        }
         return Ok(());
     }
     let bad = || {

@@ -127,7 +127,25 @@ fn main() -> ExitCode {
                 if failed {
                     return ExitCode::from(EXIT_CONFIG);
                 }
+                for w in &c.warnings {
+                    eprintln!("warning: {w}");
+                }
                 println!("{}: valid\n{}", c.source, c.summary());
+                // What `run` would make of the descriptor limit (it raises the soft limit to
+                // the hard one first).
+                if let Ok((_, hard)) = breakwater::admission::fd::nofile_limits() {
+                    let b = breakwater::admission::fd::Budget::of(&c, hard);
+                    println!(
+                        "fds       RLIMIT_NOFILE {hard}: max_connections {} in effect \
+                         (configured {}), origin pools {}",
+                        b.effective.min(b.wanted),
+                        b.wanted,
+                        b.origin
+                    );
+                    if let Some(advice) = b.advice(&c) {
+                        eprintln!("warning: {advice}");
+                    }
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -433,6 +451,9 @@ fn healthcheck(config: Option<&std::path::Path>, addr: Option<SocketAddr>) -> Ex
 
 fn serve(mut config: Config, demo: Option<Demo>) -> ExitCode {
     breakwater::telemetry::init(&config.log);
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
     fit_to_fd_limit(&mut config);
     let Some(runtime) = runtime(Some(config.worker_threads)) else {
         return ExitCode::FAILURE;
@@ -593,26 +614,15 @@ fn fit_to_fd_limit(config: &mut Config) {
             return;
         }
     };
-    let origin: u64 = config
-        .upstreams
-        .iter()
-        .map(|u| (u.servers.len() * u.pool_max) as u64)
-        .sum();
-    let sockets: u64 = config.listeners.iter().map(|l| l.shards as u64).sum();
-    let budget = breakwater::admission::fd::connection_budget(nofile, origin, sockets).max(1);
-    let wanted = u64::from(config.admission.max_connections);
-    if wanted > budget {
+    let budget = breakwater::admission::fd::Budget::of(config, nofile);
+    if let Some(advice) = budget.advice(config) {
         tracing::warn!(
-            max_connections = wanted,
             nofile,
-            origin_pool = origin,
-            effective_max_connections = budget,
-            "max_connections does not fit the file-descriptor limit; capping it. Fix: raise the \
-             limit (LimitNOFILE= in the systemd unit, `ulimit -n` or --ulimit nofile= for docker) \
-             to at least {} or lower max_connections",
-            breakwater::admission::fd::descriptors_needed(wanted, origin, sockets)
+            origin_pool = budget.origin,
+            effective_max_connections = budget.effective,
+            "{advice}"
         );
-        config.admission.max_connections = budget as u32;
+        config.admission.max_connections = budget.effective.min(u64::from(u32::MAX)) as u32;
     }
     tracing::info!(
         nofile,

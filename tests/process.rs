@@ -38,6 +38,32 @@ fn check(text: &str) -> (i32, String, String) {
 }
 
 #[test]
+fn check_warns_about_what_works_but_was_probably_not_meant() {
+    let up = "[upstreams.app]\nservers = [\"127.0.0.1:3000\", \"127.0.0.2:3000\"]\n";
+    let (code, stdout, stderr) = check(&format!(
+        "{up}pool_max = 10000\n[admission]\nallow = [\"10.0.0.1/8\"]\n"
+    ));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("warning: FILE:5:10: `admission.allow`: 10.0.0.1/8 has host bits set: it is read as the network 10.0.0.0/8"),
+        "{stderr}"
+    );
+    // The descriptor budget as `run` would apply it, blaming the key that does not fit.
+    assert!(stdout.contains("fds       RLIMIT_NOFILE"), "{stdout}");
+    assert!(stdout.contains("origin pools 20000"), "{stdout}");
+    let (_, hard) = rlimit::Resource::NOFILE.get().unwrap();
+    if 20_000 >= hard / 10 * 9 / 2 {
+        // The pools take most descriptors: the advice names pool_max, not max_connections.
+        assert!(
+            stderr.contains("[upstreams.app] pool_max 10000 x 2 servers is the largest"),
+            "{stderr}"
+        );
+    } else {
+        assert!(!stderr.contains("pool_max 10000 x 2"), "{stderr}");
+    }
+}
+
+#[test]
 fn check_accepts_the_shipped_configs() {
     for path in ["config/breakwater.toml", "config/minimal.toml"] {
         let out = Command::new(bin())
@@ -97,6 +123,26 @@ fn bad_configs_name_file_line_key_and_fix() {
         (
             format!("{up}[[listeners]]\naddr = \"127.0.0.1:8080\"\n[admin]\naddr = \"127.0.0.1:8080\"\n"),
             "error: FILE:6:8: `admin.addr`: admin addr 127.0.0.1:8080 is also a listener address",
+        ),
+        (
+            format!("{up}pool_min_idle = 9\npool_max = 4\n"),
+            "error: FILE:3:17: `upstreams.app.pool_min_idle`: pool_min_idle 9 is above pool_max 4",
+        ),
+        (
+            format!("{up}pool_max = 100000\n"),
+            "error: FILE:3:12: `upstreams.app.pool_max`: pool_max 100000 is out of range: expected 1 to 10000",
+        ),
+        (
+            "[upstreams.app]\nservers = [\"127.0.0.1:0\"]\n".to_string(),
+            "error: FILE:2:12: `upstreams.app.servers`: server address \"127.0.0.1:0\" has port 0",
+        ),
+        (
+            format!("{up}[[routes]]\npath_prefix = \"/a\"\nupstream = \"app\"\n[[routes]]\npath_prefix = \"/a\"\nupstream = \"app\"\n"),
+            "error: FILE:7:15: `routes.path_prefix`: this route repeats route 1",
+        ),
+        (
+            format!("{up}[http]\nmax_header_bytes = \"big\"\n"),
+            "error: FILE:4:20: `http.max_header_bytes`: invalid type: string \"big\", expected a whole number",
         ),
         (
             format!("{up}[http]\ntrusted_proxies = [\"10.0.0.0/33\"]\n"),

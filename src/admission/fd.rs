@@ -50,6 +50,76 @@ pub fn descriptors_needed(clients: u64, origin_connections: u64, listeners: u64)
         .saturating_add(10)
 }
 
+/// How a config's connections fit a descriptor limit.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    pub nofile: u64,
+    /// Client connections that fit (what `max_connections` is capped to).
+    pub effective: u64,
+    /// `[admission] max_connections` as configured.
+    pub wanted: u64,
+    /// Origin connections the pools may hold.
+    pub origin: u64,
+    pub listeners: u64,
+}
+
+impl Budget {
+    pub fn of(config: &crate::Config, nofile: u64) -> Budget {
+        let origin = config
+            .upstreams
+            .iter()
+            .map(|u| (u.servers.len() as u64).saturating_mul(u.pool_max as u64))
+            .fold(0u64, u64::saturating_add);
+        let listeners = config.listeners.iter().map(|l| l.shards as u64).sum();
+        Budget {
+            nofile,
+            effective: connection_budget(nofile, origin, listeners).max(1),
+            wanted: u64::from(config.admission.max_connections),
+            origin,
+            listeners,
+        }
+    }
+
+    /// What to tell the operator when the config does not fit, naming the key to change:
+    /// when the origin pools take most of the descriptors, it is `pool_max`, not
+    /// `max_connections`.
+    pub fn advice(&self, config: &crate::Config) -> Option<String> {
+        if self.effective >= self.wanted {
+            return None;
+        }
+        let need = descriptors_needed(self.wanted, self.origin, self.listeners);
+        let usable = self.nofile / 10 * 9;
+        if self.origin >= usable / 2 {
+            let biggest = config
+                .upstreams
+                .iter()
+                .max_by_key(|u| u.servers.len() * u.pool_max)?;
+            return Some(format!(
+                "the origin pools may hold {} connections ([upstreams.{}] pool_max {} x {} \
+                 servers is the largest), which leaves {} of RLIMIT_NOFILE {} for clients: \
+                 lower pool_max, or raise the limit to at least {need}",
+                self.origin,
+                biggest.name,
+                biggest.pool_max,
+                biggest.servers.len(),
+                self.effective,
+                self.nofile
+            ));
+        }
+        Some(format!(
+            "[admission] max_connections {} does not fit RLIMIT_NOFILE {}: capped to {}. Raise \
+             the limit (LimitNOFILE= in the systemd unit, `ulimit -n`, --ulimit nofile= for \
+             docker) to at least {need}, or lower max_connections",
+            self.wanted, self.nofile, self.effective
+        ))
+    }
+}
+
+/// The soft and hard RLIMIT_NOFILE now.
+pub fn nofile_limits() -> std::io::Result<(u64, u64)> {
+    Resource::NOFILE.get()
+}
+
 /// The spare descriptor, shared by all accept loops.
 #[derive(Debug, Default)]
 pub struct Reserve(Mutex<Option<File>>);

@@ -213,11 +213,11 @@ pub struct FileHttp {
     #[serde(default = "default_shutdown_timeout")]
     pub shutdown_timeout: Dur,
     #[serde(default = "default_request_buffer")]
-    pub request_buffer: usize,
+    pub request_buffer: Spanned<usize>,
     #[serde(default = "default_min_body_rate")]
     pub min_body_rate: u64,
     #[serde(default = "default_response_buffer")]
-    pub response_buffer: usize,
+    pub response_buffer: Spanned<usize>,
     #[serde(default = "default_send_timeout")]
     pub send_timeout: Spanned<Dur>,
     #[serde(default)]
@@ -237,9 +237,9 @@ impl Default for FileHttp {
             http2: true,
             max_concurrent_streams: default_max_concurrent_streams(),
             shutdown_timeout: default_shutdown_timeout(),
-            request_buffer: DEFAULT_REQUEST_BUFFER,
+            request_buffer: default_request_buffer(),
             min_body_rate: DEFAULT_MIN_BODY_RATE,
-            response_buffer: DEFAULT_RESPONSE_BUFFER,
+            response_buffer: default_response_buffer(),
             send_timeout: default_send_timeout(),
             via_name: None,
             trusted_proxies: Vec::new(),
@@ -261,7 +261,7 @@ pub struct FileUpstream {
     #[serde(default)]
     pub protocol: UpstreamProtocol,
     #[serde(default = "default_pool_min_idle")]
-    pub pool_min_idle: usize,
+    pub pool_min_idle: Spanned<usize>,
     #[serde(default = "default_pool_max")]
     pub pool_max: Spanned<usize>,
     #[serde(default)]
@@ -269,7 +269,7 @@ pub struct FileUpstream {
     #[serde(default = "default_pool_idle_timeout")]
     pub pool_idle_timeout: Dur,
     #[serde(default = "default_queue_max")]
-    pub queue_max: usize,
+    pub queue_max: Spanned<usize>,
     #[serde(default = "default_queue_timeout")]
     pub queue_timeout: Spanned<Dur>,
     #[serde(default = "yes")]
@@ -462,14 +462,14 @@ fn default_connect_timeout() -> Spanned<Dur> {
 fn default_response_timeout() -> Spanned<Dur> {
     Spanned::new(0..0, Dur(DEFAULT_RESPONSE_TIMEOUT))
 }
-fn default_pool_min_idle() -> usize {
-    DEFAULT_POOL_MIN_IDLE
+fn default_pool_min_idle() -> Spanned<usize> {
+    Spanned::new(0..0, DEFAULT_POOL_MIN_IDLE)
 }
 fn default_pool_max() -> Spanned<usize> {
     Spanned::new(0..0, DEFAULT_POOL_MAX)
 }
-fn default_queue_max() -> usize {
-    DEFAULT_QUEUE_MAX
+fn default_queue_max() -> Spanned<usize> {
+    Spanned::new(0..0, DEFAULT_QUEUE_MAX)
 }
 fn default_queue_timeout() -> Spanned<Dur> {
     Spanned::new(0..0, Dur(DEFAULT_QUEUE_TIMEOUT))
@@ -489,14 +489,14 @@ fn three() -> Spanned<u32> {
 fn two() -> Spanned<u32> {
     Spanned::new(0..0, 2)
 }
-fn default_request_buffer() -> usize {
-    DEFAULT_REQUEST_BUFFER
+fn default_request_buffer() -> Spanned<usize> {
+    Spanned::new(0..0, DEFAULT_REQUEST_BUFFER)
 }
 fn default_min_body_rate() -> u64 {
     DEFAULT_MIN_BODY_RATE
 }
-fn default_response_buffer() -> usize {
-    DEFAULT_RESPONSE_BUFFER
+fn default_response_buffer() -> Spanned<usize> {
+    Spanned::new(0..0, DEFAULT_RESPONSE_BUFFER)
 }
 fn default_send_timeout() -> Spanned<Dur> {
     Spanned::new(0..0, Dur(DEFAULT_SEND_TIMEOUT))
