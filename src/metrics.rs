@@ -526,12 +526,83 @@ fn encode_kernel(enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
 }
 
 fn encode_process(enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    gauge(
+        enc,
+        "breakwater_build_info",
+        "Always 1; the version label says which Breakwater this is.",
+        vec![(vec![("version", env!("CARGO_PKG_VERSION").to_string())], 1)],
+    )?;
+    // The standard process_* families, as every Prometheus client library exports them.
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<f64>().ok());
+    // SAFETY: sysconf with constant names only reads configuration.
+    #[allow(unsafe_code)]
+    let (ticks, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_CLK_TCK) as f64,
+            libc::sysconf(libc::_SC_PAGESIZE) as f64,
+        )
+    };
+    if let (Some(utime), Some(stime), true) = (field(14), field(15), ticks > 0.0) {
+        let mut m = enc.encode_descriptor(
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds.",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new((utime + stime) / ticks).encode(m.encode_family(&Vec::<(
+            String,
+            String,
+        )>::new(
+        ))?)?;
+    }
+    if let Some(rss) = field(24) {
+        gauge(
+            enc,
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes.",
+            vec![(vec![], (rss * page) as i64)],
+        )?;
+    }
+    let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|t| {
+        t.lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    });
+    if let (Some(btime), Some(start), true) = (boot, field(22), ticks > 0.0) {
+        gauge(
+            enc,
+            "process_start_time_seconds",
+            "Start time of the process since the Unix epoch, in seconds.",
+            vec![(vec![], (btime + start / ticks) as i64)],
+        )?;
+    }
     if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        let open = dir.count() as i64;
+        gauge(
+            enc,
+            "process_open_fds",
+            "Number of open file descriptors.",
+            vec![(vec![], open)],
+        )?;
         gauge(
             enc,
             "breakwater_process_open_fds",
             "File descriptors this process holds.",
-            vec![(vec![], dir.count() as i64)],
+            vec![(vec![], open)],
+        )?;
+    }
+    if let Ok((soft, _)) = rlimit::Resource::NOFILE.get() {
+        gauge(
+            enc,
+            "process_max_fds",
+            "Maximum number of open file descriptors.",
+            vec![(vec![], soft.min(i64::MAX as u64) as i64)],
         )?;
     }
     if let Ok((soft, _)) = rlimit::Resource::NOFILE.get() {

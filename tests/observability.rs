@@ -206,3 +206,29 @@ async fn queue_depth_and_busy_connections_under_a_saturated_pool() {
     );
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standard_process_metrics_and_build_info() {
+    let origin = echo_origin().await;
+    let proxy = Proxy::start(&cfg(origin.addr, "", "")).await;
+    let m = scrape(proxy.admin.unwrap()).await;
+    assert!(m.contains_key("process_cpu_seconds_total"), "{m:?}");
+    assert!(m["process_resident_memory_bytes"] > 1e6);
+    assert!(m["process_open_fds"] >= 3.0);
+    assert!(m["process_max_fds"] >= m["process_open_fds"]);
+    let started = m["process_start_time_seconds"];
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        started > now - 3600.0 && started <= now + 1.0,
+        "{started} vs {now}"
+    );
+    let version = format!(
+        "breakwater_build_info{{version=\"{}\"}}",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(m[&version], 1.0);
+    proxy.stop().await;
+}
