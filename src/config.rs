@@ -229,6 +229,8 @@ pub struct LogConfig {
     pub level: String,
     pub format: LogFormat,
     pub access_log: bool,
+    /// Query strings in the access log.
+    pub access_log_query: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -647,6 +649,13 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
             &err,
         )?;
         let pool_min_idle = *u.pool_min_idle.get_ref();
+        // The default (8) follows a smaller pool_max; a value written in the file does not.
+        let written = u.pool_min_idle.span() != (0..0);
+        let pool_min_idle = if written {
+            pool_min_idle
+        } else {
+            pool_min_idle.min(pool_max)
+        };
         if pool_min_idle > pool_max {
             return Err(err(
                 u.pool_min_idle.span(),
@@ -926,6 +935,7 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
             level,
             format: raw.log.format,
             access_log: raw.log.access_log,
+            access_log_query: raw.log.access_log_query,
         },
     })
 }

@@ -113,6 +113,7 @@ impl Engine {
                 .map(upstream::Upstream::new)
                 .collect(),
             access_log: config.log.access_log,
+            access_log_query: config.log.access_log_query,
             request_buffer: config.http.request_buffer,
             response_buffer: config.http.response_buffer,
             min_body_rate: config.http.min_body_rate,

@@ -157,6 +157,8 @@ pub struct Proxy {
     pub router: route::Router,
     pub upstreams: Vec<Arc<Upstream>>,
     pub access_log: bool,
+    /// Query strings in the access log (they can carry tokens; off by default).
+    pub access_log_query: bool,
     pub request_buffer: usize,
     pub response_buffer: usize,
     pub min_body_rate: u64,
@@ -182,7 +184,7 @@ pub async fn handle(
     activity: Arc<ConnActivity>,
     hold: Arc<ConnHold>,
     in_flight: InFlight,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     // Dropped with this future: if that happens before a response head exists, the client
     // cancelled the request (an HTTP/2 reset).
@@ -206,8 +208,17 @@ pub async fn handle(
             ..shared.admission.client(conn_client.peer, ip)
         });
     let peer = SocketAddr::new(client.addr, conn_client.peer.port());
+    let request_id = headers::request_id(req.headers(), trusted);
+    let enabled = shared.proxy.access_log;
+    // Only what the log line needs, and only when there is a log line.
+    let text = |name: header::HeaderName| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map_or(String::new(), |v| v.chars().take(256).collect())
+    };
     let mut log = AccessLog {
-        enabled: shared.proxy.access_log,
+        enabled,
         route: None,
         client: peer,
         method: req.method().clone(),
@@ -216,7 +227,36 @@ pub async fn handle(
         upstream: None,
         server: None,
         start: Instant::now(),
+        host: if enabled {
+            req.uri()
+                .authority()
+                .map_or_else(|| text(header::HOST), |a| a.as_str().to_string())
+        } else {
+            String::new()
+        },
+        version: headers::version_token(req.version()),
+        user_agent: if enabled {
+            text(header::USER_AGENT)
+        } else {
+            String::new()
+        },
+        request_id: if enabled {
+            request_id.to_str().unwrap_or("-").to_string()
+        } else {
+            String::new()
+        },
+        query: if enabled && shared.proxy.access_log_query {
+            req.uri().query().map(str::to_string)
+        } else {
+            None
+        },
+        bytes_in: req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or(0),
     };
+    req.headers_mut().insert("x-request-id", request_id);
     let result = if shared.admission.check_request(&client) {
         forward(
             &shared.proxy,

@@ -126,7 +126,7 @@ async fn out_of_descriptors_it_stays_up_without_spinning_and_recovers() {
         log.matches("upstream request failed").count()
     );
     assert!(
-        log.contains("does not fit the file-descriptor limit"),
+        log.contains("[admission] max_connections 50000 does not fit RLIMIT_NOFILE 256"),
         "{log}"
     );
 }

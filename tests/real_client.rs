@@ -43,7 +43,7 @@ async fn an_untrusted_peer_cannot_forge_forwarding_headers() {
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     let req = "GET / HTTP/1.1\r\nHost: shop.example.com\r\nX-Forwarded-For: 1.2.3.4\r\n\
                X-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.test\r\nX-Real-IP: 1.2.3.4\r\n\
-               Forwarded: for=1.2.3.4\r\nX-Forwarded-Port: 443\r\n\r\n";
+               Forwarded: for=1.2.3.4\r\nX-Forwarded-Port: 443\r\nX-Request-ID: forged\r\n\r\n";
     assert_eq!(status_on(&mut s, req).await, 200);
     let seen = &origin.requests()[0].headers;
     assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
@@ -52,6 +52,9 @@ async fn an_untrusted_peer_cannot_forge_forwarding_headers() {
     for h in ["x-real-ip", "forwarded", "x-forwarded-port"] {
         assert!(seen.get(h).is_none(), "{h} reached the origin");
     }
+    // A request id of our own, not the client's.
+    let id = seen["x-request-id"].to_str().unwrap();
+    assert!(id != "forged" && id.len() == 32, "{id}");
     proxy.stop().await;
 }
 
@@ -69,7 +72,7 @@ async fn a_trusted_proxy_names_the_client_and_limits_follow_it() {
     let req = |client: &str| {
         format!(
             "GET /{client} HTTP/1.1\r\nHost: shop.example.com\r\nX-Forwarded-For: 9.9.9.9, {client}\r\n\
-             X-Forwarded-Proto: https\r\n\r\n"
+             X-Forwarded-Proto: https\r\nX-Request-ID: rid-{client}\r\n\r\n"
         )
     };
     let mut a = Vec::new();
@@ -83,6 +86,8 @@ async fn a_trusted_proxy_names_the_client_and_limits_follow_it() {
     assert_eq!(b, [200, 200, 429]);
     let seen = &origin.requests()[0].headers;
     assert_eq!(seen["x-forwarded-for"], "9.9.9.9, 198.51.100.1, 127.0.0.1");
+    // The terminator's request id is kept, so its logs and ours name the same request.
+    assert_eq!(seen["x-request-id"], "rid-198.51.100.1");
     // The terminator's proto is kept: no https → http redirect loop.
     assert_eq!(seen["x-forwarded-proto"], "https");
     proxy.stop().await;

@@ -345,6 +345,8 @@ pub struct FileLog {
     pub format: LogFormat,
     #[serde(default = "yes")]
     pub access_log: bool,
+    #[serde(default)]
+    pub access_log_query: bool,
 }
 
 impl Default for FileLog {
@@ -353,6 +355,7 @@ impl Default for FileLog {
             level: default_level(),
             format: LogFormat::Text,
             access_log: true,
+            access_log_query: false,
         }
     }
 }

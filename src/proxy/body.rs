@@ -183,6 +183,14 @@ pub struct AccessLog {
     pub upstream: Option<String>,
     pub server: Option<String>,
     pub start: Instant,
+    /// The Host (or :authority) as sent, the protocol version, User-Agent, the request id
+    /// sent to the origin, the query (when `access_log_query`), the declared body size.
+    pub host: String,
+    pub version: &'static str,
+    pub user_agent: String,
+    pub request_id: String,
+    pub query: Option<String>,
+    pub bytes_in: u64,
 }
 
 pub struct ProxyBody {
@@ -331,12 +339,18 @@ impl Drop for ProxyBody {
             target: "breakwater::access",
             client = %l.client,
             method = %l.method,
+            host = %l.host,
             path = %l.path,
+            query = l.query.as_deref().unwrap_or(""),
+            version = l.version,
+            request_id = %l.request_id,
+            user_agent = %l.user_agent,
             status = l.status,
             upstream = l.upstream.as_deref().unwrap_or("-"),
             server = l.server.as_deref().unwrap_or("-"),
             duration_ms = (l.start.elapsed().as_secs_f64() * 1_000_000.0).round() / 1000.0,
             bytes = self.bytes,
+            bytes_in = l.bytes_in,
             complete,
         );
     }

@@ -148,6 +148,36 @@ fn parse_node(item: &str) -> Option<IpAddr> {
     item.parse::<std::net::SocketAddr>().ok().map(|a| a.ip())
 }
 
+/// The request's id: kept from a trusted proxy (which already logged it under that id),
+/// generated otherwise: a client must not pick the id another system files it under.
+pub fn request_id(h: &HeaderMap, trusted: bool) -> HeaderValue {
+    if trusted {
+        if let Some(v) = h.get("x-request-id").filter(|v| {
+            !v.is_empty() && v.len() <= 128 && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+        }) {
+            return v.clone();
+        }
+    }
+    new_request_id()
+}
+
+/// 128 random-looking bits as 32 hex digits: a counter hashed with two keys drawn at start,
+/// so ids never repeat within a process and cannot be predicted from outside. (Not a UUID:
+/// nothing here needs the format, and this costs no syscall per request.)
+fn new_request_id() -> HeaderValue {
+    use std::hash::BuildHasher;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static KEYS: std::sync::OnceLock<(std::hash::RandomState, std::hash::RandomState)> =
+        std::sync::OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let (a, b) =
+        KEYS.get_or_init(|| (std::hash::RandomState::new(), std::hash::RandomState::new()));
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let id = format!("{:016x}{:016x}", a.hash_one(n), b.hash_one(n));
+    // Hex digits are always a valid header value.
+    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
 /// What the origin should see of a client request.
 pub struct Forwarded<'a> {
     /// The address the connection came from (the TCP peer, or what a PROXY header carried).
@@ -311,6 +341,20 @@ mod tests {
         assert_eq!(forwarded_client(&HeaderMap::new(), &trusted), None);
         let h = map(&[("x-forwarded-for", "198.51.100.1:5000")]);
         assert_eq!(forwarded_client(&h, &trusted), "198.51.100.1".parse().ok());
+    }
+
+    #[test]
+    fn request_ids_are_kept_from_trusted_peers_only_and_unique() {
+        let h = map(&[("x-request-id", "abc-123")]);
+        assert_eq!(request_id(&h, true), "abc-123");
+        let mine = request_id(&h, false);
+        assert_ne!(mine, "abc-123");
+        assert_eq!(mine.len(), 32);
+        let ids: std::collections::HashSet<_> = (0..1000)
+            .map(|_| request_id(&HeaderMap::new(), false))
+            .collect();
+        assert_eq!(ids.len(), 1000);
+        assert_ne!(request_id(&map(&[("x-request-id", "a b")]), true), "a b");
     }
 
     #[test]
