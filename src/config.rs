@@ -35,6 +35,9 @@ pub struct Config {
     pub worker_threads: usize,
     /// What `check` and `run` warn about: valid, but probably not what was meant.
     pub warnings: Vec<String>,
+    /// `[runtime] control_socket`: where a running instance offers its listening sockets to
+    /// `run --takeover`; None when set to "" (off).
+    pub control_socket: Option<std::path::PathBuf>,
     pub log: LogConfig,
 }
 
@@ -931,6 +934,9 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
         admin,
         worker_threads,
         warnings: warnings.list.take(),
+        control_socket: Some(raw.runtime.control_socket.trim())
+            .filter(|p| !p.is_empty())
+            .map(std::path::PathBuf::from),
         log: LogConfig {
             level,
             format: raw.log.format,

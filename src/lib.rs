@@ -41,6 +41,7 @@ pub mod listener;
 pub mod metrics;
 pub mod proxy;
 pub mod storm;
+pub mod takeover;
 pub mod telemetry;
 pub mod upstream;
 

@@ -63,6 +63,32 @@ pub fn bind(cfg: &ListenerConfig) -> io::Result<BoundListener> {
     })
 }
 
+/// A listener made of sockets taken over from another process (`run --takeover`): the same
+/// kernel sockets, queues included. More shards than were passed are bound beside them
+/// (SO_REUSEPORT joins the same group); fewer are not closed, since closing one would reset
+/// its queue.
+pub fn adopt(
+    cfg: &ListenerConfig,
+    sockets: Vec<std::net::TcpListener>,
+) -> io::Result<BoundListener> {
+    let mut sockets = sockets;
+    for s in &sockets {
+        s.set_nonblocking(true)?;
+    }
+    let local_addr = match sockets.first() {
+        Some(s) => s.local_addr()?,
+        None => return bind(cfg),
+    };
+    while sockets.len() < cfg.shards {
+        sockets.push(bind_one(local_addr, cfg)?);
+    }
+    Ok(BoundListener {
+        config: cfg.clone(),
+        local_addr,
+        sockets,
+    })
+}
+
 /// SO_REUSEPORT lets a second process bind the same address and silently take half the new
 /// connections (a second Breakwater started by mistake, an old one still running). A probe
 /// bound without SO_REUSEPORT fails if anything listens there already, and that is refused.

@@ -39,6 +39,11 @@ enum Command {
         /// Write the process id here (removed at exit), for `breakwater reload`.
         #[arg(long)]
         pid_file: Option<PathBuf>,
+        /// Take the listening sockets over from the instance running on `[runtime]
+        /// control_socket`, then tell it to drain: a restart or binary upgrade that refuses
+        /// no connection.
+        #[arg(long)]
+        takeover: bool,
     },
     /// Validate a config and print what would run; exit 0 when valid, 64 when not.
     Check {
@@ -153,7 +158,11 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Command::Run { config, pid_file } => match load(config.as_deref()) {
+        Command::Run {
+            config,
+            pid_file,
+            takeover,
+        } => match load(config.as_deref()) {
             Ok(c) => {
                 if let Some(p) = &pid_file {
                     if let Err(e) = std::fs::write(p, format!("{}\n", std::process::id())) {
@@ -161,9 +170,14 @@ fn main() -> ExitCode {
                         return ExitCode::FAILURE;
                     }
                 }
-                let code = serve(c, None);
+                let code = serve(c, None, takeover);
+                // After a takeover the file holds the new process's pid: leave it.
                 if let Some(p) = &pid_file {
-                    let _ = std::fs::remove_file(p);
+                    let mine = std::fs::read_to_string(p)
+                        .is_ok_and(|t| t.trim() == std::process::id().to_string());
+                    if mine {
+                        let _ = std::fs::remove_file(p);
+                    }
                 }
                 code
             }
@@ -200,6 +214,7 @@ fn main() -> ExitCode {
                         storm,
                         sources,
                     }),
+                    false,
                 )
             }
             Err(e) => {
@@ -449,7 +464,7 @@ fn healthcheck(config: Option<&std::path::Path>, addr: Option<SocketAddr>) -> Ex
     }
 }
 
-fn serve(mut config: Config, demo: Option<Demo>) -> ExitCode {
+fn serve(mut config: Config, demo: Option<Demo>, takeover: bool) -> ExitCode {
     breakwater::telemetry::init(&config.log);
     for w in &config.warnings {
         tracing::warn!("{w}");
@@ -478,21 +493,65 @@ fn serve(mut config: Config, demo: Option<Demo>) -> ExitCode {
             tokio::spawn(breakwater::demo::origin(origin, origin_accepts.clone()));
             tracing::info!(origin = %origin_addr, "demo origin started");
         }
-        let listeners = match breakwater::bind_all(&config) {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("error: {e}");
+        // With --takeover the listening sockets (and the admin socket) come from the running
+        // instance; otherwise they are bound here.
+        let mut handover = None;
+        let mut passed_admin = None;
+        let listeners = if takeover {
+            let Some(path) = config.control_socket.clone() else {
+                eprintln!("error: --takeover needs [runtime] control_socket");
                 return ExitCode::FAILURE;
+            };
+            let taken = match tokio::task::spawn_blocking(move || {
+                breakwater::takeover::take(&path)
+            })
+            .await
+            {
+                Ok(Ok(h)) => h,
+                Ok(Err(e)) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match adopt_listeners(&config, taken) {
+                Ok((l, admin, h)) => {
+                    passed_admin = admin;
+                    handover = Some(h);
+                    l
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        } else {
+            match breakwater::bind_all(&config) {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
             }
         };
         for l in &listeners {
             tracing::info!(addr = %l.local_addr, shards = l.sockets.len(), "listening");
         }
+        let control_socket = config.control_socket.clone();
         let mut engine = breakwater::Engine::new(config);
+        let mut admin_socket = None;
         if let Some(admin) = engine.config().admin.clone() {
-            match std::net::TcpListener::bind(admin.addr) {
+            let bound = match passed_admin.take() {
+                Some(l) => Ok(l),
+                None => std::net::TcpListener::bind(admin.addr),
+            };
+            match bound {
                 Ok(l) => {
                     tracing::info!(addr = %admin.addr, "admin listening: /metrics /healthz /readyz");
+                    admin_socket = l.try_clone().ok();
                     engine = engine.with_admin(l);
                 }
                 // The demo's metrics are a nicety; a configured admin port is not.
@@ -507,18 +566,59 @@ fn serve(mut config: Config, demo: Option<Demo>) -> ExitCode {
         }
         reload_on_sighup(engine.tls_listeners());
         notify_systemd(engine.shared());
+        // Duplicates of every listening socket, for a later `run --takeover`.
+        let mut offered: Vec<(breakwater::takeover::Kind, SocketAddr, std::os::fd::OwnedFd)> =
+            Vec::new();
+        for l in &listeners {
+            for sock in &l.sockets {
+                if let Ok(dup) = sock.try_clone() {
+                    offered.push((breakwater::takeover::Kind::Listener, l.local_addr, dup.into()));
+                }
+            }
+        }
+        if let (Some(sock), Some(admin)) = (admin_socket, engine.config().admin.as_ref()) {
+            offered.push((breakwater::takeover::Kind::Admin, admin.addr, sock.into()));
+        }
+        let taken_over = std::sync::Arc::new(tokio::sync::Notify::new());
+        let stop = {
+            let taken_over = taken_over.clone();
+            async move {
+                tokio::select! {
+                    _ = signal() => {}
+                    _ = taken_over.notified() => tracing::info!("taken over: draining"),
+                }
+            }
+        };
         let Some(demo) = demo else {
-            return match engine.run(listeners, signal()).await {
-                Ok(_) => ExitCode::SUCCESS,
+            let running = tokio::spawn(engine.run(listeners, stop));
+            // Serving now: the old instance may go, and this one offers its sockets in turn.
+            if let Some(h) = handover {
+                match tokio::task::spawn_blocking(move || h.drain()).await {
+                    Ok(Ok(())) => tracing::info!("takeover complete: the old instance is draining"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "takeover: the old instance did not confirm"),
+                    Err(e) => tracing::warn!(error = %e, "takeover: the old instance did not confirm"),
+                }
+            }
+            if let Some(path) = control_socket {
+                offer_takeover(path, offered, taken_over).await;
+            }
+            return match running.await {
+                Ok(Ok(_)) => ExitCode::SUCCESS,
+                Ok(Err(e)) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
                 Err(e) => {
                     eprintln!("error: {e}");
                     ExitCode::FAILURE
                 }
             };
         };
+        drop((handover, offered, control_socket));
+        let stop = signal();
         let addr = listeners[0].local_addr;
         let shared = engine.shared();
-        let running = tokio::spawn(engine.run(listeners, signal()));
+        let running = tokio::spawn(engine.run(listeners, stop));
         // Wait for the warm pool, so the storm meets the proxy as a user would.
         for _ in 0..50 {
             if shared.ready.load(std::sync::atomic::Ordering::Acquire) {
@@ -629,6 +729,93 @@ fn fit_to_fd_limit(config: &mut Config) {
         max_connections = config.admission.max_connections,
         "file-descriptor budget"
     );
+}
+
+/// The listeners of `config`, made from the sockets a running instance handed over (and bound
+/// here for addresses it did not have); the admin socket if it passed one.
+#[allow(clippy::type_complexity)]
+fn adopt_listeners(
+    config: &Config,
+    mut handover: breakwater::takeover::Handover,
+) -> Result<
+    (
+        Vec<breakwater::BoundListener>,
+        Option<std::net::TcpListener>,
+        breakwater::takeover::Handover,
+    ),
+    std::io::Error,
+> {
+    use breakwater::takeover::Kind;
+    let passed = std::mem::take(&mut handover.passed);
+    let mut listeners = Vec::new();
+    let mut admin = None;
+    let mut by_addr: Vec<(SocketAddr, Vec<std::net::TcpListener>)> = Vec::new();
+    for p in passed {
+        let sock = std::net::TcpListener::from(p.fd);
+        match p.kind {
+            Kind::Admin if config.admin.as_ref().is_some_and(|a| a.addr == p.addr) => {
+                admin = Some(sock)
+            }
+            Kind::Admin => {}
+            Kind::Listener => match by_addr.iter_mut().find(|(a, _)| *a == p.addr) {
+                Some((_, v)) => v.push(sock),
+                None => by_addr.push((p.addr, vec![sock])),
+            },
+        }
+    }
+    for l in &config.listeners {
+        let taken = by_addr
+            .iter()
+            .position(|(a, _)| *a == l.addr)
+            .map(|i| by_addr.swap_remove(i).1)
+            .unwrap_or_default();
+        if taken.is_empty() {
+            listeners.push(breakwater::listener::bind(l)?);
+        } else {
+            tracing::info!(addr = %l.addr, sockets = taken.len(), "took over listening sockets");
+            listeners.push(breakwater::listener::adopt(l, taken)?);
+        }
+    }
+    for (addr, _) in by_addr {
+        tracing::warn!(%addr, "the old instance listened here but this config does not; closing");
+    }
+    Ok((listeners, admin, handover))
+}
+
+/// Offers this instance's sockets on the control socket. The previous owner of the path may
+/// still be letting it go, so binding is retried for a moment.
+async fn offer_takeover(
+    path: PathBuf,
+    offered: Vec<(breakwater::takeover::Kind, SocketAddr, std::os::fd::OwnedFd)>,
+    taken_over: std::sync::Arc<tokio::sync::Notify>,
+) {
+    let drain: std::sync::Arc<dyn Fn() + Send + Sync> = std::sync::Arc::new(move || {
+        taken_over.notify_one();
+    });
+    let mut offered = Some(offered);
+    for _ in 0..40 {
+        let Some(o) = offered.take() else { return };
+        // Keep a copy in case binding fails and is retried.
+        let copy: Vec<_> = o
+            .iter()
+            .filter_map(|(k, a, fd)| fd.try_clone().ok().map(|fd| (*k, *a, fd)))
+            .collect();
+        match breakwater::takeover::serve(&path, o, drain.clone()) {
+            Ok(p) => {
+                tracing::info!(control_socket = %p.display(), "takeover offered: `breakwater run --takeover` replaces this process without refusing a connection");
+                return;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                offered = Some(copy);
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(e) => {
+                tracing::info!(control_socket = %path.display(), error = %e, "takeover not offered (no control socket)");
+                return;
+            }
+        }
+    }
+    tracing::warn!(control_socket = %path.display(), "takeover not offered: the control socket stays in use");
 }
 
 /// Under systemd `Type=notify`: READY=1 once every listener is bound and the warm pools are

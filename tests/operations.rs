@@ -377,3 +377,93 @@ fn a_second_instance_on_the_same_address_is_refused() {
     // Once the first is gone the address is free again.
     assert!(breakwater::bind_all(&cfg).is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takeover_replaces_the_process_without_failing_a_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = echo_origin().await;
+    let port = closed_port().await;
+    let control = dir.path().join("control.sock");
+    let cfg = dir.path().join("bw.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[listeners]]\naddr = \"{port}\"\nshards = 2\n[admission]\nallow = [\"127.0.0.0/8\"]\n\
+             [upstreams.app]\nservers = [\"{}\"]\n[runtime]\ncontrol_socket = \"{}\"\n\
+             [log]\naccess_log = false\n",
+            origin.addr,
+            control.display()
+        ),
+    )
+    .unwrap();
+    let start = |takeover: bool| {
+        let mut c = Command::new(bin());
+        c.args(["run", "--config"]).arg(&cfg);
+        if takeover {
+            c.arg("--takeover");
+        }
+        c.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut old = start(false);
+    assert!(
+        eventually(Duration::from_secs(10), || control.exists()).await,
+        "the old instance did not offer takeover"
+    );
+    assert!(eventually(WAIT, || std::net::TcpStream::connect(port).is_ok()).await);
+
+    // Clients open new connections back to back, one request each, the whole time.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for i in 0..4 {
+        let stop = stop.clone();
+        clients.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let src = format!("127.0.3.{}", i + 1);
+                match try_get_from(&src, port).await {
+                    Some(200) => ok += 1,
+                    other => failed.push(other),
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut new = start(true);
+    // The old process drains and exits by itself.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = old.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the old instance did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "old instance exit: {status}");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for c in clients {
+        let (o, f) = c.await.unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    assert!(
+        failed.is_empty(),
+        "{} failed connections: {failed:?} ({ok} ok)",
+        failed.len()
+    );
+    assert!(ok > 200, "only {ok} requests in about 1.5 s");
+    assert!(new.try_wait().unwrap().is_none(), "the new instance exited");
+    // And the new one offers takeover in its turn.
+    assert!(
+        eventually(WAIT, || std::os::unix::net::UnixStream::connect(&control)
+            .is_ok())
+        .await
+    );
+    let _ = new.kill();
+    let _ = new.wait();
+}

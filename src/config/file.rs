@@ -26,6 +26,7 @@ pub const DEFAULT_QUEUE_MAX: usize = 10_000;
 pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_MAX_CLIENT_SHARE: f64 = 0.25;
 pub const DEFAULT_MAX_TUNNELS: usize = 256;
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/breakwater/control.sock";
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 pub const DEFAULT_REQUEST_BUFFER: usize = 64 * 1024;
 pub const DEFAULT_RESPONSE_BUFFER: usize = 64 * 1024;
@@ -109,12 +110,15 @@ impl Default for FileAdmission {
 pub struct FileRuntime {
     #[serde(default = "default_shards")]
     pub worker_threads: Spanned<usize>,
+    #[serde(default = "default_control_socket")]
+    pub control_socket: String,
 }
 
 impl Default for FileRuntime {
     fn default() -> Self {
         FileRuntime {
             worker_threads: default_shards(),
+            control_socket: default_control_socket(),
         }
     }
 }
@@ -479,6 +483,9 @@ fn default_queue_timeout() -> Spanned<Dur> {
 }
 fn default_max_client_share() -> Spanned<f64> {
     Spanned::new(0..0, DEFAULT_MAX_CLIENT_SHARE)
+}
+fn default_control_socket() -> String {
+    DEFAULT_CONTROL_SOCKET.to_string()
 }
 fn default_max_tunnels() -> usize {
     DEFAULT_MAX_TUNNELS
