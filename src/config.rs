@@ -234,6 +234,8 @@ pub struct LogConfig {
     pub access_log: bool,
     /// Query strings in the access log.
     pub access_log_query: bool,
+    /// Access lines go to this file (reopened on SIGUSR1) instead of stderr.
+    pub access_log_path: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -942,6 +944,11 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
             format: raw.log.format,
             access_log: raw.log.access_log,
             access_log_query: raw.log.access_log_query,
+            access_log_path: raw
+                .log
+                .access_log_path
+                .filter(|p| !p.trim().is_empty())
+                .map(std::path::PathBuf::from),
         },
     })
 }

@@ -20,6 +20,26 @@ pub struct HostFacts {
     pub nr_open: Option<u64>,
     /// RLIMIT_NOFILE (soft, hard) of this process; Breakwater raises soft to hard at start.
     pub nofile: Option<(u64, u64)>,
+    /// Running in a container: the network sysctls are then set per container (`--sysctl`,
+    /// `securityContext.sysctls`), not with `sysctl -w`.
+    pub container: Option<Container>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Container {
+    Docker,
+    Kubernetes,
+}
+
+fn detect_container() -> Option<Container> {
+    if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+        return Some(Container::Kubernetes);
+    }
+    let docker = ["/.dockerenv", "/run/.containerenv"]
+        .iter()
+        .any(|p| std::path::Path::new(p).exists());
+    docker.then_some(Container::Docker)
 }
 
 fn sysctl(name: &str) -> Option<String> {
@@ -47,6 +67,7 @@ pub fn read_host() -> HostFacts {
         file_max: num("fs.file-max"),
         nr_open: num("fs.nr_open"),
         nofile: rlimit::Resource::NOFILE.get().ok(),
+        container: detect_container(),
     }
 }
 
@@ -66,6 +87,8 @@ pub enum Verdict {
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
     pub setting: &'static str,
+    /// As read; a number in JSON when it is one.
+    #[serde(serialize_with = "number_if_numeric")]
     pub value: String,
     pub needs: String,
     pub verdict: Verdict,
@@ -105,10 +128,35 @@ pub fn needs(config: &Config) -> Needs {
     }
 }
 
-fn sysctl_fix(name: &str, value: impl std::fmt::Display) -> Option<String> {
-    Some(format!(
-        "sysctl -w {name}={value}  (persist: echo '{name} = {value}' > /etc/sysctl.d/90-breakwater.conf)"
-    ))
+fn number_if_numeric<S: serde::Serializer>(v: &str, s: S) -> Result<S::Ok, S::Error> {
+    match v.parse::<u64>() {
+        Ok(n) => s.serialize_u64(n),
+        Err(_) => s.serialize_str(v),
+    }
+}
+
+/// How to set a sysctl where Breakwater runs. Network sysctls are per network namespace, so in
+/// a container they are set on the container; `fs.*` ones only on the host.
+fn sysctl_fix(
+    container: Option<Container>,
+    name: &str,
+    value: impl std::fmt::Display,
+) -> Option<String> {
+    let host = format!(
+        "sysctl -w {name}={value}  (persist: echo '{name} = {value}' >> /etc/sysctl.d/90-breakwater.conf)"
+    );
+    let namespaced = name.starts_with("net.");
+    Some(match container {
+        None => host,
+        Some(_) if !namespaced => format!("on the host, not in the container: {host}"),
+        Some(Container::Docker) => {
+            format!("docker run --sysctl {name}={value} (compose: sysctls: {{ {name}: {value} }})")
+        }
+        Some(Container::Kubernetes) => format!(
+            "pod securityContext.sysctls: [{{ name: {name}, value: \"{value}\" }}] (net.core.* \
+             ones are \"unsafe\": the kubelet must allow them with --allowed-unsafe-sysctls)"
+        ),
+    })
 }
 
 pub fn assess(h: &HostFacts, n: &Needs) -> Vec<Check> {
@@ -120,7 +168,7 @@ pub fn assess(h: &HostFacts, n: &Needs) -> Vec<Check> {
                 Some(v) if v >= want => (Verdict::Ok, None),
                 Some(_) => (
                     if caps { Verdict::Caps } else { Verdict::Advice },
-                    sysctl_fix(setting, want),
+                    sysctl_fix(h.container, setting, want),
                 ),
             };
             out.push(Check {
@@ -179,14 +227,14 @@ pub fn assess(h: &HostFacts, n: &Needs) -> Vec<Check> {
             value: v.to_string(),
             needs: "1 (cookies only on overflow)".into(),
             verdict: Verdict::Advice,
-            fix: sysctl_fix("net.ipv4.tcp_syncookies", 1),
+            fix: sysctl_fix(h.container, "net.ipv4.tcp_syncookies", 1),
         },
         Some(v) => Check {
             setting: "net.ipv4.tcp_syncookies",
             value: v.to_string(),
             needs: "1 (without cookies a full SYN queue drops new clients)".into(),
             verdict: Verdict::Caps,
-            fix: sysctl_fix("net.ipv4.tcp_syncookies", 1),
+            fix: sysctl_fix(h.container, "net.ipv4.tcp_syncookies", 1),
         },
     });
     out.push(match h.ip_local_port_range {
@@ -206,7 +254,12 @@ pub fn assess(h: &HostFacts, n: &Needs) -> Vec<Check> {
                 needs: format!(">= {want} ports (origin pools, 4x for TIME_WAIT churn)"),
                 verdict,
                 fix: (verdict != Verdict::Ok).then(|| {
-                    sysctl_fix("net.ipv4.ip_local_port_range", "\"1024 65000\"").unwrap_or_default()
+                    sysctl_fix(
+                        h.container,
+                        "net.ipv4.ip_local_port_range",
+                        "\"1024 65000\"",
+                    )
+                    .unwrap_or_default()
                 }),
             }
         }
@@ -223,7 +276,7 @@ pub fn assess(h: &HostFacts, n: &Needs) -> Vec<Check> {
             value: v.to_string(),
             needs: "1 (reuse TIME_WAIT ports for origin connects)".into(),
             verdict: Verdict::Advice,
-            fix: sysctl_fix("net.ipv4.tcp_tw_reuse", 1),
+            fix: sysctl_fix(h.container, "net.ipv4.tcp_tw_reuse", 1),
         },
     });
     out.push(match h.tcp_fin_timeout {
@@ -238,7 +291,7 @@ pub fn assess(h: &HostFacts, n: &Needs) -> Vec<Check> {
             value: v.to_string(),
             needs: "<= 30 s (orphaned sockets freed sooner)".into(),
             verdict: Verdict::Advice,
-            fix: sysctl_fix("net.ipv4.tcp_fin_timeout", 15),
+            fix: sysctl_fix(h.container, "net.ipv4.tcp_fin_timeout", 15),
         },
     });
     out.push(match h.nofile {
@@ -341,6 +394,7 @@ mod tests {
             file_max: Some(1_000_000),
             nr_open: Some(1_000_000),
             nofile: Some((1024, 1_000_000)),
+            container: None,
         }
     }
 
@@ -434,5 +488,44 @@ mod tests {
         assert_eq!(n.backlog, 65535);
         assert_eq!(n.origin_connections, 20);
         assert!(n.fds > 50_000);
+    }
+
+    #[test]
+    fn fixes_fit_where_it_runs_and_json_values_are_numbers() {
+        let small = HostFacts {
+            somaxconn: Some(4096),
+            ..host()
+        };
+        let fix = |h: &HostFacts, setting: &str| {
+            assess(h, &NEEDS)
+                .into_iter()
+                .find(|c| c.setting == setting)
+                .and_then(|c| c.fix)
+                .unwrap()
+        };
+        let on_host = fix(&small, "net.core.somaxconn");
+        assert!(
+            on_host.contains(">> /etc/sysctl.d/90-breakwater.conf"),
+            "{on_host}"
+        );
+        let docker = HostFacts {
+            container: Some(Container::Docker),
+            ..small.clone()
+        };
+        assert!(fix(&docker, "net.core.somaxconn")
+            .starts_with("docker run --sysctl net.core.somaxconn=65535"));
+        let k8s = HostFacts {
+            container: Some(Container::Kubernetes),
+            ..small.clone()
+        };
+        assert!(fix(&k8s, "net.core.somaxconn").contains("securityContext.sysctls"));
+        let json = serde_json::to_value(assess(&small, &NEEDS)).unwrap();
+        let somaxconn = json
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["setting"] == "net.core.somaxconn")
+            .unwrap();
+        assert_eq!(somaxconn["value"], serde_json::json!(4096));
     }
 }

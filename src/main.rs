@@ -465,7 +465,10 @@ fn healthcheck(config: Option<&std::path::Path>, addr: Option<SocketAddr>) -> Ex
 }
 
 fn serve(mut config: Config, demo: Option<Demo>, takeover: bool) -> ExitCode {
-    breakwater::telemetry::init(&config.log);
+    if let Err(e) = breakwater::telemetry::init(&config.log) {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
@@ -565,6 +568,7 @@ fn serve(mut config: Config, demo: Option<Demo>, takeover: bool) -> ExitCode {
             }
         }
         reload_on_sighup(engine.tls_listeners());
+        reopen_on_sigusr1();
         notify_systemd(engine.shared());
         // Duplicates of every listening socket, for a later `run --takeover`.
         let mut offered: Vec<(breakwater::takeover::Kind, SocketAddr, std::os::fd::OwnedFd)> =
@@ -834,6 +838,22 @@ fn notify_systemd(shared: std::sync::Arc<breakwater::Shared>) {
         let mut draining = shared.draining.subscribe();
         if draining.wait_for(|d| *d).await.is_ok() {
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        }
+    });
+}
+
+/// SIGUSR1 reopens the access log file, for logrotate (`postrotate kill -USR1 <pid>`).
+fn reopen_on_sigusr1() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
+        return;
+    };
+    tokio::spawn(async move {
+        while usr1.recv().await.is_some() {
+            match breakwater::telemetry::reopen_access_log() {
+                Ok(()) => tracing::info!("SIGUSR1: access log reopened"),
+                Err(e) => tracing::error!(error = %e, "SIGUSR1: cannot reopen the access log"),
+            }
         }
     });
 }

@@ -6,25 +6,103 @@
 //! stderr to a file): its writer thread competes with the proxy for the cores. The access log
 //! costs about 15 % of keep-alive throughput; `access_log = false` turns it off.
 
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::file::LogFormat;
 use crate::config::LogConfig;
 
-pub fn init(cfg: &LogConfig) {
+/// The access log's own file (`[log] access_log_path`), reopened on SIGUSR1 for logrotate.
+static ACCESS_FILE: OnceLock<(PathBuf, Mutex<File>)> = OnceLock::new();
+
+const ACCESS_TARGET: &str = "breakwater::access";
+
+fn open_append(path: &Path) -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+}
+
+/// Reopens the access log file (after logrotate moved it). A no-op without one.
+pub fn reopen_access_log() -> std::io::Result<()> {
+    let Some((path, file)) = ACCESS_FILE.get() else {
+        return Ok(());
+    };
+    let fresh = open_append(path)?;
+    *file.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
+    Ok(())
+}
+
+/// Sends access lines to the access file when there is one, everything else to stderr.
+struct Route;
+
+enum Out<'a> {
+    Stderr(std::io::Stderr),
+    File(std::sync::MutexGuard<'a, File>),
+}
+
+impl Write for Out<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Out::Stderr(s) => s.write(buf),
+            Out::File(f) => f.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Out::Stderr(s) => s.flush(),
+            Out::File(f) => f.flush(),
+        }
+    }
+}
+
+impl<'a> MakeWriter<'a> for Route {
+    type Writer = Out<'a>;
+    fn make_writer(&'a self) -> Out<'a> {
+        Out::Stderr(std::io::stderr())
+    }
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Out<'a> {
+        match ACCESS_FILE.get() {
+            Some((_, f)) if meta.target() == ACCESS_TARGET => {
+                Out::File(f.lock().unwrap_or_else(|p| p.into_inner()))
+            }
+            _ => self.make_writer(),
+        }
+    }
+}
+
+/// Sets up logging. Fails only when `access_log_path` cannot be opened.
+pub fn init(cfg: &LogConfig) -> std::io::Result<()> {
+    if let Some(path) = &cfg.access_log_path {
+        let file = open_append(path).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot open access_log_path {}: {e}", path.display()),
+            )
+        })?;
+        let _ = ACCESS_FILE.set((path.clone(), Mutex::new(file)));
+    }
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.level));
     // Colour codes only for a person at a terminal: in a file, journald or a pipe they are
-    // noise that breaks grep.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // noise that breaks grep (and the access file shares the formatter).
+    let ansi =
+        std::io::IsTerminal::is_terminal(&std::io::stderr()) && cfg.access_log_path.is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+        .with_writer(Route);
     // A second init (tests starting several proxies in one process) keeps the first subscriber.
     let _ = match cfg.format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
     };
+    Ok(())
 }
 
 /// At most one line per `every` for a kind of event that can repeat per connection (a dead

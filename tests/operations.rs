@@ -467,3 +467,64 @@ async fn takeover_replaces_the_process_without_failing_a_connection() {
     let _ = new.kill();
     let _ = new.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_goes_to_its_file_and_is_reopened_on_sigusr1() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = echo_origin().await;
+    let port = closed_port().await;
+    let log = dir.path().join("access.log");
+    let cfg = dir.path().join("bw.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[listeners]]\naddr = \"{port}\"\nshards = 1\n[upstreams.app]\nservers = [\"{}\"]\n\
+             [runtime]\ncontrol_socket = \"\"\n[log]\naccess_log_path = \"{}\"\n",
+            origin.addr,
+            log.display()
+        ),
+    )
+    .unwrap();
+    let stderr_file = dir.path().join("stderr");
+    let mut child = Command::new(bin())
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr_file).unwrap())
+        .spawn()
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || std::net::TcpStream::connect(
+            port
+        )
+        .is_ok())
+        .await
+    );
+    assert_eq!(get(port, "/first").await.status, 200);
+    assert!(
+        eventually(WAIT, || std::fs::read_to_string(&log)
+            .is_ok_and(|t| t.contains("/first")))
+        .await
+    );
+    // logrotate moves the file, then signals.
+    let rotated = dir.path().join("access.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
+    assert!(eventually(WAIT, || log.exists()).await, "not reopened");
+    assert_eq!(get(port, "/second").await.status, 200);
+    assert!(
+        eventually(WAIT, || std::fs::read_to_string(&log)
+            .is_ok_and(|t| t.contains("/second")))
+        .await
+    );
+    let old = std::fs::read_to_string(&rotated).unwrap();
+    assert!(old.contains("/first") && !old.contains("/second"), "{old}");
+    let stderr = std::fs::read_to_string(&stderr_file).unwrap();
+    assert!(
+        !stderr.contains("/first"),
+        "access lines leaked to stderr:\n{stderr}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

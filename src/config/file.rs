@@ -351,6 +351,8 @@ pub struct FileLog {
     pub access_log: bool,
     #[serde(default)]
     pub access_log_query: bool,
+    #[serde(default)]
+    pub access_log_path: Option<String>,
 }
 
 impl Default for FileLog {
@@ -360,6 +362,7 @@ impl Default for FileLog {
             format: LogFormat::Text,
             access_log: true,
             access_log_query: false,
+            access_log_path: None,
         }
     }
 }
