@@ -80,7 +80,8 @@ fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         );
         r
     };
-    let admin = shared.config.admin.as_ref();
+    let gen = shared.gen();
+    let admin = gen.config.admin.as_ref();
     let health = matches!(req.uri().path(), "/healthz" | "/readyz");
     let public = health && admin.is_none_or(|a| a.public_health);
     if let Some(token) = admin.and_then(|a| a.token.as_deref()).filter(|_| !public) {
@@ -138,13 +139,14 @@ fn readiness(shared: &Shared) -> (bool, String) {
     if !shared.ready.load(Ordering::Acquire) {
         return (false, "warming: origin pools not yet filled".into());
     }
-    let requires_origin = shared
+    let gen = shared.gen();
+    let requires_origin = gen
         .config
         .admin
         .as_ref()
         .is_some_and(|a| a.ready_requires_origin);
     if requires_origin {
-        for u in &shared.proxy.upstreams {
+        for u in &gen.proxy.upstreams {
             if !u.servers.iter().any(|s| s.health.is_healthy()) {
                 return (
                     false,

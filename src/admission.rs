@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use ipnet::IpNet;
 
 use crate::client::Client;
@@ -69,8 +70,8 @@ pub struct Admitted {
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        if let (Some(key), Some(limit)) = (self.per_ip, &self.global.0.per_ip) {
-            limit.release(key);
+        if let Some(key) = self.per_ip {
+            self.global.0.per_ip.release(key);
         }
     }
 }
@@ -147,19 +148,63 @@ impl std::fmt::Debug for Admission {
 }
 
 pub struct Admission {
-    allow: Vec<IpNet>,
-    deny: Vec<IpNet>,
-    ipv6_prefix: u8,
-    dry_run: bool,
-    pub reject: RejectMode,
-    conn_rate: Option<RateLimit>,
-    request_rate: Option<RateLimit>,
-    per_ip: Option<ConnLimit>,
+    /// What a config reload may change, swapped whole (one lock-free load per decision).
+    policy: ArcSwap<Policy>,
+    per_ip: ConnLimit,
     global: GlobalCap,
     paused: AtomicBool,
     pub reserve: fd::Reserve,
     pub stats: Stats,
     shards: std::sync::Mutex<Vec<Arc<ShardStats>>>,
+}
+
+/// The reloadable part of admission. Rate limiters are kept across a reload when their rate and
+/// burst did not change, so a reload does not hand every client a fresh burst.
+struct Policy {
+    allow: Vec<IpNet>,
+    deny: Vec<IpNet>,
+    ipv6_prefix: u8,
+    dry_run: bool,
+    reject: RejectMode,
+    conn_rate: Option<Arc<RateLimit>>,
+    request_rate: Option<Arc<RateLimit>>,
+    /// (rate, burst) of each limiter, to tell whether a reload changed it.
+    conn_rate_cfg: (u32, u32),
+    request_rate_cfg: (u32, u32),
+}
+
+impl Policy {
+    fn new(cfg: &AdmissionConfig, old: Option<&Policy>) -> Policy {
+        let conn_rate_cfg = (cfg.per_ip_rate, cfg.per_ip_burst);
+        let request_rate_cfg = (cfg.per_ip_request_rate, cfg.per_ip_request_burst);
+        let keep = |same: bool, old: Option<&Option<Arc<RateLimit>>>, rate: (u32, u32)| match old {
+            Some(o) if same => o.clone(),
+            _ => RateLimit::new(rate.0, rate.1).map(Arc::new),
+        };
+        Policy {
+            allow: cfg.allow.clone(),
+            deny: cfg.deny.clone(),
+            ipv6_prefix: cfg.ipv6_prefix,
+            dry_run: cfg.dry_run,
+            reject: cfg.reject,
+            conn_rate: keep(
+                old.is_some_and(|o| {
+                    o.conn_rate_cfg == conn_rate_cfg && o.ipv6_prefix == cfg.ipv6_prefix
+                }),
+                old.map(|o| &o.conn_rate),
+                conn_rate_cfg,
+            ),
+            request_rate: keep(
+                old.is_some_and(|o| {
+                    o.request_rate_cfg == request_rate_cfg && o.ipv6_prefix == cfg.ipv6_prefix
+                }),
+                old.map(|o| &o.request_rate),
+                request_rate_cfg,
+            ),
+            conn_rate_cfg,
+            request_rate_cfg,
+        }
+    }
 }
 
 /// One accept loop's own counters: each loop writes only its own, so counting costs no shared
@@ -185,13 +230,7 @@ impl ShardStats {
 impl Admission {
     pub fn new(cfg: &AdmissionConfig) -> Admission {
         Admission {
-            allow: cfg.allow.clone(),
-            deny: cfg.deny.clone(),
-            ipv6_prefix: cfg.ipv6_prefix,
-            dry_run: cfg.dry_run,
-            reject: cfg.reject,
-            conn_rate: RateLimit::new(cfg.per_ip_rate, cfg.per_ip_burst),
-            request_rate: RateLimit::new(cfg.per_ip_request_rate, cfg.per_ip_request_burst),
+            policy: ArcSwap::from_pointee(Policy::new(cfg, None)),
             per_ip: ConnLimit::new(cfg.per_ip_max_connections),
             global: GlobalCap::new(cfg.max_connections as usize),
             paused: AtomicBool::new(false),
@@ -199,6 +238,20 @@ impl Admission {
             stats: Stats::default(),
             shards: std::sync::Mutex::default(),
         }
+    }
+
+    /// Applies a reloaded `[admission]`: lists, rates and caps change for the next decision;
+    /// limiter state survives where the limit did not change; open connections keep their slots.
+    pub fn reload(&self, cfg: &AdmissionConfig) {
+        let old = self.policy.load();
+        self.policy.store(Arc::new(Policy::new(cfg, Some(&old))));
+        self.per_ip.set_max(cfg.per_ip_max_connections);
+        self.global.set_max(cfg.max_connections as usize);
+    }
+
+    /// How a refused connection is closed.
+    pub fn reject(&self) -> RejectMode {
+        self.policy.load().reject
     }
 
     /// Counters for a new accept loop.
@@ -270,7 +323,14 @@ impl Admission {
     /// The client at `addr` (reached through `peer`): its key and whether the allow list
     /// exempts it.
     pub fn client(&self, peer: SocketAddr, addr: IpAddr) -> Client {
-        Client::new(peer, addr, self.ipv6_prefix, self.is_allowed(addr))
+        let p = self.policy.load();
+        let raw = unmapped(addr);
+        Client::new(
+            peer,
+            addr,
+            p.ipv6_prefix,
+            p.allow.iter().any(|n| n.contains(&raw)),
+        )
     }
 
     /// Decides on a freshly accepted connection from `addr` (the peer, or the address its
@@ -295,7 +355,7 @@ impl Admission {
                     Rejected::Rate => &self.stats.rejected_rate,
                     Rejected::PerIpCap => &self.stats.rejected_per_ip_cap,
                 };
-                if self.dry_run {
+                if self.policy.load().dry_run {
                     self.stats.would_reject.fetch_add(1, Ordering::Relaxed);
                     counter.fetch_add(1, Ordering::Relaxed);
                     return Ok(Admitted {
@@ -313,14 +373,14 @@ impl Admission {
     /// Whether `ip` is on the allow list (matched on the address itself, like deny).
     pub fn is_allowed(&self, ip: IpAddr) -> bool {
         let ip = unmapped(ip);
-        self.allow.iter().any(|n| n.contains(&ip))
+        self.policy.load().allow.iter().any(|n| n.contains(&ip))
     }
 
     /// Admits the load balancer's own connection on a PROXY-protocol listener (a v2 LOCAL
     /// health check): it is trusted by `proxy_protocol_from`, so no per-client limit applies.
     pub fn admit_balancer(&self, peer: SocketAddr, global: GlobalSlot) -> Admitted {
         Admitted {
-            client: Client::new(peer, peer.ip(), self.ipv6_prefix, true),
+            client: Client::new(peer, peer.ip(), self.policy.load().ipv6_prefix, true),
             per_ip: None,
             global,
         }
@@ -330,28 +390,33 @@ impl Admission {
     fn decide(&self, client: &Client) -> Result<Option<IpAddr>, Rejected> {
         // Lists match the address itself (`client.addr`): an entry more specific than
         // `ipv6_prefix` (a /128 deny) must still match. The grouped key is only for counting.
-        if self.deny.iter().any(|n| n.contains(&client.addr)) {
+        let p = self.policy.load();
+        if p.deny.iter().any(|n| n.contains(&client.addr)) {
             return Err(Rejected::Deny);
         }
         if client.key.exempt {
             return Ok(None);
         }
         let key = client.key.ip;
-        if let Some(rl) = &self.conn_rate {
+        if let Some(rl) = &p.conn_rate {
             if !rl.check(key) {
                 return Err(Rejected::Rate);
             }
         }
-        match &self.per_ip {
-            None => Ok(None),
-            Some(limit) if limit.try_take(key) => Ok(Some(key)),
-            Some(_) => Err(Rejected::PerIpCap),
+        if self.per_ip.max() == 0 {
+            return Ok(None);
+        }
+        if self.per_ip.try_take(key) {
+            Ok(Some(key))
+        } else {
+            Err(Rejected::PerIpCap)
         }
     }
 
     /// Per-client request rate over keep-alive and HTTP/2; false means answer 429.
     pub fn check_request(&self, client: &Client) -> bool {
-        let Some(rl) = &self.request_rate else {
+        let p = self.policy.load();
+        let Some(rl) = &p.request_rate else {
             return true;
         };
         if client.key.exempt || rl.check(client.key.ip) {
@@ -359,24 +424,26 @@ impl Admission {
         }
         self.stats.requests_limited.fetch_add(1, Ordering::Relaxed);
         // In a dry run the request is counted, not refused.
-        self.dry_run
+        p.dry_run
     }
 
     /// Drops rate-limiter state for clients that went quiet.
     pub fn prune(&self) {
-        for rl in [&self.conn_rate, &self.request_rate].into_iter().flatten() {
+        let p = self.policy.load();
+        for rl in [&p.conn_rate, &p.request_rate].into_iter().flatten() {
             rl.prune();
         }
     }
 
     /// Client keys the limiters hold state for.
     pub fn tracked_keys(&self) -> usize {
-        [&self.conn_rate, &self.request_rate]
+        let p = self.policy.load();
+        [&p.conn_rate, &p.request_rate]
             .into_iter()
             .flatten()
             .map(|r| r.len())
             .sum::<usize>()
-            + self.per_ip.as_ref().map_or(0, |p| p.tracked())
+            + self.per_ip.tracked()
     }
 
     /// Once a second: a summary line when connections were rejected (never one line per
@@ -402,10 +469,10 @@ impl Admission {
                     per_ip_cap = d[1],
                     deny = d[2],
                     requests_429 = d[3],
-                    dry_run = self.dry_run,
+                    dry_run = self.policy.load().dry_run,
                     open = self.open_connections(),
                     "{} in the last second",
-                    if self.dry_run {
+                    if self.policy.load().dry_run {
                         "would have rejected"
                     } else {
                         "rejected"

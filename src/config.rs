@@ -145,7 +145,7 @@ pub struct HttpConfig {
     pub drain_delay: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
     pub name: String,
     /// "host:port" strings; IP literals are parsed once, names are resolved at connect time so
@@ -179,7 +179,7 @@ pub struct UpstreamConfig {
     pub health: HealthConfig,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HealthConfig {
     /// HTTP path to GET; None = TCP connect check.
     pub path: Option<String>,

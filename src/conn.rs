@@ -63,9 +63,12 @@ pub async fn serve(
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let http = &shared.config.http;
+    // The HTTP settings of the generation in force at accept serve the whole connection; each
+    // request picks up the routes and upstreams in force when it arrives.
+    let gen = shared.gen();
+    let http = &gen.config.http;
     let peer = admitted.client.peer;
-    let activity = Arc::new(ConnActivity::new(Some(shared.requests.clone())));
+    let activity = Arc::new(ConnActivity::default());
     let Some(acceptor) = tls else {
         let io = Timed::new(
             stream,
@@ -74,7 +77,7 @@ pub async fn serve(
             http.idle_timeout,
             http.send_timeout,
         );
-        return serve_http(io, activity, admitted, false, shared, shutdown).await;
+        return serve_http(io, activity, admitted, false, gen, shared, shutdown).await;
     };
     if !acceptor.sniff(&mut stream).await {
         let _ = stream.set_zero_linger();
@@ -92,14 +95,16 @@ pub async fn serve(
         tracing::debug!(client = %peer, "TLS handshake did not complete");
         return;
     };
-    serve_http(tls, activity, admitted, true, shared, shutdown).await;
+    serve_http(tls, activity, admitted, true, gen, shared, shutdown).await;
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve_http<I>(
     io: I,
     activity: Arc<ConnActivity>,
     admitted: Admitted,
     tls: bool,
+    gen: Arc<crate::Generation>,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) where
@@ -126,13 +131,14 @@ async fn serve_http<I>(
         let in_flight = activity.begin();
         crate::proxy::handle(
             svc_shared.clone(),
+            svc_shared.gen(),
             activity.clone(),
             svc_hold.clone(),
             in_flight,
             req,
         )
     });
-    let conn = shared
+    let conn = gen
         .http
         .serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);

@@ -150,12 +150,15 @@ const ACCEPT_BATCH: usize = 64;
 /// The global slot is taken only once this shard's queue is readable: SO_REUSEPORT hashes each
 /// connection to one shard, and a shard that held a slot while its own queue was empty would
 /// starve the shard whose queue holds the next connection.
+/// `stop` ends this loop (shutdown, or this listener removed by a reload); `shutdown` is handed
+/// to the connections, which drain on the process-wide signal.
 pub async fn accept_loop(
     listener: std::net::TcpListener,
     shard: usize,
     frontend: Arc<Frontend>,
     shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let local = listener.local_addr().ok();
     let listener = match sockopt::register_listener(Socket::from(listener)) {
@@ -174,7 +177,7 @@ pub async fn accept_loop(
         // Cancel-safe: `changed` only observes a flag; `readable` takes nothing.
         let mut ready = tokio::select! {
             biased;
-            _ = shutdown.changed() => break,
+            _ = stop.changed() => break,
             r = listener.readable() => match r {
                 Ok(r) => r,
                 Err(e) => {
@@ -189,7 +192,7 @@ pub async fn accept_loop(
                 // Cancel-safe: a semaphore acquire dropped before it completes takes nothing.
                 None => tokio::select! {
                     biased;
-                    _ = shutdown.changed() => break 'outer,
+                    _ = stop.changed() => break 'outer,
                     s = admission.global_slot() => match s {
                         Some(s) => s,
                         None => break 'outer,
@@ -226,7 +229,7 @@ pub async fn accept_loop(
                                 .stats
                                 .rejected_proxy_source
                                 .fetch_add(1, Ordering::Relaxed);
-                            refuse(socket, admission.reject);
+                            refuse(socket, admission.reject());
                         }
                         continue;
                     }
@@ -238,7 +241,7 @@ pub async fn accept_loop(
                         }
                         Err(_) => {
                             counters.refused.fetch_add(1, Ordering::Relaxed);
-                            refuse(socket, admission.reject)
+                            refuse(socket, admission.reject())
                         }
                     }
                 }
@@ -266,7 +269,7 @@ pub async fn accept_loop(
                         drop(ready);
                         // Sleep, but wake for shutdown: an exhausted process must still stop.
                         tokio::select! {
-                            _ = shutdown.changed() => break 'outer,
+                            _ = stop.changed() => break 'outer,
                             _ = tokio::time::sleep(pause) => {}
                         }
                         continue 'outer;

@@ -162,15 +162,18 @@ fn main() -> ExitCode {
             config,
             pid_file,
             takeover,
-        } => match load(config.as_deref()) {
-            Ok(c) => {
+        } => match Config::locate(config.as_deref())
+            .and_then(|p| Config::load(&p).map(|c| (c, p)).map_err(|e| e.to_string()))
+        {
+            Ok((c, path)) => {
+                let path = Some(path);
                 if let Some(p) = &pid_file {
                     if let Err(e) = std::fs::write(p, format!("{}\n", std::process::id())) {
                         eprintln!("error: cannot write the pid file {}: {e}", p.display());
                         return ExitCode::FAILURE;
                     }
                 }
-                let code = serve(c, None, takeover);
+                let code = serve(c, None, takeover, path);
                 // After a takeover the file holds the new process's pid: leave it.
                 if let Some(p) = &pid_file {
                     let mine = std::fs::read_to_string(p)
@@ -215,6 +218,7 @@ fn main() -> ExitCode {
                         sources,
                     }),
                     false,
+                    None,
                 )
             }
             Err(e) => {
@@ -464,7 +468,12 @@ fn healthcheck(config: Option<&std::path::Path>, addr: Option<SocketAddr>) -> Ex
     }
 }
 
-fn serve(mut config: Config, demo: Option<Demo>, takeover: bool) -> ExitCode {
+fn serve(
+    mut config: Config,
+    demo: Option<Demo>,
+    takeover: bool,
+    config_path: Option<PathBuf>,
+) -> ExitCode {
     if let Err(e) = breakwater::telemetry::init(&config.log) {
         eprintln!("error: {e}");
         return ExitCode::FAILURE;
@@ -567,7 +576,7 @@ fn serve(mut config: Config, demo: Option<Demo>, takeover: bool) -> ExitCode {
                 }
             }
         }
-        reload_on_sighup(engine.tls_listeners());
+        reload_on_sighup(engine.reloader(), engine.tls_listeners(), config_path.clone());
         reopen_on_sigusr1();
         notify_systemd(engine.shared());
         // Duplicates of every listening socket, for a later `run --takeover`.
@@ -858,9 +867,14 @@ fn reopen_on_sigusr1() {
     });
 }
 
-/// SIGHUP re-reads the TLS certificates (a bad file keeps the old ones and is logged). It must
-/// be handled at all: its default action kills the process.
-fn reload_on_sighup(tls: std::sync::Arc<breakwater::conn::tls::TlsListeners>) {
+/// SIGHUP re-reads the config file (and the TLS certificates) and applies it to the running
+/// engine; a config that does not load is logged with the same error `check` gives, and the
+/// running config stays. It must be handled at all: its default action kills the process.
+fn reload_on_sighup(
+    reloader: breakwater::Reloader,
+    tls: std::sync::Arc<breakwater::conn::tls::TlsListeners>,
+    path: Option<PathBuf>,
+) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(h) => h,
@@ -871,11 +885,36 @@ fn reload_on_sighup(tls: std::sync::Arc<breakwater::conn::tls::TlsListeners>) {
     };
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            let failed = tls.reload();
-            tracing::info!(
-                tls_listeners_failed = failed,
-                "SIGHUP: TLS certificates re-read; other config changes need a restart"
-            );
+            let Some(path) = &path else {
+                let failed = tls.reload();
+                tracing::info!(
+                    tls_listeners_failed = failed,
+                    "SIGHUP: TLS certificates re-read"
+                );
+                continue;
+            };
+            match Config::load(path) {
+                Ok(mut config) => {
+                    for w in &config.warnings {
+                        tracing::warn!("{w}");
+                    }
+                    fit_to_fd_limit(&mut config);
+                    match reloader.reload(config).await {
+                        Ok(what) => tracing::info!(config = %path.display(), "SIGHUP: {what}"),
+                        Err(e) => tracing::error!(config = %path.display(),
+                            "SIGHUP: reload failed, keeping the running config: {e}"),
+                    }
+                }
+                Err(e) => {
+                    reloader.record_failure();
+                    // Certificates rotate on their own schedule: still re-read them.
+                    let failed = tls.reload();
+                    tracing::error!(
+                        tls_listeners_failed = failed,
+                        "SIGHUP: reload failed, keeping the running config: {e}"
+                    );
+                }
+            }
         }
     });
 }

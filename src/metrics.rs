@@ -34,6 +34,11 @@ pub struct RequestMetrics {
 }
 
 impl RequestMetrics {
+    /// (route label, upstream name) per route, as given to `new`.
+    pub fn route_labels(&self) -> &[(String, String)] {
+        &self.labels[..self.labels.len().saturating_sub(1)]
+    }
+
     pub fn new(mut labels: Vec<(String, String)>) -> RequestMetrics {
         labels.push(("-".into(), "-".into()));
         RequestMetrics {
@@ -63,16 +68,16 @@ impl RequestMetrics {
 /// Builds the registry for one engine.
 pub fn registry(
     admission: Arc<Admission>,
-    upstreams: Vec<Arc<Upstream>>,
-    requests: Arc<RequestMetrics>,
+    current: Arc<arc_swap::ArcSwap<crate::engine::Generation>>,
     tls: Arc<crate::conn::tls::TlsListeners>,
+    reloads: Arc<crate::engine::ReloadStats>,
 ) -> Registry {
     let mut r = Registry::default();
     r.register_collector(Box::new(Snapshot {
         admission,
-        upstreams,
-        requests,
+        current,
         tls,
+        reloads,
     }));
     r
 }
@@ -85,12 +90,18 @@ pub fn render(r: &Registry) -> String {
     out
 }
 
-#[derive(Debug)]
+/// Reads the counters the stages keep, from the generation in force at each scrape.
 struct Snapshot {
     admission: Arc<Admission>,
-    upstreams: Vec<Arc<Upstream>>,
-    requests: Arc<RequestMetrics>,
+    current: Arc<arc_swap::ArcSwap<crate::engine::Generation>>,
     tls: Arc<crate::conn::tls::TlsListeners>,
+    reloads: Arc<crate::engine::ReloadStats>,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Snapshot")
+    }
 }
 
 type Labels<'a> = Vec<(&'static str, String)>;
@@ -256,9 +267,26 @@ impl prometheus_client::collector::Collector for Snapshot {
             backlog,
         )?;
 
-        self.encode_requests(&mut enc)?;
+        let gen = self.current.load_full();
+        self.encode_requests(&mut enc, &gen.requests)?;
         self.encode_tls(&mut enc)?;
-        self.encode_upstreams(&mut enc)?;
+        self.encode_upstreams(&mut enc, &gen.proxy.upstreams)?;
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        counter(
+            &mut enc,
+            "breakwater_config_reloads",
+            "Config reloads (SIGHUP), by result; a failed one keeps the running config.",
+            vec![
+                (vec![("result", "ok".into())], load(&self.reloads.ok)),
+                (vec![("result", "error".into())], load(&self.reloads.failed)),
+            ],
+        )?;
+        gauge(
+            &mut enc,
+            "breakwater_config_last_reload_success_timestamp_seconds",
+            "When the config was last reloaded successfully (0: never).",
+            vec![(vec![], load(&self.reloads.last_ok) as i64)],
+        )?;
         encode_kernel(&mut enc)?;
         encode_process(&mut enc)
     }
@@ -306,8 +334,11 @@ impl Snapshot {
         )
     }
 
-    fn encode_requests(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let r = &self.requests;
+    fn encode_requests(
+        &self,
+        enc: &mut DescriptorEncoder,
+        r: &RequestMetrics,
+    ) -> Result<(), std::fmt::Error> {
         let labels = |i: usize| {
             vec![
                 ("route", r.labels[i].0.clone()),
@@ -336,14 +367,18 @@ impl Snapshot {
         )
     }
 
-    fn encode_upstreams(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    fn encode_upstreams(
+        &self,
+        enc: &mut DescriptorEncoder,
+        upstreams: &[Arc<Upstream>],
+    ) -> Result<(), std::fmt::Error> {
         let (mut open, mut idle, mut busy, mut healthy, mut depth) =
             (vec![], vec![], vec![], vec![], vec![]);
         let (mut connects, mut failures, mut reuses, mut retries, mut timeouts, mut full) =
             (vec![], vec![], vec![], vec![], vec![], vec![]);
         let mut waits = Vec::new();
         let mut tunnels = Vec::new();
-        for u in &self.upstreams {
+        for u in upstreams {
             let (per_server, queue) = u.snapshot();
             for (i, (o, id, b)) in per_server.into_iter().enumerate() {
                 let l = vec![

@@ -181,6 +181,7 @@ struct Relayed {
 
 pub async fn handle(
     shared: Arc<Shared>,
+    gen: Arc<crate::Generation>,
     activity: Arc<ConnActivity>,
     hold: Arc<ConnHold>,
     in_flight: InFlight,
@@ -194,14 +195,14 @@ pub async fn handle(
     };
     // The connection's client, unless it is a proxy we trust, which names the real one.
     let conn_client = hold.admitted.client;
-    let trusted = shared
+    let trusted = gen
         .proxy
         .trusted_proxies
         .iter()
         .any(|n| n.contains(&conn_client.addr));
     let client_version_h1 = req.version() <= Version::HTTP_11;
     let client = trusted
-        .then(|| headers::forwarded_client(req.headers(), &shared.proxy.trusted_proxies))
+        .then(|| headers::forwarded_client(req.headers(), &gen.proxy.trusted_proxies))
         .flatten()
         .map_or(conn_client, |ip| Client {
             local: conn_client.local,
@@ -209,7 +210,7 @@ pub async fn handle(
         });
     let peer = SocketAddr::new(client.addr, conn_client.peer.port());
     let request_id = headers::request_id(req.headers(), trusted);
-    let enabled = shared.proxy.access_log;
+    let enabled = gen.proxy.access_log;
     // Only what the log line needs, and only when there is a log line.
     let text = |name: header::HeaderName| {
         req.headers()
@@ -245,7 +246,7 @@ pub async fn handle(
         } else {
             String::new()
         },
-        query: if enabled && shared.proxy.access_log_query {
+        query: if enabled && gen.proxy.access_log_query {
             req.uri().query().map(str::to_string)
         } else {
             None
@@ -255,19 +256,11 @@ pub async fn handle(
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse().ok())
             .unwrap_or(0),
+        metrics: Some(gen.requests.clone()),
     };
     req.headers_mut().insert("x-request-id", request_id);
     let result = if shared.admission.check_request(&client) {
-        forward(
-            &shared.proxy,
-            client,
-            trusted,
-            &activity,
-            &hold,
-            req,
-            &mut log,
-        )
-        .await
+        forward(&gen.proxy, client, trusted, &activity, &hold, req, &mut log).await
     } else {
         Err(ProxyError::RateLimited)
     };
@@ -295,7 +288,7 @@ pub async fn handle(
                 } => {
                     let sampled = log
                         .route
-                        .map(|r| &shared.proxy.upstreams[shared.proxy.router.routes()[r].upstream])
+                        .map(|r| &gen.proxy.upstreams[gen.proxy.router.routes()[r].upstream])
                         .and_then(|u| u.request_failure_log.admit());
                     if let Some(n) = sampled {
                         tracing::warn!(client = %peer, upstream = %upstream, server = %server, error = %error,

@@ -5,28 +5,38 @@
 //! only clients with open connections.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use dashmap::DashMap;
 
 #[derive(Debug)]
 pub struct ConnLimit {
     open: DashMap<IpAddr, u32, foldhash::fast::RandomState>,
-    max: u32,
+    /// 0 = no cap. Changed by a config reload.
+    max: AtomicU32,
 }
 
 impl ConnLimit {
-    /// `None` when `max` is 0 (disabled).
-    pub fn new(max: u32) -> Option<ConnLimit> {
-        (max > 0).then(|| ConnLimit {
+    /// `max` 0 disables the cap (slots are then not counted).
+    pub fn new(max: u32) -> ConnLimit {
+        ConnLimit {
             open: DashMap::default(),
-            max,
-        })
+            max: AtomicU32::new(max),
+        }
+    }
+
+    pub fn max(&self) -> u32 {
+        self.max.load(Ordering::Relaxed)
+    }
+
+    pub fn set_max(&self, max: u32) {
+        self.max.store(max, Ordering::Relaxed);
     }
 
     /// Takes a slot for `key`; false at the cap. Pair every `true` with one `release`.
     pub fn try_take(&self, key: IpAddr) -> bool {
         let mut n = self.open.entry(key).or_insert(0);
-        if *n >= self.max {
+        if *n >= self.max.load(Ordering::Relaxed) {
             return false;
         }
         *n += 1;
@@ -58,7 +68,7 @@ mod tests {
 
     #[test]
     fn slots_come_back() {
-        let l = ConnLimit::new(2).unwrap();
+        let l = ConnLimit::new(2);
         let ip: IpAddr = "127.0.0.2".parse().unwrap();
         assert!(l.try_take(ip) && l.try_take(ip));
         assert!(!l.try_take(ip));
@@ -69,7 +79,7 @@ mod tests {
 
     #[test]
     fn empty_entries_are_removed() {
-        let l = ConnLimit::new(5).unwrap();
+        let l = ConnLimit::new(5);
         for i in 0..100u8 {
             assert!(l.try_take(IpAddr::from([127, 0, 1, i])));
         }

@@ -13,7 +13,8 @@ use tokio::sync::Notify;
 #[derive(Debug)]
 pub struct GlobalCap {
     open: AtomicUsize,
-    max: usize,
+    /// Changed by a config reload; connections over a lowered cap stay until they end.
+    max: AtomicUsize,
     /// Set by a loop about to wait, so releases only notify when someone listens.
     waiting: AtomicBool,
     freed: Notify,
@@ -23,7 +24,7 @@ impl GlobalCap {
     pub fn new(max: usize) -> GlobalCap {
         GlobalCap {
             open: AtomicUsize::new(0),
-            max,
+            max: AtomicUsize::new(max),
             waiting: AtomicBool::new(false),
             freed: Notify::new(),
         }
@@ -33,7 +34,7 @@ impl GlobalCap {
     pub fn try_take(&self) -> bool {
         let mut n = self.open.load(Ordering::Relaxed);
         loop {
-            if n >= self.max {
+            if n >= self.max.load(Ordering::Relaxed) {
                 return false;
             }
             match self
@@ -69,7 +70,13 @@ impl GlobalCap {
     }
 
     pub fn max(&self) -> usize {
-        self.max
+        self.max.load(Ordering::Relaxed)
+    }
+
+    /// A new cap (config reload); a raised one wakes the loops waiting at the old one.
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
+        self.freed.notify_waiters();
     }
 }
 

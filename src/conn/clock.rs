@@ -31,8 +31,6 @@ use tokio::time::{Instant, Sleep};
 /// What the proxy handler and the socket wrapper share about one client connection.
 #[derive(Default, Debug)]
 pub struct ConnActivity {
-    /// Where this connection's requests are counted (one `Arc` per connection, not per request).
-    pub requests: Option<Arc<crate::metrics::RequestMetrics>>,
     in_flight: AtomicUsize,
     upgraded: AtomicBool,
     waker: AtomicWaker,
@@ -50,13 +48,6 @@ pub struct ConnActivity {
 const CANCEL_ALLOWANCE: usize = 100;
 
 impl ConnActivity {
-    pub fn new(requests: Option<Arc<crate::metrics::RequestMetrics>>) -> ConnActivity {
-        ConnActivity {
-            requests,
-            ..ConnActivity::default()
-        }
-    }
-
     /// Marks a request in flight until the guard drops (after its response body ended).
     pub fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);

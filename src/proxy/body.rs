@@ -191,6 +191,8 @@ pub struct AccessLog {
     pub request_id: String,
     pub query: Option<String>,
     pub bytes_in: u64,
+    /// Where the request is counted: its generation's routes.
+    pub metrics: Option<std::sync::Arc<crate::metrics::RequestMetrics>>,
 }
 
 pub struct ProxyBody {
@@ -323,7 +325,7 @@ impl Drop for ProxyBody {
                 c.finish();
             }
         }
-        if let Some(m) = &self._in_flight.activity().requests {
+        if let Some(m) = &self.log.metrics {
             m.observe(
                 self.log.route,
                 self.log.status,

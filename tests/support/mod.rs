@@ -38,6 +38,8 @@ pub struct Proxy {
     pub admin: Option<SocketAddr>,
     pub admission: Arc<breakwater::admission::Admission>,
     pub engine_upstreams: Vec<Arc<breakwater::upstream::Upstream>>,
+    /// Applies a new config to the running proxy, as SIGHUP does.
+    pub reloader: breakwater::Reloader,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::io::Result<breakwater::Shutdown>>,
 }
@@ -62,6 +64,7 @@ impl Proxy {
         }
         let admission = engine.admission().clone();
         let engine_upstreams = engine.upstreams().to_vec();
+        let reloader = engine.reloader();
         let task = tokio::spawn(engine.run(bound, async move {
             let _ = rx.await;
         }));
@@ -70,6 +73,7 @@ impl Proxy {
             admin,
             admission,
             engine_upstreams,
+            reloader,
             stop: Some(tx),
             task,
         }

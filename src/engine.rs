@@ -1,0 +1,514 @@
+//! The wiring: the one module that sees every stage. It builds a `Generation` (config, routes,
+//! upstreams, HTTP settings) from a config, serves bound listeners until shutdown, and applies
+//! reloads: a new generation is swapped in whole for new connections and new requests, while
+//! what is in flight finishes on the one it started with.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper_util::rt::TokioExecutor;
+use hyper_util::server::conn::auto;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::{Config, ListenerConfig};
+use crate::listener::BoundListener;
+use crate::{admin, admission, conn, listener, metrics, proxy, upstream};
+
+/// Everything a reload replaces, swapped whole.
+pub struct Generation {
+    pub config: Config,
+    pub proxy: proxy::Proxy,
+    pub http: auto::Builder<TokioExecutor>,
+    /// Request counts by this generation's routes.
+    pub requests: Arc<metrics::RequestMetrics>,
+}
+
+impl Generation {
+    /// Builds a generation; `old` lends it the upstreams whose config did not change (their
+    /// pools, warm connections and health state carry over) and the request counters when the
+    /// routes are the same.
+    fn build(config: Config, old: Option<&Generation>) -> Generation {
+        let upstreams: Vec<Arc<upstream::Upstream>> = config
+            .upstreams
+            .iter()
+            .map(|u| {
+                old.and_then(|o| {
+                    o.proxy
+                        .upstreams
+                        .iter()
+                        .find(|x| x.name == u.name && x.cfg == *u)
+                        .cloned()
+                })
+                .unwrap_or_else(|| upstream::Upstream::new(u))
+            })
+            .collect();
+        let proxy = proxy::Proxy {
+            router: proxy::route::Router::new(config.routes.clone(), config.upstreams.len()),
+            upstreams,
+            access_log: config.log.access_log,
+            access_log_query: config.log.access_log_query,
+            request_buffer: config.http.request_buffer,
+            response_buffer: config.http.response_buffer,
+            min_body_rate: config.http.min_body_rate,
+            body_grace: config.http.header_read_timeout,
+            via_name: config.http.via_name.clone(),
+            shutdown_grace: config.http.shutdown_timeout,
+            trusted_proxies: config.http.trusted_proxies.clone(),
+        };
+        let labels: Vec<(String, String)> = (0..proxy.router.routes().len())
+            .map(|i| {
+                let upstream = proxy.router.routes()[i].upstream;
+                (
+                    proxy.router.label(i),
+                    proxy.upstreams[upstream].name.clone(),
+                )
+            })
+            .collect();
+        let requests = match old {
+            Some(o) if o.requests.route_labels() == labels.as_slice() => o.requests.clone(),
+            _ => Arc::new(metrics::RequestMetrics::new(labels)),
+        };
+        Generation {
+            http: conn::builder(&config.http),
+            proxy,
+            requests,
+            config,
+        }
+    }
+}
+
+/// Config reloads since start, for the metrics.
+#[derive(Debug, Default)]
+pub struct ReloadStats {
+    pub ok: AtomicU64,
+    pub failed: AtomicU64,
+    /// Unix seconds of the last successful reload (0: none yet).
+    pub last_ok: AtomicU64,
+}
+
+impl ReloadStats {
+    pub fn record(&self, ok: bool) {
+        if ok {
+            self.ok.fetch_add(1, Ordering::Relaxed);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            self.last_ok.store(now, Ordering::Relaxed);
+        } else {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// What every connection task reads.
+pub struct Shared {
+    current: Arc<ArcSwap<Generation>>,
+    pub admission: Arc<admission::Admission>,
+    pub registry: prometheus_client::registry::Registry,
+    /// Listeners bound and every warm pool filled (for /readyz).
+    pub ready: AtomicBool,
+    /// True from the shutdown signal on: /readyz answers 503, HTTP/1 responses carry
+    /// `Connection: close` and HTTP/2 connections get GOAWAY, while the listeners still accept
+    /// for `drain_delay`.
+    pub draining: watch::Sender<bool>,
+    pub reloads: Arc<ReloadStats>,
+}
+
+impl Shared {
+    /// The generation in force now: new connections and requests use it.
+    pub fn gen(&self) -> Arc<Generation> {
+        self.current.load_full()
+    }
+}
+
+/// How `run` ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shutdown {
+    /// Every connection finished within the shutdown timeout.
+    Drained,
+    /// The timeout passed; this many connections were still open and are cut.
+    TimedOut { open: usize },
+}
+
+type ReloadRequest = (Config, oneshot::Sender<Result<String, String>>);
+
+/// Sends a new config to a running engine.
+#[derive(Clone, Debug)]
+pub struct Reloader {
+    tx: mpsc::Sender<ReloadRequest>,
+    stats: Arc<ReloadStats>,
+}
+
+impl Reloader {
+    /// Applies `config` (already validated) to the running engine; returns what changed, or
+    /// why nothing did.
+    pub async fn reload(&self, config: Config) -> Result<String, String> {
+        let (done, answer) = oneshot::channel();
+        self.tx
+            .send((config, done))
+            .await
+            .map_err(|_| "the engine is not running".to_string())?;
+        answer
+            .await
+            .map_err(|_| "the engine stopped during the reload".to_string())?
+    }
+
+    /// Counts a reload that failed before reaching the engine (a config that did not parse).
+    pub fn record_failure(&self) {
+        self.stats.record(false);
+    }
+}
+
+/// The proxy built from a config, before it serves: lets a caller (a test, the metrics) hold
+/// on to its parts.
+pub struct Engine {
+    shared: Arc<Shared>,
+    admin: Option<std::net::TcpListener>,
+    tls: Arc<conn::tls::TlsListeners>,
+    reload_tx: mpsc::Sender<ReloadRequest>,
+    reload_rx: mpsc::Receiver<ReloadRequest>,
+}
+
+/// One listener's accept loops, as a reload sees them.
+struct Serving {
+    config: ListenerConfig,
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+}
+
+impl Engine {
+    pub fn new(config: Config) -> Engine {
+        let admission = Arc::new(admission::Admission::new(&config.admission));
+        let current = Arc::new(ArcSwap::from_pointee(Generation::build(config, None)));
+        let tls = Arc::new(conn::tls::TlsListeners::default());
+        let reloads = Arc::new(ReloadStats::default());
+        let registry = metrics::registry(
+            admission.clone(),
+            current.clone(),
+            tls.clone(),
+            reloads.clone(),
+        );
+        let (reload_tx, reload_rx) = mpsc::channel(4);
+        Engine {
+            shared: Arc::new(Shared {
+                current,
+                admission,
+                registry,
+                ready: AtomicBool::new(false),
+                draining: watch::Sender::new(false),
+                reloads,
+            }),
+            admin: None,
+            tls,
+            reload_tx,
+            reload_rx,
+        }
+    }
+
+    /// The TLS listeners (filled by `run`), for re-reading certificates on SIGHUP.
+    pub fn tls_listeners(&self) -> Arc<conn::tls::TlsListeners> {
+        self.tls.clone()
+    }
+
+    /// A handle that applies new configs to this engine once it runs.
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            tx: self.reload_tx.clone(),
+            stats: self.shared.reloads.clone(),
+        }
+    }
+
+    /// Serves the admin endpoints on `listener` (bound by the caller from `[admin] addr`).
+    pub fn with_admin(mut self, listener: std::net::TcpListener) -> Engine {
+        self.admin = Some(listener);
+        self
+    }
+
+    /// The state every connection shares (readiness, counters), kept by callers that watch.
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// The config in force.
+    pub fn config(&self) -> Config {
+        self.shared.gen().config.clone()
+    }
+
+    pub fn admission(&self) -> &Arc<admission::Admission> {
+        &self.shared.admission
+    }
+
+    pub fn upstreams(&self) -> Vec<Arc<upstream::Upstream>> {
+        self.shared.gen().proxy.upstreams.clone()
+    }
+
+    /// Serves until `shutdown` completes, applying reloads meanwhile, then: readyz 503 and
+    /// `drain_delay` while still accepting, stop accepting, ask every connection to finish
+    /// (HTTP/1 closes after its in-flight response, HTTP/2 sends GOAWAY), and wait up to
+    /// `http.shutdown_timeout` for them. A request that can finish within that grace period is
+    /// not cut.
+    pub async fn run(
+        mut self,
+        listeners: Vec<BoundListener>,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<Shutdown> {
+        let shared = self.shared.clone();
+        // Every accept loop and connection task holds a receiver; `closed()` resolves when the
+        // last one is gone, which is how we know the drain finished.
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let http2 = shared.gen().config.http.http2;
+        // Certificates are read before any listener accepts: a bad file stops the start.
+        let mut frontends = Vec::with_capacity(listeners.len());
+        for bound in &listeners {
+            frontends.push(self.frontend(bound, http2)?);
+        }
+        let mut serving = Vec::new();
+        for (bound, frontend) in listeners.into_iter().zip(frontends) {
+            serving.push(start_listener(bound, frontend, &shared, &stop_rx));
+        }
+        if let Some(admin) = self.admin.take() {
+            admin.set_nonblocking(true)?;
+            let admin = tokio::net::TcpListener::from_std(admin)?;
+            tokio::spawn(admin::serve(admin, shared.clone(), stop_rx.clone()));
+        }
+        let reaper = tokio::spawn(maintain_pools(shared.clone()));
+        let mut health: HashMap<String, (Arc<upstream::Upstream>, tokio::task::JoinHandle<()>)> =
+            HashMap::new();
+        sync_health(&shared.gen(), &mut health);
+        let housekeeping = tokio::spawn(shared.admission.clone().housekeeping());
+
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                Some((config, done)) = self.reload_rx.recv() => {
+                    let r = self.apply(config, &mut serving, &mut health, &stop_rx);
+                    shared.reloads.record(r.is_ok());
+                    let _ = done.send(r);
+                }
+            }
+        }
+        drop(stop_rx);
+        let gen = shared.gen();
+        let grace = gen.config.http.shutdown_timeout;
+        // First tell the load balancer (readyz 503) and the clients (Connection: close,
+        // GOAWAY) while still accepting: whoever has not noticed yet is still served.
+        shared.draining.send_replace(true);
+        let delay = gen.config.http.drain_delay;
+        if !delay.is_zero() {
+            tracing::info!(drain_delay = ?delay, "draining: /readyz is 503; still accepting until the drain delay ends");
+            tokio::time::sleep(delay).await;
+        }
+        // Admission slots are held by connections and their tunnels alike.
+        let open = shared.admission.open_connections();
+        tracing::info!(open_connections = open, grace = ?grace, "shutting down: stopped accepting, draining");
+        for s in &serving {
+            let _ = s.stop.send(true);
+        }
+        let _ = stop_tx.send(true);
+        let outcome = match tokio::time::timeout(grace, stop_tx.closed()).await {
+            Ok(()) => {
+                tracing::info!("shutdown complete: all connections drained");
+                Shutdown::Drained
+            }
+            Err(_) => {
+                let open = shared.admission.open_connections();
+                tracing::warn!(
+                    open_connections = open,
+                    "shutdown timeout reached: cutting open connections"
+                );
+                Shutdown::TimedOut { open }
+            }
+        };
+        reaper.abort();
+        housekeeping.abort();
+        for (_, (_, h)) in health {
+            h.abort();
+        }
+        Ok(outcome)
+    }
+
+    fn frontend(
+        &self,
+        bound: &BoundListener,
+        http2: bool,
+    ) -> std::io::Result<Arc<listener::Frontend>> {
+        let tls = match &bound.config.tls {
+            None => None,
+            Some(t) => {
+                let a = conn::tls::Acceptor::load(t, bound.local_addr, http2)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                let a = Arc::new(a);
+                self.tls.add(a.clone());
+                Some(a)
+            }
+        };
+        Ok(Arc::new(listener::Frontend {
+            proxy_protocol: bound.config.proxy_protocol.clone(),
+            tls,
+        }))
+    }
+
+    /// Applies a reloaded config. Listeners are matched by address: new addresses are bound
+    /// (a failure leaves everything as it was), removed ones stop accepting while their
+    /// connections finish. Then the new generation is swapped in and admission updated.
+    fn apply(
+        &self,
+        config: Config,
+        serving: &mut Vec<Serving>,
+        health: &mut HashMap<String, (Arc<upstream::Upstream>, tokio::task::JoinHandle<()>)>,
+        stop_rx: &watch::Receiver<bool>,
+    ) -> Result<String, String> {
+        let shared = &self.shared;
+        let old = shared.gen();
+        let mut notes = Vec::new();
+        // Bind the new listeners first: a port in use fails the reload with nothing changed.
+        let mut added = Vec::new();
+        // Matched by the address as configured: "127.0.0.1:0" is the same listener again, not a
+        // new one on another free port.
+        for l in &config.listeners {
+            if serving.iter().any(|s| s.config.addr == l.addr) {
+                continue;
+            }
+            let bound = listener::bind(l).map_err(|e| e.to_string())?;
+            let frontend = self
+                .frontend(&bound, config.http.http2)
+                .map_err(|e| e.to_string())?;
+            added.push((bound, frontend));
+        }
+        for s in serving.iter() {
+            if let Some(l) = config.listeners.iter().find(|l| l.addr == s.config.addr) {
+                if *l != s.config {
+                    notes.push(format!(
+                        "listener {}: its socket options, TLS or PROXY settings changed; they \
+                         apply after a restart or takeover",
+                        s.addr
+                    ));
+                }
+            }
+        }
+        for (k, changed) in [
+            (
+                "[runtime] worker_threads",
+                old.config.worker_threads != config.worker_threads,
+            ),
+            (
+                "[admin]",
+                old.config.admin.as_ref().map(|a| a.addr) != config.admin.as_ref().map(|a| a.addr),
+            ),
+            (
+                "[runtime] control_socket",
+                old.config.control_socket != config.control_socket,
+            ),
+            (
+                "[log]",
+                old.config.log.level != config.log.level
+                    || old.config.log.format != config.log.format,
+            ),
+        ] {
+            if changed {
+                notes.push(format!("{k} changed: applies after a restart or takeover"));
+            }
+        }
+        shared.admission.reload(&config.admission);
+        let gen = Arc::new(Generation::build(config, Some(&old)));
+        shared.current.store(gen.clone());
+        sync_health(&gen, health);
+        for (bound, frontend) in added {
+            notes.push(format!("listening on {}", bound.local_addr));
+            serving.push(start_listener(bound, frontend, shared, stop_rx));
+        }
+        serving.retain(|s| {
+            let keep = gen.config.listeners.iter().any(|l| l.addr == s.config.addr);
+            if !keep {
+                notes.push(format!("stopped listening on {}", s.addr));
+                let _ = s.stop.send(true);
+            }
+            keep
+        });
+        // The certificate files may have changed with the config.
+        self.tls.reload();
+        Ok(if notes.is_empty() {
+            "config reloaded".into()
+        } else {
+            format!("config reloaded; {}", notes.join("; "))
+        })
+    }
+}
+
+/// Spawns one accept loop per shard of `bound`.
+fn start_listener(
+    bound: BoundListener,
+    frontend: Arc<listener::Frontend>,
+    shared: &Arc<Shared>,
+    conns: &watch::Receiver<bool>,
+) -> Serving {
+    let (stop, stop_rx) = watch::channel(false);
+    let addr = bound.local_addr;
+    let config = bound.config.clone();
+    for (shard, socket) in bound.sockets.into_iter().enumerate() {
+        tokio::spawn(listener::accept_loop(
+            socket,
+            shard,
+            frontend.clone(),
+            shared.clone(),
+            stop_rx.clone(),
+            conns.clone(),
+        ));
+    }
+    Serving { config, addr, stop }
+}
+
+/// One active health-check task per upstream of `gen`: kept for upstreams carried over,
+/// started for new ones, stopped for those gone.
+fn sync_health(
+    gen: &Generation,
+    tasks: &mut HashMap<String, (Arc<upstream::Upstream>, tokio::task::JoinHandle<()>)>,
+) {
+    tasks.retain(|name, (u, h)| {
+        let keep = gen
+            .proxy
+            .upstreams
+            .iter()
+            .any(|x| &x.name == name && Arc::ptr_eq(x, u));
+        if !keep {
+            h.abort();
+        }
+        keep
+    });
+    for u in &gen.proxy.upstreams {
+        if !tasks.contains_key(&u.name) {
+            tasks.insert(
+                u.name.clone(),
+                (u.clone(), tokio::spawn(u.clone().check_health())),
+            );
+        }
+    }
+}
+
+/// Keeps the warm pools filled and trims idle connections; logs once when every pool is warm.
+async fn maintain_pools(shared: Arc<Shared>) {
+    let mut warm_logged = false;
+    // Fill the pools at once, then check four times a second (cheap: one short lock per
+    // upstream), so /readyz turns ready soon after the pools are warm.
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        let mut warm = true;
+        for u in &shared.gen().proxy.upstreams {
+            warm &= u.maintain();
+        }
+        shared.ready.store(warm, Ordering::Release);
+        if warm && !warm_logged {
+            tracing::info!(
+                "warm pools filled: every healthy server holds its pool_min_idle connections"
+            );
+            warm_logged = true;
+        }
+    }
+}
