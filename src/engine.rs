@@ -415,6 +415,12 @@ impl Engine {
                 notes.push(format!("{k} changed: applies after a restart or takeover"));
             }
         }
+        if old.config.log.level != config.log.level {
+            match crate::telemetry::set_level(&config.log.level) {
+                Ok(()) => notes.push(format!("log level {}", config.log.level)),
+                Err(e) => notes.push(format!("log level not changed: {e}")),
+            }
+        }
         shared.admission.reload(&config.admission);
         let gen = Arc::new(Generation::build(config, Some(&old)));
         shared.current.store(gen.clone());

@@ -98,11 +98,40 @@ pub fn init(cfg: &LogConfig) -> std::io::Result<()> {
         .with_ansi(ansi)
         .with_writer(Route);
     // A second init (tests starting several proxies in one process) keeps the first subscriber.
-    let _ = match cfg.format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
+    // The filter is reloadable, so a config reload can change the level.
+    match cfg.format {
+        LogFormat::Json => {
+            let b = builder.json().flatten_event(true).with_filter_reloading();
+            let h = b.reload_handle();
+            if b.try_init().is_ok() {
+                let _ = SET_LEVEL.set(Box::new(move |f| h.reload(f).map_err(|e| e.to_string())));
+            }
+        }
+        LogFormat::Text => {
+            let b = builder.with_filter_reloading();
+            let h = b.reload_handle();
+            if b.try_init().is_ok() {
+                let _ = SET_LEVEL.set(Box::new(move |f| h.reload(f).map_err(|e| e.to_string())));
+            }
+        }
+    }
     Ok(())
+}
+
+type SetLevel = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
+
+/// Changes the filter of the subscriber `init` installed.
+static SET_LEVEL: OnceLock<SetLevel> = OnceLock::new();
+
+/// Applies a reloaded `[log] level` (RUST_LOG, when set, still wins).
+pub fn set_level(level: &str) -> Result<(), String> {
+    if std::env::var_os("RUST_LOG").is_some() {
+        return Ok(());
+    }
+    match SET_LEVEL.get() {
+        Some(set) => set(EnvFilter::new(level)),
+        None => Ok(()),
+    }
 }
 
 /// At most one line per `every` for a kind of event that can repeat per connection (a dead

@@ -273,3 +273,60 @@ async fn limiter_state_survives_a_reload_that_keeps_the_limit() {
     assert_eq!(status().await, 200);
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_changes_the_log_level() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = text_origin("ok").await;
+    let port = closed_port().await;
+    let path = dir.path().join("bw.toml");
+    let write = |level: &str| {
+        std::fs::write(
+            &path,
+            format!(
+                "[[listeners]]\naddr = \"{port}\"\nshards = 1\n[upstreams.app]\nservers = [\"{}\"]\n\
+                 [runtime]\ncontrol_socket = \"\"\n[log]\nlevel = \"{level}\"\n",
+                origin.addr
+            ),
+        )
+        .unwrap();
+    };
+    write("warn");
+    let log = dir.path().join("stderr");
+    let mut child = std::process::Command::new(bin())
+        .args(["run", "--config"])
+        .arg(&path)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || std::net::TcpStream::connect(
+            port
+        )
+        .is_ok())
+        .await
+    );
+    assert_eq!(get(port, "/quiet").await.status, 200);
+    write("info");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    let mut logged = false;
+    for _ in 0..100 {
+        assert_eq!(get(port, "/loud").await.status, 200);
+        if std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("path=/loud")
+        {
+            logged = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(logged, "no access line at info after the reload:\n{text}");
+    assert!(!text.contains("path=/quiet"), "logged at warn:\n{text}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
