@@ -69,33 +69,30 @@ pub async fn serve(
     let http = &gen.config.http;
     let peer = admitted.client.peer;
     let activity = Arc::new(ConnActivity::default());
-    let Some(acceptor) = tls else {
-        let io = Timed::new(
+    let timed = |stream| {
+        Timed::new(
             stream,
             activity.clone(),
             http.header_read_timeout,
             http.idle_timeout,
             http.send_timeout,
-        );
-        return serve_http(io, activity, admitted, false, gen, shared, shutdown).await;
+        )
+    };
+    let Some(acceptor) = tls else {
+        let io = timed(stream);
+        return serve_http(io, activity, admitted, false, gen.clone(), shared, shutdown).await;
     };
     if !acceptor.sniff(&mut stream).await {
         let _ = stream.set_zero_linger();
         return;
     }
     // The clock runs under TLS, so a slow handshake also spends the head deadline.
-    let io = Timed::new(
-        stream,
-        activity.clone(),
-        http.header_read_timeout,
-        http.idle_timeout,
-        http.send_timeout,
-    );
+    let io = timed(stream);
     let Some(tls) = acceptor.accept(io).await else {
         tracing::debug!(client = %peer, "TLS handshake did not complete");
         return;
     };
-    serve_http(tls, activity, admitted, true, gen, shared, shutdown).await;
+    serve_http(tls, activity, admitted, true, gen.clone(), shared, shutdown).await;
 }
 
 #[allow(clippy::too_many_arguments)]

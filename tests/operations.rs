@@ -484,20 +484,7 @@ async fn access_log_goes_to_its_file_and_is_reopened_on_sigusr1() {
     )
     .unwrap();
     let stderr_file = dir.path().join("stderr");
-    let mut child = Command::new(bin())
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&stderr_file).unwrap())
-        .spawn()
-        .unwrap();
-    assert!(
-        eventually(Duration::from_secs(10), || std::net::TcpStream::connect(
-            port
-        )
-        .is_ok())
-        .await
-    );
+    let mut child = run_bin(&cfg, port, Some(&stderr_file), &[]).await;
     assert_eq!(get(port, "/first").await.status, 200);
     assert!(
         eventually(WAIT, || std::fs::read_to_string(&log)

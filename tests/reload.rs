@@ -172,20 +172,7 @@ async fn sighup_with_a_broken_config_keeps_the_running_one() {
         .unwrap();
     };
     write(one.addr, "");
-    let mut child = std::process::Command::new(bin())
-        .args(["run", "--config"])
-        .arg(&path)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    assert!(
-        eventually(Duration::from_secs(10), || std::net::TcpStream::connect(
-            port
-        )
-        .is_ok())
-        .await
-    );
+    let mut child = run_bin(&path, port, None, &[]).await;
     assert_eq!(get(port, "/").await.text(), "one");
     let pid = child.id() as i32;
     let hup = || {
@@ -241,11 +228,16 @@ async fn limiter_state_survives_a_reload_that_keeps_the_limit() {
     let origin = text_origin("ok").await;
     let limits = "per_ip_request_rate = 1\nper_ip_request_burst = 2";
     let proxy = Proxy::start(&cfg(origin.addr, limits)).await;
-    let mut tx = client(proxy.addr).await;
-    let mut status = || {
-        let req = request("GET", proxy.addr, "/", full(""));
-        let f = tx.send_request(req);
-        async move { f.await.unwrap().status().as_u16() }
+    let tx = Arc::new(tokio::sync::Mutex::new(client(proxy.addr).await));
+    let addr = proxy.addr;
+    let status = || {
+        let tx = tx.clone();
+        async move {
+            let mut tx = tx.lock().await;
+            tx.ready().await.unwrap();
+            let req = request("GET", addr, "/", full(""));
+            collect(tx.send_request(req).await.unwrap()).await.status
+        }
     };
     assert_eq!(status().await, 200);
     assert_eq!(status().await, 200);
@@ -293,21 +285,7 @@ async fn sighup_changes_the_log_level() {
     };
     write("warn");
     let log = dir.path().join("stderr");
-    let mut child = std::process::Command::new(bin())
-        .args(["run", "--config"])
-        .arg(&path)
-        .env_remove("RUST_LOG")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    assert!(
-        eventually(Duration::from_secs(10), || std::net::TcpStream::connect(
-            port
-        )
-        .is_ok())
-        .await
-    );
+    let mut child = run_bin(&path, port, Some(&log), &[]).await;
     assert_eq!(get(port, "/quiet").await.status, 200);
     write("info");
     // SAFETY: kill(2) on our own child.

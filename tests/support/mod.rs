@@ -446,3 +446,33 @@ pub async fn raw_status(addr: SocketAddr, bytes: &[u8], wait: Duration) -> Optio
     let text = raw(addr, bytes, wait).await;
     text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
 }
+
+/// Starts `breakwater run --config <config>` (plus `extra` arguments), its stderr into the file
+/// `stderr` or discarded, and waits until `port` accepts. RUST_LOG is cleared so the config's
+/// level decides.
+pub async fn run_bin(
+    config: &std::path::Path,
+    port: SocketAddr,
+    stderr: Option<&std::path::Path>,
+    extra: &[&str],
+) -> std::process::Child {
+    let err = match stderr {
+        Some(p) => std::process::Stdio::from(std::fs::File::create(p).unwrap()),
+        None => std::process::Stdio::null(),
+    };
+    let child = std::process::Command::new(bin())
+        .args(["run", "--config"])
+        .arg(config)
+        .args(extra)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(err)
+        .spawn()
+        .unwrap();
+    let up = eventually(Duration::from_secs(10), || {
+        std::net::TcpStream::connect(port).is_ok()
+    })
+    .await;
+    assert!(up, "breakwater did not start listening on {port}");
+    child
+}
