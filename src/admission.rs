@@ -36,16 +36,6 @@ pub enum Rejected {
     PerIpCap,
 }
 
-impl Rejected {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Rejected::Deny => "deny",
-            Rejected::Rate => "rate",
-            Rejected::PerIpCap => "per_ip_cap",
-        }
-    }
-}
-
 /// A place under the global cap, taken before accept; given back on drop. It holds the one
 /// `Arc` an admitted connection needs for all its slots (refcounts bounce between cores on the
 /// accept path, so there is one, not one per limit).

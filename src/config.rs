@@ -1296,6 +1296,31 @@ mod tests {
 
     const ONE: &str = "[upstreams.app]\nservers = [\"127.0.0.1:3000\"]\n";
 
+    /// The shipped config documents every default: parsed, it must equal a config that sets
+    /// nothing but its upstream, so the documented defaults cannot drift from the code.
+    #[test]
+    fn the_documented_defaults_are_the_real_ones() {
+        let documented = Config::embedded_default().unwrap();
+        let bare = parse(ONE).unwrap();
+        assert_eq!(
+            format!("{:?}", documented.listeners),
+            format!("{:?}", bare.listeners)
+        );
+        assert_eq!(format!("{:?}", documented.http), format!("{:?}", bare.http));
+        assert_eq!(
+            format!("{:?}", documented.admission),
+            format!("{:?}", bare.admission)
+        );
+        assert_eq!(documented.upstreams, bare.upstreams);
+        assert_eq!(format!("{:?}", documented.log), format!("{:?}", bare.log));
+        assert_eq!(documented.worker_threads, bare.worker_threads);
+        assert_eq!(documented.control_socket, bare.control_socket);
+        assert_eq!(
+            format!("{:?}", documented.admin),
+            format!("{:?}", bare.admin)
+        );
+    }
+
     #[test]
     fn embedded_default_parses() {
         let c = Config::embedded_default().expect("default config is valid");

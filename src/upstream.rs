@@ -13,6 +13,7 @@
 //! non-async sections. Inside it only plain `Granted` values are made; a `Lease` (whose drop
 //! takes the lock) exists only outside it.
 
+pub mod body;
 pub mod health;
 pub mod pool;
 pub mod proxy_protocol;
@@ -32,7 +33,7 @@ use tokio::time::Instant;
 
 use crate::client::{Client, ClientKey};
 use crate::config::{Balance, UpstreamConfig, UpstreamProtocol};
-use crate::proxy::body::UpstreamBody;
+use body::UpstreamBody;
 use health::{Health, Transition};
 use pool::{Entry, Sender, Slots};
 use queue::FairQueue;

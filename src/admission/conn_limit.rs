@@ -52,10 +52,6 @@ impl ConnLimit {
         });
     }
 
-    pub fn open(&self, key: IpAddr) -> u32 {
-        self.open.get(&key).map_or(0, |n| *n)
-    }
-
     /// Client keys with at least one open connection.
     pub fn tracked(&self) -> usize {
         self.open.len()

@@ -18,9 +18,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::body::UpstreamBody;
 use super::UpstreamError;
 use crate::config::UpstreamProtocol;
-use crate::proxy::body::UpstreamBody;
 
 /// Concurrent requests Breakwater puts on one h2c connection.
 pub const H2_STREAMS: usize = 100;
