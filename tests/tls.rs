@@ -584,3 +584,39 @@ async fn rsa_pkcs1_and_ec_sec1_keys_from_openssl_serve() {
         proxy.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_protocol_then_tls_names_the_client_behind_the_balancer() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = make_cert(dir.path(), "site", &["shop.example.com"], false);
+    let origin = echo_origin().await;
+    let toml = format!(
+        "{}proxy_protocol = \"v1\"\nproxy_protocol_from = [\"127.0.0.0/8\"]\n\
+         [upstreams.app]\nservers = [\"{}\"]\n",
+        tls_listener(&site, ""),
+        origin.addr
+    );
+    let proxy = Proxy::start(&toml).await;
+    let mut tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    tcp.write_all(b"PROXY TCP4 203.0.113.77 127.0.0.1 5555 443\r\n")
+        .await
+        .unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(client_config(Some(&site), &[b"http/1.1"]))
+        .connect(ServerName::try_from("shop.example.com").unwrap(), tcp)
+        .await
+        .expect("TLS after the PROXY header");
+    tls.write_all(b"GET /pp-tls HTTP/1.1\r\nHost: shop.example.com\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, tls.read_to_end(&mut out)).await;
+    assert!(
+        out.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    let seen = &origin.requests()[0].headers;
+    assert_eq!(seen["x-forwarded-for"], "203.0.113.77");
+    assert_eq!(seen["x-forwarded-proto"], "https");
+    proxy.stop().await;
+}
