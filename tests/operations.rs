@@ -1,5 +1,7 @@
 //! Operating Breakwater: the drain an orchestrator needs, health endpoints a kubelet can read,
 //! and logs fit for files and journald.
+// Tests signal the binaries they start (kill(2)).
+#![allow(unsafe_code)]
 
 mod support;
 

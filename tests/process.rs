@@ -1,5 +1,7 @@
 //! Breakwater as a real process: the CLI contract, signals, memory while streaming, and the
 //! listening sockets' options read back from the kernel.
+// Tests signal the binaries they start (kill(2)).
+#![allow(unsafe_code)]
 
 mod support;
 

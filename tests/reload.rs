@@ -1,6 +1,8 @@
 //! Hot reload: a new config applied to a running proxy while clients keep sending. Nothing in
 //! flight fails, the new routes and limits hold within a second, listeners come and go, and a
 //! config that does not load changes nothing.
+// Tests signal the binaries they start (kill(2)).
+#![allow(unsafe_code)]
 
 mod support;
 

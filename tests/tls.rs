@@ -1,6 +1,8 @@
 //! TLS termination, as clients and operators meet it: rustls and curl clients over h2 and
 //! http/1.1, SNI, resumption, clients that stall or send garbage or plain HTTP, `check` on bad
 //! files, and certificates re-read on SIGHUP by the real binary. Certificates are made here.
+// Tests signal the binaries they start (kill(2)).
+#![allow(unsafe_code)]
 
 mod support;
 
