@@ -16,6 +16,7 @@ use tokio::sync::watch;
 
 use crate::admission::Admitted;
 use crate::config::HttpConfig;
+use crate::proxy::ConnHold;
 use crate::Shared;
 use clock::{ConnActivity, Timed};
 
@@ -41,18 +42,6 @@ pub fn builder(cfg: &HttpConfig) -> auto::Builder<TokioExecutor> {
     } else {
         b.http1_only()
     }
-}
-
-/// What a connection holds that a WebSocket tunnel made from it must keep after hyper hands
-/// the socket over: its admission slots (per-IP and global caps, the fd budget) and its place
-/// in the shutdown drain (the receiver). Shared by the connection task and its tunnel; the
-/// last one to end gives them back.
-#[derive(Debug)]
-pub struct ConnHold {
-    pub admitted: Admitted,
-    pub stop: watch::Receiver<bool>,
-    /// The connection came in over TLS (X-Forwarded-Proto: https).
-    pub tls: bool,
 }
 
 /// Serves one admitted connection: the TLS handshake when the listener has one, then HTTP.
@@ -110,9 +99,10 @@ async fn serve_http<I>(
     let peer = admitted.client.peer;
     let svc_shared = shared.clone();
     let hold = Arc::new(ConnHold {
-        admitted,
+        client: admitted.client,
         stop: shutdown.clone(),
         tls,
+        slots: Box::new(admitted),
     });
     let svc_hold = hold.clone();
     // Seen an HTTP/2 request: such a connection is told to go away (GOAWAY) when draining

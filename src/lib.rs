@@ -16,7 +16,9 @@
 //! - the listen backlog, TCP_DEFER_ACCEPT, SO_REUSEPORT, the accept loop: `listener.rs`
 //! - the per-IP rate limiter: `admission/rate_limit.rs`; caps: `admission/conn_limit.rs`,
 //!   `admission/global_cap.rs`; descriptor budget and reserve: `admission/fd.rs`
-//! - the header-read, idle and send timeouts, the rapid-reset guard: `conn/clock.rs`
+//! - the header-read, idle and send timeouts: `conn/clock.rs`; the per-connection request
+//!   accounting it reads (in flight, answered, cancelled: the rapid-reset guard):
+//!   `proxy/activity.rs`
 //! - hop-by-hop headers, X-Forwarded-*: `proxy/headers.rs`; routing: `proxy/route.rs`
 //! - which error gives which status: `ProxyError` in `proxy.rs`
 //! - the warm pool and queue: `upstream.rs`, `upstream/pool.rs`, `upstream/queue.rs`;

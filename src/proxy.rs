@@ -1,6 +1,7 @@
 //! ④ The proxy handler: one call per request. Route → rewrite headers → send upstream → relay
 //! the response. This is the one place where errors become HTTP responses (`ProxyError`).
 
+pub mod activity;
 pub mod body;
 pub mod headers;
 pub mod route;
@@ -21,12 +22,33 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
 use crate::client::Client;
-use crate::conn::clock::{ConnActivity, InFlight};
-use crate::conn::ConnHold;
 use crate::upstream::pool::Sender;
 use crate::upstream::{Lease, Upstream, UpstreamError};
 use crate::Shared;
+use activity::{ConnActivity, InFlight};
 use body::{AccessLog, ProxyBody, UpstreamBody};
+
+/// What a connection holds that a WebSocket tunnel made from it must keep after hyper hands
+/// the socket over: its admission slots (per-IP and global caps, the fd budget; held here as an
+/// opaque guard, since the proxy only keeps them alive) and its place in the shutdown drain
+/// (the receiver). Shared by the connection task and its tunnel; the last one to end gives them
+/// back.
+pub struct ConnHold {
+    pub client: Client,
+    pub stop: tokio::sync::watch::Receiver<bool>,
+    /// The connection came in over TLS (X-Forwarded-Proto: https).
+    pub tls: bool,
+    pub slots: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl std::fmt::Debug for ConnHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnHold")
+            .field("client", &self.client)
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
+}
 
 /// How long the response prefetch waits for body bytes after the head: short, so a streaming
 /// response (server-sent events, long poll) is relayed almost at once. Up to `response_buffer`
@@ -194,7 +216,7 @@ pub async fn handle(
         answered: false,
     };
     // The connection's client, unless it is a proxy we trust, which names the real one.
-    let conn_client = hold.admitted.client;
+    let conn_client = hold.client;
     let trusted = gen
         .proxy
         .trusted_proxies
@@ -405,7 +427,7 @@ async fn forward(
     headers::prepare_request(
         &mut parts.headers,
         &headers::Forwarded {
-            client: hold.admitted.client.addr,
+            client: hold.client.addr,
             trusted,
             host: host_value.as_deref(),
             proto: if hold.tls { "https" } else { "http" },

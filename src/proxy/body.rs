@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use crate::conn::clock::InFlight;
+use super::activity::InFlight;
 use crate::upstream::body::{hint_with, BoxError};
 pub use crate::upstream::body::{BodyTooSlow, MinRate, UpstreamBody};
 use crate::upstream::Lease;
