@@ -145,7 +145,6 @@ pub struct Admission {
     paused: AtomicBool,
     pub reserve: fd::Reserve,
     pub stats: Stats,
-    shards: std::sync::Mutex<Vec<Arc<ShardStats>>>,
 }
 
 /// The reloadable part of admission. Rate limiters are kept across a reload when their rate and
@@ -197,26 +196,6 @@ impl Policy {
     }
 }
 
-/// One accept loop's own counters: each loop writes only its own, so counting costs no shared
-/// cache line on the accept path.
-#[derive(Debug)]
-pub struct ShardStats {
-    pub listener: std::net::SocketAddr,
-    pub shard: usize,
-    pub accepted: AtomicU64,
-    pub refused: AtomicU64,
-    /// The shard's listening socket, while its accept loop runs (for TCP_INFO).
-    socket: std::sync::Weak<tokio::io::unix::AsyncFd<socket2::Socket>>,
-}
-
-impl ShardStats {
-    /// The accept queue's length and effective backlog, read from the kernel now.
-    pub fn listen_queue(&self) -> Option<crate::listener::sockopt::ListenQueue> {
-        let s = self.socket.upgrade()?;
-        crate::listener::sockopt::listen_queue(std::os::fd::AsFd::as_fd(s.get_ref())).ok()
-    }
-}
-
 impl Admission {
     pub fn new(cfg: &AdmissionConfig) -> Admission {
         Admission {
@@ -226,7 +205,6 @@ impl Admission {
             paused: AtomicBool::new(false),
             reserve: fd::Reserve::new(),
             stats: Stats::default(),
-            shards: std::sync::Mutex::default(),
         }
     }
 
@@ -242,42 +220,6 @@ impl Admission {
     /// How a refused connection is closed.
     pub fn reject(&self) -> RejectMode {
         self.policy.load().reject
-    }
-
-    /// Counters for a new accept loop.
-    pub fn register_shard(
-        &self,
-        listener: std::net::SocketAddr,
-        shard: usize,
-        socket: &Arc<tokio::io::unix::AsyncFd<socket2::Socket>>,
-    ) -> Arc<ShardStats> {
-        let s = Arc::new(ShardStats {
-            listener,
-            shard,
-            accepted: AtomicU64::new(0),
-            refused: AtomicU64::new(0),
-            socket: Arc::downgrade(socket),
-        });
-        self.shards
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(s.clone());
-        s
-    }
-
-    pub fn shard_stats(&self) -> Vec<Arc<ShardStats>> {
-        self.shards
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Connections admitted since start, all shards.
-    pub fn accepted(&self) -> u64 {
-        self.shard_stats()
-            .iter()
-            .map(|s| s.accepted.load(Ordering::Relaxed))
-            .sum()
     }
 
     /// A global slot if one is free now.
@@ -313,14 +255,7 @@ impl Admission {
     /// The client at `addr` (reached through `peer`): its key and whether the allow list
     /// exempts it.
     pub fn client(&self, peer: SocketAddr, addr: IpAddr) -> Client {
-        let p = self.policy.load();
-        let raw = unmapped(addr);
-        Client::new(
-            peer,
-            addr,
-            p.ipv6_prefix,
-            p.allow.iter().any(|n| n.contains(&raw)),
-        )
+        client_under(&self.policy.load(), peer, addr)
     }
 
     /// Decides on a freshly accepted connection from `addr` (the peer, or the address its
@@ -331,8 +266,10 @@ impl Admission {
         addr: IpAddr,
         global: GlobalSlot,
     ) -> Result<Admitted, Rejected> {
-        let client = self.client(peer, addr);
-        let verdict = self.decide(&client);
+        // One policy snapshot for the whole decision: one lock-free load per accept.
+        let p = self.policy.load();
+        let client = client_under(&p, peer, addr);
+        let verdict = self.decide(&p, &client);
         match verdict {
             Ok(per_ip) => Ok(Admitted {
                 client,
@@ -345,7 +282,7 @@ impl Admission {
                     Rejected::Rate => &self.stats.rejected_rate,
                     Rejected::PerIpCap => &self.stats.rejected_per_ip_cap,
                 };
-                if self.policy.load().dry_run {
+                if p.dry_run {
                     self.stats.would_reject.fetch_add(1, Ordering::Relaxed);
                     counter.fetch_add(1, Ordering::Relaxed);
                     return Ok(Admitted {
@@ -377,10 +314,9 @@ impl Admission {
     }
 
     /// The per-client slot's key when one was taken.
-    fn decide(&self, client: &Client) -> Result<Option<IpAddr>, Rejected> {
+    fn decide(&self, p: &Policy, client: &Client) -> Result<Option<IpAddr>, Rejected> {
         // Lists match the address itself (`client.addr`): an entry more specific than
         // `ipv6_prefix` (a /128 deny) must still match. The grouped key is only for counting.
-        let p = self.policy.load();
         if p.deny.iter().any(|n| n.contains(&client.addr)) {
             return Err(Rejected::Deny);
         }
@@ -483,6 +419,17 @@ impl Admission {
             }
         }
     }
+}
+
+/// The client at `addr` as `p` sees it: its key and whether the allow list exempts it.
+fn client_under(p: &Policy, peer: SocketAddr, addr: IpAddr) -> Client {
+    let raw = unmapped(addr);
+    Client::new(
+        peer,
+        addr,
+        p.ipv6_prefix,
+        p.allow.iter().any(|n| n.contains(&raw)),
+    )
 }
 
 pub use crate::client::{client_key, unmapped};

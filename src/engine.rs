@@ -109,6 +109,8 @@ impl ReloadStats {
 pub struct Shared {
     current: Arc<ArcSwap<Generation>>,
     pub admission: Arc<admission::Admission>,
+    /// The accept loops' counters.
+    pub shards: Arc<listener::stats::Shards>,
     pub registry: prometheus_client::registry::Registry,
     /// Listeners bound and every warm pool filled (for /readyz).
     pub ready: AtomicBool,
@@ -187,8 +189,10 @@ impl Engine {
         let current = Arc::new(ArcSwap::from_pointee(Generation::build(config, None)));
         let tls = Arc::new(conn::tls::TlsListeners::default());
         let reloads = Arc::new(ReloadStats::default());
+        let shards = Arc::new(listener::stats::Shards::default());
         let registry = metrics::registry(
             admission.clone(),
+            shards.clone(),
             current.clone(),
             tls.clone(),
             reloads.clone(),
@@ -198,6 +202,7 @@ impl Engine {
             shared: Arc::new(Shared {
                 current,
                 admission,
+                shards,
                 registry,
                 ready: AtomicBool::new(false),
                 draining: watch::Sender::new(false),
@@ -241,6 +246,11 @@ impl Engine {
 
     pub fn admission(&self) -> &Arc<admission::Admission> {
         &self.shared.admission
+    }
+
+    /// The accept loops' counters.
+    pub fn shards(&self) -> &Arc<listener::stats::Shards> {
+        &self.shared.shards
     }
 
     pub fn upstreams(&self) -> Vec<Arc<upstream::Upstream>> {

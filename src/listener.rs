@@ -5,6 +5,7 @@
 
 pub mod proxy_protocol;
 pub mod sockopt;
+pub mod stats;
 
 use std::io;
 use std::net::SocketAddr;
@@ -171,7 +172,9 @@ pub async fn accept_loop(
     let admission = &shared.admission;
     let listen_addr = local.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
     let counters =
-        admission.register_shard(local.unwrap_or(([0, 0, 0, 0], 0).into()), shard, &listener);
+        shared
+            .shards
+            .register(local.unwrap_or(([0, 0, 0, 0], 0).into()), shard, &listener);
     let mut backoff = Backoff::default();
     'outer: loop {
         // Cancel-safe: `changed` only observes a flag; `readable` takes nothing.

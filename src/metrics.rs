@@ -68,6 +68,7 @@ impl RequestMetrics {
 /// Builds the registry for one engine.
 pub fn registry(
     admission: Arc<Admission>,
+    shards: Arc<crate::listener::stats::Shards>,
     current: Arc<arc_swap::ArcSwap<crate::engine::Generation>>,
     tls: Arc<crate::conn::tls::TlsListeners>,
     reloads: Arc<crate::engine::ReloadStats>,
@@ -75,6 +76,7 @@ pub fn registry(
     let mut r = Registry::default();
     r.register_collector(Box::new(Snapshot {
         admission,
+        shards,
         current,
         tls,
         reloads,
@@ -93,6 +95,7 @@ pub fn render(r: &Registry) -> String {
 /// Reads the counters the stages keep, from the generation in force at each scrape.
 struct Snapshot {
     admission: Arc<Admission>,
+    shards: Arc<crate::listener::stats::Shards>,
     current: Arc<arc_swap::ArcSwap<crate::engine::Generation>>,
     tls: Arc<crate::conn::tls::TlsListeners>,
     reloads: Arc<crate::engine::ReloadStats>,
@@ -162,8 +165,8 @@ impl prometheus_client::collector::Collector for Snapshot {
         let a = &self.admission;
         let s = &a.stats;
         let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-        let shards = a.shard_stats();
-        let shard_labels = |sh: &crate::admission::ShardStats| {
+        let shards = self.shards.all();
+        let shard_labels = |sh: &crate::listener::stats::ShardStats| {
             vec![
                 ("listener", sh.listener.to_string()),
                 ("shard", sh.shard.to_string()),

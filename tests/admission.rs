@@ -236,7 +236,7 @@ async fn limiter_memory_returns_to_small_after_10000_addresses() {
     assert_eq!(connected, 10_000);
     // Every address was seen (accepts may trail the client's connects a little).
     let deadline = Instant::now() + Duration::from_secs(10);
-    while proxy.admission.accepted() < 10_000 {
+    while proxy.shards.accepted() < 10_000 {
         assert!(
             Instant::now() < deadline,
             "not all connections were accepted"

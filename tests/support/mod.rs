@@ -38,6 +38,8 @@ pub struct Proxy {
     pub admin: Option<SocketAddr>,
     pub admission: Arc<breakwater::admission::Admission>,
     pub engine_upstreams: Vec<Arc<breakwater::upstream::Upstream>>,
+    /// The accept loops' counters.
+    pub shards: Arc<breakwater::listener::stats::Shards>,
     /// Applies a new config to the running proxy, as SIGHUP does.
     pub reloader: breakwater::Reloader,
     stop: Option<oneshot::Sender<()>>,
@@ -65,6 +67,7 @@ impl Proxy {
         let admission = engine.admission().clone();
         let engine_upstreams = engine.upstreams().to_vec();
         let reloader = engine.reloader();
+        let shards = engine.shards().clone();
         let task = tokio::spawn(engine.run(bound, async move {
             let _ = rx.await;
         }));
@@ -74,6 +77,7 @@ impl Proxy {
             admission,
             engine_upstreams,
             reloader,
+            shards,
             stop: Some(tx),
             task,
         }
