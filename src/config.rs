@@ -3,6 +3,13 @@
 //! the TOML into the mirror in `config/file.rs` (unknown keys are errors), then `validate`
 //! checks ranges and references. Every error names the file, line, column and key, says what
 //! was wrong and what is expected.
+//!
+//! Why this file is long (~1,450 lines, about 400 of them tests): validation is one pass over
+//! the raw TOML because errors must point at file:line:key, and every section's checks share
+//! the located-error and warning helpers. Splitting it by section (listeners, http, upstreams,
+//! admission, admin) into `config/*.rs`, with one `impl Default` per section instead of the
+//! defaults written in `file.rs`, is the planned next step of the structure issue (#8); the
+//! test that holds `config/breakwater.toml` equal to the defaults guards that move.
 
 pub mod env;
 pub mod file;

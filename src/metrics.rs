@@ -6,6 +6,11 @@
 //! Scrape-time values come from one `Collector`, so nothing is duplicated into a second set of
 //! atomics on the hot path: the accept loop and the pool keep their own counters, and this
 //! module only reads them.
+//!
+//! Why this file is long (~740 lines): it is one Prometheus collector that reads every stage's
+//! counters at scrape time, so each family's encoding sits next to the others; the pieces that
+//! are separate concerns (kernel counters from /proc, process_* families) are candidates for
+//! `metrics/kernel.rs` and `metrics/process.rs`.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;

@@ -1,5 +1,10 @@
 //! ④ The proxy handler: one call per request. Route → rewrite headers → send upstream → relay
 //! the response. This is the one place where errors become HTTP responses (`ProxyError`).
+//!
+//! Why this file is long (~730 lines): it is the request's whole path (route, rewrite, send,
+//! relay, WebSocket tunnel) plus the error → status table, and those pieces share the
+//! `Relayed`/`ProxyError` types. Already split out: headers, target, route, body, activity.
+//! The tunnel (`tunnel_request`, `relay`) is the next piece to move (`proxy/tunnel.rs`).
 
 pub mod activity;
 pub mod body;

@@ -12,6 +12,12 @@
 //! Lock discipline: all scheduling state is in one `Mutex<State>` per upstream, held for short
 //! non-async sections. Inside it only plain `Granted` values are made; a `Lease` (whose drop
 //! takes the lock) exists only outside it.
+//!
+//! Why this file is long (~900 lines): the scheduler (fair queue, slot accounting), leases,
+//! the exchange with retry, private `send_proxy_protocol` connections and health bookkeeping
+//! all work under the one upstream lock, and splitting them means choosing which state each
+//! owns. That split (a pure scheduler with unit tests, the exchange, health) is planned in the
+//! structure issue (#8); pool, queue, health, body and tunnel are separate files already.
 
 pub mod body;
 pub mod health;

@@ -1,0 +1,136 @@
+//! The operator tools: `storm` (handshake-storm load tester) and `doctor` (host settings).
+
+use super::*;
+
+#[derive(clap::Args)]
+pub(crate) struct StormArgs {
+    /// Address to storm (IP:port).
+    target: SocketAddr,
+    /// Connections to open in all.
+    #[arg(long, default_value_t = 10_000)]
+    connections: u64,
+    /// Connections in progress at once.
+    #[arg(long, default_value_t = 500)]
+    concurrency: usize,
+    /// New connections per second; 0 = as fast as the concurrency allows.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Source addresses to bind, round-robin (each looks like its own client).
+    #[arg(long, default_value = "127.0.1.0/24")]
+    sources: ipnet::IpNet,
+    #[arg(long, value_enum, default_value_t = breakwater::storm::Mode::Request)]
+    mode: breakwater::storm::Mode,
+    /// Request path (request mode).
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// Host header (default: the target).
+    #[arg(long)]
+    host: Option<String>,
+    /// How long hold and slowloris connections stay open.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    hold: std::time::Duration,
+    /// Slowloris: time between header bytes.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    interval: std::time::Duration,
+    /// Hard limit on the whole run.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    duration: std::time::Duration,
+    /// Also run a legitimate client from --probe-source: a request on a new connection every 20 ms.
+    #[arg(long)]
+    probe: bool,
+    #[arg(long, default_value = "127.0.0.2")]
+    probe_source: std::net::IpAddr,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Allow a target outside 127.0.0.0/8 and ::1 (only ever storm servers you run).
+    #[arg(long)]
+    allow_remote: bool,
+}
+
+pub(crate) fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    breakwater::config::file::parse_duration(s)
+}
+
+pub(crate) fn storm(a: StormArgs) -> ExitCode {
+    if !a.target.ip().is_loopback() && !a.allow_remote {
+        eprintln!(
+            "error: {} is not a loopback address; a storm is only for servers you run. Pass \
+             --allow-remote to storm it anyway.",
+            a.target
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let plan = breakwater::storm::Plan {
+        target: a.target,
+        connections: a.connections,
+        concurrency: a.concurrency,
+        rate: a.rate,
+        sources: a.sources,
+        mode: a.mode,
+        host: a.host.unwrap_or_else(|| a.target.to_string()),
+        path: a.path,
+        hold: a.hold,
+        interval: a.interval,
+        duration: a.duration,
+        probe: a.probe.then_some(a.probe_source),
+        progress: !a.json,
+    };
+    let Some(runtime) = runtime(None) else {
+        return ExitCode::FAILURE;
+    };
+    // Each connection holds a descriptor: use all the process may have.
+    let _ = breakwater::admission::fd::raise_nofile();
+    let report = runtime.block_on(breakwater::storm::run(plan));
+    if a.json {
+        match serde_json::to_string(&report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print!("{}", report.render());
+    }
+    ExitCode::SUCCESS
+}
+
+pub(crate) fn doctor(path: Option<PathBuf>, json: bool) -> ExitCode {
+    let default = PathBuf::from("config/breakwater.toml");
+    let loaded = match &path {
+        Some(p) => Config::load(p),
+        None if default.exists() => Config::load(&default),
+        None => Config::embedded_default(),
+    };
+    let config = match loaded {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let needs = breakwater::doctor::needs(&config);
+    let checks = breakwater::doctor::assess(&breakwater::doctor::read_host(), &needs);
+    let capped = breakwater::doctor::caps_anything(&checks);
+    if json {
+        let out = serde_json::json!({ "config": config.source, "ok": !capped, "checks": checks });
+        println!("{out}");
+    } else {
+        println!("host settings against {}:\n", config.source);
+        print!("{}", breakwater::doctor::render(&checks));
+        println!(
+            "\n{}",
+            if capped {
+                "Some settings cap what this config asks for: apply the fixes above."
+            } else {
+                "Nothing on this host caps this config."
+            }
+        );
+    }
+    if capped {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
