@@ -519,8 +519,11 @@ async fn maintain_pools(shared: Arc<Shared>) {
         for u in &shared.gen().proxy.upstreams {
             warm &= u.maintain();
         }
-        shared.ready.store(warm, Ordering::Release);
+        // Warming is a start-up state only: once the pools have filled, a pool that runs short
+        // later (the origin closed idle connections, a server restarts) is the origin's health
+        // to report, not a reason to pull this instance out of a load balancer.
         if warm && !warm_logged {
+            shared.ready.store(true, Ordering::Release);
             tracing::info!(
                 "warm pools filled: every healthy server holds its pool_min_idle connections"
             );
