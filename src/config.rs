@@ -139,8 +139,20 @@ pub struct HttpConfig {
     pub min_body_rate: u64,
     /// Response bytes read from the origin before relaying starts.
     pub response_buffer: usize,
-    /// A response write the client does not take for this long aborts the connection.
+    /// A response the client takes nothing of for this long (no bytes taken by the socket, no
+    /// HTTP/2 window credited) ends, and its connection with it.
     pub send_timeout: Duration,
+    /// A spooled response must be taken at this average (bytes/s) over each `send_timeout`
+    /// window while bytes wait for the client; 0 disables.
+    pub min_send_rate: u64,
+    /// Response bytes one response may spool while its client reads slower than the origin
+    /// sends (so the origin connection goes back to the pool); 0 disables spooling.
+    pub response_spool: u64,
+    /// The part of each spool kept in memory; the rest goes to an unlinked file in `spool_dir`.
+    pub spool_memory: u64,
+    /// Bytes all spools together may hold (memory and files).
+    pub spool_budget: u64,
+    pub spool_dir: std::path::PathBuf,
     /// This instance's name in Via (`[http] via_name`, default the hostname); a request that
     /// already carries it has looped back here (508).
     pub via_name: String,
@@ -177,6 +189,14 @@ pub struct UpstreamConfig {
     /// The share of the upstream's connections (or HTTP/2 streams) one client address may hold
     /// busy at once, 0 < share <= 1.
     pub max_client_share: f64,
+    /// The share one client connection (its HTTP/2 streams) may hold busy, 0 < share <= 1.
+    pub max_connection_share: f64,
+    /// Client addresses the two shares do not apply to (the admission allow list lifts rate
+    /// limits only).
+    pub pool_share_exempt: Vec<IpNet>,
+    /// New origin connections per second per server, whatever asks for them (requests,
+    /// replacements, warm refills): no client behaviour can become an origin handshake storm.
+    pub max_connect_rate: u32,
     /// WebSocket tunnels open at once to this upstream (each holds a dedicated origin
     /// connection); one client may hold `max_client_share` of them. 0 refuses upgrades.
     pub max_tunnels: usize,
@@ -596,6 +616,28 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
             &err,
         )?,
         send_timeout: h.send_timeout.get_ref().0,
+        min_send_rate: h.min_send_rate,
+        response_spool: h.response_spool.get_ref().0,
+        spool_memory: h.spool_memory.get_ref().0,
+        spool_budget: h.spool_budget.get_ref().0,
+        spool_dir: match &h.spool_dir {
+            None => std::env::temp_dir(),
+            Some(d) => {
+                let path = std::path::PathBuf::from(d.get_ref());
+                if !path.is_dir() {
+                    return Err(err(
+                        d.span(),
+                        format!(
+                            "spool_dir {:?} is not a directory: responses spooled for slow \
+                             clients go there (unlinked files); create it or leave the key out \
+                             for the system temporary directory",
+                            d.get_ref()
+                        ),
+                    ));
+                }
+                path
+            }
+        },
         trusted_proxies: parse_nets(&h.trusted_proxies, &warnings)?,
         drain_delay: h.drain_delay.0,
         via_name: match &h.via_name {
@@ -620,6 +662,16 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
             }
         },
     };
+    if http.spool_memory > 64 << 20 {
+        return Err(err(
+            h.spool_memory.span(),
+            format!(
+                "spool_memory {} is out of range: expected at most 64MiB (it is held in memory \
+                 per slow response; the rest of a spool goes to a file)",
+                http.spool_memory
+            ),
+        ));
+    }
     if http.send_timeout.is_zero() {
         return Err(err(
             h.send_timeout.span(),
@@ -694,6 +746,27 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
                 format!("max_client_share {share} is out of range: expected above 0 and at most 1"),
             ));
         }
+        let conn_share = *u.max_connection_share.get_ref();
+        if !(conn_share > 0.0 && conn_share <= 1.0) {
+            return Err(err(
+                u.max_connection_share.span(),
+                format!(
+                    "max_connection_share {conn_share} is out of range: expected above 0 and at most 1"
+                ),
+            ));
+        }
+        let max_connect_rate =
+            match &u.max_connect_rate {
+                None => (2 * pool_max).min(u32::MAX as usize) as u32,
+                Some(r) if *r.get_ref() == 0 => return Err(err(
+                    r.span(),
+                    "max_connect_rate must be at least 1 (new origin connections per second per \
+                     server)"
+                        .into(),
+                )),
+                Some(r) => *r.get_ref(),
+            };
+        let pool_share_exempt = parse_nets(&u.pool_share_exempt, &warnings)?;
         if u.queue_timeout.get_ref().0.is_zero() {
             return Err(err(
                 u.queue_timeout.span(),
@@ -744,6 +817,9 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
             queue_timeout: u.queue_timeout.get_ref().0,
             retry_idempotent: u.retry_idempotent,
             max_client_share: share,
+            max_connection_share: conn_share,
+            pool_share_exempt,
+            max_connect_rate,
             max_tunnels: u.max_tunnels,
             send_proxy_protocol,
             health: HealthConfig {

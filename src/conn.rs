@@ -99,6 +99,7 @@ async fn serve_http<I>(
     let peer = admitted.client.peer;
     let svc_shared = shared.clone();
     let hold = Arc::new(ConnHold {
+        id: ConnHold::next_id(),
         client: admitted.client,
         stop: shutdown.clone(),
         tls,

@@ -59,6 +59,21 @@ impl Generation {
             via_name: config.http.via_name.clone(),
             shutdown_grace: config.http.shutdown_timeout,
             trusted_proxies: config.http.trusted_proxies.clone(),
+            spool: proxy::spool::Settings {
+                per_response: config.http.response_spool,
+                memory: config.http.spool_memory,
+                dir: config.http.spool_dir.clone(),
+                send_timeout: config.http.send_timeout,
+                min_send_rate: config.http.min_send_rate,
+            },
+            // One budget for the process: spools of the old generation still count.
+            spooler: match old {
+                Some(o) => {
+                    o.proxy.spooler.set_limit(config.http.spool_budget);
+                    o.proxy.spooler.clone()
+                }
+                None => proxy::spool::Spooler::new(config.http.spool_budget),
+            },
         };
         let labels: Vec<(String, String)> = (0..proxy.router.routes().len())
             .map(|i| {

@@ -280,6 +280,46 @@ impl prometheus_client::collector::Collector for Snapshot {
         self.encode_tls(&mut enc)?;
         self.encode_upstreams(&mut enc, &gen.proxy.upstreams)?;
         let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        let sp = &gen.proxy.spooler;
+        counter(
+            &mut enc,
+            "breakwater_spooled_responses",
+            "Responses relayed through a spool (their origin connection freed once the origin finished), and those that went past spool_memory into a file.",
+            vec![
+                (vec![("to", "memory_or_file".into())], load(&sp.responses)),
+                (vec![("to", "file".into())], load(&sp.to_file)),
+            ],
+        )?;
+        counter(
+            &mut enc,
+            "breakwater_spooled_bytes",
+            "Response bytes that passed through a spool.",
+            vec![(vec![], load(&sp.bytes))],
+        )?;
+        gauge(
+            &mut enc,
+            "breakwater_spool_budget_bytes",
+            "Bytes all spools hold now (state=in_use) and may hold (state=limit, spool_budget).",
+            vec![
+                (vec![("state", "in_use".into())], sp.in_use() as i64),
+                (vec![("state", "limit".into())], sp.limit() as i64),
+            ],
+        )?;
+        counter(
+            &mut enc,
+            "breakwater_spool_budget_exhausted",
+            "Responses relayed unspooled (holding their origin connection) because spool_budget was spent.",
+            vec![(vec![], load(&sp.exhausted))],
+        )?;
+        counter(
+            &mut enc,
+            "breakwater_send_progress_cuts",
+            "Client connections closed because a response waiting for them made no progress for send_timeout (stalled) or went slower than min_send_rate (too_slow).",
+            vec![
+                (vec![("reason", "stalled".into())], load(&sp.stalled)),
+                (vec![("reason", "too_slow".into())], load(&sp.too_slow)),
+            ],
+        )?;
         counter(
             &mut enc,
             "breakwater_config_reloads",
@@ -386,6 +426,9 @@ impl Snapshot {
             (vec![], vec![], vec![], vec![], vec![], vec![]);
         let mut waits = Vec::new();
         let mut tunnels = Vec::new();
+        let mut cancels = Vec::new();
+        let mut paced = Vec::new();
+        let mut panics = Vec::new();
         for u in upstreams {
             let (per_server, queue) = u.snapshot();
             for (i, (o, id, b)) in per_server.into_iter().enumerate() {
@@ -409,6 +452,15 @@ impl Snapshot {
             retries.push((l.clone(), load(&st.retries)));
             timeouts.push((l.clone(), load(&st.queue_timeouts)));
             full.push((l.clone(), load(&st.queue_full)));
+            let with = |outcome: &str| {
+                let mut l = l.clone();
+                l.push(("outcome", outcome.to_string()));
+                l
+            };
+            cancels.push((with("drained"), load(&st.cancel_drained)));
+            cancels.push((with("closed"), load(&st.cancel_closed)));
+            paced.push((l.clone(), load(&st.paced_connects)));
+            panics.push((l.clone(), load(&st.panic_requests)));
             waits.push((l, st.queue_wait.clone()));
         }
         gauge(
@@ -482,6 +534,24 @@ impl Snapshot {
             "breakwater_upstream_queue_full",
             "Requests answered 503 because the queue was full.",
             full,
+        )?;
+        counter(
+            enc,
+            "breakwater_upstream_abandoned_responses",
+            "HTTP/1 origin responses their client abandoned mid-body: drained in the background and the connection kept, or closed (over 1 MiB or 1 s left).",
+            cancels,
+        )?;
+        counter(
+            enc,
+            "breakwater_upstream_paced_connects",
+            "Origin connects put off because the server's max_connect_rate was reached.",
+            paced,
+        )?;
+        counter(
+            enc,
+            "breakwater_upstream_panic_requests",
+            "Requests sent, one at a time, to the least recently failed server while every server was ejected.",
+            panics,
         )?;
         family(
             enc,

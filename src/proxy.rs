@@ -10,6 +10,7 @@ pub mod activity;
 pub mod body;
 pub mod headers;
 pub mod route;
+pub mod spool;
 pub mod target;
 
 use std::collections::VecDeque;
@@ -39,11 +40,21 @@ use body::{AccessLog, ProxyBody, UpstreamBody};
 /// (the receiver). Shared by the connection task and its tunnel; the last one to end gives them
 /// back.
 pub struct ConnHold {
+    /// Unique per client connection in this process (`max_connection_share` counts by it).
+    pub id: u64,
     pub client: Client,
     pub stop: tokio::sync::watch::Receiver<bool>,
     /// The connection came in over TLS (X-Forwarded-Proto: https).
     pub tls: bool,
     pub slots: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl ConnHold {
+    /// A fresh connection id.
+    pub fn next_id() -> u64 {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl std::fmt::Debug for ConnHold {
@@ -197,6 +208,10 @@ pub struct Proxy {
     pub shutdown_grace: Duration,
     /// `[http] trusted_proxies`.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Response spooling for slow clients (`spool.rs`): this generation's settings, and the
+    /// process-wide budget.
+    pub spool: spool::Settings,
+    pub spooler: Arc<spool::Spooler>,
 }
 
 struct Relayed {
@@ -204,6 +219,7 @@ struct Relayed {
     buffered: VecDeque<Frame<Bytes>>,
     rest: Option<Incoming>,
     conn: Option<Lease>,
+    spooled: Option<spool::Spooled>,
 }
 
 pub async fn handle(
@@ -218,7 +234,7 @@ pub async fn handle(
     // cancelled the request (an HTTP/2 reset).
     let mut outcome = Outcome {
         activity: &activity,
-        answered: false,
+        answered: None,
     };
     // The connection's client, unless it is a proxy we trust, which names the real one.
     let conn_client = hold.client;
@@ -292,13 +308,15 @@ pub async fn handle(
         Err(ProxyError::RateLimited)
     };
     let draining = *shared.draining.borrow();
+    let from_origin = result.is_ok();
     let resp = match result {
         Ok(r) => {
             log.status = r.head.status.as_u16();
-            Response::from_parts(
-                r.head,
-                ProxyBody::origin(r.buffered, r.rest, r.conn, log, in_flight),
-            )
+            let body = match r.spooled {
+                Some(s) => ProxyBody::spooled(r.buffered, s, log, in_flight),
+                None => ProxyBody::origin(r.buffered, r.rest, r.conn, log, in_flight),
+            };
+            Response::from_parts(r.head, body)
         }
         Err(e) => {
             let status = e.status();
@@ -357,7 +375,7 @@ pub async fn handle(
             r
         }
     };
-    outcome.answered = true;
+    outcome.answered = Some(from_origin);
     let mut resp = resp;
     if draining && client_version_h1 && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         // hyper closes an HTTP/1 connection after a response that says so: the client
@@ -370,7 +388,9 @@ pub async fn handle(
 
 struct Outcome<'a> {
     activity: &'a ConnActivity,
-    answered: bool,
+    /// Some(true): the origin answered; Some(false): Breakwater did (404, 429, 503...); None:
+    /// the client cancelled first.
+    answered: Option<bool>,
 }
 
 impl Drop for Outcome<'_> {
@@ -384,7 +404,7 @@ async fn forward(
     proxy: &Proxy,
     client: Client,
     trusted: bool,
-    activity: &ConnActivity,
+    activity: &Arc<ConnActivity>,
     hold: &Arc<ConnHold>,
     mut req: Request<Incoming>,
     log: &mut AccessLog,
@@ -486,7 +506,7 @@ async fn forward(
     let body = read_ahead(proxy, body).await?;
     let out = Request::from_parts(parts, body);
     let (resp, lease) = upstream
-        .send(&client, out)
+        .send(&client, hold.id, out)
         .await
         .map_err(|(server, error)| ProxyError::Upstream {
             upstream: upstream.name.clone(),
@@ -523,13 +543,39 @@ async fn forward(
             buffered,
             rest: None,
             conn: None,
+            spooled: None,
         });
+    }
+    // The rest is longer than the read-ahead: spool it, so a client slower than the origin
+    // does not hold the origin connection (a stream meant to be read live is relayed as is).
+    if proxy.spool.per_response > 0 && !spool::is_streaming(&head.headers) {
+        if proxy.spooler.has_room() {
+            let spooled = spool::start(
+                &proxy.spool,
+                proxy.spooler.clone(),
+                activity.clone(),
+                body,
+                lease,
+            );
+            return Ok(Relayed {
+                head,
+                buffered,
+                rest: None,
+                conn: None,
+                spooled: Some(spooled),
+            });
+        }
+        proxy
+            .spooler
+            .exhausted
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     Ok(Relayed {
         head,
         buffered,
         rest: Some(body),
         conn: Some(lease),
+        spooled: None,
     })
 }
 
@@ -690,6 +736,7 @@ async fn tunnel_request(
         buffered: VecDeque::new(),
         rest,
         conn: None,
+        spooled: None,
     })
 }
 

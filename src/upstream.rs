@@ -80,6 +80,14 @@ pub struct UpstreamStats {
     pub retries: AtomicU64,
     pub queue_timeouts: AtomicU64,
     pub queue_full: AtomicU64,
+    /// Responses abandoned by their client mid-body, read to their end in the background so
+    /// the connection served again / closed because they exceeded the drain bound.
+    pub cancel_drained: AtomicU64,
+    pub cancel_closed: AtomicU64,
+    /// Connects put off by `max_connect_rate`.
+    pub paced_connects: AtomicU64,
+    /// Requests sent while every server was ejected (panic mode).
+    pub panic_requests: AtomicU64,
     /// Seconds requests waited in the queue (only those that waited).
     pub queue_wait: prometheus_client::metrics::histogram::Histogram,
 }
@@ -93,6 +101,10 @@ impl Default for UpstreamStats {
             retries: AtomicU64::new(0),
             queue_timeouts: AtomicU64::new(0),
             queue_full: AtomicU64::new(0),
+            cancel_drained: AtomicU64::new(0),
+            cancel_closed: AtomicU64::new(0),
+            paced_connects: AtomicU64::new(0),
+            panic_requests: AtomicU64::new(0),
             queue_wait: prometheus_client::metrics::histogram::Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 16),
             ),
@@ -106,13 +118,34 @@ pub struct Server {
     pub health: Health,
 }
 
-type Waiter = oneshot::Sender<Result<Granted, UpstreamError>>;
+/// A queued request: the client connection it came on (for `max_connection_share`) and where
+/// its connection is sent.
+#[derive(Debug)]
+struct Waiter {
+    conn: u64,
+    tx: oneshot::Sender<Result<Granted, UpstreamError>>,
+}
+
+impl Waiter {
+    fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
 
 #[derive(Debug, Default)]
 struct State {
     slots: Vec<Slots>,
     queue: FairQueue<ClientKey, Waiter>,
     busy_by_client: HashMap<IpAddr, usize>,
+    /// Busy slots per client connection (an HTTP/2 connection can ask for many at once).
+    busy_by_conn: HashMap<u64, usize>,
+}
+
+/// Who is asking for a connection: the client's key and the client connection's id.
+#[derive(Debug, Clone, Copy)]
+pub struct Asker {
+    pub key: ClientKey,
+    pub conn: u64,
 }
 
 /// A connection assigned to a request, before it is wrapped in a `Lease`.
@@ -134,11 +167,20 @@ pub struct Upstream {
     rr: AtomicUsize,
     /// Busy connections (or h2c streams) one client address may hold.
     client_cap: usize,
+    /// ... and one client connection (its HTTP/2 streams).
+    conn_cap: usize,
+    /// Addresses `max_client_share` and `max_connection_share` do not apply to.
+    share_exempt: Vec<ipnet::IpNet>,
     /// With `send_proxy_protocol`: how many private connections may be open at once.
     private: Option<Arc<tokio::sync::Semaphore>>,
     pub stats: UpstreamStats,
     /// WebSocket tunnels open to this upstream, capped by `max_tunnels`.
     pub tunnels: Arc<tunnel::TunnelSlots>,
+    /// Wakes the health checker when traffic ejects a server.
+    health_wake: tokio::sync::Notify,
+    /// The one panic-mode request that may be in flight (every server ejected: `send_panic`).
+    panic: Arc<tokio::sync::Semaphore>,
+    panic_next: Mutex<Instant>,
     /// Connect failures and failed requests are logged at most once a second each.
     connect_failure_log: crate::telemetry::Sampled,
     pub request_failure_log: crate::telemetry::Sampled,
@@ -153,7 +195,7 @@ pub struct Lease {
     server: usize,
     conn: u64,
     tx: Option<Sender>,
-    client: ClientKey,
+    client: Asker,
     pub reused: bool,
     reusable: bool,
     /// A connection private to this request (`send_proxy_protocol`): outside the pool, closed
@@ -170,7 +212,105 @@ impl Lease {
     pub fn finish(mut self) {
         self.reusable = true;
     }
+
+    /// The client abandoned this response mid-body. Reads the rest (at most `DRAIN_BYTES`
+    /// within `DRAIN_TIME`) and gives the connection back for reuse; past the bound it is
+    /// closed. A cancelled download then costs the origin no new handshake. (An h2c stream is
+    /// simply reset by dropping its body: the connection is unaffected.)
+    pub async fn drain_abandoned(self, mut body: Incoming) {
+        use http_body_util::BodyExt;
+        if self.private.is_some() || matches!(self.tx, Some(pool::Sender::H2(_))) {
+            return;
+        }
+        let stats = &self.up.stats;
+        let mut left = DRAIN_BYTES;
+        let drained = tokio::time::timeout(DRAIN_TIME, async {
+            while let Some(frame) = body.frame().await {
+                let Ok(frame) = frame else { return false };
+                let n = frame.data_ref().map_or(0, |d| d.len() as u64);
+                if n > left {
+                    return false;
+                }
+                left -= n;
+            }
+            true
+        })
+        .await
+        .unwrap_or(false);
+        if drained {
+            stats.cancel_drained.fetch_add(1, Ordering::Relaxed);
+            self.finish();
+        } else {
+            stats.cancel_closed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// `drain_abandoned` in a task of its own (for a body being dropped).
+    pub fn drain_in_background(self, body: Incoming) {
+        tokio::spawn(self.drain_abandoned(body));
+    }
 }
+
+/// A lease whose request is on the wire. If the handler is dropped before the response head
+/// arrives (the client reset its HTTP/2 stream, or hung up), dropping the response future would
+/// make hyper close an HTTP/1 connection: instead the head is awaited and the body drained in
+/// the background (bounded), and the connection goes back to the pool. The lease keeps
+/// counting against its client's share until then, so cancelling buys a client no extra room.
+struct Pending {
+    lease: Option<Lease>,
+    response: Option<pool::ResponseFuture>,
+}
+
+impl Pending {
+    fn new(lease: Lease) -> Pending {
+        Pending {
+            lease: Some(lease),
+            response: None,
+        }
+    }
+
+    fn done(
+        mut self,
+        resp: Response<Incoming>,
+    ) -> Result<(Response<Incoming>, Lease), (Option<String>, UpstreamError)> {
+        match self.lease.take() {
+            Some(lease) => Ok((resp, lease)),
+            None => Err((None, UpstreamError::QueueTimeout)),
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        let (Some(response), Some(lease)) = (self.response.take(), self.lease.take()) else {
+            return;
+        };
+        let http1 = lease.tx.as_ref().is_some_and(pool::Sender::is_http1);
+        if !http1 || lease.private.is_some() {
+            return;
+        }
+        let wait = lease.up.cfg.response_timeout;
+        tokio::spawn(async move {
+            match tokio::time::timeout(wait, response).await {
+                Ok(Ok(resp)) => lease.drain_abandoned(resp.into_body()).await,
+                _ => {
+                    lease.up.stats.cancel_closed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+}
+
+/// The first re-probe of an ejected server comes this soon; each failure doubles the wait, up to
+/// the health interval.
+const FIRST_REPROBE: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Panic-mode requests (every server ejected) go at most this often.
+const PANIC_SPACING: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// What an abandoned response may still cost to keep its connection: nginx-like bounds.
+const DRAIN_BYTES: u64 = 1 << 20;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Drop for Lease {
     fn drop(&mut self) {
@@ -183,18 +323,22 @@ impl Drop for Lease {
         let slots = &mut st.slots[self.server];
         slots.checkin(self.conn, self.tx.take(), self.reusable);
         slots.busy = slots.busy.saturating_sub(1);
-        release_client(&mut st.busy_by_client, self.client.ip);
+        release(&mut st, self.client);
         up.dispatch(&mut st);
     }
 }
 
-fn release_client(map: &mut HashMap<IpAddr, usize>, client: IpAddr) {
-    if let Some(n) = map.get_mut(&client) {
-        *n -= 1;
-        if *n == 0 {
-            map.remove(&client);
+fn release(st: &mut State, a: Asker) {
+    fn down<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, k: K) {
+        if let Some(n) = map.get_mut(&k) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&k);
+            }
         }
     }
+    down(&mut st.busy_by_client, a.key.ip);
+    down(&mut st.busy_by_conn, a.conn);
 }
 
 /// Holds a queued request's receiver: if the request gives up (timeout, client gone) after a
@@ -202,7 +346,7 @@ fn release_client(map: &mut HashMap<IpAddr, usize>, client: IpAddr) {
 struct Waiting<'a> {
     rx: oneshot::Receiver<Result<Granted, UpstreamError>>,
     up: &'a Upstream,
-    client: ClientKey,
+    client: Asker,
 }
 
 impl Drop for Waiting<'_> {
@@ -274,6 +418,7 @@ impl Upstream {
         };
         let capacity = cfg.pool_max * cfg.servers.len() * streams;
         let client_cap = ((capacity as f64 * cfg.max_client_share).floor() as usize).max(1);
+        let conn_cap = ((capacity as f64 * cfg.max_connection_share).floor() as usize).max(1);
         Arc::new_cyclic(|me| Upstream {
             name: cfg.name.clone(),
             servers: cfg
@@ -298,6 +443,8 @@ impl Upstream {
             next_conn: AtomicU64::new(1),
             rr: AtomicUsize::new(0),
             client_cap,
+            conn_cap,
+            share_exempt: cfg.pool_share_exempt.clone(),
             private: cfg
                 .send_proxy_protocol
                 .map(|_| Arc::new(tokio::sync::Semaphore::new(capacity.max(1)))),
@@ -306,6 +453,9 @@ impl Upstream {
                 cfg.max_tunnels,
                 ((cfg.max_tunnels as f64 * cfg.max_client_share).ceil() as usize).max(1),
             ),
+            health_wake: tokio::sync::Notify::new(),
+            panic: Arc::new(tokio::sync::Semaphore::new(1)),
+            panic_next: Mutex::new(Instant::now()),
             connect_failure_log: crate::telemetry::Sampled::new(std::time::Duration::from_secs(1)),
             request_failure_log: crate::telemetry::Sampled::new(std::time::Duration::from_secs(1)),
             cfg: cfg.clone(),
@@ -338,16 +488,22 @@ impl Upstream {
         healthy
     }
 
-    /// Whether `client` may take another connection under `max_client_share`.
-    fn under_cap(&self, busy: &HashMap<IpAddr, usize>, client: ClientKey) -> bool {
-        client.exempt || busy.get(&client.ip).copied().unwrap_or(0) < self.client_cap
+    /// Whether `a` may take another connection under `max_client_share` and
+    /// `max_connection_share`. The admission allow list does not exempt anyone here: it lifts
+    /// rate limits, not fairness (`pool_share_exempt` does).
+    fn under_cap(&self, st: &State, a: Asker) -> bool {
+        let by_client = st.busy_by_client.get(&a.key.ip).copied().unwrap_or(0);
+        let by_conn = st.busy_by_conn.get(&a.conn).copied().unwrap_or(0);
+        (by_client < self.client_cap && by_conn < self.conn_cap)
+            || self.share_exempt.iter().any(|n| n.contains(&a.key.ip))
     }
 
-    fn checkout(&self, st: &mut State, client: ClientKey) -> Option<Granted> {
+    fn checkout(&self, st: &mut State, client: Asker) -> Option<Granted> {
         for i in self.order(st) {
             if let Some((conn, tx, reused)) = st.slots[i].checkout() {
                 st.slots[i].busy += 1;
-                *st.busy_by_client.entry(client.ip).or_insert(0) += 1;
+                *st.busy_by_client.entry(client.key.ip).or_insert(0) += 1;
+                *st.busy_by_conn.entry(client.conn).or_insert(0) += 1;
                 if reused {
                     self.stats.reuses.fetch_add(1, Ordering::Relaxed);
                 }
@@ -363,14 +519,14 @@ impl Upstream {
     }
 
     /// Undoes a grant that found no taker.
-    fn ungrant(&self, st: &mut State, client: ClientKey, g: Granted) {
+    fn ungrant(&self, st: &mut State, client: Asker, g: Granted) {
         let slots = &mut st.slots[g.server];
         slots.checkin(g.conn, Some(g.tx), true);
         slots.busy = slots.busy.saturating_sub(1);
-        release_client(&mut st.busy_by_client, client.ip);
+        release(st, client);
     }
 
-    fn lease(&self, g: Granted, client: ClientKey) -> Lease {
+    fn lease(&self, g: Granted, client: Asker) -> Lease {
         Lease {
             up: self.arc(),
             server: g.server,
@@ -385,13 +541,13 @@ impl Upstream {
 
     /// A connection for a request from `client`: at once when one has room and nobody waits,
     /// else through the queue.
-    pub async fn acquire(&self, client: ClientKey) -> Result<Lease, UpstreamError> {
+    pub async fn acquire(&self, client: Asker) -> Result<Lease, UpstreamError> {
         let rx = {
             let mut st = self.lock();
             if !self.servers.iter().any(|s| s.health.is_healthy()) {
                 return Err(UpstreamError::NoHealthyServer);
             }
-            let under_cap = self.under_cap(&st.busy_by_client, client);
+            let under_cap = self.under_cap(&st, client);
             if st.queue.is_empty() && under_cap {
                 if let Some(g) = self.checkout(&mut st, client) {
                     drop(st);
@@ -406,7 +562,13 @@ impl Upstream {
                 }
             }
             let (tx, rx) = oneshot::channel();
-            st.queue.push(client, tx);
+            st.queue.push(
+                client.key,
+                Waiter {
+                    conn: client.conn,
+                    tx,
+                },
+            );
             self.dispatch(&mut st);
             rx
         };
@@ -440,22 +602,24 @@ impl Upstream {
             if !any_room {
                 break;
             }
-            let State {
-                queue,
-                busy_by_client,
-                ..
-            } = &mut *st;
-            let Some((client, waiter)) = queue.pop(|c| self.under_cap(busy_by_client, c)) else {
+            let mut queue = std::mem::take(&mut st.queue);
+            let popped = queue.pop(|key, w| self.under_cap(st, Asker { key, conn: w.conn }));
+            st.queue = queue;
+            let Some((key, waiter)) = popped else {
                 break;
             };
             if waiter.is_closed() {
                 continue;
             }
+            let client = Asker {
+                key,
+                conn: waiter.conn,
+            };
             let Some(g) = self.checkout(st, client) else {
-                st.queue.push(client, waiter);
+                st.queue.push(key, waiter);
                 break;
             };
-            if let Err(Ok(g)) = waiter.send(Ok(g)) {
+            if let Err(Ok(g)) = waiter.tx.send(Ok(g)) {
                 self.ungrant(st, client, g);
             }
         }
@@ -470,6 +634,11 @@ impl Upstream {
         let mut need = st.queue.len().div_ceil(per_conn).saturating_sub(connecting);
         for i in self.order(st) {
             while need > 0 && st.slots[i].open < self.cfg.pool_max {
+                if !st.slots[i].take_connect_token(self.cfg.max_connect_rate) {
+                    // Paced: the pool maintenance (4 times a second) tries again.
+                    self.stats.paced_connects.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
                 self.spawn_connect(st, i, Purpose::Waiter);
                 need -= 1;
             }
@@ -485,6 +654,10 @@ impl Upstream {
         for i in 0..self.servers.len() {
             if self.servers[i].health.is_healthy() && st.slots[i].refill_after <= now {
                 while st.slots[i].open < want {
+                    if !st.slots[i].take_connect_token(self.cfg.max_connect_rate) {
+                        self.stats.paced_connects.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
                     self.spawn_connect(st, i, Purpose::Warm);
                 }
             }
@@ -567,8 +740,8 @@ impl Upstream {
                 let others = (0..self.servers.len())
                     .any(|i| i != server && self.servers[i].health.is_healthy());
                 if !others {
-                    if let Some((_, w)) = st.queue.pop(|_| true) {
-                        let _ = w.send(Err(e));
+                    if let Some((_, w)) = st.queue.pop(|_, _| true) {
+                        let _ = w.tx.send(Err(e));
                     }
                 }
                 if transition == Transition::Ejected {
@@ -592,11 +765,12 @@ impl Upstream {
     fn ejected(&self, st: &mut State, server: usize) {
         tracing::warn!(upstream = %self.name, server = %self.servers[server].addr,
             "server ejected: too many consecutive failures");
+        self.health_wake.notify_one();
         st.slots[server].clear_idle();
         if !self.servers.iter().any(|s| s.health.is_healthy()) {
             tracing::error!(upstream = %self.name, "every server of the upstream is down: answering 503");
             for w in st.queue.drain() {
-                let _ = w.send(Err(UpstreamError::NoHealthyServer));
+                let _ = w.tx.send(Err(UpstreamError::NoHealthyServer));
             }
         } else {
             self.dispatch(st);
@@ -616,14 +790,88 @@ impl Upstream {
                 let mut st = self.lock();
                 self.ejected(&mut st, server);
             }
-            Transition::Readmitted => {
-                tracing::info!(upstream = %self.name, server = %self.servers[server].addr,
-                    "server re-admitted: health checks pass");
-                let mut st = self.lock();
-                st.slots[server].refill_after = Instant::now();
-                self.refill(&mut st);
-                self.dispatch(&mut st);
+            Transition::Readmitted => self.readmitted(server, "health checks pass"),
+        }
+    }
+
+    fn readmitted(&self, server: usize, why: &str) {
+        tracing::info!(upstream = %self.name, server = %self.servers[server].addr,
+            "server re-admitted: {why}");
+        let mut st = self.lock();
+        st.slots[server].refill_after = Instant::now();
+        self.refill(&mut st);
+        self.dispatch(&mut st);
+    }
+
+    /// Every server is ejected. Rather than answer 503 to everyone until the checks re-admit
+    /// one, a trickle of real requests (one at a time) still goes to the server that failed
+    /// least recently, on a connection of its own (Envoy's panic routing, rate-limited). An
+    /// answer re-admits the server at once; the others get 503 as before.
+    async fn send_panic(
+        &self,
+        client: &Client,
+        conn: u64,
+        req: Request<UpstreamBody>,
+    ) -> Result<(Response<Incoming>, Lease), (Option<String>, UpstreamError)> {
+        let Ok(permit) = self.panic.clone().try_acquire_owned() else {
+            return Err((None, UpstreamError::NoHealthyServer));
+        };
+        {
+            // And at most one every PANIC_SPACING: a dead origin costs one connect attempt
+            // per spacing, not one per client request.
+            let mut next = self.panic_next.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            if now < *next {
+                return Err((None, UpstreamError::NoHealthyServer));
             }
+            *next = now + PANIC_SPACING;
+        }
+        let Some(server) =
+            (0..self.servers.len()).min_by_key(|&i| self.servers[i].health.last_failure())
+        else {
+            return Err((None, UpstreamError::NoHealthyServer));
+        };
+        if !self.lock().slots[server].take_connect_token(self.cfg.max_connect_rate) {
+            self.stats.paced_connects.fetch_add(1, Ordering::Relaxed);
+            return Err((None, UpstreamError::NoHealthyServer));
+        }
+        self.stats.panic_requests.fetch_add(1, Ordering::Relaxed);
+        let addr = self.servers[server].addr.clone();
+        let preface = if self.private.is_some() {
+            self.client_preface(client)
+        } else {
+            self.local_preface()
+        };
+        let (tx, drive) =
+            match pool::connect(&addr, self.cfg.protocol, self.cfg.connect_timeout, &preface).await
+            {
+                Ok(c) => c,
+                Err(e) => return Err((Some(addr), e)),
+            };
+        self.stats.connects.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(drive);
+        let lease = Lease {
+            up: self.arc(),
+            server,
+            conn: 0,
+            tx: Some(tx),
+            client: Asker {
+                key: client.key,
+                conn,
+            },
+            reused: false,
+            reusable: false,
+            private: Some(permit),
+        };
+        let mut pending = Pending::new(lease);
+        match self.exchange(&mut pending, req).await {
+            Ok(resp) => {
+                if self.servers[server].health.readmit() == Transition::Readmitted {
+                    self.readmitted(server, "it answered a request while every server was down");
+                }
+                pending.done(resp)
+            }
+            Err(f) => Err((Some(addr), f.error)),
         }
     }
 
@@ -633,26 +881,34 @@ impl Upstream {
     pub async fn send(
         &self,
         client: &Client,
+        conn: u64,
         req: Request<UpstreamBody>,
     ) -> Result<(Response<Incoming>, Lease), (Option<String>, UpstreamError)> {
-        if let Some(private) = &self.private {
-            return self.send_private(private.clone(), client, req).await;
+        if !self.servers.iter().any(|s| s.health.is_healthy()) {
+            return self.send_panic(client, conn, req).await;
         }
-        let client = client.key;
+        if let Some(private) = &self.private {
+            return self.send_private(private.clone(), client, conn, req).await;
+        }
+        let client = Asker {
+            key: client.key,
+            conn,
+        };
         let replay = if self.cfg.retry_idempotent {
             Replay::of(&req)
         } else {
             None
         };
         let replay_body = req.body().replay();
-        let mut lease = self.acquire(client).await.map_err(|e| (None, e))?;
-        let failed = match self.exchange(&mut lease, req).await {
-            Ok(resp) => return Ok((resp, lease)),
-            Err(f) => f,
-        };
+        let lease = self.acquire(client).await.map_err(|e| (None, e))?;
         let server = lease.server;
         let reused = lease.reused;
-        drop(lease);
+        let mut pending = Pending::new(lease);
+        let failed = match self.exchange(&mut pending, req).await {
+            Ok(resp) => return pending.done(resp),
+            Err(f) => f,
+        };
+        drop(pending);
         let again = match (failed.unsent, replay, replay_body) {
             (Some(req), _, _) => req,
             (None, Some(r), Some(body))
@@ -668,18 +924,26 @@ impl Upstream {
         self.stats.retries.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(upstream = %self.name, server = %self.servers[server].addr, error = %failed.error,
             "origin connection failed before answering; retrying");
-        let mut lease = self.acquire(client).await.map_err(|e| (None, e))?;
-        match self.exchange(&mut lease, again).await {
-            Ok(resp) => Ok((resp, lease)),
-            Err(f) => Err((Some(lease.server().to_string()), f.error)),
+        let lease = self.acquire(client).await.map_err(|e| (None, e))?;
+        let addr = lease.server().to_string();
+        let mut pending = Pending::new(lease);
+        match self.exchange(&mut pending, again).await {
+            Ok(resp) => pending.done(resp),
+            Err(f) => Err((Some(addr), f.error)),
         }
     }
 
     async fn exchange(
         &self,
-        lease: &mut Lease,
+        pending: &mut Pending,
         req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, Failed> {
+        let Some(lease) = pending.lease.as_mut() else {
+            return Err(Failed {
+                error: UpstreamError::QueueTimeout,
+                unsent: Some(req),
+            });
+        };
         let server = lease.server;
         let reused = lease.reused;
         let Some(tx) = lease.tx.as_mut() else {
@@ -696,7 +960,9 @@ impl Upstream {
                 unsent: Some(req),
             });
         }
-        let sent = tokio::time::timeout(self.cfg.response_timeout, tx.send(req)).await;
+        let response = pending.response.insert(tx.send(req));
+        let sent = tokio::time::timeout(self.cfg.response_timeout, response).await;
+        pending.response = None;
         let result = match sent {
             Err(_) => Err(Failed {
                 error: UpstreamError::ResponseTimeout,
@@ -787,6 +1053,7 @@ impl Upstream {
         &self,
         permits: Arc<tokio::sync::Semaphore>,
         client: &Client,
+        conn: u64,
         req: Request<UpstreamBody>,
     ) -> Result<(Response<Incoming>, Lease), (Option<String>, UpstreamError)> {
         let queued_at = Instant::now();
@@ -817,18 +1084,22 @@ impl Upstream {
             };
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(drive);
-        let mut lease = Lease {
+        let lease = Lease {
             up: self.arc(),
             server,
             conn: 0,
             tx: Some(tx),
-            client: client.key,
+            client: Asker {
+                key: client.key,
+                conn,
+            },
             reused: false,
             reusable: false,
             private: Some(permit),
         };
-        match self.exchange(&mut lease, req).await {
-            Ok(resp) => Ok((resp, lease)),
+        let mut pending = Pending::new(lease);
+        match self.exchange(&mut pending, req).await {
+            Ok(resp) => pending.done(resp),
             Err(f) => Err((Some(addr), f.error)),
         }
     }
@@ -853,21 +1124,45 @@ impl Upstream {
         })
     }
 
-    /// Active health checks, forever; run as a task per upstream.
+    /// Active health checks, forever; run as a task per upstream. A healthy server is checked
+    /// every `interval`; an ejected one is re-probed with backoff, from `FIRST_REPROBE` doubling
+    /// up to `interval`, and back to `FIRST_REPROBE` after each success, so a restarted origin
+    /// is re-admitted within a few hundred milliseconds of accepting connections again (with the
+    /// defaults, two checks at 2 s apart used to keep it out for seconds).
     pub async fn check_health(self: Arc<Self>) {
         let h = self.cfg.health.clone();
+        let now = Instant::now();
         // The warm connects at start are the first check; probing starts one interval later.
-        let mut tick = tokio::time::interval_at(Instant::now() + h.interval, h.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next: Vec<Instant> = vec![now + h.interval; self.servers.len()];
+        let mut backoff: Vec<std::time::Duration> = vec![FIRST_REPROBE; self.servers.len()];
         loop {
-            tick.tick().await;
+            let due = next.iter().min().copied().unwrap_or(now + h.interval);
+            tokio::select! {
+                _ = tokio::time::sleep_until(due) => {}
+                // A server was ejected by traffic: start re-probing it now, not at its next tick.
+                _ = self.health_wake.notified() => {
+                    let soon = Instant::now() + FIRST_REPROBE;
+                    for i in 0..self.servers.len() {
+                        if !self.servers[i].health.is_healthy() && next[i] > soon {
+                            next[i] = soon;
+                            backoff[i] = FIRST_REPROBE;
+                        }
+                    }
+                    continue;
+                }
+            }
             for i in 0..self.servers.len() {
+                if next[i] > Instant::now() {
+                    continue;
+                }
                 let server = &self.servers[i];
+                let healthy = server.health.is_healthy();
                 // Real traffic is the better check; and without a health path, a live pooled
                 // connection proves as much as a TCP connect would, without an extra
                 // connection to the origin.
                 let live = h.path.is_none() && self.has_live_connection(i);
-                if server.health.is_healthy() && (server.health.recently_ok(h.interval) || live) {
+                if healthy && (server.health.recently_ok(h.interval) || live) {
+                    next[i] = Instant::now() + h.interval;
                     continue;
                 }
                 let ok = health::probe(
@@ -878,6 +1173,18 @@ impl Upstream {
                 )
                 .await;
                 self.record(i, ok, true);
+                next[i] = Instant::now()
+                    + if server.health.is_healthy() {
+                        backoff[i] = FIRST_REPROBE;
+                        h.interval
+                    } else if ok {
+                        backoff[i] = FIRST_REPROBE;
+                        FIRST_REPROBE
+                    } else {
+                        let wait = backoff[i];
+                        backoff[i] = (backoff[i] * 2).min(h.interval);
+                        wait
+                    };
             }
         }
     }

@@ -24,14 +24,19 @@ pub const DEFAULT_POOL_MAX: usize = 64;
 pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 pub const DEFAULT_QUEUE_MAX: usize = 10_000;
 pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(2);
-pub const DEFAULT_MAX_CLIENT_SHARE: f64 = 0.25;
+pub const DEFAULT_MAX_CLIENT_SHARE: f64 = 0.1;
+pub const DEFAULT_MAX_CONNECTION_SHARE: f64 = 0.1;
 pub const DEFAULT_MAX_TUNNELS: usize = 256;
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/breakwater/control.sock";
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 pub const DEFAULT_REQUEST_BUFFER: usize = 64 * 1024;
 pub const DEFAULT_RESPONSE_BUFFER: usize = 64 * 1024;
 pub const DEFAULT_MIN_BODY_RATE: u64 = 1024;
-pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_RESPONSE_SPOOL: u64 = 64 << 20;
+pub const DEFAULT_SPOOL_MEMORY: u64 = 256 << 10;
+pub const DEFAULT_SPOOL_BUDGET: u64 = 1 << 30;
+pub const DEFAULT_MIN_SEND_RATE: u64 = 1024;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -224,6 +229,16 @@ pub struct FileHttp {
     pub response_buffer: Spanned<usize>,
     #[serde(default = "default_send_timeout")]
     pub send_timeout: Spanned<Dur>,
+    #[serde(default = "default_min_send_rate")]
+    pub min_send_rate: u64,
+    #[serde(default = "default_response_spool")]
+    pub response_spool: Spanned<Size>,
+    #[serde(default = "default_spool_memory")]
+    pub spool_memory: Spanned<Size>,
+    #[serde(default = "default_spool_budget")]
+    pub spool_budget: Spanned<Size>,
+    #[serde(default)]
+    pub spool_dir: Option<Spanned<String>>,
     #[serde(default)]
     pub via_name: Option<Spanned<String>>,
     #[serde(default)]
@@ -245,6 +260,11 @@ impl Default for FileHttp {
             min_body_rate: DEFAULT_MIN_BODY_RATE,
             response_buffer: default_response_buffer(),
             send_timeout: default_send_timeout(),
+            min_send_rate: DEFAULT_MIN_SEND_RATE,
+            response_spool: default_response_spool(),
+            spool_memory: default_spool_memory(),
+            spool_budget: default_spool_budget(),
+            spool_dir: None,
             via_name: None,
             trusted_proxies: Vec::new(),
             drain_delay: Dur(Duration::ZERO),
@@ -280,6 +300,14 @@ pub struct FileUpstream {
     pub retry_idempotent: bool,
     #[serde(default = "default_max_client_share")]
     pub max_client_share: Spanned<f64>,
+    #[serde(default = "default_max_connection_share")]
+    pub max_connection_share: Spanned<f64>,
+    #[serde(default)]
+    pub pool_share_exempt: Vec<Spanned<String>>,
+    /// New connections per second per server (replacements, warm refills); default 2 x
+    /// pool_max.
+    #[serde(default)]
+    pub max_connect_rate: Option<Spanned<u32>>,
     #[serde(default = "default_max_tunnels")]
     pub max_tunnels: usize,
     #[serde(default)]
@@ -416,6 +444,61 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// A size in bytes: a plain integer, or a string with a unit ("64KiB", "1MiB", "2GiB", or the
+/// decimal "1MB"), because `spool_budget = 1073741824` is unreadable and `"1G"` is ambiguous
+/// enough that it is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Size(pub u64);
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Size;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(
+                    "a size: bytes as an integer, or a string such as \"64KiB\" or \"1GiB\"",
+                )
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Size, E> {
+                u64::try_from(n)
+                    .map(Size)
+                    .map_err(|_| E::custom("a size cannot be negative"))
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Size, E> {
+                Ok(Size(n))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Size, E> {
+                parse_size(s).map(Size).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let bad = || {
+        format!("invalid size {s:?}: expected bytes with a unit (B, KiB, MiB, GiB, KB, MB, GB), such as \"64MiB\"")
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(mult)
+        .filter(|&b| b <= 1 << 50)
+        .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
 const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 fn no_upstreams() -> Spanned<BTreeMap<String, Spanned<FileUpstream>>> {
@@ -487,6 +570,9 @@ fn default_queue_timeout() -> Spanned<Dur> {
 fn default_max_client_share() -> Spanned<f64> {
     Spanned::new(0..0, DEFAULT_MAX_CLIENT_SHARE)
 }
+fn default_max_connection_share() -> Spanned<f64> {
+    Spanned::new(0..0, DEFAULT_MAX_CONNECTION_SHARE)
+}
 fn default_control_socket() -> String {
     DEFAULT_CONTROL_SOCKET.to_string()
 }
@@ -513,6 +599,18 @@ fn default_response_buffer() -> Spanned<usize> {
 }
 fn default_send_timeout() -> Spanned<Dur> {
     Spanned::new(0..0, Dur(DEFAULT_SEND_TIMEOUT))
+}
+fn default_min_send_rate() -> u64 {
+    DEFAULT_MIN_SEND_RATE
+}
+fn default_response_spool() -> Spanned<Size> {
+    Spanned::new(0..0, Size(DEFAULT_RESPONSE_SPOOL))
+}
+fn default_spool_memory() -> Spanned<Size> {
+    Spanned::new(0..0, Size(DEFAULT_SPOOL_MEMORY))
+}
+fn default_spool_budget() -> Spanned<Size> {
+    Spanned::new(0..0, Size(DEFAULT_SPOOL_BUDGET))
 }
 fn default_pool_idle_timeout() -> Dur {
     Dur(DEFAULT_POOL_IDLE_TIMEOUT)

@@ -110,11 +110,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for Timed<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if this.activity.is_abusive() {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "closing: the client cancels nearly every request (rapid reset)",
-            )));
+        if let Some(why) = this.activity.closing() {
+            return Poll::Ready(Err(closed(why)));
         }
         this.update_phase();
         let before = buf.filled().len();
@@ -162,6 +159,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for Timed<T> {
     }
 }
 
+fn closed(why: crate::proxy::activity::Closing) -> io::Error {
+    io::Error::new(io::ErrorKind::ConnectionAborted, why.reason())
+}
+
 impl<T> Timed<T> {
     /// After a write attempt: a write the client does not take within `send_timeout` fails, so
     /// a client that never reads cannot hold its response (and the origin connection feeding
@@ -202,6 +203,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Timed<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if let Some(why) = self.activity.closing() {
+            return Poll::Ready(Err(closed(why)));
+        }
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         self.after_write(cx, r)
     }
@@ -211,6 +215,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Timed<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if let Some(why) = self.activity.closing() {
+            return Poll::Ready(Err(closed(why)));
+        }
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         self.after_write(cx, r)
     }
@@ -220,6 +227,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Timed<T> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(why) = self.activity.closing() {
+            return Poll::Ready(Err(closed(why)));
+        }
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 

@@ -3,7 +3,7 @@
 //! reads them to pick its deadline and to cut a rapid-reset abuser). It lives with the proxy,
 //! which does the counting; `conn` only reads it.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use futures_util::task::AtomicWaker;
@@ -18,7 +18,32 @@ pub struct ConnActivity {
     /// response head: the rapid-reset guard compares the two.
     answered: AtomicUsize,
     cancelled: AtomicUsize,
-    abusive: AtomicBool,
+    /// Why the connection is being closed (a `Closing` as u8), 0 while it is not.
+    closing: AtomicU8,
+}
+
+/// Why the proxy closes a client connection from outside hyper (the socket clock fails the
+/// connection's next read or write with this reason).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Closing {
+    /// The client cancels nearly every request (rapid reset).
+    RapidReset = 1,
+    /// A response waited `send_timeout` with no byte taken (no socket progress, no HTTP/2
+    /// window credited).
+    Stalled = 2,
+    /// A response was taken slower than `min_send_rate`.
+    TooSlow = 3,
+}
+
+impl Closing {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Closing::RapidReset => "closing: the client cancels nearly every request (rapid reset)",
+            Closing::Stalled => "closing: the client took no response bytes within send_timeout",
+            Closing::TooSlow => "closing: the client reads its response slower than min_send_rate",
+        }
+    }
 }
 
 /// Cancelled requests a connection may have beyond its answered ones before it is closed.
@@ -38,23 +63,44 @@ impl ConnActivity {
         self.upgraded.store(true, Ordering::Release);
     }
 
-    /// Called once per request: `answered` when a response head was produced, otherwise the
-    /// client cancelled it. Past the allowance the connection is closed at its next read.
-    pub fn request_done(&self, answered: bool) {
-        if answered {
-            self.answered.fetch_add(1, Ordering::Relaxed);
-            return;
+    /// Called once per request: `Some(true)` when the origin answered, `Some(false)` when
+    /// Breakwater answered itself, None when the client cancelled first. Only origin answers
+    /// earn cancels: a local 404 or 429 costs the attacker nothing, so counting it would let a
+    /// flood pad its allowance. Past the allowance the connection is closed.
+    pub fn request_done(&self, answered: Option<bool>) {
+        match answered {
+            Some(true) => {
+                self.answered.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Some(false) => return,
+            None => {}
         }
         let cancelled = self.cancelled.fetch_add(1, Ordering::Relaxed) + 1;
-        if cancelled > CANCEL_ALLOWANCE + self.answered.load(Ordering::Relaxed)
-            && !self.abusive.swap(true, Ordering::AcqRel)
+        if cancelled > CANCEL_ALLOWANCE + self.answered.load(Ordering::Relaxed) {
+            self.close(Closing::RapidReset);
+        }
+    }
+
+    /// Closes the connection at its next read or write (the first reason given sticks).
+    pub fn close(&self, why: Closing) {
+        if self
+            .closing
+            .compare_exchange(0, why as u8, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
         {
             self.waker.wake();
         }
     }
 
-    pub fn is_abusive(&self) -> bool {
-        self.abusive.load(Ordering::Acquire)
+    /// Why the connection is to be closed, if it is.
+    pub fn closing(&self) -> Option<Closing> {
+        match self.closing.load(Ordering::Acquire) {
+            1 => Some(Closing::RapidReset),
+            2 => Some(Closing::Stalled),
+            3 => Some(Closing::TooSlow),
+            _ => None,
+        }
     }
 }
 

@@ -17,6 +17,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::activity::InFlight;
+use super::spool::Spooled;
 use crate::upstream::body::{hint_with, BoxError};
 pub use crate::upstream::body::{BodyTooSlow, MinRate, UpstreamBody};
 use crate::upstream::Lease;
@@ -51,6 +52,8 @@ pub struct ProxyBody {
     rest: Option<Incoming>,
     /// The origin connection; given back for reuse when `rest` ends cleanly.
     conn: Option<Lease>,
+    /// Or the rest comes from a spool, whose pump holds the origin connection.
+    spooled: Option<Spooled>,
     log: AccessLog,
     bytes: u64,
     failed: bool,
@@ -67,6 +70,26 @@ impl ProxyBody {
             buffered,
             rest: None,
             conn: None,
+            spooled: None,
+            log,
+            bytes: 0,
+            failed: false,
+            _in_flight: in_flight,
+        }
+    }
+
+    /// An origin body whose rest comes from a spool (see `spool.rs`).
+    pub fn spooled(
+        buffered: VecDeque<Frame<Bytes>>,
+        spooled: Spooled,
+        log: AccessLog,
+        in_flight: InFlight,
+    ) -> ProxyBody {
+        ProxyBody {
+            buffered,
+            rest: None,
+            conn: None,
+            spooled: Some(spooled),
             log,
             bytes: 0,
             failed: false,
@@ -87,6 +110,7 @@ impl ProxyBody {
             buffered,
             rest,
             conn,
+            spooled: None,
             log,
             bytes: 0,
             failed: false,
@@ -113,6 +137,24 @@ impl Body for ProxyBody {
         if let Some(f) = this.buffered.pop_front() {
             this.count(&f);
             return Poll::Ready(Some(Ok(f)));
+        }
+        if let Some(spooled) = this.spooled.as_mut() {
+            return match spooled.poll_frame(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Some(Ok(f))) => {
+                    this.count(&f);
+                    Poll::Ready(Some(Ok(f)))
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.spooled = None;
+                    this.failed = true;
+                    Poll::Ready(Some(Err(e)))
+                }
+                Poll::Ready(None) => {
+                    this.spooled = None;
+                    Poll::Ready(None)
+                }
+            };
         }
         let Some(rest) = this.rest.as_mut() else {
             return Poll::Ready(None);
@@ -153,7 +195,12 @@ impl Body for ProxyBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.buffered.is_empty() && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
+        self.buffered.is_empty()
+            && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
+            && self
+                .spooled
+                .as_ref()
+                .is_none_or(|s| s.remaining() == Some(0))
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -163,18 +210,39 @@ impl Body for ProxyBody {
             .filter_map(|f| f.data_ref())
             .map(|d| d.len() as u64)
             .sum();
+        if let Some(s) = &self.spooled {
+            return match s.remaining() {
+                Some(n) => SizeHint::with_exact(buffered + n),
+                None => {
+                    let mut h = SizeHint::new();
+                    h.set_lower(buffered);
+                    h
+                }
+            };
+        }
         hint_with(buffered, self.rest.as_ref())
     }
 }
 
 impl Drop for ProxyBody {
     fn drop(&mut self) {
+        let complete = !self.failed
+            && self.buffered.is_empty()
+            && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
+            && self
+                .spooled
+                .as_ref()
+                .is_none_or(|s| s.remaining() == Some(0));
         // hyper drops a body it knows is complete without polling it to its end: if the
         // origin's response was read whole, its connection is reusable.
         if !self.failed && self.rest.as_ref().is_none_or(|r| r.is_end_stream()) {
             if let Some(c) = self.conn.take() {
                 c.finish();
             }
+        } else if let (Some(c), Some(rest)) = (self.conn.take(), self.rest.take()) {
+            // The client went away mid-response: read the rest in the background (bounded) so
+            // the origin connection survives.
+            c.drain_in_background(rest);
         }
         if let Some(m) = &self.log.metrics {
             m.observe(
@@ -186,7 +254,6 @@ impl Drop for ProxyBody {
         if !self.log.enabled {
             return;
         }
-        let complete = !self.failed && self.buffered.is_empty() && self.rest.is_none();
         let l = &self.log;
         tracing::info!(
             target: "breakwater::access",

@@ -21,6 +21,8 @@ pub struct Health {
     oks: AtomicU32,
     /// Milliseconds since `epoch` of the last success, 0 = never.
     last_ok_ms: AtomicU64,
+    /// Milliseconds since `epoch` of the last failure, 0 = never.
+    last_fail_ms: AtomicU64,
     epoch: Instant,
 }
 
@@ -39,6 +41,7 @@ impl Default for Health {
             fails: AtomicU32::new(0),
             oks: AtomicU32::new(0),
             last_ok_ms: AtomicU64::new(0),
+            last_fail_ms: AtomicU64::new(0),
             epoch: Instant::now(),
         }
     }
@@ -65,11 +68,28 @@ impl Health {
 
     pub fn failure(&self, unhealthy_after: u32) -> Transition {
         self.oks.store(0, Ordering::Relaxed);
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last_fail_ms.store(ms.max(1), Ordering::Relaxed);
         let fails = self.fails.fetch_add(1, Ordering::Relaxed) + 1;
         if fails >= unhealthy_after && self.healthy.swap(false, Ordering::AcqRel) {
             return Transition::Ejected;
         }
         Transition::None
+    }
+
+    /// A real request to this (ejected) server was answered: that is proof enough.
+    pub fn readmit(&self) -> Transition {
+        self.fails.store(0, Ordering::Relaxed);
+        if self.healthy.swap(true, Ordering::AcqRel) {
+            Transition::None
+        } else {
+            Transition::Readmitted
+        }
+    }
+
+    /// When this server last failed (for picking the least recently failed one).
+    pub fn last_failure(&self) -> u64 {
+        self.last_fail_ms.load(Ordering::Relaxed)
     }
 
     /// True when real traffic succeeded within `within`.

@@ -25,6 +25,12 @@ use crate::config::UpstreamProtocol;
 /// Concurrent requests Breakwater puts on one h2c connection.
 pub const H2_STREAMS: usize = 100;
 
+pub type ResponseFuture = std::pin::Pin<
+    Box<
+        dyn Future<Output = Result<Response<Incoming>, TrySendError<Request<UpstreamBody>>>> + Send,
+    >,
+>;
+
 pub enum Sender {
     H1(http1::SendRequest<UpstreamBody>),
     H2(http2::SendRequest<UpstreamBody>),
@@ -54,15 +60,17 @@ impl Sender {
         }
     }
 
-    pub fn send(
-        &mut self,
-        req: Request<UpstreamBody>,
-    ) -> impl Future<Output = Result<Response<Incoming>, TrySendError<Request<UpstreamBody>>>> {
-        let f: std::pin::Pin<Box<dyn Future<Output = _> + Send>> = match self {
+    /// Sends `req`; the returned future owns nothing of the sender, so it can outlive the
+    /// request's handler (see `upstream::Pending`).
+    pub fn send(&mut self, req: Request<UpstreamBody>) -> ResponseFuture {
+        match self {
             Sender::H1(s) => Box::pin(s.try_send_request(req)),
             Sender::H2(s) => Box::pin(s.try_send_request(req)),
-        };
-        f
+        }
+    }
+
+    pub fn is_http1(&self) -> bool {
+        matches!(self, Sender::H1(_))
     }
 
     /// Requests this connection can carry at once.
@@ -129,6 +137,9 @@ pub struct Slots {
     pub max_requests: u64,
     /// No warm refill before this (after a failed warm connect).
     pub refill_after: Instant,
+    /// The connect pacing bucket (`max_connect_rate`): tokens left, and when it was topped up.
+    /// None until the first connect, which finds it full.
+    pub tokens: Option<(f64, Instant)>,
 }
 
 impl Default for Slots {
@@ -140,11 +151,27 @@ impl Default for Slots {
             busy: 0,
             max_requests: 0,
             refill_after: Instant::now(),
+            tokens: None,
         }
     }
 }
 
 impl Slots {
+    /// Takes a connect token: at most `rate` connects per second, in bursts of up to `rate`.
+    pub fn take_connect_token(&mut self, rate: u32) -> bool {
+        let rate = f64::from(rate.max(1));
+        let now = Instant::now();
+        let (tokens, at) = self.tokens.unwrap_or((rate, now));
+        let tokens = (tokens + now.duration_since(at).as_secs_f64() * rate).min(rate);
+        if tokens >= 1.0 {
+            self.tokens = Some((tokens - 1.0, now));
+            true
+        } else {
+            self.tokens = Some((tokens, now));
+            false
+        }
+    }
+
     /// The most recently used connection with room for a request: its id, a sender, and
     /// whether it carried requests before.
     pub fn checkout(&mut self) -> Option<(u64, Sender, bool)> {

@@ -34,12 +34,13 @@ impl<K: Copy + Eq + Hash, T> FairQueue<K, T> {
         self.len += 1;
     }
 
-    /// The next waiter of the next client in turn for whom `eligible` holds; that client then
-    /// goes to the back of the ring.
-    pub fn pop(&mut self, mut eligible: impl FnMut(K) -> bool) -> Option<(K, T)> {
+    /// The next waiter of the next client in turn for whom `eligible` holds (asked with the
+    /// client's first waiter); that client then goes to the back of the ring.
+    pub fn pop(&mut self, mut eligible: impl FnMut(K, &T) -> bool) -> Option<(K, T)> {
         for _ in 0..self.ring.len() {
             let client = self.ring.pop_front()?;
-            if !eligible(client) {
+            let first = self.by_client.get(&client).and_then(VecDeque::front);
+            if !first.is_some_and(|t| eligible(client, t)) {
                 self.ring.push_back(client);
                 continue;
             }
@@ -99,7 +100,7 @@ mod tests {
             q.push(ip(1), i);
         }
         q.push(ip(2), 1000);
-        let first: Vec<_> = (0..3).map(|_| q.pop(|_| true).unwrap()).collect();
+        let first: Vec<_> = (0..3).map(|_| q.pop(|_, _| true).unwrap()).collect();
         assert_eq!(first, vec![(ip(1), 0), (ip(2), 1000), (ip(1), 1)]);
         assert_eq!(q.len(), 98);
     }
@@ -109,12 +110,12 @@ mod tests {
         let mut q = FairQueue::default();
         q.push(ip(1), 1);
         q.push(ip(2), 2);
-        assert_eq!(q.pop(|c| c != ip(1)), Some((ip(2), 2)));
-        assert_eq!(q.pop(|c| c != ip(1)), None);
+        assert_eq!(q.pop(|c, _| c != ip(1)), Some((ip(2), 2)));
+        assert_eq!(q.pop(|c, _| c != ip(1)), None);
         q.push(ip(3), 3);
         q.retain(|&v| v != 1);
         assert_eq!(q.len(), 1);
-        assert_eq!(q.pop(|_| true), Some((ip(3), 3)));
+        assert_eq!(q.pop(|_, _| true), Some((ip(3), 3)));
         assert!(q.is_empty());
     }
 }
