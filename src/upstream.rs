@@ -630,8 +630,28 @@ impl Upstream {
             UpstreamProtocol::Http1 => 1,
             UpstreamProtocol::H2c => pool::H2_STREAMS,
         };
+        // Only waiters that could take a connection count: one over its share waits for its own
+        // requests to finish, and a new connection would only sit idle.
+        let eligible: usize = st
+            .queue
+            .clients()
+            .map(|(key, first, len)| {
+                let asker = Asker {
+                    key,
+                    conn: first.conn,
+                };
+                if first.is_closed() || !self.under_cap(st, asker) {
+                    0
+                } else if self.share_exempt.iter().any(|n| n.contains(&key.ip)) {
+                    len
+                } else {
+                    let busy = st.busy_by_client.get(&key.ip).copied().unwrap_or(0);
+                    len.min(self.client_cap.saturating_sub(busy))
+                }
+            })
+            .sum();
         let connecting: usize = st.slots.iter().map(|s| s.connecting).sum();
-        let mut need = st.queue.len().div_ceil(per_conn).saturating_sub(connecting);
+        let mut need = eligible.div_ceil(per_conn).saturating_sub(connecting);
         for i in self.order(st) {
             while need > 0 && st.slots[i].open < self.cfg.pool_max {
                 if !st.slots[i].take_connect_token(self.cfg.max_connect_rate) {
@@ -693,10 +713,15 @@ impl Upstream {
             Ok((tx, drive)) => {
                 self.stats.connects.fetch_add(1, Ordering::Relaxed);
                 let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
-                let up = self.arc();
+                // Weak: the pool holds the connection's sender, so a strong reference here
+                // would keep a retired upstream (removed or changed by a reload, or a stopped
+                // engine) and its idle connections alive forever.
+                let up = self.me.clone();
                 tokio::spawn(async move {
                     drive.await;
-                    up.closed(server, id);
+                    if let Some(up) = up.upgrade() {
+                        up.closed(server, id);
+                    }
                 });
                 self.servers[server]
                     .health

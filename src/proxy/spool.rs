@@ -363,11 +363,13 @@ impl Store {
     }
 
     /// Whether the origin may be read further: under the per-response bound and some budget
-    /// left (the next frame's charge is checked when it is pushed).
+    /// left. An empty spool may always take the next frame: it then relays as an unspooled
+    /// response would, so a spent budget slows a response down to its client's pace but never
+    /// stalls it (which would read as the client's fault and get it cut).
     fn has_room(&self, s: &Settings) -> bool {
         self.failed.is_none()
             && self.mem_bytes + self.file_written < s.per_response
-            && self.spooler.has_room()
+            && (self.is_empty() || self.spooler.has_room())
     }
 
     fn in_file(&self) -> bool {

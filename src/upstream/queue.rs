@@ -68,6 +68,14 @@ impl<K: Copy + Eq + Hash, T> FairQueue<K, T> {
         self.len = self.by_client.values().map(VecDeque::len).sum();
     }
 
+    /// Each client with waiters: its key, its first waiter and how many it has.
+    pub fn clients(&self) -> impl Iterator<Item = (K, &T, usize)> + '_ {
+        self.ring.iter().filter_map(|k| {
+            let q = self.by_client.get(k)?;
+            Some((*k, q.front()?, q.len()))
+        })
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }

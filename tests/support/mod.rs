@@ -42,6 +42,8 @@ pub struct Proxy {
     pub shards: Arc<breakwater::listener::stats::Shards>,
     /// Applies a new config to the running proxy, as SIGHUP does.
     pub reloader: breakwater::Reloader,
+    /// What the running engine shares (its metrics registry among it).
+    pub shared: Arc<breakwater::Shared>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::io::Result<breakwater::Shutdown>>,
 }
@@ -68,6 +70,7 @@ impl Proxy {
         let engine_upstreams = engine.upstreams().to_vec();
         let reloader = engine.reloader();
         let shards = engine.shards().clone();
+        let shared = engine.shared();
         let task = tokio::spawn(engine.run(bound, async move {
             let _ = rx.await;
         }));
@@ -78,6 +81,7 @@ impl Proxy {
             engine_upstreams,
             reloader,
             shards,
+            shared,
             stop: Some(tx),
             task,
         }
@@ -88,6 +92,15 @@ impl Proxy {
             let _ = tx.send(());
         }
         (&mut self.task).await.expect("run task").expect("run")
+    }
+
+    /// The value of one metric sample, as /metrics shows it: `name` with its labels exactly as
+    /// rendered (e.g. `breakwater_send_progress_cuts_total{reason="stalled"}`); 0 when absent.
+    pub fn metric(&self, name: &str) -> f64 {
+        let text = breakwater::metrics::render(&self.shared.registry);
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(0.0)
     }
 
     pub fn url(&self, path: &str) -> String {
