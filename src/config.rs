@@ -134,6 +134,8 @@ pub struct HttpConfig {
     pub shutdown_timeout: Duration,
     /// Request body bytes read before an origin connection is taken (slow-POST guard).
     pub request_buffer: usize,
+    /// What all requests' read-ahead may hold together; past it new requests get 503.
+    pub request_buffer_budget: u64,
     /// Request bodies must arrive at least this fast (bytes/s, after a grace of
     /// `header_read_timeout`); 0 disables.
     pub min_body_rate: u64,
@@ -608,6 +610,7 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
             &err,
         )?,
         min_body_rate: h.min_body_rate,
+        request_buffer_budget: h.request_buffer_budget.get_ref().0,
         response_buffer: bounded(
             &h.response_buffer,
             "response_buffer",

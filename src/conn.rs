@@ -20,6 +20,9 @@ use crate::proxy::ConnHold;
 use crate::Shared;
 use clock::{ConnActivity, Timed};
 
+/// How often an HTTP/2 connection is pinged (each PING must be answered within `send_timeout`).
+const H2_PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// The HTTP server settings shared by every connection, built once from `[http]`.
 pub fn builder(cfg: &HttpConfig) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
@@ -36,7 +39,12 @@ pub fn builder(cfg: &HttpConfig) -> auto::Builder<TokioExecutor> {
         // Rapid-reset (CVE-2023-44487) guard: streams reset before we answered them count
         // against this, and the connection is closed with GOAWAY beyond it.
         .max_pending_accept_reset_streams(Some(cfg.max_concurrent_streams as usize))
-        .max_local_error_reset_streams(Some(1024));
+        .max_local_error_reset_streams(Some(1024))
+        // A peer that stopped answering (half-open, or a middlebox that dropped the flow) is
+        // found by PING while a response waits on it, not after the idle timeout.
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(Some(H2_PING_INTERVAL))
+        .keep_alive_timeout(cfg.send_timeout);
     if cfg.http2 {
         b
     } else {

@@ -74,6 +74,15 @@ impl Generation {
                 }
                 None => proxy::spool::Spooler::new(config.http.spool_budget),
             },
+            request_budget: match old {
+                Some(o) => {
+                    o.proxy
+                        .request_budget
+                        .set_limit(config.http.request_buffer_budget);
+                    o.proxy.request_budget.clone()
+                }
+                None => upstream::body::ByteBudget::new(config.http.request_buffer_budget),
+            },
         };
         let labels: Vec<(String, String)> = (0..proxy.router.routes().len())
             .map(|i| {

@@ -281,6 +281,22 @@ impl prometheus_client::collector::Collector for Snapshot {
         self.encode_upstreams(&mut enc, &gen.proxy.upstreams)?;
         let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
         let sp = &gen.proxy.spooler;
+        let rb = &gen.proxy.request_budget;
+        gauge(
+            &mut enc,
+            "breakwater_request_buffer_bytes",
+            "Request body bytes held in read-ahead buffers now (state=in_use) and at most (state=limit, request_buffer_budget).",
+            vec![
+                (vec![("state", "in_use".into())], rb.in_use() as i64),
+                (vec![("state", "limit".into())], rb.limit() as i64),
+            ],
+        )?;
+        counter(
+            &mut enc,
+            "breakwater_request_buffer_refused",
+            "Requests answered 503 because request_buffer_budget was spent.",
+            vec![(vec![], load(&rb.refused))],
+        )?;
         counter(
             &mut enc,
             "breakwater_spooled_responses",

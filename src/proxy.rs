@@ -82,6 +82,8 @@ pub enum ProxyError {
     RateLimited,
     #[error("request body slower than min_body_rate")]
     BodyTooSlow,
+    #[error("request_buffer_budget is spent")]
+    Busy,
     #[error("malformed request body")]
     BadBody,
     #[error("bad request target: {0}")]
@@ -105,6 +107,7 @@ impl ProxyError {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::BodyTooSlow => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::Busy => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BadBody | ProxyError::BadTarget(_) => StatusCode::BAD_REQUEST,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Loop => StatusCode::LOOP_DETECTED,
@@ -132,6 +135,9 @@ impl ProxyError {
             ProxyError::NoRoute => "404 Not Found: no route for this host and path\n",
             ProxyError::RateLimited => "429 Too Many Requests: slow down\n",
             ProxyError::BodyTooSlow => "408 Request Timeout: the request body came too slowly\n",
+            ProxyError::Busy => {
+                "503 Service Unavailable: too many request bodies in flight, try again shortly\n"
+            }
             ProxyError::BadBody => "400 Bad Request: the request body is malformed\n",
             ProxyError::BadTarget(t) => match t {
                 target::BadTarget::MissingHost => "400 Bad Request: Host is required\n",
@@ -212,6 +218,8 @@ pub struct Proxy {
     /// process-wide budget.
     pub spool: spool::Settings,
     pub spooler: Arc<spool::Spooler>,
+    /// `request_buffer_budget`: what all read-ahead buffers may hold together (process-wide).
+    pub request_budget: Arc<crate::upstream::body::ByteBudget>,
 }
 
 struct Relayed {
@@ -343,6 +351,8 @@ pub async fn handle(
                 ProxyError::BodyTooSlow => {
                     tracing::debug!(client = %peer, path = %log.path, "request body too slow")
                 }
+                // Counted in breakwater_request_buffer_refused_total.
+                ProxyError::Busy => {}
                 ProxyError::BadBody
                 | ProxyError::BadTarget(_)
                 | ProxyError::MethodNotAllowed
@@ -637,33 +647,49 @@ async fn read_ahead(proxy: &Proxy, mut body: Incoming) -> Result<UpstreamBody, P
     }
     let mut rate = body::MinRate::new(proxy.body_grace, proxy.min_body_rate);
     let mut buf = bytes::BytesMut::new();
+    let mut charge = None;
     while buf.len() < proxy.request_buffer {
-        let frame = match &rate {
-            Some(r) => tokio::time::timeout_at(r.deadline(), body.frame())
-                .await
-                .map_err(|_| ProxyError::BodyTooSlow)?,
+        let frame = match rate.as_mut() {
+            Some(r) => loop {
+                // `frame()` is cancel-safe: a window that brought enough starts the next one
+                // and the read goes on.
+                match tokio::time::timeout_at(r.deadline(), body.frame()).await {
+                    Ok(f) => break f,
+                    Err(_) if r.roll() => continue,
+                    Err(_) => return Err(ProxyError::BodyTooSlow),
+                }
+            },
             None => body.frame().await,
         };
         match frame {
-            None => return Ok(UpstreamBody::new(buf.freeze(), None, None)),
+            None => return Ok(UpstreamBody::new(buf.freeze(), None, None, charge)),
             // Malformed framing (a chunk-size overflow, a bare LF) or a client that broke
             // off: either way what it sent cannot be forwarded. A broken-off client never
             // reads the 400.
             Some(Err(_)) => return Err(ProxyError::BadBody),
             Some(Ok(f)) => {
                 if let Some(d) = f.data_ref() {
+                    // Read-ahead memory is bounded across all requests: past the budget this
+                    // request is refused (503, retry) rather than memory growing.
+                    if !proxy.request_budget.take(&mut charge, d.len() as u64) {
+                        proxy
+                            .request_budget
+                            .refused
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        return Err(ProxyError::Busy);
+                    }
                     buf.extend_from_slice(d);
                     if let Some(r) = rate.as_mut() {
-                        r.received += d.len() as u64;
+                        r.record(d.len() as u64);
                     }
                 }
             }
         }
         if body.is_end_stream() {
-            return Ok(UpstreamBody::new(buf.freeze(), None, None));
+            return Ok(UpstreamBody::new(buf.freeze(), None, None, charge));
         }
     }
-    Ok(UpstreamBody::new(buf.freeze(), Some(body), rate))
+    Ok(UpstreamBody::new(buf.freeze(), Some(body), rate, charge))
 }
 
 /// What a WebSocket tunnel keeps for its whole life: the client's side of the upgrade, a
@@ -699,7 +725,10 @@ async fn tunnel_request(
         .map_err(|(s, e)| fail(s, e))?;
     tokio::spawn(drive);
     log.server = Some(server.clone());
-    let req = Request::from_parts(parts, UpstreamBody::new(Bytes::new(), Some(body), None));
+    let req = Request::from_parts(
+        parts,
+        UpstreamBody::new(Bytes::new(), Some(body), None, None),
+    );
     if let Err(e) = tx.ready().await {
         return Err(fail(Some(server), UpstreamError::Response(e)));
     }

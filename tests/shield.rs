@@ -395,3 +395,74 @@ async fn an_allow_listed_stream_flood_does_not_starve_others() {
     }
     proxy.stop().await;
 }
+
+/// 4b. Bytes sent up front do not buy a long silence (min_body_rate is required in every
+/// window, not on average), and read-ahead memory across requests is bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_cannot_buy_silence_or_grow_memory() {
+    let origin = echo_origin().await;
+    let proxy = Proxy::start(&config(
+        origin.addr,
+        "",
+        "[http]\nheader_read_timeout = \"1s\"\nrequest_buffer_budget = \"100KiB\"\n\
+         [admission]\nper_ip_rate = 0",
+    ))
+    .await;
+    let addr = proxy.addr;
+    // 100 KB of a 200 KB body at once, then silence: at 1,024 B/s on average that would have
+    // bought ~100 s; per window it buys the grace plus one window (2 s here).
+    let mut s = connect_from("127.0.85.1", addr).await.unwrap();
+    s.write_all(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n")
+        .await
+        .unwrap();
+    s.write_all(&vec![b'a'; 100_000]).await.unwrap();
+    let t = Instant::now();
+    // The echo origin answers at once and streams the body back: the exchange is cut when
+    // the client's body stops, so the client sees its connection end short of 200 KB.
+    let mut got = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(8), s.read_to_end(&mut got)).await;
+    eprintln!(
+        "front-loaded body: connection ended {:?} after {:?} with {} bytes",
+        ended.as_ref().map(|r| r.is_ok()),
+        t.elapsed(),
+        got.len()
+    );
+    assert!(ended.is_ok(), "the stalled upload was not cut within 8 s");
+    assert!(got.len() < 200_000, "{}", got.len());
+    assert!(t.elapsed() < Duration::from_secs(6), "{:?}", t.elapsed());
+
+    // Two bodies of 60 KB read ahead at once do not fit a 100 KiB budget: the second is refused
+    // with 503 while the first waits for its last bytes.
+    let mut a = connect_from("127.0.85.2", addr).await.unwrap();
+    a.write_all(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 60001\r\n\r\n")
+        .await
+        .unwrap();
+    a.write_all(&vec![b'a'; 60_000]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut b = connect_from("127.0.85.3", addr).await.unwrap();
+    b.write_all(b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n")
+        .await
+        .unwrap();
+    b.write_all(&vec![b'b'; 60_000]).await.unwrap();
+    let head = tokio::time::timeout(Duration::from_secs(3), read_head(&mut b))
+        .await
+        .expect("b answered")
+        .unwrap();
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("retry-after"), "{head}");
+    assert_eq!(proxy.metric("breakwater_request_buffer_refused_total"), 1.0);
+    // The first one completes; its read-ahead goes back to the budget.
+    a.write_all(b"a").await.unwrap();
+    let head = tokio::time::timeout(Duration::from_secs(3), read_head(&mut a))
+        .await
+        .expect("a answered")
+        .unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        eventually(Duration::from_secs(2), || proxy
+            .metric("breakwater_request_buffer_bytes{state=\"in_use\"}")
+            == 0.0)
+        .await
+    );
+    proxy.stop().await;
+}

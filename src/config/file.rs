@@ -37,6 +37,7 @@ pub const DEFAULT_RESPONSE_SPOOL: u64 = 64 << 20;
 pub const DEFAULT_SPOOL_MEMORY: u64 = 256 << 10;
 pub const DEFAULT_SPOOL_BUDGET: u64 = 1 << 30;
 pub const DEFAULT_MIN_SEND_RATE: u64 = 1024;
+pub const DEFAULT_REQUEST_BUFFER_BUDGET: u64 = 256 << 20;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -225,6 +226,8 @@ pub struct FileHttp {
     pub request_buffer: Spanned<usize>,
     #[serde(default = "default_min_body_rate")]
     pub min_body_rate: u64,
+    #[serde(default = "default_request_buffer_budget")]
+    pub request_buffer_budget: Spanned<Size>,
     #[serde(default = "default_response_buffer")]
     pub response_buffer: Spanned<usize>,
     #[serde(default = "default_send_timeout")]
@@ -258,6 +261,7 @@ impl Default for FileHttp {
             shutdown_timeout: default_shutdown_timeout(),
             request_buffer: default_request_buffer(),
             min_body_rate: DEFAULT_MIN_BODY_RATE,
+            request_buffer_budget: default_request_buffer_budget(),
             response_buffer: default_response_buffer(),
             send_timeout: default_send_timeout(),
             min_send_rate: DEFAULT_MIN_SEND_RATE,
@@ -599,6 +603,9 @@ fn default_response_buffer() -> Spanned<usize> {
 }
 fn default_send_timeout() -> Spanned<Dur> {
     Spanned::new(0..0, Dur(DEFAULT_SEND_TIMEOUT))
+}
+fn default_request_buffer_budget() -> Spanned<Size> {
+    Spanned::new(0..0, Size(DEFAULT_REQUEST_BUFFER_BUDGET))
 }
 fn default_min_send_rate() -> u64 {
     DEFAULT_MIN_SEND_RATE

@@ -19,6 +19,75 @@ pub struct UpstreamBody {
     buffered: Option<Bytes>,
     rest: Option<Incoming>,
     rate: Option<MinRate>,
+    /// The read-ahead's share of `request_buffer_budget`, given back when the body is dropped.
+    _charge: Option<Charge>,
+}
+
+/// A byte budget shared by every request (`request_buffer_budget`): what read-ahead buffers may
+/// hold together, so many HTTP/2 streams each reading ahead cannot grow memory without bound.
+#[derive(Debug, Default)]
+pub struct ByteBudget {
+    limit: std::sync::atomic::AtomicU64,
+    in_use: std::sync::atomic::AtomicU64,
+    /// Requests refused (503) because the budget was spent.
+    pub refused: std::sync::atomic::AtomicU64,
+}
+
+impl ByteBudget {
+    pub fn new(limit: u64) -> std::sync::Arc<ByteBudget> {
+        let b = ByteBudget::default();
+        b.set_limit(limit);
+        std::sync::Arc::new(b)
+    }
+
+    pub fn set_limit(&self, limit: u64) {
+        self.limit
+            .store(limit, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn in_use(&self) -> u64 {
+        self.in_use.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Adds `n` bytes to `charge` if the budget has them.
+    pub fn take(self: &std::sync::Arc<Self>, charge: &mut Option<Charge>, n: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        let limit = self.limit();
+        let ok = self
+            .in_use
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                (u + n <= limit).then_some(u + n)
+            })
+            .is_ok();
+        if ok {
+            charge
+                .get_or_insert_with(|| Charge {
+                    budget: self.clone(),
+                    n: 0,
+                })
+                .n += n;
+        }
+        ok
+    }
+}
+
+/// Bytes held against a `ByteBudget`, released on drop.
+#[derive(Debug)]
+pub struct Charge {
+    budget: std::sync::Arc<ByteBudget>,
+    n: u64,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.budget
+            .in_use
+            .fetch_sub(self.n, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// The client sent its body too slowly (below `min_body_rate`).
@@ -26,44 +95,71 @@ pub struct UpstreamBody {
 #[error("request body slower than {0} bytes/s")]
 pub struct BodyTooSlow(pub u64);
 
-/// Enforces that a body arrives at `bytes_per_sec` on average once `grace` has passed since
-/// `start`: the deadline for the next bytes moves forward as bytes arrive.
+/// Enforces that a body arrives at `bytes_per_sec` in every window of `window` once `grace`
+/// has passed: each window must bring `bytes_per_sec x window` bytes. A sliding requirement,
+/// not a cumulative average, so bytes sent up front cannot buy a long silence: what arrives
+/// during the grace counts toward the first window only.
 #[derive(Debug)]
 pub struct MinRate {
-    pub start: tokio::time::Instant,
-    pub grace: std::time::Duration,
-    pub bytes_per_sec: u64,
-    pub received: u64,
+    /// The end of the current window.
+    window_end: tokio::time::Instant,
+    window: std::time::Duration,
+    bytes_per_sec: u64,
+    /// Bytes received in the current window.
+    received: u64,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl MinRate {
+    /// `window` is also the grace: the first window ends `grace + window` after now.
     pub fn new(grace: std::time::Duration, bytes_per_sec: u64) -> Option<MinRate> {
+        let window = grace.max(std::time::Duration::from_secs(1));
         (bytes_per_sec > 0).then(|| MinRate {
-            start: tokio::time::Instant::now(),
-            grace,
+            window_end: tokio::time::Instant::now() + grace + window,
+            window,
             bytes_per_sec,
             received: 0,
             sleep: None,
         })
     }
 
-    /// When the bytes received so far stop being enough.
+    pub fn record(&mut self, n: u64) {
+        self.received += n;
+    }
+
+    /// When the current window's bytes are due.
     pub fn deadline(&self) -> tokio::time::Instant {
-        let secs = (self.received + 1) as f64 / self.bytes_per_sec as f64;
-        self.start + self.grace + std::time::Duration::from_secs_f64(secs)
+        self.window_end
+    }
+
+    /// At the deadline: whether the window brought enough. If it did, the next window starts.
+    pub fn roll(&mut self) -> bool {
+        let quota = (self.bytes_per_sec as f64 * self.window.as_secs_f64()) as u64;
+        if self.received < quota {
+            return false;
+        }
+        self.received = 0;
+        self.window_end += self.window;
+        true
     }
 
     /// Polls the deadline timer; Ready means too slow.
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let deadline = self.deadline();
-        let sleep = self
-            .sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if sleep.deadline() != deadline {
-            sleep.as_mut().reset(deadline);
+        loop {
+            let deadline = self.deadline();
+            let sleep = self
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if sleep.deadline() != deadline {
+                sleep.as_mut().reset(deadline);
+            }
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if !self.roll() {
+                return Poll::Ready(());
+            }
         }
-        sleep.as_mut().poll(cx)
     }
 }
 
@@ -72,11 +168,17 @@ impl UpstreamBody {
         UpstreamBody::default()
     }
 
-    pub fn new(buffered: Bytes, rest: Option<Incoming>, rate: Option<MinRate>) -> Self {
+    pub fn new(
+        buffered: Bytes,
+        rest: Option<Incoming>,
+        rate: Option<MinRate>,
+        charge: Option<Charge>,
+    ) -> Self {
         UpstreamBody {
             buffered: (!buffered.is_empty()).then_some(buffered),
             rest,
             rate,
+            _charge: charge,
         }
     }
 
@@ -90,6 +192,7 @@ impl UpstreamBody {
             buffered: self.buffered.clone(),
             rest: None,
             rate: None,
+            _charge: None,
         })
     }
 }
@@ -112,7 +215,7 @@ impl Body for UpstreamBody {
         match Pin::new(rest).poll_frame(cx) {
             Poll::Ready(Some(Ok(f))) => {
                 if let (Some(r), Some(d)) = (this.rate.as_mut(), f.data_ref()) {
-                    r.received += d.len() as u64;
+                    r.record(d.len() as u64);
                 }
                 Poll::Ready(Some(Ok(f)))
             }
