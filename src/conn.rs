@@ -62,22 +62,23 @@ pub async fn serve(
 ) {
     // The HTTP settings of the generation in force at accept serve the whole connection; each
     // request picks up the routes and upstreams in force when it arrives.
-    let gen = shared.gen();
-    let http = &gen.config.http;
-    let peer = admitted.client.peer;
-    let activity = Arc::new(ConnActivity::default());
-    let timed = |stream| {
-        Timed::new(
-            stream,
-            activity.clone(),
-            http.header_read_timeout,
-            http.idle_timeout,
-            http.send_timeout,
+    // Only the HTTP server settings are kept for the connection's life, not the generation: a
+    // keep-alive connection must not keep a reloaded-away generation (its upstreams, and their
+    // pools of origin connections) alive.
+    let (builder, timeouts) = {
+        let gen = shared.gen();
+        let h = &gen.config.http;
+        (
+            gen.http.clone(),
+            (h.header_read_timeout, h.idle_timeout, h.send_timeout),
         )
     };
+    let peer = admitted.client.peer;
+    let activity = Arc::new(ConnActivity::default());
+    let timed = |stream| Timed::new(stream, activity.clone(), timeouts.0, timeouts.1, timeouts.2);
     let Some(acceptor) = tls else {
         let io = timed(stream);
-        return serve_http(io, activity, admitted, false, gen.clone(), shared, shutdown).await;
+        return serve_http(io, activity, admitted, false, builder, shared, shutdown).await;
     };
     if !acceptor.sniff(&mut stream).await {
         let _ = stream.set_zero_linger();
@@ -89,7 +90,7 @@ pub async fn serve(
         tracing::debug!(client = %peer, "TLS handshake did not complete");
         return;
     };
-    serve_http(tls, activity, admitted, true, gen.clone(), shared, shutdown).await;
+    serve_http(tls, activity, admitted, true, builder, shared, shutdown).await;
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -98,7 +99,7 @@ async fn serve_http<I>(
     activity: Arc<ConnActivity>,
     admitted: Admitted,
     tls: bool,
-    gen: Arc<crate::Generation>,
+    http: Arc<auto::Builder<TokioExecutor>>,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) where
@@ -134,9 +135,7 @@ async fn serve_http<I>(
             req,
         )
     });
-    let conn = gen
-        .http
-        .serve_connection_with_upgrades(TokioIo::new(io), svc);
+    let conn = http.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let mut draining = shared.draining.subscribe();
     let mut told = false;

@@ -23,7 +23,7 @@ use crate::{admin, admission, conn, listener, metrics, proxy, upstream};
 pub struct Generation {
     pub config: Config,
     pub proxy: proxy::Proxy,
-    pub http: auto::Builder<TokioExecutor>,
+    pub http: Arc<auto::Builder<TokioExecutor>>,
     /// Request counts by this generation's routes.
     pub requests: Arc<metrics::RequestMetrics>,
 }
@@ -98,7 +98,7 @@ impl Generation {
             _ => Arc::new(metrics::RequestMetrics::new(labels)),
         };
         Generation {
-            http: conn::builder(&config.http),
+            http: Arc::new(conn::builder(&config.http)),
             proxy,
             requests,
             config,

@@ -310,3 +310,35 @@ async fn sighup_changes_the_log_level() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retired_pool_closes_its_connections() {
+    let origin = text_origin("ok").await;
+    let mut proxy = Proxy::start(&cfg(origin.addr, "")).await;
+    // The harness's own handle on the upstreams would keep the old pool alive.
+    proxy.engine_upstreams.clear();
+    assert!(eventually(WAIT, || origin.open() == 2).await);
+    assert_eq!(get(proxy.addr, "/").await.status, 200);
+    // A changed upstream gets a fresh pool; the old one's idle connections close, so the origin
+    // does not keep both.
+    let changed = cfg(origin.addr, "").replace("pool_min_idle = 2", "pool_min_idle = 3");
+    proxy
+        .reloader
+        .reload(breakwater::Config::parse(&changed, "changed.toml").unwrap())
+        .await
+        .unwrap();
+    let settled = eventually(WAIT, || origin.open() == 3).await;
+    assert!(
+        settled,
+        "origin holds {} connections, expected 3",
+        origin.open()
+    );
+    assert_eq!(get(proxy.addr, "/").await.status, 200);
+    proxy.stop().await;
+    // And a stopped engine leaves none behind.
+    assert!(
+        eventually(WAIT, || origin.open() == 0).await,
+        "{} left open after stop",
+        origin.open()
+    );
+}

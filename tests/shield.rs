@@ -200,10 +200,10 @@ async fn zero_window_h2_clients_do_not_hold_the_pool() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancels_do_not_churn_origin_connections() {
     let origin = sized_origin().await;
-    for spool in ["64MiB", "0"] {
+    for (spool, protocol) in [("64MiB", "http1"), ("0", "http1"), ("0", "h2c")] {
         let proxy = Proxy::start(&config(
             origin.addr,
-            "",
+            &format!("protocol = \"{protocol}\""),
             &format!("[http]\nresponse_spool = \"{spool}\"\n[admission]\nper_ip_rate = 0"),
         ))
         .await;
@@ -248,7 +248,7 @@ async fn cancels_do_not_churn_origin_connections() {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let h2 = origin.accepts() - before;
         eprintln!(
-            "response_spool {spool}: 500 HTTP/1 hang-ups -> {h1} origin accepts, 60 HTTP/2 \
+            "{protocol} upstream, response_spool {spool}: 500 HTTP/1 hang-ups -> {h1} origin accepts, 60 HTTP/2 \
              resets -> {h2}; abandoned drained {}, closed {}",
             proxy.metric(
                 "breakwater_upstream_abandoned_responses_total{upstream=\"app\",outcome=\"drained\"}"
