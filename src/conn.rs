@@ -20,6 +20,9 @@ use crate::proxy::ConnHold;
 use crate::Shared;
 use clock::{ConnActivity, Timed};
 
+/// At shutdown, how long a connection that has not yet dispatched a request gets to do so.
+const FIRST_REQUEST_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// How often an HTTP/2 connection is pinged (each PING must be answered within `send_timeout`).
 const H2_PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(20);
 
@@ -119,6 +122,7 @@ async fn serve_http<I>(
     // starts; HTTP/1 responses carry `Connection: close` instead.
     let h2 = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let svc_h2 = h2.clone();
+    let watch_activity = activity.clone();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         if req.version() == hyper::Version::HTTP_2 {
             svc_h2.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -145,6 +149,25 @@ async fn serve_http<I>(
             // Cancel-safe: `changed` only observes the flag; the connection future stays
             // pinned here and is driven to its end below.
             _ = shutdown.changed() => {
+                // hyper closes an HTTP/1 connection with no request in progress at once, and one
+                // accepted just before the stop has its request unread in the socket (with
+                // TCP_DEFER_ACCEPT it was accepted because the request arrived): serve that
+                // first request (its response says Connection: close) rather than drop it.
+                if !watch_activity.started() {
+                    let grace = tokio::time::sleep(FIRST_REQUEST_GRACE);
+                    tokio::pin!(grace);
+                    let mut check = tokio::time::interval(std::time::Duration::from_millis(5));
+                    let ended = loop {
+                        tokio::select! {
+                            r = conn.as_mut() => break Some(r),
+                            _ = &mut grace => break None,
+                            _ = check.tick() => if watch_activity.started() { break None },
+                        }
+                    };
+                    if let Some(r) = ended {
+                        break r;
+                    }
+                }
                 conn.as_mut().graceful_shutdown();
                 break conn.as_mut().await;
             }

@@ -13,6 +13,8 @@ use futures_util::task::AtomicWaker;
 pub struct ConnActivity {
     pub(crate) in_flight: AtomicUsize,
     pub(crate) upgraded: AtomicBool,
+    /// A request has been dispatched on this connection.
+    started: AtomicBool,
     pub(crate) waker: AtomicWaker,
     /// Requests answered, and requests the client cancelled (HTTP/2 RST_STREAM) before their
     /// response head: the rapid-reset guard compares the two.
@@ -55,8 +57,14 @@ const CANCEL_ALLOWANCE: usize = 100;
 impl ConnActivity {
     /// Marks a request in flight until the guard drops (after its response body ended).
     pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.started.store(true, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight(self.clone())
+    }
+
+    /// Whether any request has been dispatched on this connection yet.
+    pub fn started(&self) -> bool {
+        self.started.load(Ordering::Relaxed)
     }
 
     pub fn set_upgraded(&self) {
