@@ -1,0 +1,518 @@
+//! Breakwater against HAProxy and nginx, configured as hardened accept-fronts with the same
+//! limits (../shared/anchors), and against the origin directly, in one run on loopback.
+//!
+//! Run: `cargo bench --bench compare` (REPS=3 by default; ONLY=keepalive,storm2k,... to pick
+//! scenarios; TARGETS=direct,breakwater,haproxy,nginx to pick targets). Needs `haproxy`,
+//! `nginx` and `wrk` (Debian packages); a missing one is skipped and said so.
+//! Writes a markdown table of medians and same-run ratios to target/tmp/compare.md.
+//!
+//! What it measures, per target and scenario: requests/s (wrk) or connections/s (storm), the
+//! probe client's p50/p99 and success (a new connection and one request every 20 ms from its
+//! own address, during storms), the proxy's CPU time per 1,000 requests (utime+stime of its
+//! process tree, from /proc), peak RSS of the process tree (sampled every 50 ms), and the
+//! origin's accepted connections. The origin (hyper, answering "ok") and the storm generator
+//! run in this process; wrk is its own process. Everything shares the machine's cores, the
+//! same way for every target.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use breakwater::storm::{self, Mode, Plan, Report};
+
+const PROXY: &str = "127.0.0.1:18000";
+const ORIGIN: &str = "127.0.0.1:18080";
+const ANCHORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/anchors");
+
+/// A proxy under test: its process (tree) and what to clean up.
+struct Running {
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // nginx workers outlive a killed master briefly; give the port back before the next.
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+impl Running {
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+/// The hard RLIMIT_NOFILE, from /proc/self/limits.
+fn nofile() -> u64 {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            l.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(4)?.parse().ok())
+        })
+        .unwrap_or(1024)
+}
+
+fn render(template: &str, dir: &std::path::Path) -> String {
+    template
+        .replace("@RUNDIR@", &dir.display().to_string())
+        .replace("@NOFILE@", &nofile().to_string())
+}
+
+fn wait_listening() -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(PROXY).is_err() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Warm pools and workers settle.
+    std::thread::sleep(Duration::from_millis(500));
+    true
+}
+
+fn start(target: &str) -> Option<Running> {
+    let dir = tempfile::tempdir().ok()?;
+    let child = match target {
+        "direct" => None,
+        "breakwater" => {
+            let cfg = dir.path().join("breakwater.toml");
+            std::fs::write(
+                &cfg,
+                format!(
+                    r#"[[listeners]]
+addr = "{PROXY}"
+backlog = 65535
+defer_accept = "1s"
+shards = 2
+[http]
+header_read_timeout = "5s"
+idle_timeout = "5s"
+[admission]
+per_ip_rate = 100
+per_ip_max_connections = 200
+allow = ["127.0.0.1/32"]
+[upstreams.app]
+servers = ["{ORIGIN}"]
+pool_min_idle = 8
+pool_max = 64
+queue_timeout = "5s"
+connect_timeout = "2s"
+response_timeout = "10s"
+[log]
+level = "warn"
+access_log = false
+"#
+                ),
+            )
+            .ok()?;
+            Some(
+                Command::new(env!("CARGO_BIN_EXE_breakwater"))
+                    .args(["run", "--config"])
+                    .arg(&cfg)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .ok()?,
+            )
+        }
+        "haproxy" => {
+            let t = std::fs::read_to_string(format!("{ANCHORS}/haproxy.cfg")).ok()?;
+            let cfg = dir.path().join("haproxy.cfg");
+            std::fs::write(&cfg, render(&t, dir.path())).ok()?;
+            Some(
+                Command::new("haproxy")
+                    .args(["-db", "-f"])
+                    .arg(&cfg)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .ok()?,
+            )
+        }
+        "nginx" => {
+            let t = std::fs::read_to_string(format!("{ANCHORS}/nginx.conf")).ok()?;
+            let cfg = dir.path().join("nginx.conf");
+            std::fs::write(&cfg, render(&t, dir.path())).ok()?;
+            for d in ["body", "proxy", "fastcgi", "uwsgi", "scgi"] {
+                let _ = std::fs::create_dir_all(dir.path().join(d));
+            }
+            Some(
+                Command::new("nginx")
+                    .arg("-p")
+                    .arg(dir.path())
+                    .arg("-e")
+                    .arg(dir.path().join("error.log"))
+                    .arg("-c")
+                    .arg(&cfg)
+                    .args(["-g", "daemon off;"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .ok()?,
+            )
+        }
+        _ => return None,
+    };
+    let r = Running { child, _dir: dir };
+    if target != "direct" && !wait_listening() {
+        eprintln!("{target} did not start listening on {PROXY}: skipped");
+        return None;
+    }
+    Some(r)
+}
+
+/// The pids of `root` and all its descendants.
+fn tree(root: u32) -> Vec<u32> {
+    let mut parent = BTreeMap::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                if let Some(after) = stat.rsplit(')').next() {
+                    let f: Vec<&str> = after.split_whitespace().collect();
+                    if let Some(pp) = f.get(1).and_then(|p| p.parse::<u32>().ok()) {
+                        parent.insert(pid, pp);
+                    }
+                }
+            }
+        }
+    }
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        out.extend(parent.iter().filter(|(_, pp)| **pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    out
+}
+
+/// CPU seconds (user + system) used by the process tree so far.
+fn cpu_s(root: u32) -> f64 {
+    let tick = 100.0; // USER_HZ on Linux
+    tree(root)
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .filter_map(|s| {
+            let after = s.rsplit(')').next()?.to_string();
+            let f: Vec<&str> = after.split_whitespace().collect();
+            let u: f64 = f.get(11)?.parse().ok()?;
+            let st: f64 = f.get(12)?.parse().ok()?;
+            Some((u + st) / tick)
+        })
+        .sum()
+}
+
+/// Resident memory of the process tree now, in MB.
+fn rss_mb(root: u32) -> f64 {
+    tree(root)
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        })
+        .sum::<f64>()
+        / 1024.0
+}
+
+#[derive(Debug, Clone, Default)]
+struct Sample {
+    /// Requests/s (wrk) or connections/s (storm).
+    rate: f64,
+    /// Requests served with 200 in the run (for CPU per 1,000).
+    requests: f64,
+    cpu_ms_per_1000: Option<f64>,
+    peak_rss_mb: Option<f64>,
+    probe_p50: Option<f64>,
+    probe_p99: Option<f64>,
+    probe_ok: Option<f64>,
+    origin_accepts: u64,
+    failed: u64,
+}
+
+fn wrk(args: &[&str]) -> Option<(f64, f64)> {
+    let out = Command::new("wrk").args(args).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())?;
+    let total = text
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())?;
+    Some((rps, total))
+}
+
+fn plan(
+    target: SocketAddr,
+    connections: u64,
+    concurrency: usize,
+    sources: &str,
+    mode: Mode,
+) -> Plan {
+    Plan {
+        target,
+        connections,
+        concurrency,
+        rate: 0,
+        sources: sources.parse().expect("cidr"),
+        mode,
+        path: "/".into(),
+        host: "bench".into(),
+        hold: Duration::from_secs(8),
+        interval: Duration::from_secs(1),
+        duration: Duration::from_secs(30),
+        probe: Some("127.0.0.2".parse().expect("ip")),
+        progress: false,
+    }
+}
+
+const SCENARIOS: [&str; 7] = [
+    "keepalive",
+    "newconn",
+    "storm2k",
+    "storm10k",
+    "idle",
+    "slowloris",
+    "abusive",
+];
+
+fn describe(s: &str) -> &'static str {
+    match s {
+        "keepalive" => "keep-alive requests, 256 connections, 5 s (wrk)",
+        "newconn" => "one request per new connection, 64 at once, 5 s (wrk)",
+        "storm2k" => "storm: 20,000 connections, 2,000 in flight, 254 addresses",
+        "storm10k" => "storm: 20,000 connections, 10,000 in flight, 254 addresses",
+        "idle" => "idle flood: 10,000 connections held 8 s, 254 addresses",
+        "slowloris" => "slowloris: 1,000 connections, a byte a second, 8 s",
+        "abusive" => "abusive address: 10,000 connections from one address",
+        _ => "",
+    }
+}
+
+fn run_one(
+    rt: &tokio::runtime::Runtime,
+    scenario: &str,
+    target: &str,
+    pid: Option<u32>,
+    accepts: &AtomicU64,
+) -> Sample {
+    let addr: SocketAddr = if target == "direct" { ORIGIN } else { PROXY }
+        .parse()
+        .expect("addr");
+    let url = format!("http://{addr}/");
+    let cpu0 = pid.map(cpu_s);
+    let acc0 = accepts.load(Ordering::Relaxed);
+    // Peak RSS, sampled while the scenario runs.
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = pid.map(|p| {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let mut peak: f64 = 0.0;
+            while !done.load(Ordering::Relaxed) {
+                peak = peak.max(rss_mb(p));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            peak
+        })
+    });
+    let mut s = Sample::default();
+    let storm_plan = match scenario {
+        "keepalive" => {
+            if let Some((rps, total)) = wrk(&["-t2", "-c256", "-d5s", &url]) {
+                s.rate = rps;
+                s.requests = total;
+            }
+            None
+        }
+        "newconn" => {
+            if let Some((rps, total)) =
+                wrk(&["-t2", "-c64", "-d5s", "-H", "Connection: close", &url])
+            {
+                s.rate = rps;
+                s.requests = total;
+            }
+            None
+        }
+        "storm2k" => Some(plan(addr, 20_000, 2_000, "127.0.1.0/24", Mode::Request)),
+        "storm10k" => Some(plan(addr, 20_000, 10_000, "127.0.1.0/24", Mode::Request)),
+        "idle" => Some(plan(addr, 10_000, 10_000, "127.0.3.0/24", Mode::Hold)),
+        "slowloris" => Some(plan(addr, 1_000, 1_000, "127.0.2.0/24", Mode::Slowloris)),
+        "abusive" => Some(plan(addr, 10_000, 500, "127.0.0.66/32", Mode::Request)),
+        _ => None,
+    };
+    if let Some(p) = storm_plan {
+        let r: Report = rt.block_on(storm::run(p));
+        s.rate = r.connections_per_s;
+        s.requests = r.status.get(&200).copied().unwrap_or(0) as f64;
+        if let Some(pr) = &r.probe {
+            s.probe_p50 = Some(pr.latency_ms.p50);
+            s.probe_p99 = Some(pr.latency_ms.p99);
+            s.probe_ok = Some(pr.success_ratio * 100.0);
+        }
+        if scenario.starts_with("storm") {
+            s.failed = r.answered.saturating_sub(s.requests as u64)
+                + r.errors.refused
+                + r.errors.reset
+                + r.errors.closed
+                + r.errors.timeout;
+        }
+    }
+    done.store(true, Ordering::Relaxed);
+    s.peak_rss_mb = sampler.and_then(|h| h.join().ok());
+    if let (Some(p), Some(c0)) = (pid, cpu0) {
+        let used = cpu_s(p) - c0;
+        if s.requests > 0.0 {
+            s.cpu_ms_per_1000 = Some(used * 1000.0 / s.requests * 1000.0);
+        }
+    }
+    s.origin_accepts = accepts.load(Ordering::Relaxed) - acc0;
+    // Let TIME_WAIT, queues and timers settle between runs.
+    std::thread::sleep(Duration::from_secs(1));
+    s
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    Some(v[v.len() / 2])
+}
+
+fn main() {
+    let reps: usize = std::env::var("REPS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    let only: Option<Vec<String>> = std::env::var("ONLY")
+        .ok()
+        .map(|v| v.split(',').map(str::to_string).collect());
+    let targets: Vec<String> = std::env::var("TARGETS").ok().map_or_else(
+        || {
+            vec![
+                "direct".into(),
+                "breakwater".into(),
+                "haproxy".into(),
+                "nginx".into(),
+            ]
+        },
+        |v| v.split(',').map(str::to_string).collect(),
+    );
+    let scenarios: Vec<&str> = SCENARIOS
+        .iter()
+        .copied()
+        .filter(|s| only.as_ref().is_none_or(|o| o.iter().any(|x| x == s)))
+        .collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let accepts = Arc::new(AtomicU64::new(0));
+    rt.block_on(async {
+        let l = tokio::net::TcpListener::bind(ORIGIN)
+            .await
+            .expect("bind origin on 127.0.0.1:18080");
+        tokio::spawn(breakwater::demo::origin(l, accepts.clone()));
+    });
+    let started = Instant::now();
+    // (scenario, target) -> samples
+    let mut results: BTreeMap<(String, String), Vec<Sample>> = BTreeMap::new();
+    for rep in 0..reps {
+        for target in &targets {
+            let Some(running) = start(target) else {
+                if rep == 0 {
+                    eprintln!("{target}: not available, skipped");
+                }
+                continue;
+            };
+            for sc in &scenarios {
+                let s = run_one(&rt, sc, target, running.pid(), &accepts);
+                eprintln!("rep {rep} {target:>10} {sc:>9}: {s:?}");
+                results
+                    .entry((sc.to_string(), target.clone()))
+                    .or_default()
+                    .push(s);
+            }
+        }
+    }
+
+    let fmt =
+        |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |x| format!("{x:.digits$}"));
+    let mut t = format!(
+        "Machine: {} cores, {}; {} repetitions, medians; run took {:.0} s.\n\n\
+         | scenario | target | req/s or conn/s | CPU ms / 1,000 req | peak RSS MB | probe p50 / p99 ms | probe ok % | origin accepts | failed |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| c.lines().find_map(|l| l.strip_prefix("model name")).map(|m| m.trim_start_matches([' ', '\t', ':']).to_string()))
+            .unwrap_or_default(),
+        reps,
+        started.elapsed().as_secs_f64()
+    );
+    for sc in &scenarios {
+        for target in &targets {
+            let Some(v) = results.get(&(sc.to_string(), target.clone())) else {
+                continue;
+            };
+            let m = |f: &dyn Fn(&Sample) -> Option<f64>| median(v.iter().filter_map(f).collect());
+            t += &format!(
+                "| {} | {target} | {} | {} | {} | {} / {} | {} | {} | {} |\n",
+                describe(sc),
+                fmt(m(&|s| Some(s.rate)), 0),
+                fmt(m(&|s| s.cpu_ms_per_1000), 1),
+                fmt(m(&|s| s.peak_rss_mb), 0),
+                fmt(m(&|s| s.probe_p50), 1),
+                fmt(m(&|s| s.probe_p99), 1),
+                fmt(m(&|s| s.probe_ok), 1),
+                fmt(m(&|s| Some(s.origin_accepts as f64)), 0),
+                fmt(m(&|s| Some(s.failed as f64)), 0),
+            );
+        }
+    }
+    // Same-run ratios: Breakwater over HAProxy and over nginx.
+    t += "\n| scenario | rate BW/HAProxy | CPU BW/HAProxy | probe p99 BW/HAProxy | rate BW/nginx | probe p50 BW/nginx |\n|---|---:|---:|---:|---:|---:|\n";
+    for sc in &scenarios {
+        let get = |target: &str, f: &dyn Fn(&Sample) -> Option<f64>| {
+            results
+                .get(&(sc.to_string(), target.to_string()))
+                .and_then(|v| median(v.iter().filter_map(f).collect()))
+        };
+        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+            _ => "-".into(),
+        };
+        let rate = |s: &Sample| Some(s.rate);
+        let cpu = |s: &Sample| s.cpu_ms_per_1000;
+        let p99 = |s: &Sample| s.probe_p99;
+        let p50 = |s: &Sample| s.probe_p50;
+        t += &format!(
+            "| {} | {} | {} | {} | {} | {} |\n",
+            describe(sc),
+            ratio(get("breakwater", &rate), get("haproxy", &rate)),
+            ratio(get("breakwater", &cpu), get("haproxy", &cpu)),
+            ratio(get("breakwater", &p99), get("haproxy", &p99)),
+            ratio(get("breakwater", &rate), get("nginx", &rate)),
+            ratio(get("breakwater", &p50), get("nginx", &p50)),
+        );
+    }
+    println!("{t}");
+    let _ = std::fs::write(concat!(env!("CARGO_TARGET_TMPDIR"), "/compare.md"), &t);
+}
