@@ -13,6 +13,7 @@
 
 pub mod env;
 pub mod file;
+pub mod room;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -46,6 +47,8 @@ pub struct Config {
     /// `run --takeover`; None when set to "" (off).
     pub control_socket: Option<std::path::PathBuf>,
     pub log: LogConfig,
+    /// `[[waiting_room]]`: lines at the door for sales (see `room.rs`).
+    pub rooms: Vec<room::RoomConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -918,6 +921,7 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
     }
 
     let admission = validate_admission(raw.admission, &warnings)?;
+    let rooms = room::validate(raw.waiting_room, &warnings)?;
     let worker_threads = match *raw.runtime.worker_threads.get_ref() {
         0 => default_shards(),
         n if n <= 1024 => n,
@@ -1014,6 +1018,7 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
 
     Ok(Config {
         source: source.to_string(),
+        rooms,
         listeners,
         http,
         upstreams,

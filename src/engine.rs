@@ -26,6 +26,8 @@ pub struct Generation {
     pub http: Arc<auto::Builder<TokioExecutor>>,
     /// Request counts by this generation's routes.
     pub requests: Arc<metrics::RequestMetrics>,
+    /// `[[waiting_room]]`s, in config order (the first that matches a request takes it).
+    pub rooms: Vec<Arc<crate::room::Room>>,
 }
 
 impl Generation {
@@ -97,7 +99,32 @@ impl Generation {
             Some(o) if o.requests.route_labels() == labels.as_slice() => o.requests.clone(),
             _ => Arc::new(metrics::RequestMetrics::new(labels)),
         };
+        // A room keeps its line and sessions across reloads (matched by name); its origin guard
+        // watches the upstream its path prefix routes to.
+        let rooms = config
+            .rooms
+            .iter()
+            .map(|rc| {
+                let guard = proxy
+                    .router
+                    .pick(
+                        rc.host.as_ref().and_then(|h| match h {
+                            crate::config::HostPattern::Exact(h) => Some(h.as_str()),
+                            crate::config::HostPattern::Suffix(_) => None,
+                        }),
+                        &rc.path_prefix,
+                    )
+                    .map(|r| proxy.upstreams[proxy.router.routes()[r].upstream].clone());
+                let prev = old.and_then(|o| o.rooms.iter().find(|r| r.cfg.name == rc.name));
+                Arc::new(crate::room::Room::new(
+                    rc.clone(),
+                    guard,
+                    prev.map(|r| &**r),
+                ))
+            })
+            .collect();
         Generation {
+            rooms,
             http: Arc::new(conn::builder(&config.http)),
             proxy,
             requests,
@@ -540,9 +567,16 @@ async fn maintain_pools(shared: Arc<Shared>) {
     loop {
         tick.tick().await;
         let mut warm = true;
-        for u in &shared.gen().proxy.upstreams {
+        let gen = shared.gen();
+        for u in &gen.proxy.upstreams {
             warm &= u.maintain();
         }
+        // The waiting rooms' doors move on the same 250 ms tick (`room::TICK`).
+        let now = std::time::Instant::now();
+        for r in &gen.rooms {
+            r.tick(now);
+        }
+        drop(gen);
         // Warming is a start-up state only: once the pools have filled, a pool that runs short
         // later (the origin closed idle connections, a server restarts) is the origin's health
         // to report, not a reason to pull this instance out of a load balancer.

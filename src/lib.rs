@@ -29,6 +29,9 @@
 //!   `listener/proxy_protocol.rs`, `proxy/headers.rs`; TLS: `conn/tls.rs`
 //! - the canonical host and path: `proxy/target.rs`
 //! - zero-downtime restart (socket passing): `takeover.rs`
+//! - the waiting room (a line at the door of a sale, opened by the origin's queue wait):
+//!   `room.rs`; its tokens `room/token.rs`, its line `room/state.rs`, its page `room/page.rs`
+//! - response spooling for slow readers and the progress deadlines: `proxy/spool.rs`
 //!
 //! # Words
 //! *downstream*/*client*: the side that connects to Breakwater. *upstream*: a named group of
@@ -48,6 +51,7 @@ pub mod engine;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;
+pub mod room;
 pub mod storm;
 pub mod takeover;
 pub mod telemetry;

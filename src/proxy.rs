@@ -310,7 +310,28 @@ pub async fn handle(
         metrics: Some(gen.requests.clone()),
     };
     req.headers_mut().insert("x-request-id", request_id);
-    let result = if shared.admission.check_request(&client) {
+    let allowed = shared.admission.check_request(&client);
+    // The waiting room stands between an admitted request and the pool.
+    let mut seated = None;
+    if allowed && !gen.rooms.is_empty() {
+        match room_gate(&gen.rooms, &req, &client, hold.tls) {
+            Gate::Through(s) => seated = s,
+            Gate::Answered(answer) => {
+                let (mut head, bytes) = answer.into_parts();
+                log.status = head.status.as_u16();
+                if *shared.draining.borrow() && client_version_h1 {
+                    head.headers
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                outcome.answered = Some(false);
+                return Ok(Response::from_parts(
+                    head,
+                    ProxyBody::full(bytes, log, in_flight),
+                ));
+            }
+        }
+    }
+    let result = if allowed {
         forward(&gen.proxy, client, trusted, &activity, &hold, req, &mut log).await
     } else {
         Err(ProxyError::RateLimited)
@@ -318,7 +339,28 @@ pub async fn handle(
     let draining = *shared.draining.borrow();
     let from_origin = result.is_ok();
     let resp = match result {
-        Ok(r) => {
+        Ok(mut r) => {
+            // The origin may end a shopper's session (`Breakwater-Room: revoke`); the header
+            // is Breakwater's, never the client's.
+            if let Some(cmd) = r.head.headers.remove(crate::room::COMMAND_HEADER) {
+                if let Some(Seated {
+                    room,
+                    session: Some(id),
+                    ..
+                }) = &seated
+                {
+                    if cmd.as_bytes().eq_ignore_ascii_case(b"revoke") {
+                        room.revoke(*id);
+                    }
+                }
+            }
+            if let Some(Seated {
+                set_cookie: Some(c),
+                ..
+            }) = seated.take()
+            {
+                r.head.headers.append(header::SET_COOKIE, c);
+            }
             log.status = r.head.status.as_u16();
             let body = match r.spooled {
                 Some(s) => ProxyBody::spooled(r.buffered, s, log, in_flight),
@@ -394,6 +436,51 @@ pub async fn handle(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     Ok(resp)
+}
+
+/// A request the waiting room let through: its room, the shopper's session, and a pass cookie
+/// to set on the response when one was just minted.
+struct Seated {
+    room: Arc<crate::room::Room>,
+    session: Option<u64>,
+    set_cookie: Option<HeaderValue>,
+}
+
+enum Gate {
+    Through(Option<Seated>),
+    Answered(Response<Bytes>),
+}
+
+/// The first room covering the request decides; a request no room covers goes through. The
+/// host and path are read the way routing reads them (a request they do not parse goes on and
+/// gets its 400 from `forward`).
+fn room_gate(
+    rooms: &[Arc<crate::room::Room>],
+    req: &Request<Incoming>,
+    client: &Client,
+    tls: bool,
+) -> Gate {
+    let Ok(path) = target::normalize_path(req.uri().path()) else {
+        return Gate::Through(None);
+    };
+    let Ok(host) = request_host(req) else {
+        return Gate::Through(None);
+    };
+    let host = host.as_ref().map(|h| h.route_name());
+    let Some(room) = rooms.iter().find(|r| r.matches(host, &path)) else {
+        return Gate::Through(None);
+    };
+    match room.check(req.headers(), &path, client.addr, client.key.ip, tls) {
+        crate::room::Verdict::Pass {
+            session,
+            set_cookie,
+        } => Gate::Through(Some(Seated {
+            room: room.clone(),
+            session,
+            set_cookie,
+        })),
+        crate::room::Verdict::Answer(r) => Gate::Answered(r),
+    }
 }
 
 struct Outcome<'a> {

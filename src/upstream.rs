@@ -88,6 +88,10 @@ pub struct UpstreamStats {
     pub paced_connects: AtomicU64,
     /// Requests sent while every server was ejected (panic mode).
     pub panic_requests: AtomicU64,
+    /// Smoothed queue wait (µs) of queued requests, and when it last changed (ms since epoch).
+    pub queue_wait_ewma_us: AtomicU64,
+    pub queue_wait_at_ms: AtomicU64,
+    pub epoch: std::time::Instant,
     /// Seconds requests waited in the queue (only those that waited).
     pub queue_wait: prometheus_client::metrics::histogram::Histogram,
 }
@@ -105,6 +109,9 @@ impl Default for UpstreamStats {
             cancel_closed: AtomicU64::new(0),
             paced_connects: AtomicU64::new(0),
             panic_requests: AtomicU64::new(0),
+            queue_wait_ewma_us: AtomicU64::new(0),
+            queue_wait_at_ms: AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
             queue_wait: prometheus_client::metrics::histogram::Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 16),
             ),
@@ -562,12 +569,16 @@ impl Upstream {
                 }
             }
             let (tx, rx) = oneshot::channel();
-            st.queue.push(
+            // A client with nothing in flight here (a newcomer during a storm) is served
+            // before the next round of clients that already hold connections.
+            let newcomer = !st.busy_by_client.contains_key(&client.key.ip);
+            st.queue.push_with(
                 client.key,
                 Waiter {
                     conn: client.conn,
                     tx,
                 },
+                newcomer,
             );
             self.dispatch(&mut st);
             rx
@@ -579,9 +590,9 @@ impl Upstream {
         };
         let queued_at = Instant::now();
         let outcome = tokio::time::timeout(self.cfg.queue_timeout, &mut waiting.rx).await;
-        self.stats
-            .queue_wait
-            .observe(queued_at.elapsed().as_secs_f64());
+        let waited = queued_at.elapsed();
+        self.stats.queue_wait.observe(waited.as_secs_f64());
+        self.note_queue_wait(waited);
         match outcome {
             Ok(Ok(Ok(g))) => Ok(self.lease(g, client)),
             Ok(Ok(Err(e))) => Err(e),
@@ -1219,6 +1230,35 @@ impl Upstream {
             .entries
             .iter()
             .any(|e| e.tx.as_ref().is_none_or(|t| !t.is_closed()))
+    }
+
+    /// Keeps a smoothed recent queue wait (for the waiting room's origin guard).
+    fn note_queue_wait(&self, waited: std::time::Duration) {
+        let us = waited.as_micros().min(u128::from(u64::MAX)) as u64;
+        let old = self.stats.queue_wait_ewma_us.load(Ordering::Relaxed);
+        let new = if old == 0 { us } else { (old * 7 + us) / 8 };
+        self.stats.queue_wait_ewma_us.store(new, Ordering::Relaxed);
+        self.stats.queue_wait_at_ms.store(
+            self.stats.epoch.elapsed().as_millis() as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// How long requests have lately waited for a connection: the smoothed wait of the last
+    /// queued requests, or zero when nobody has queued for two seconds.
+    pub fn recent_queue_wait(&self) -> std::time::Duration {
+        let at = self.stats.queue_wait_at_ms.load(Ordering::Relaxed);
+        let now = self.stats.epoch.elapsed().as_millis() as u64;
+        if at == 0 || now.saturating_sub(at) > 2000 {
+            // Nobody queued lately; but a queue that is long now is busy whatever the past.
+            let queued = self.lock().queue.len();
+            return if queued > 0 {
+                self.cfg.queue_timeout / 2
+            } else {
+                std::time::Duration::ZERO
+            };
+        }
+        std::time::Duration::from_micros(self.stats.queue_wait_ewma_us.load(Ordering::Relaxed))
     }
 
     /// Open, idle and busy connections per server, and the queue length, for metrics.

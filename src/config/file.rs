@@ -58,6 +58,8 @@ pub struct FileConfig {
     pub runtime: FileRuntime,
     #[serde(default)]
     pub log: FileLog,
+    #[serde(default)]
+    pub waiting_room: Vec<Spanned<super::room::FileRoom>>,
 }
 
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 50_000;

@@ -26,9 +26,20 @@ impl<K, T> Default for FairQueue<K, T> {
 
 impl<K: Copy + Eq + Hash, T> FairQueue<K, T> {
     pub fn push(&mut self, client: K, item: T) {
+        self.push_with(client, item, false);
+    }
+
+    /// Queues `item`; a client not already waiting goes to the front of the ring when `first`
+    /// (a newcomer with nothing in flight is served before the next round of clients that
+    /// already hold connections), else to the back.
+    pub fn push_with(&mut self, client: K, item: T, first: bool) {
         let q = self.by_client.entry(client).or_default();
         if q.is_empty() {
-            self.ring.push_back(client);
+            if first {
+                self.ring.push_front(client);
+            } else {
+                self.ring.push_back(client);
+            }
         }
         q.push_back(item);
         self.len += 1;
@@ -99,6 +110,19 @@ mod tests {
 
     fn ip(n: u8) -> IpAddr {
         IpAddr::from([127, 0, 0, n])
+    }
+
+    #[test]
+    fn a_newcomer_goes_first_a_returning_client_waits_its_turn() {
+        let mut q = FairQueue::default();
+        for i in 1..=3 {
+            q.push(ip(i), u32::from(i));
+        }
+        q.push_with(ip(9), 9, true);
+        // Already queued: `first` does not move a client up.
+        q.push_with(ip(2), 22, true);
+        let order: Vec<_> = (0..5).map(|_| q.pop(|_, _| true).unwrap().1).collect();
+        assert_eq!(order, vec![9, 1, 2, 3, 22]);
     }
 
     #[test]

@@ -1,0 +1,553 @@
+//! ④½ The waiting room: a fair line at the door of a sale, opened by what the origin is doing.
+//!
+//! Stage: after the proxy handler has the client and the path, before a request is routed to
+//! the pool. A request matching a `[[waiting_room]]` goes through if it carries a valid pass
+//! (an admitted shopper), or if the room is not queueing and the door has a slot (it gets a
+//! pass on the way). Otherwise it is answered from memory: a ticket (a place in line, in a
+//! signed cookie or the `Breakwater-Room-Token` header) and a page or JSON saying where it
+//! stands. The door ticks every 250 ms and admits up to `new_sessions_per_minute / 240` live
+//! tickets in ticket order, never past `max_active_sessions`, and not at all while the origin's
+//! pool queue wait is above `max_queue_wait` (a door no edge waiting room has: Breakwater sees
+//! the origin's real queue). Admitted tickets become passes on their holder's next poll.
+//!
+//! The line itself (ticket counter, cursor, liveness, sessions) is behind `state::RoomState`,
+//! so a fleet can keep it in Redis; tokens are self-checking (`token.rs`), so any instance with
+//! the key verifies any token without asking the state.
+
+pub mod page;
+pub mod state;
+pub mod token;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
+
+use crate::config::room::{RoomConfig, RoomMode};
+use crate::upstream::Upstream;
+use state::RoomState;
+use token::{Keys, Kind, Token};
+
+/// How often the door moves.
+pub const TICK: Duration = Duration::from_millis(250);
+/// The header an app without a cookie jar sends its token in (and gets it back in).
+pub const TOKEN_HEADER: &str = "breakwater-room-token";
+/// The origin's response header that ends a shopper's session at once (stripped).
+pub const COMMAND_HEADER: &str = "breakwater-room";
+
+/// Counters since start, for the metrics.
+#[derive(Debug)]
+pub struct RoomStats {
+    pub tickets_issued: AtomicU64,
+    pub tickets_refused: AtomicU64,
+    /// Tickets the door let in, and shoppers let in at once (the room was not queueing).
+    pub admitted: AtomicU64,
+    pub admitted_at_once: AtomicU64,
+    /// Tickets passed over because they had stopped polling.
+    pub abandoned: AtomicU64,
+    pub revoked: AtomicU64,
+    pub sessions_expired: AtomicU64,
+    pub pages_html: AtomicU64,
+    pub pages_json: AtomicU64,
+    pub invalid: [AtomicU64; 5],
+    /// Milliseconds the door stayed shut, by reason: full (max_active_sessions), origin guard.
+    pub closed_full_ms: AtomicU64,
+    pub closed_origin_ms: AtomicU64,
+    /// Seconds from ticket to pass, for shoppers who waited.
+    pub wait: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for RoomStats {
+    fn default() -> Self {
+        RoomStats {
+            tickets_issued: AtomicU64::new(0),
+            tickets_refused: AtomicU64::new(0),
+            admitted: AtomicU64::new(0),
+            admitted_at_once: AtomicU64::new(0),
+            abandoned: AtomicU64::new(0),
+            revoked: AtomicU64::new(0),
+            sessions_expired: AtomicU64::new(0),
+            pages_html: AtomicU64::new(0),
+            pages_json: AtomicU64::new(0),
+            invalid: Default::default(),
+            closed_full_ms: AtomicU64::new(0),
+            closed_origin_ms: AtomicU64::new(0),
+            wait: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(1.0, 2.0, 14),
+            ),
+        }
+    }
+}
+
+/// Labels of `RoomStats::invalid`.
+pub const INVALID_REASONS: [&str; 5] = [
+    "malformed",
+    "wrong_room",
+    "unknown_key",
+    "bad_mac",
+    "expired",
+];
+
+#[derive(Debug)]
+struct Door {
+    /// Admissions the rate allows now (carried over up to one second's worth).
+    budget: f64,
+    last: Instant,
+    epoch_started: Instant,
+    /// Tickets admitted but not yet come back for their pass, by tick: they count as active
+    /// until claimed or until `queue_grace` has passed.
+    unclaimed: VecDeque<(Instant, u64)>,
+    /// Admissions per second, smoothed over ~10 s, for the ETA.
+    rate: f64,
+}
+
+/// One room, built from its config; the line's state survives reloads (see `carry_over`).
+#[derive(Debug)]
+pub struct Room {
+    pub cfg: RoomConfig,
+    keys: Keys,
+    state: Arc<dyn RoomState>,
+    door: Mutex<Door>,
+    /// Tickets taken per client key in the current minute.
+    joins: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    pub stats: Arc<RoomStats>,
+    /// The upstream its requests go to, whose queue wait is the origin guard.
+    guard: Option<Arc<Upstream>>,
+}
+
+/// What the room decides about a request.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Forward it; `session` is the shopper's (for a revoke from the origin); `set_cookie`
+    /// goes on the response (a pass just minted).
+    Pass {
+        session: Option<u64>,
+        set_cookie: Option<HeaderValue>,
+    },
+    /// Answer it from here.
+    Answer(Response<Bytes>),
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn random_id() -> u64 {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        static FALLBACK: AtomicU64 = AtomicU64::new(1);
+        return FALLBACK.fetch_add(1, Ordering::Relaxed) ^ unix_now().rotate_left(32);
+    }
+    u64::from_le_bytes(b)
+}
+
+impl Room {
+    /// A room; `old` (the same room before a reload) lends its line, sessions, counters and,
+    /// when no keys are configured, its random key.
+    pub fn new(cfg: RoomConfig, guard: Option<Arc<Upstream>>, old: Option<&Room>) -> Room {
+        let keys = match old {
+            Some(o) if cfg.keys.is_empty() && o.cfg.keys.is_empty() => o.keys.clone(),
+            _ => Keys::new(&cfg.keys),
+        };
+        let now = Instant::now();
+        Room {
+            keys,
+            state: old.map_or_else(
+                || Arc::new(state::LocalState::default()) as Arc<dyn RoomState>,
+                |o| o.state.clone(),
+            ),
+            door: Mutex::new(Door {
+                budget: 1.0,
+                last: now,
+                epoch_started: now,
+                unclaimed: VecDeque::new(),
+                rate: cfg.new_sessions_per_minute as f64 / 60.0,
+            }),
+            joins: Mutex::new(HashMap::new()),
+            stats: old.map_or_else(Default::default, |o| o.stats.clone()),
+            guard,
+            cfg,
+        }
+    }
+
+    fn door(&self) -> std::sync::MutexGuard<'_, Door> {
+        self.door.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether this room covers the request.
+    pub fn matches(&self, host: Option<&str>, path: &str) -> bool {
+        let host_ok = match (&self.cfg.host, host) {
+            (None, _) => true,
+            (Some(p), Some(h)) => p.matches(h),
+            (Some(_), None) => false,
+        };
+        host_ok && prefix_matches(&self.cfg.path_prefix, path)
+    }
+
+    fn cookie_name(&self) -> String {
+        format!("bw_wr_{}", self.cfg.name)
+    }
+
+    /// The token the request carries: the header first (apps), then the room's cookie.
+    fn token<'a>(&self, headers: &'a HeaderMap) -> Option<&'a str> {
+        if let Some(v) = headers.get(TOKEN_HEADER).and_then(|v| v.to_str().ok()) {
+            return Some(v.trim());
+        }
+        let name = self.cookie_name();
+        headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|kv| {
+                let (k, v) = kv.trim().split_once('=')?;
+                (k == name).then_some(v)
+            })
+    }
+
+    fn invalid(&self, i: usize) {
+        self.stats.invalid[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Decides about one request from `client` (its address, and the key its limits count
+    /// under) for `path`.
+    pub fn check(
+        &self,
+        headers: &HeaderMap,
+        path: &str,
+        client: IpAddr,
+        client_key: IpAddr,
+        tls: bool,
+    ) -> Verdict {
+        let pass = Verdict::Pass {
+            session: None,
+            set_cookie: None,
+        };
+        if self.cfg.mode == RoomMode::Passthrough
+            || self.cfg.bypass_cidrs.iter().any(|n| n.contains(&client))
+            || self
+                .cfg
+                .bypass_paths
+                .iter()
+                .any(|p| path.starts_with(p.as_str()))
+        {
+            return pass;
+        }
+        let now = Instant::now();
+        let api = self.is_api(headers, path);
+        let mut ticket = None;
+        if let Some(raw) = self.token(headers) {
+            match self.keys.verify(&self.cfg.name, raw) {
+                Ok(Token {
+                    kind: Kind::Pass,
+                    id,
+                    issued,
+                }) => {
+                    let too_old = self
+                        .cfg
+                        .session_max
+                        .is_some_and(|m| unix_now().saturating_sub(issued) > m.as_secs());
+                    if too_old {
+                        self.state.session_revoke(id);
+                        self.invalid(4);
+                    } else if self.state.session_touch(id, now) {
+                        return Verdict::Pass {
+                            session: Some(id),
+                            set_cookie: None,
+                        };
+                    } else {
+                        // Idle too long, or revoked: back to the door like anyone else.
+                        self.invalid(4);
+                    }
+                }
+                Ok(t) => ticket = Some(t),
+                Err(e) => self.invalid(e as usize),
+            }
+        }
+        if self.cfg.mode == RoomMode::Reject {
+            return Verdict::Answer(self.answer("closed", None, api, tls, None));
+        }
+        if let Some(t) = ticket {
+            self.state.touch(t.id);
+            match self.state.admitted(t.id) {
+                Some(true) => {
+                    self.claim(now, t.issued);
+                    return self.mint_pass(now, tls);
+                }
+                // Its turn came while it was not polling: it lost its place.
+                Some(false) => {}
+                None => return Verdict::Answer(self.answer("queued", Some(t), api, tls, None)),
+            }
+        }
+        // No place in line yet. While nobody waits and the door has room, walk straight in.
+        if self.cfg.mode == RoomMode::Auto && self.state.waiting() == 0 && self.take_slot_now() {
+            self.stats.admitted_at_once.fetch_add(1, Ordering::Relaxed);
+            return self.mint_pass(now, tls);
+        }
+        if !self.may_join(client_key, now) {
+            self.stats.tickets_refused.fetch_add(1, Ordering::Relaxed);
+            return Verdict::Answer(self.answer("refused", None, api, tls, None));
+        }
+        let t = Token {
+            kind: Kind::Ticket,
+            id: self.state.issue(),
+            issued: unix_now(),
+        };
+        self.stats.tickets_issued.fetch_add(1, Ordering::Relaxed);
+        let signed = self.keys.sign(&self.cfg.name, t);
+        Verdict::Answer(self.answer("queued", Some(t), api, tls, Some(signed)))
+    }
+
+    /// API clients get JSON: a path under `api_paths`, an Accept that names JSON, or one that
+    /// does not ask for HTML (curl's `*/*`, most SDKs). Never HTML to an API client.
+    fn is_api(&self, headers: &HeaderMap, path: &str) -> bool {
+        if self
+            .cfg
+            .api_paths
+            .iter()
+            .any(|p| path.starts_with(p.as_str()))
+        {
+            return true;
+        }
+        let accept = headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(",")
+            .to_ascii_lowercase();
+        accept.contains("application/json") || !accept.contains("text/html")
+    }
+
+    /// In auto mode with nobody waiting: one slot from the door's budget, if it has one and the
+    /// room is not full and the origin guard is open.
+    fn take_slot_now(&self) -> bool {
+        let mut d = self.door();
+        let active = self.state.sessions() + unclaimed(&d);
+        if d.budget < 1.0 || active >= self.cfg.max_active_sessions || self.origin_busy() {
+            return false;
+        }
+        d.budget -= 1.0;
+        true
+    }
+
+    fn claim(&self, now: Instant, issued: u64) {
+        let mut d = self.door();
+        if let Some(front) = d.unclaimed.iter_mut().find(|(_, n)| *n > 0) {
+            front.1 -= 1;
+        }
+        drop(d);
+        let waited = unix_now().saturating_sub(issued) as f64;
+        self.stats.wait.observe(waited);
+        let _ = now;
+    }
+
+    fn mint_pass(&self, now: Instant, tls: bool) -> Verdict {
+        let id = random_id();
+        self.state.session_add(id, now);
+        let signed = self.keys.sign(
+            &self.cfg.name,
+            Token {
+                kind: Kind::Pass,
+                id,
+                issued: unix_now(),
+            },
+        );
+        Verdict::Pass {
+            session: Some(id),
+            set_cookie: self.cookie(&signed, tls),
+        }
+    }
+
+    fn cookie(&self, token: &str, tls: bool) -> Option<HeaderValue> {
+        let secure = if tls { "; Secure" } else { "" };
+        HeaderValue::from_str(&format!(
+            "{}={token}; Path=/; HttpOnly; SameSite=Lax{secure}",
+            self.cookie_name()
+        ))
+        .ok()
+    }
+
+    /// `tickets_per_ip` per minute per client key.
+    fn may_join(&self, key: IpAddr, now: Instant) -> bool {
+        if self.cfg.tickets_per_ip == 0 {
+            return true;
+        }
+        let mut j = self.joins.lock().unwrap_or_else(|p| p.into_inner());
+        let e = j.entry(key).or_insert((now, 0));
+        if now.duration_since(e.0) >= Duration::from_secs(60) {
+            *e = (now, 0);
+        }
+        if e.1 >= self.cfg.tickets_per_ip {
+            return false;
+        }
+        e.1 += 1;
+        true
+    }
+
+    /// The waiting answer: JSON (429) for API clients, the page (200) for browsers; 503 when
+    /// the room is closed.
+    fn answer(
+        &self,
+        state: &'static str,
+        ticket: Option<Token>,
+        api: bool,
+        tls: bool,
+        new_token: Option<String>,
+    ) -> Response<Bytes> {
+        let refresh = self.cfg.refresh.as_secs().max(1);
+        let (position, ahead, eta) = match ticket {
+            Some(t) => {
+                let ahead = self.state.ahead(t.id);
+                let rate = self.door().rate.max(0.01);
+                let secs = ahead as f64 / rate;
+                let eta = [
+                    ((secs * 0.8).floor() as u64).max(1),
+                    ((secs * 1.2).ceil() as u64).max(refresh),
+                ];
+                (Some(ahead + 1), Some(ahead), Some(eta))
+            }
+            None => (None, None, None),
+        };
+        let status = page::Status {
+            room: &self.cfg.name,
+            state,
+            position,
+            ahead,
+            eta_seconds: eta,
+            refresh_seconds: refresh,
+            token: new_token.as_deref(),
+        };
+        let (code, body, kind) = if api {
+            self.stats.pages_json.fetch_add(1, Ordering::Relaxed);
+            let code = if state == "closed" {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::TOO_MANY_REQUESTS
+            };
+            (code, page::json(&status), "application/json")
+        } else {
+            self.stats.pages_html.fetch_add(1, Ordering::Relaxed);
+            let code = if state == "closed" {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::OK
+            };
+            (
+                code,
+                page::html(&status, self.cfg.page_template.as_deref()),
+                "text/html; charset=utf-8",
+            )
+        };
+        let mut r = Response::new(Bytes::from(body));
+        *r.status_mut() = code;
+        let h = r.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        h.insert(header::RETRY_AFTER, HeaderValue::from(refresh));
+        if let Some(t) = &new_token {
+            if let Some(c) = self.cookie(t, tls) {
+                h.insert(header::SET_COOKIE, c);
+            }
+            if let Ok(v) = HeaderValue::from_str(t) {
+                h.insert(TOKEN_HEADER, v);
+            }
+        }
+        r
+    }
+
+    /// The origin said `Breakwater-Room: revoke`: the shopper's session ends now, and its slot
+    /// is free at the next tick.
+    pub fn revoke(&self, session: u64) {
+        if self.state.session_revoke(session) {
+            self.stats.revoked.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn origin_busy(&self) -> bool {
+        match (self.cfg.max_queue_wait, &self.guard) {
+            (Some(max), Some(u)) => u.recent_queue_wait() > max,
+            _ => false,
+        }
+    }
+
+    /// One door tick: expire idle sessions, start a liveness epoch every `queue_grace`, and
+    /// admit what the rate, the room's capacity and the origin allow.
+    pub fn tick(&self, now: Instant) {
+        let expired = self
+            .state
+            .sessions_expire(now.checked_sub(self.cfg.session_idle).unwrap_or(now));
+        self.stats
+            .sessions_expired
+            .fetch_add(expired, Ordering::Relaxed);
+        let mut d = self.door();
+        let dt = now.duration_since(d.last).as_secs_f64();
+        d.last = now;
+        let per_s = self.cfg.new_sessions_per_minute as f64 / 60.0;
+        d.budget = (d.budget + per_s * dt).min(per_s.max(1.0));
+        if now.duration_since(d.epoch_started) >= self.cfg.queue_grace {
+            d.epoch_started = now;
+            self.state.rotate();
+        }
+        let grace = self.cfg.queue_grace;
+        while d
+            .unclaimed
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > grace)
+        {
+            d.unclaimed.pop_front();
+        }
+        let active = self.state.sessions() + unclaimed(&d);
+        let room_left = self.cfg.max_active_sessions.saturating_sub(active);
+        let ms = (dt * 1000.0) as u64;
+        let slots = if room_left == 0 {
+            self.stats.closed_full_ms.fetch_add(ms, Ordering::Relaxed);
+            0
+        } else if self.origin_busy() {
+            self.stats.closed_origin_ms.fetch_add(ms, Ordering::Relaxed);
+            0
+        } else {
+            (d.budget.floor() as u64).min(room_left)
+        };
+        let (admitted, skipped) = if slots > 0 || self.state.waiting() == 0 {
+            self.state.advance(slots)
+        } else {
+            (0, 0)
+        };
+        d.budget -= admitted as f64;
+        if admitted > 0 {
+            d.unclaimed.push_back((now, admitted));
+        }
+        // The ETA follows what the door actually did while people waited.
+        if dt > 0.0 && (admitted > 0 || self.state.waiting() > 0) {
+            let alpha = (dt / 10.0).min(1.0);
+            d.rate = d.rate * (1.0 - alpha) + (admitted as f64 / dt) * alpha;
+        }
+        self.stats.admitted.fetch_add(admitted, Ordering::Relaxed);
+        self.stats.abandoned.fetch_add(skipped, Ordering::Relaxed);
+    }
+
+    /// Live waiters and active sessions now, for the metrics.
+    pub fn snapshot(&self) -> (u64, u64) {
+        let d = self.door();
+        (self.state.waiting(), self.state.sessions() + unclaimed(&d))
+    }
+}
+
+/// `/sale` covers `/sale` and `/sale/...`, not `/sales` (paths arrive normalised).
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    path.starts_with(prefix)
+        && (prefix.ends_with('/')
+            || path.len() == prefix.len()
+            || path.as_bytes()[prefix.len()] == b'/')
+}
+
+fn unclaimed(d: &Door) -> u64 {
+    d.unclaimed.iter().map(|(_, n)| n).sum()
+}
