@@ -1387,6 +1387,37 @@ mod tests {
 
     const ONE: &str = "[upstreams.app]\nservers = [\"127.0.0.1:3000\"]\n";
 
+    /// The waiting-room example in the shipped config, uncommented, is a valid room (less its
+    /// files), and mistakes name their key.
+    #[test]
+    fn the_documented_waiting_room_parses_and_mistakes_are_named() {
+        let shipped = include_str!("../config/breakwater.toml");
+        let start = shipped.find("# [[waiting_room]]").unwrap();
+        let room: String = shipped[start..]
+            .lines()
+            .filter(|l| l.starts_with("# ") && l.contains('='))
+            .filter(|l| !l.contains("keys =") && !l.contains("page_template"))
+            .map(|l| format!("{}\n", &l[2..]))
+            .collect();
+        let cfg = parse(&format!("{ONE}[[waiting_room]]\n{room}")).unwrap();
+        let r = &cfg.rooms[0];
+        assert_eq!(r.name, "drop");
+        assert_eq!(r.max_queue_wait, Some(Duration::from_millis(200)));
+        assert_eq!(r.session_max, Some(Duration::from_secs(1800)));
+        assert_eq!(r.api_paths, vec!["/api/".to_string()]);
+        for (bad, key) in [
+            ("name = \"a b\"", "name"),
+            ("name = \"x\"\nrefresh = \"60s\"", "refresh"),
+            ("name = \"x\"\npath_prefix = \"/a/../b\"", "path_prefix"),
+            ("name = \"x\"\nkeys = [\"/nonexistent/key\"]", "key file"),
+            ("name = \"x\"\nmode = \"fast\"", "mode"),
+        ] {
+            let e = parse(&format!("{ONE}[[waiting_room]]\n{bad}")).unwrap_err();
+            assert!(e.contains(key), "{bad}: {e}");
+            assert!(e.contains("t.toml:"), "{e}");
+        }
+    }
+
     /// The shipped config documents every default: parsed, it must equal a config that sets
     /// nothing but its upstream, so the documented defaults cannot drift from the code.
     #[test]
