@@ -117,6 +117,9 @@ pub struct Room {
     pub stats: Arc<RoomStats>,
     /// The upstream its requests go to, whose queue wait is the origin guard.
     guard: Option<Arc<Upstream>>,
+    /// When this line started (unix s): a ticket issued before it belongs to a line that no
+    /// longer exists (a restart with the same keys), and its number means nothing here.
+    line_started: u64,
 }
 
 /// What the room decides about a request.
@@ -172,6 +175,7 @@ impl Room {
             joins: Mutex::new(HashMap::new()),
             stats: old.map_or_else(Default::default, |o| o.stats.clone()),
             guard,
+            line_started: old.map_or_else(unix_now, |o| o.line_started),
             cfg,
         }
     }
@@ -266,6 +270,7 @@ impl Room {
                         self.invalid(4);
                     }
                 }
+                Ok(t) if t.issued < self.line_started => self.invalid(4),
                 Ok(t) => ticket = Some(t),
                 Err(e) => self.invalid(e as usize),
             }

@@ -363,3 +363,53 @@ async fn places_nobody_polls_for_are_passed_over() {
     assert!(skipped >= 2.0, "{skipped}");
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_places_and_passes() {
+    let origin = text_origin("shop").await;
+    let before = config(
+        origin.addr,
+        "mode = \"auto\"\nmax_active_sessions = 1\nnew_sessions_per_minute = 600",
+    );
+    let proxy = Proxy::start(&before).await;
+    let addr = proxy.addr;
+    let a = ask(addr, "127.0.67.1", "/", &[]).await;
+    assert_eq!(a.status, 200);
+    let pass = a.headers["set-cookie"]
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let b = ask(addr, "127.0.67.2", "/", &[]).await;
+    assert_eq!(b.status, 429);
+    let ticket = json(&b)["token"].as_str().unwrap().to_string();
+    // Reload: the room now takes two shoppers at once.
+    let after = before.replace("max_active_sessions = 1", "max_active_sessions = 2");
+    proxy
+        .reloader
+        .reload(breakwater::Config::parse(&after, "after.toml").unwrap())
+        .await
+        .unwrap();
+    // A's pass still works and B's place is honoured (and, with room for two, B is let in).
+    assert_eq!(
+        ask(addr, "127.0.67.1", "/", &[("Cookie", &pass)])
+            .await
+            .status,
+        200
+    );
+    let t = Instant::now();
+    while ask(
+        addr,
+        "127.0.67.2",
+        "/",
+        &[("Breakwater-Room-Token", &ticket)],
+    )
+    .await
+    .status
+        != 200
+    {
+        assert!(t.elapsed() < Duration::from_secs(3), "B's place was lost");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    proxy.stop().await;
+}
