@@ -21,7 +21,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use breakwater::storm::{self, Mode, Plan, Report};
+use breakwater::storm::{self, Mode, Report};
+
+mod support;
+use support::storm_plan as plan;
 
 const PROXY: &str = "127.0.0.1:18000";
 const ORIGIN: &str = "127.0.0.1:18080";
@@ -87,35 +90,8 @@ fn start(target: &str) -> Option<Running> {
         "direct" => None,
         "breakwater" => {
             let cfg = dir.path().join("breakwater.toml");
-            std::fs::write(
-                &cfg,
-                format!(
-                    r#"[[listeners]]
-addr = "{PROXY}"
-backlog = 65535
-defer_accept = "1s"
-shards = 2
-[http]
-header_read_timeout = "5s"
-idle_timeout = "5s"
-[admission]
-per_ip_rate = 100
-per_ip_max_connections = 200
-allow = ["127.0.0.1/32"]
-[upstreams.app]
-servers = ["{ORIGIN}"]
-pool_min_idle = 8
-pool_max = 64
-queue_timeout = "5s"
-connect_timeout = "2s"
-response_timeout = "10s"
-[log]
-level = "warn"
-access_log = false
-"#
-                ),
-            )
-            .ok()?;
+            let (proxy, origin) = (PROXY.parse().ok()?, ORIGIN.parse().ok()?);
+            std::fs::write(&cfg, support::anchor_config(proxy, origin)).ok()?;
             Some(
                 Command::new(env!("CARGO_BIN_EXE_breakwater"))
                     .args(["run", "--config"])
@@ -257,30 +233,6 @@ fn wrk(args: &[&str]) -> Option<(f64, f64)> {
         .find(|l| l.contains("requests in"))
         .and_then(|l| l.split_whitespace().next()?.parse().ok())?;
     Some((rps, total))
-}
-
-fn plan(
-    target: SocketAddr,
-    connections: u64,
-    concurrency: usize,
-    sources: &str,
-    mode: Mode,
-) -> Plan {
-    Plan {
-        target,
-        connections,
-        concurrency,
-        rate: 0,
-        sources: sources.parse().expect("cidr"),
-        mode,
-        path: "/".into(),
-        host: "bench".into(),
-        hold: Duration::from_secs(8),
-        interval: Duration::from_secs(1),
-        duration: Duration::from_secs(30),
-        probe: Some("127.0.0.2".parse().expect("ip")),
-        progress: false,
-    }
 }
 
 const SCENARIOS: [&str; 7] = [

@@ -9,36 +9,12 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use breakwater::storm::{self, Mode, Plan, Report};
-
-fn plan(
-    target: SocketAddr,
-    connections: u64,
-    concurrency: usize,
-    sources: &str,
-    mode: Mode,
-) -> Plan {
-    Plan {
-        target,
-        connections,
-        concurrency,
-        rate: 0,
-        sources: sources.parse().expect("cidr"),
-        mode,
-        path: "/".into(),
-        host: "bench".into(),
-        hold: Duration::from_secs(8),
-        interval: Duration::from_secs(1),
-        duration: Duration::from_secs(30),
-        probe: Some("127.0.0.2".parse().expect("ip")),
-        progress: false,
-    }
-}
+use breakwater::storm::{self, Mode, Report};
+use support::storm_plan as plan;
 
 struct Row {
     name: &'static str,

@@ -886,19 +886,7 @@ impl Upstream {
             };
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(drive);
-        let lease = Lease {
-            up: self.arc(),
-            server,
-            conn: 0,
-            tx: Some(tx),
-            client: Asker {
-                key: client.key,
-                conn,
-            },
-            reused: false,
-            reusable: false,
-            private: Some(permit),
-        };
+        let lease = self.private_lease(server, tx, client, conn, permit);
         let mut pending = Pending::new(lease);
         match self.exchange(&mut pending, req).await {
             Ok(resp) => {
@@ -1120,7 +1108,25 @@ impl Upstream {
             };
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(drive);
-        let lease = Lease {
+        let lease = self.private_lease(server, tx, client, conn, permit);
+        let mut pending = Pending::new(lease);
+        match self.exchange(&mut pending, req).await {
+            Ok(resp) => pending.done(resp),
+            Err(f) => Err((Some(addr), f.error)),
+        }
+    }
+
+    /// A lease on a connection opened for one request (panic mode, `send_proxy_protocol`):
+    /// outside the pool, closed when the lease ends; `permit` bounds how many exist.
+    fn private_lease(
+        &self,
+        server: usize,
+        tx: Sender,
+        client: &Client,
+        conn: u64,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Lease {
+        Lease {
             up: self.arc(),
             server,
             conn: 0,
@@ -1132,11 +1138,6 @@ impl Upstream {
             reused: false,
             reusable: false,
             private: Some(permit),
-        };
-        let mut pending = Pending::new(lease);
-        match self.exchange(&mut pending, req).await {
-            Ok(resp) => pending.done(resp),
-            Err(f) => Err((Some(addr), f.error)),
         }
     }
 

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[allow(dead_code)] // the compare bench starts its own, beside HAProxy and nginx
 pub struct Breakwater {
     pub addr: SocketAddr,
     child: Child,
@@ -20,17 +21,9 @@ impl Drop for Breakwater {
     }
 }
 
-/// Starts Breakwater in front of `origin` and waits until it accepts and its pool is warm.
-pub fn anchor_breakwater(origin: SocketAddr) -> Breakwater {
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port");
-    let mut config = tempfile::Builder::new()
-        .suffix(".toml")
-        .tempfile()
-        .expect("temp config");
-    write!(
-        config,
+/// Breakwater's config with the anchors' limits, listening on `addr` in front of `origin`.
+pub fn anchor_config(addr: SocketAddr, origin: SocketAddr) -> String {
+    format!(
         r#"[[listeners]]
 addr = "{addr}"
 backlog = 65535
@@ -55,7 +48,48 @@ level = "warn"
 access_log = false
 "#
     )
-    .expect("write config");
+}
+
+/// A storm of `connections` from `sources` against `target`, `concurrency` at once, with the
+/// probe client on 127.0.0.2 (a new connection and one request every 20 ms).
+#[allow(dead_code)] // not every bench storms
+pub fn storm_plan(
+    target: SocketAddr,
+    connections: u64,
+    concurrency: usize,
+    sources: &str,
+    mode: breakwater::storm::Mode,
+) -> breakwater::storm::Plan {
+    breakwater::storm::Plan {
+        target,
+        connections,
+        concurrency,
+        rate: 0,
+        sources: sources.parse().expect("cidr"),
+        mode,
+        path: "/".into(),
+        host: "bench".into(),
+        hold: Duration::from_secs(8),
+        interval: Duration::from_secs(1),
+        duration: Duration::from_secs(30),
+        probe: Some("127.0.0.2".parse().expect("ip")),
+        progress: false,
+    }
+}
+
+/// Starts Breakwater in front of `origin` and waits until it accepts and its pool is warm.
+#[allow(dead_code)]
+pub fn anchor_breakwater(origin: SocketAddr) -> Breakwater {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port");
+    let mut config = tempfile::Builder::new()
+        .suffix(".toml")
+        .tempfile()
+        .expect("temp config");
+    config
+        .write_all(anchor_config(addr, origin).as_bytes())
+        .expect("write config");
     let child = Command::new(env!("CARGO_BIN_EXE_breakwater"))
         .args(["run", "--config"])
         .arg(config.path())
