@@ -3,7 +3,8 @@
 //!
 //! Run: `cargo bench --bench compare` (REPS=3 by default; ONLY=keepalive,storm2k,... to pick
 //! scenarios; TARGETS=direct,breakwater,haproxy,nginx to pick targets). Needs `haproxy`,
-//! `nginx` and `wrk` (Debian packages); a missing one is skipped and said so.
+//! `nginx` and `wrk` (Debian packages); a missing one is skipped and said so. TARGETS may name
+//! `alt` with BREAKWATER_ALT=/path/to/breakwater to compare two builds in one run.
 //! Writes a markdown table of medians and same-run ratios to target/tmp/compare.md.
 //!
 //! What it measures, per target and scenario: requests/s (wrk) or connections/s (storm), the
@@ -88,12 +89,19 @@ fn start(target: &str) -> Option<Running> {
     let dir = tempfile::tempdir().ok()?;
     let child = match target {
         "direct" => None,
-        "breakwater" => {
+        // "alt": another Breakwater binary (BREAKWATER_ALT=path), for an A/B of a change in
+        // the same run.
+        "breakwater" | "alt" => {
             let cfg = dir.path().join("breakwater.toml");
             let (proxy, origin) = (PROXY.parse().ok()?, ORIGIN.parse().ok()?);
             std::fs::write(&cfg, support::anchor_config(proxy, origin)).ok()?;
+            let bin = if target == "alt" {
+                std::env::var("BREAKWATER_ALT").ok()?
+            } else {
+                env!("CARGO_BIN_EXE_breakwater").to_string()
+            };
             Some(
-                Command::new(env!("CARGO_BIN_EXE_breakwater"))
+                Command::new(bin)
                     .args(["run", "--config"])
                     .arg(&cfg)
                     .stdout(Stdio::null())
