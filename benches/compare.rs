@@ -40,11 +40,18 @@ struct Running {
 impl Drop for Running {
     fn drop(&mut self) {
         if let Some(c) = self.child.as_mut() {
-            let _ = c.kill();
+            // The whole tree: nginx workers outlive a killed master and would keep serving
+            // the port (SO_REUSEPORT) for the next target.
+            // Frozen first, so a master cannot respawn a worker while the tree is killed.
+            let pids: Vec<String> = tree(c.id()).iter().map(u32::to_string).collect();
+            let _ = Command::new("kill").arg("-STOP").args(&pids).status();
+            let _ = Command::new("kill").arg("-9").args(&pids).status();
             let _ = c.wait();
         }
-        // nginx workers outlive a killed master briefly; give the port back before the next.
-        std::thread::sleep(Duration::from_millis(300));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::net::TcpStream::connect(PROXY).is_ok() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 

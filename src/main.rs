@@ -2,6 +2,10 @@
 //! binding, signals; everything else is the library.
 
 use std::net::SocketAddr;
+
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
