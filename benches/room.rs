@@ -47,8 +47,9 @@ fn bench(c: &mut Criterion) {
         refresh_seconds: 20,
         token: Some(&signed),
     };
+    let template = page::Template::new(None);
     c.bench_function("waiting page (HTML)", |b| {
-        b.iter(|| page::html(black_box(&status), None))
+        b.iter(|| template.fill(black_box(&status)))
     });
     c.bench_function("waiting answer (JSON)", |b| {
         b.iter(|| page::json(black_box(&status)))

@@ -120,6 +120,7 @@ pub struct Room {
     /// When this line started (unix s): a ticket issued before it belongs to a line that no
     /// longer exists (a restart with the same keys), and its number means nothing here.
     line_started: u64,
+    page: page::Template,
 }
 
 /// What the room decides about a request.
@@ -176,6 +177,7 @@ impl Room {
             stats: old.map_or_else(Default::default, |o| o.stats.clone()),
             guard,
             line_started: old.map_or_else(unix_now, |o| o.line_started),
+            page: page::Template::new(cfg.page_template.as_deref()),
             cfg,
         }
     }
@@ -444,11 +446,7 @@ impl Room {
             } else {
                 StatusCode::OK
             };
-            (
-                code,
-                page::html(&status, self.cfg.page_template.as_deref()),
-                "text/html; charset=utf-8",
-            )
+            (code, self.page.fill(&status), "text/html; charset=utf-8")
         };
         let mut r = Response::new(Bytes::from(body));
         *r.status_mut() = code;

@@ -55,27 +55,96 @@ fn eta_text(eta: Option<[u64; 2]>) -> String {
     }
 }
 
-/// The page, from the operator's template or the built-in one. Placeholders: `{{room}}`,
-/// `{{state}}`, `{{position}}`, `{{ahead}}`, `{{eta}}`, `{{refresh}}`, all escaped.
-pub fn html(s: &Status<'_>, template: Option<&str>) -> String {
-    let position = s.position.map_or("-".into(), |p| p.to_string());
-    let ahead = s.ahead.map_or("-".into(), |a| a.to_string());
-    let state = match s.state {
-        "queued" => "You are in line.",
-        "refused" => {
-            "Too many people joined from your network just now. Please try again in a minute."
+/// A page template split once at its placeholders (`{{room}}`, `{{state}}`, `{{position}}`,
+/// `{{ahead}}`, `{{eta}}`, `{{refresh}}`), so filling it is one pass of copies: the page is
+/// what every waiter's poll costs.
+#[derive(Debug, Clone)]
+pub struct Template {
+    parts: Vec<Part>,
+    size: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Field {
+    Room,
+    State,
+    Position,
+    Ahead,
+    Eta,
+    Refresh,
+}
+
+#[derive(Debug, Clone)]
+enum Part {
+    Text(String),
+    Field(Field),
+}
+
+const FIELDS: [(&str, Field); 6] = [
+    ("{{room}}", Field::Room),
+    ("{{state}}", Field::State),
+    ("{{position}}", Field::Position),
+    ("{{ahead}}", Field::Ahead),
+    ("{{eta}}", Field::Eta),
+    ("{{refresh}}", Field::Refresh),
+];
+
+impl Template {
+    /// The operator's page, or the built-in one.
+    pub fn new(text: Option<&str>) -> Template {
+        let text = text.unwrap_or(PAGE);
+        let mut parts = Vec::new();
+        let mut rest = text;
+        loop {
+            let next = FIELDS
+                .iter()
+                .filter_map(|(name, f)| rest.find(name).map(|at| (at, *name, *f)))
+                .min_by_key(|(at, _, _)| *at);
+            let Some((at, name, field)) = next else {
+                parts.push(Part::Text(rest.to_string()));
+                break;
+            };
+            parts.push(Part::Text(rest[..at].to_string()));
+            parts.push(Part::Field(field));
+            rest = &rest[at + name.len()..];
         }
-        "closed" => "This sale is closed to new shoppers.",
-        other => other,
-    };
-    template
-        .unwrap_or(PAGE)
-        .replace("{{room}}", &escape(s.room))
-        .replace("{{state}}", &escape(state))
-        .replace("{{position}}", &escape(&position))
-        .replace("{{ahead}}", &escape(&ahead))
-        .replace("{{eta}}", &escape(&eta_text(s.eta_seconds)))
-        .replace("{{refresh}}", &s.refresh_seconds.to_string())
+        Template {
+            parts,
+            size: text.len() + 256,
+        }
+    }
+
+    /// The page for `s`, every value escaped.
+    pub fn fill(&self, s: &Status<'_>) -> String {
+        let state = match s.state {
+            "queued" => "You are in line.",
+            "refused" => {
+                "Too many people joined from your network just now. Please try again in a minute."
+            }
+            "closed" => "This sale is closed to new shoppers.",
+            other => other,
+        };
+        let number = |n: Option<u64>| n.map_or_else(|| "-".to_string(), |n| n.to_string());
+        let mut out = String::with_capacity(self.size);
+        for p in &self.parts {
+            match p {
+                Part::Text(t) => out.push_str(t),
+                Part::Field(Field::Room) => out.push_str(&escape(s.room)),
+                Part::Field(Field::State) => out.push_str(&escape(state)),
+                Part::Field(Field::Position) => out.push_str(&number(s.position)),
+                Part::Field(Field::Ahead) => out.push_str(&number(s.ahead)),
+                Part::Field(Field::Eta) => out.push_str(&escape(&eta_text(s.eta_seconds))),
+                Part::Field(Field::Refresh) => out.push_str(&s.refresh_seconds.to_string()),
+            }
+        }
+        out
+    }
+}
+
+/// The page for `s` from `template` (or the built-in one), made on the spot (a room keeps a
+/// `Template` instead).
+pub fn html(s: &Status<'_>, template: Option<&str>) -> String {
+    Template::new(template).fill(s)
 }
 
 const PAGE: &str = r#"<!DOCTYPE html>
