@@ -704,7 +704,7 @@ fn encode_rooms(
     family(
         enc,
         "breakwater_room_door_closed_seconds",
-        "Time the door admitted nobody although people waited, by reason: full (max_active_sessions), origin (the pool's queue wait above max_queue_wait).",
+        "Time the door admitted nobody although people waited, by reason: full (max_active_sessions), origin (the pool's queue wait above max_queue_wait), not_open (before opens_at).",
         MetricType::Counter,
         rooms
             .iter()
@@ -720,6 +720,12 @@ fn encode_rooms(
                         with(r, "reason", "origin"),
                         prometheus_client::metrics::counter::ConstCounter::new(
                             load(&r.stats.closed_origin_ms) as f64 / 1000.0,
+                        ),
+                    ),
+                    (
+                        with(r, "reason", "not_open"),
+                        prometheus_client::metrics::counter::ConstCounter::new(
+                            load(&r.stats.closed_prequeue_ms) as f64 / 1000.0,
                         ),
                     ),
                 ]

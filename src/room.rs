@@ -57,6 +57,7 @@ pub struct RoomStats {
     /// Milliseconds the door stayed shut, by reason: full (max_active_sessions), origin guard.
     pub closed_full_ms: AtomicU64,
     pub closed_origin_ms: AtomicU64,
+    pub closed_prequeue_ms: AtomicU64,
     /// Seconds from ticket to pass, for shoppers who waited.
     pub wait: prometheus_client::metrics::histogram::Histogram,
 }
@@ -76,6 +77,7 @@ impl Default for RoomStats {
             invalid: Default::default(),
             closed_full_ms: AtomicU64::new(0),
             closed_origin_ms: AtomicU64::new(0),
+            closed_prequeue_ms: AtomicU64::new(0),
             wait: prometheus_client::metrics::histogram::Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(1.0, 2.0, 14),
             ),
@@ -121,6 +123,8 @@ pub struct Room {
     /// longer exists (a restart with the same keys), and its number means nothing here.
     line_started: u64,
     page: page::Template,
+    /// The door has opened (`opens_at` passed, the pre-queue shuffled if asked).
+    opened: std::sync::atomic::AtomicBool,
 }
 
 /// What the room decides about a request.
@@ -178,6 +182,10 @@ impl Room {
             guard,
             line_started: old.map_or_else(unix_now, |o| o.line_started),
             page: page::Template::new(cfg.page_template.as_deref()),
+            // Without an opening time the room is open from the start.
+            opened: std::sync::atomic::AtomicBool::new(
+                cfg.opens_at.is_none() || old.is_some_and(|o| o.opened.load(Ordering::Acquire)),
+            ),
             cfg,
         }
     }
@@ -293,7 +301,11 @@ impl Room {
             }
         }
         // No place in line yet. While nobody waits and the door has room, walk straight in.
-        if self.cfg.mode == RoomMode::Auto && self.state.waiting() == 0 && self.take_slot_now() {
+        if self.cfg.mode == RoomMode::Auto
+            && self.opened.load(Ordering::Acquire)
+            && self.state.waiting() == 0
+            && self.take_slot_now()
+        {
             self.stats.admitted_at_once.fetch_add(1, Ordering::Relaxed);
             return self.mint_pass(now, tls);
         }
@@ -413,7 +425,13 @@ impl Room {
             Some(t) => {
                 let ahead = self.state.ahead(t.id);
                 let rate = self.door().rate.max(0.01);
-                let secs = ahead as f64 / rate;
+                // Before the opening, the wait starts then.
+                let until_open = self
+                    .cfg
+                    .opens_at
+                    .and_then(|o| o.duration_since(SystemTime::now()).ok())
+                    .map_or(0.0, |d| d.as_secs_f64());
+                let secs = until_open + ahead as f64 / rate;
                 let eta = [
                     ((secs * 0.8).floor() as u64).max(1),
                     ((secs * 1.2).ceil() as u64).max(refresh),
@@ -509,6 +527,22 @@ impl Room {
         let active = self.state.sessions() + unclaimed(&d);
         let room_left = self.cfg.max_active_sessions.saturating_sub(active);
         let ms = (dt * 1000.0) as u64;
+        if !self.opened.load(Ordering::Acquire) {
+            if self.cfg.opens_at.is_some_and(|o| SystemTime::now() < o) {
+                // The pre-queue: everyone takes a ticket, nobody is let in yet.
+                self.stats
+                    .closed_prequeue_ms
+                    .fetch_add(ms, Ordering::Relaxed);
+                d.budget = d.budget.min(1.0);
+                return;
+            }
+            if self.cfg.order == crate::config::room::RoomOrder::ShufflePrequeue {
+                self.state.shuffle_prequeue(random_id());
+                tracing::info!(room = %self.cfg.name, shuffled = self.state.waiting(),
+                    "waiting room opened: the pre-queue is let in in a random order");
+            }
+            self.opened.store(true, Ordering::Release);
+        }
         let slots = if room_left == 0 {
             self.stats.closed_full_ms.fetch_add(ms, Ordering::Relaxed);
             0

@@ -435,3 +435,82 @@ async fn a_reload_keeps_places_and_passes() {
     }
     proxy.stop().await;
 }
+
+/// RFC 3339 (UTC) for a moment `after` from now.
+fn rfc3339_in(after: Duration) -> String {
+    let t = std::time::SystemTime::now() + after;
+    let secs = t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prequeue_waits_for_the_opening_then_goes_in_shuffled() {
+    let origin = text_origin("shop").await;
+    let opens = rfc3339_in(Duration::from_secs(5));
+    let proxy = Proxy::start(&config(
+        origin.addr,
+        &format!(
+            "order = \"shuffle_prequeue\"\nopens_at = \"{opens}\"\n\
+             new_sessions_per_minute = 600\ntickets_per_ip = 0"
+        ),
+    ))
+    .await;
+    let addr = proxy.addr;
+    // 30 shoppers join before the opening (auto mode, but nobody walks in before it).
+    let mut tokens = Vec::new();
+    for i in 0..30 {
+        let src = format!("127.0.68.{}", i + 1);
+        let a = ask(addr, &src, "/", &[]).await;
+        assert_eq!(a.status, 429, "someone walked in before the opening");
+        let j = json(&a);
+        assert!(j["eta_seconds"][0].as_u64().unwrap_or(0) >= 1, "{j}");
+        tokens.push((src, j["token"].as_str().unwrap().to_string()));
+    }
+    let mut order: Vec<usize> = Vec::new();
+    let t = Instant::now();
+    while order.len() < 30 {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "only {} in",
+            order.len()
+        );
+        for (i, (src, tok)) in tokens.iter().enumerate() {
+            if !order.contains(&i) {
+                let r = ask(addr, src, "/", &[("Breakwater-Room-Token", tok)]).await;
+                if r.status == 200 {
+                    order.push(i);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Nobody got in before the opening; everyone did after; not in arrival order.
+    let first_in = proxy
+        .metric("breakwater_room_door_closed_seconds_total{room=\"drop\",reason=\"not_open\"}");
+    eprintln!("pre-queue of 30 let in as {order:?} (door shut {first_in} s before opening)");
+    assert!(first_in >= 0.5, "{first_in}");
+    let inversions = (0..30)
+        .flat_map(|a| (a + 1..30).map(move |b| (a, b)))
+        .filter(|&(a, b)| order[a] > order[b])
+        .count();
+    eprintln!("{inversions} of 435 pairs out of arrival order");
+    // A random order of 30 has ~217 inversions on average; arrival order has 0.
+    assert!(inversions > 50, "{inversions} inversions: not shuffled");
+    proxy.stop().await;
+}

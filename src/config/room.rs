@@ -32,6 +32,18 @@ pub enum RoomMode {
     Reject,
 }
 
+/// In which order the line is let in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoomOrder {
+    /// Ticket order.
+    #[default]
+    Fifo,
+    /// Everyone who joined before `opens_at` is let in in a random order (the fastest bot is
+    /// not first); later arrivals follow in ticket order.
+    ShufflePrequeue,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileRoom {
@@ -42,6 +54,10 @@ pub struct FileRoom {
     pub path_prefix: Spanned<String>,
     #[serde(default)]
     pub mode: RoomMode,
+    #[serde(default)]
+    pub order: RoomOrder,
+    #[serde(default)]
+    pub opens_at: Option<Spanned<String>>,
     #[serde(default = "default_max_active")]
     pub max_active_sessions: Spanned<u64>,
     #[serde(default = "default_rate")]
@@ -103,6 +119,9 @@ pub struct RoomConfig {
     pub host: Option<HostPattern>,
     pub path_prefix: String,
     pub mode: RoomMode,
+    pub order: RoomOrder,
+    /// Before this, everyone takes a ticket and nobody is let in (the pre-queue).
+    pub opens_at: Option<std::time::SystemTime>,
     pub max_active_sessions: u64,
     pub new_sessions_per_minute: u64,
     /// The door closes while the pool's recent queue wait is above this.
@@ -241,6 +260,30 @@ pub(super) fn validate(
                 ),
             );
         }
+        let opens_at = match &r.opens_at {
+            None => None,
+            Some(t) => Some(
+                humantime::parse_rfc3339_weak(t.get_ref().trim()).map_err(|_| {
+                    err(
+                        t.span(),
+                        format!(
+                            "opens_at {:?} is not a time: expected RFC 3339 in UTC, such as \
+                         \"2026-12-01T10:00:00Z\"",
+                            t.get_ref()
+                        ),
+                    )
+                })?,
+            ),
+        };
+        if r.order == RoomOrder::ShufflePrequeue && opens_at.is_none() {
+            return Err(err(
+                r.name.span(),
+                format!(
+                    "waiting_room {name:?} has order = \"shuffle_prequeue\" but no opens_at: \
+                     the shuffle applies to everyone who joined before the opening"
+                ),
+            ));
+        }
         let page_template = match &r.page_template {
             None => None,
             Some(p) => Some(std::fs::read_to_string(p.get_ref()).map_err(|e| {
@@ -270,6 +313,8 @@ pub(super) fn validate(
             host,
             path_prefix: prefix,
             mode: r.mode,
+            order: r.order,
+            opens_at,
             max_active_sessions: *r.max_active_sessions.get_ref(),
             new_sessions_per_minute: *r.new_sessions_per_minute.get_ref(),
             max_queue_wait: r.max_queue_wait.as_ref().map(|d| d.get_ref().0),

@@ -29,6 +29,9 @@ pub trait RoomState: Send + Sync + std::fmt::Debug {
     fn advance(&self, slots: u64) -> (u64, u64);
     /// Starts a new liveness epoch (every `queue_grace`).
     fn rotate(&self);
+    /// At the opening (before anyone was let in): the tickets issued so far are let in in a
+    /// random order drawn from `seed`; later tickets follow in order.
+    fn shuffle_prequeue(&self, seed: u64);
 
     /// Sessions (admitted shoppers): add, touch (false when unknown: expired or revoked),
     /// revoke, count, and expire those idle since before `idle_before`.
@@ -50,9 +53,24 @@ struct Line {
     current: Vec<u64>,
     previous: Vec<u64>,
     skipped: Vec<u64>,
+    /// After a pre-queue shuffle: the place in line (rank) of each of the first tickets
+    /// (4 bytes per pre-queued ticket). Everything above works in ranks; a ticket above these
+    /// is its own rank.
+    rank_of: Vec<u32>,
 }
 
 impl Line {
+    /// A ticket's place in line.
+    fn rank(&self, ticket: u64) -> u64 {
+        match ticket
+            .checked_sub(1)
+            .and_then(|i| self.rank_of.get(i as usize))
+        {
+            Some(&r) => u64::from(r),
+            None => ticket,
+        }
+    }
+
     fn bit(v: &[u64], i: u64) -> bool {
         v.get((i / 64) as usize)
             .is_some_and(|w| w & (1 << (i % 64)) != 0)
@@ -148,6 +166,7 @@ impl RoomState for LocalState {
 
     fn touch(&self, ticket: u64) {
         let mut l = self.line();
+        let ticket = l.rank(ticket);
         if ticket > l.cursor && ticket <= l.issued && ticket >= l.base {
             let i = ticket - l.base;
             Line::set(&mut l.current, i);
@@ -156,6 +175,7 @@ impl RoomState for LocalState {
 
     fn admitted(&self, ticket: u64) -> Option<bool> {
         let l = self.line();
+        let ticket = l.rank(ticket);
         if ticket > l.cursor {
             return None;
         }
@@ -168,6 +188,7 @@ impl RoomState for LocalState {
 
     fn ahead(&self, ticket: u64) -> u64 {
         let l = self.line();
+        let ticket = l.rank(ticket);
         if ticket <= l.cursor {
             return 0;
         }
@@ -210,6 +231,40 @@ impl RoomState for LocalState {
         let mut l = self.line();
         let current = std::mem::take(&mut l.current);
         l.previous = current;
+    }
+
+    fn shuffle_prequeue(&self, seed: u64) {
+        let mut l = self.line();
+        if l.cursor > 0 || !l.rank_of.is_empty() || l.issued > u64::from(u32::MAX) {
+            return;
+        }
+        let n = l.issued as usize;
+        // Fisher-Yates over the ranks, with a xorshift stream from the seed.
+        let mut x = seed | 1;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut ranks: Vec<u32> = (1..=n as u32).collect();
+        for i in (1..n).rev() {
+            let j = (next() % (i as u64 + 1)) as usize;
+            ranks.swap(i, j);
+        }
+        // Liveness moves with each ticket to its rank (base is 1: nothing was compacted).
+        let moved = |v: &[u64]| {
+            let mut out = Vec::new();
+            for (i, r) in ranks.iter().enumerate() {
+                if Line::bit(v, i as u64) {
+                    Line::set(&mut out, u64::from(*r) - 1);
+                }
+            }
+            out
+        };
+        l.current = moved(&l.current);
+        l.previous = moved(&l.previous);
+        l.rank_of = ranks;
     }
 
     fn session_add(&self, id: u64, now: Instant) {
@@ -267,6 +322,40 @@ mod tests {
         assert_eq!(s.admitted(4), Some(true));
         assert_eq!(s.admitted(6), None);
         assert_eq!(s.ahead(8), 1);
+    }
+
+    #[test]
+    fn a_shuffled_prequeue_lets_everyone_in_once_in_a_new_order_then_fifo() {
+        let s = LocalState::default();
+        for _ in 0..50 {
+            s.issue();
+        }
+        s.shuffle_prequeue(0x5eed);
+        let late: Vec<u64> = (0..5).map(|_| s.issue()).collect();
+        let mut order = Vec::new();
+        for _ in 0..55 {
+            s.advance(1);
+            let now_in: Vec<u64> = (1..=55)
+                .filter(|t| s.admitted(*t) == Some(true) && !order.contains(t))
+                .collect();
+            assert_eq!(now_in.len(), 1, "one per slot");
+            order.push(now_in[0]);
+        }
+        // Every ticket once; the first 50 not in ticket order; the late ones last, in order.
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(sorted, (1..=55).collect::<Vec<_>>());
+        assert_ne!(&order[..50], &(1..=50).collect::<Vec<_>>()[..]);
+        assert_eq!(&order[50..], &late[..]);
+        // Positions follow the shuffled order.
+        let s2 = LocalState::default();
+        for _ in 0..10 {
+            s2.issue();
+        }
+        s2.shuffle_prequeue(7);
+        let mut ahead: Vec<u64> = (1..=10).map(|t| s2.ahead(t)).collect();
+        ahead.sort();
+        assert_eq!(ahead, (0..10).collect::<Vec<_>>());
     }
 
     #[test]
