@@ -1,10 +1,10 @@
 //! ④ The proxy handler: one call per request. Route → rewrite headers → send upstream → relay
-//! the response. This is the one place where errors become HTTP responses (`ProxyError`).
+//! the response. Errors become HTTP responses here, by the table in `proxy/error.rs`.
 //!
 //! Why this file is long (~660 lines): it is the request's whole path (room gate, route,
-//! rewrite, send, relay) plus the error → status table, and those pieces share the
-//! `Relayed`/`ProxyError` types. Already split out: headers, target, route, body, activity,
-//! spool (slow readers), tunnel (WebSocket) and error (the status table).
+//! rewrite, read-ahead, send, relay), whose steps share the `Relayed` type and the access-log
+//! line. Already split out: headers, target, route, body, activity, spool (slow readers),
+//! tunnel (WebSocket) and error (the status table).
 
 pub mod activity;
 pub mod body;
