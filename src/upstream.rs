@@ -13,11 +13,13 @@
 //! non-async sections. Inside it only plain `Granted` values are made; a `Lease` (whose drop
 //! takes the lock) exists only outside it.
 //!
-//! Why this file is long (~900 lines): the scheduler (fair queue, slot accounting), leases,
-//! the exchange with retry, private `send_proxy_protocol` connections and health bookkeeping
-//! all work under the one upstream lock, and splitting them means choosing which state each
-//! owns. That split (a pure scheduler with unit tests, the exchange, health) is planned in the
-//! structure issue (#8); pool, queue, health, body and tunnel are separate files already.
+//! Why this file is long (~1,280 lines): the scheduler (fair queue, client and connection
+//! shares, slot accounting, connect pacing), leases and their background drain, the exchange
+//! with retry, private connections (`send_proxy_protocol`, panic mode) and health bookkeeping
+//! (re-probe backoff) all work under the one upstream lock, and splitting them means choosing
+//! which state each owns. That split (a pure scheduler with unit tests; the exchange with
+//! `Lease`/`Pending`; health and panic mode) is the next step of the structure issue (#8); pool,
+//! queue, health, body, tunnel and proxy_protocol are separate files already.
 
 pub mod body;
 pub mod health;
