@@ -292,7 +292,7 @@ impl Room {
             self.state.touch(t.id);
             match self.state.admitted(t.id) {
                 Some(true) => {
-                    self.claim(now, t.issued);
+                    self.claim(t.issued);
                     return self.mint_pass(now, tls);
                 }
                 // Its turn came while it was not polling: it lost its place.
@@ -356,7 +356,7 @@ impl Room {
         true
     }
 
-    fn claim(&self, now: Instant, issued: u64) {
+    fn claim(&self, issued: u64) {
         let mut d = self.door();
         if let Some(front) = d.unclaimed.iter_mut().find(|(_, n)| *n > 0) {
             front.1 -= 1;
@@ -364,7 +364,6 @@ impl Room {
         drop(d);
         let waited = unix_now().saturating_sub(issued) as f64;
         self.stats.wait.observe(waited);
-        let _ = now;
     }
 
     fn mint_pass(&self, now: Instant, tls: bool) -> Verdict {

@@ -643,6 +643,13 @@ impl Upstream {
             UpstreamProtocol::Http1 => 1,
             UpstreamProtocol::H2c => pool::H2_STREAMS,
         };
+        // At pool_max everywhere (a storm) nothing can be opened: skip counting waiters, which
+        // walks every queued client, under the lock, on every release.
+        let can_open = (0..self.servers.len())
+            .any(|i| self.servers[i].health.is_healthy() && st.slots[i].open < self.cfg.pool_max);
+        if !can_open {
+            return;
+        }
         // Only waiters that could take a connection count: one over its share waits for its own
         // requests to finish, and a new connection would only sit idle.
         let eligible: usize = st
