@@ -13,6 +13,7 @@ pub mod conn_limit;
 pub mod fd;
 pub mod global_cap;
 pub mod rate_limit;
+pub mod shared_rate;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,6 +28,7 @@ use crate::config::{AdmissionConfig, RejectMode};
 use conn_limit::ConnLimit;
 use global_cap::GlobalCap;
 use rate_limit::RateLimit;
+use shared_rate::{SharedRate, Verdict};
 
 /// Why a connection was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +36,9 @@ pub enum Rejected {
     Deny,
     Rate,
     PerIpCap,
+    /// Banned for repeatedly hitting the rate limit (`[fleet.bans]`), here or on another
+    /// instance of the fleet.
+    Banned,
 }
 
 /// A place under the global cap, taken before accept; given back on drop. It holds the one
@@ -72,6 +77,7 @@ pub struct Stats {
     pub rejected_deny: AtomicU64,
     pub rejected_rate: AtomicU64,
     pub rejected_per_ip_cap: AtomicU64,
+    pub rejected_banned: AtomicU64,
     /// On a PROXY-protocol listener: a peer outside `proxy_protocol_from`.
     pub rejected_proxy_source: AtomicU64,
     /// On a PROXY-protocol listener: no valid header within the timeout.
@@ -94,6 +100,7 @@ impl Default for Stats {
             rejected_deny: z(),
             rejected_rate: z(),
             rejected_per_ip_cap: z(),
+            rejected_banned: z(),
             rejected_proxy_source: z(),
             rejected_proxy_header: z(),
             would_reject: z(),
@@ -155,20 +162,71 @@ struct Policy {
     ipv6_prefix: u8,
     dry_run: bool,
     reject: RejectMode,
-    conn_rate: Option<Arc<RateLimit>>,
-    request_rate: Option<Arc<RateLimit>>,
-    /// (rate, burst) of each limiter, to tell whether a reload changed it.
-    conn_rate_cfg: (u32, u32),
-    request_rate_cfg: (u32, u32),
+    conn_rate: Option<Limiter>,
+    request_rate: Option<Limiter>,
+    /// (rate, burst, shared) of each limiter, to tell whether a reload changed it.
+    conn_rate_cfg: (u32, u32, bool),
+    request_rate_cfg: (u32, u32, bool),
+}
+
+/// A per-client rate limit: this instance's alone (governor), or one budget shared by a fleet
+/// (see `shared_rate.rs` for why that one is not governor).
+#[derive(Clone)]
+enum Limiter {
+    Local(Arc<RateLimit>),
+    Shared(Arc<SharedRate>),
+}
+
+impl Limiter {
+    fn new((rate, burst, shared): (u32, u32, bool)) -> Option<Limiter> {
+        if shared {
+            SharedRate::new(rate, burst).map(|l| Limiter::Shared(Arc::new(l)))
+        } else {
+            RateLimit::new(rate, burst).map(|l| Limiter::Local(Arc::new(l)))
+        }
+    }
+
+    fn check(&self, key: IpAddr) -> Verdict {
+        match self {
+            Limiter::Local(l) if l.check(key) => Verdict::Pass,
+            Limiter::Local(_) => Verdict::Limited,
+            Limiter::Shared(s) => s.check(key),
+        }
+    }
+
+    fn prune(&self) {
+        match self {
+            Limiter::Local(l) => l.prune(),
+            Limiter::Shared(s) => s.prune(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Limiter::Local(l) => l.len(),
+            Limiter::Shared(s) => s.len(),
+        }
+    }
+
+    fn shared(&self) -> Option<Arc<SharedRate>> {
+        match self {
+            Limiter::Local(_) => None,
+            Limiter::Shared(s) => Some(s.clone()),
+        }
+    }
 }
 
 impl Policy {
     fn new(cfg: &AdmissionConfig, old: Option<&Policy>) -> Policy {
-        let conn_rate_cfg = (cfg.per_ip_rate, cfg.per_ip_burst);
-        let request_rate_cfg = (cfg.per_ip_request_rate, cfg.per_ip_request_burst);
-        let keep = |same: bool, old: Option<&Option<Arc<RateLimit>>>, rate: (u32, u32)| match old {
+        let conn_rate_cfg = (cfg.per_ip_rate, cfg.per_ip_burst, cfg.shared_limits);
+        let request_rate_cfg = (
+            cfg.per_ip_request_rate,
+            cfg.per_ip_request_burst,
+            cfg.shared_limits,
+        );
+        let keep = |same: bool, old: Option<&Option<Limiter>>, rate| match old {
             Some(o) if same => o.clone(),
-            _ => RateLimit::new(rate.0, rate.1).map(Arc::new),
+            _ => Limiter::new(rate),
         };
         Policy {
             allow: cfg.allow.clone(),
@@ -281,6 +339,7 @@ impl Admission {
                     Rejected::Deny => &self.stats.rejected_deny,
                     Rejected::Rate => &self.stats.rejected_rate,
                     Rejected::PerIpCap => &self.stats.rejected_per_ip_cap,
+                    Rejected::Banned => &self.stats.rejected_banned,
                 };
                 if p.dry_run {
                     self.stats.would_reject.fetch_add(1, Ordering::Relaxed);
@@ -325,8 +384,10 @@ impl Admission {
         }
         let key = client.key.ip;
         if let Some(rl) = &p.conn_rate {
-            if !rl.check(key) {
-                return Err(Rejected::Rate);
+            match rl.check(key) {
+                Verdict::Pass => {}
+                Verdict::Limited => return Err(Rejected::Rate),
+                Verdict::Banned => return Err(Rejected::Banned),
             }
         }
         if self.per_ip.max() == 0 {
@@ -345,12 +406,51 @@ impl Admission {
         let Some(rl) = &p.request_rate else {
             return true;
         };
-        if client.key.exempt || rl.check(client.key.ip) {
+        if client.key.exempt || rl.check(client.key.ip) == Verdict::Pass {
             return true;
         }
         self.stats.requests_limited.fetch_add(1, Ordering::Relaxed);
         // In a dry run the request is counted, not refused.
         p.dry_run
+    }
+
+    /// The limiters a fleet shares (connection rate, request rate), as configured now; `None`
+    /// where a limit is off or this instance is not in a fleet. The sync task reads them every
+    /// tick, so a reload that replaces one is followed.
+    pub fn shared_limits(&self) -> [Option<Arc<SharedRate>>; 2] {
+        let p = self.policy.load();
+        [
+            p.conn_rate.as_ref().and_then(Limiter::shared),
+            p.request_rate.as_ref().and_then(Limiter::shared),
+        ]
+    }
+
+    /// Refuses the client key `key` at accept for `for_` (a fleet ban). False when there is no
+    /// shared connection-rate limit to hold it.
+    pub fn ban(&self, key: IpAddr, for_: Duration) -> bool {
+        match self
+            .policy
+            .load()
+            .conn_rate
+            .as_ref()
+            .and_then(Limiter::shared)
+        {
+            Some(s) => {
+                s.ban(key, for_);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Client keys banned now.
+    pub fn banned(&self) -> usize {
+        self.policy
+            .load()
+            .conn_rate
+            .as_ref()
+            .and_then(Limiter::shared)
+            .map_or(0, |s| s.banned())
     }
 
     /// Drops rate-limiter state for clients that went quiet.

@@ -14,6 +14,7 @@
 
 pub mod env;
 pub mod file;
+pub mod fleet;
 pub mod room;
 
 use std::fmt;
@@ -50,6 +51,8 @@ pub struct Config {
     pub log: LogConfig,
     /// `[[waiting_room]]`: lines at the door for sales (see `room.rs`).
     pub rooms: Vec<room::RoomConfig>,
+    /// `[fleet]`: limits and bans shared with other instances; None = this instance alone.
+    pub fleet: Option<fleet::FleetConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -85,6 +88,8 @@ pub struct AdmissionConfig {
     pub ipv6_prefix: u8,
     /// Count and log what would be rejected, reject nothing.
     pub dry_run: bool,
+    /// The rate limits are one budget shared by a fleet (`[fleet] redis_url` is set).
+    pub shared_limits: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -416,6 +421,33 @@ impl Config {
             a.deny.len(),
             if a.dry_run { "  DRY RUN" } else { "" }
         );
+        if let Some(f) = &self.fleet {
+            let store = f
+                .redis_url
+                .as_deref()
+                .map_or("none (limits per instance)".into(), |u| {
+                    redis::parse_redis_url(u).map_or("redis_url".to_string(), |mut u| {
+                        let _ = u.set_password(None);
+                        u.to_string()
+                    })
+                });
+            s += &format!(
+                "fleet     store {store}  instance {}  sync every {} (timeout {})  bans {}\n",
+                f.instance,
+                humantime::format_duration(f.sync_interval),
+                humantime::format_duration(f.sync_timeout),
+                if f.bans.after_rejections == 0 {
+                    "off".to_string()
+                } else {
+                    format!(
+                        "after {} refusals in {} for {}",
+                        f.bans.after_rejections,
+                        humantime::format_duration(f.bans.window),
+                        humantime::format_duration(f.bans.duration)
+                    )
+                }
+            );
+        }
         if let Some(a) = &self.admin {
             s += &format!(
                 "admin     {}  /metrics /healthz /readyz{}\n",
@@ -921,8 +953,10 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
         ));
     }
 
-    let admission = validate_admission(raw.admission, &warnings)?;
+    let mut admission = validate_admission(raw.admission, &warnings)?;
     let rooms = room::validate(raw.waiting_room, &warnings)?;
+    let fleet = fleet::validate(raw.fleet, &warnings)?;
+    admission.shared_limits = fleet.as_ref().is_some_and(|f| f.shared());
     let worker_threads = match *raw.runtime.worker_threads.get_ref() {
         0 => default_shards(),
         n if n <= 1024 => n,
@@ -1020,6 +1054,7 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
     Ok(Config {
         source: source.to_string(),
         rooms,
+        fleet,
         listeners,
         http,
         upstreams,
@@ -1097,6 +1132,7 @@ fn validate_admission(
         deny: nets(&a.deny)?,
         ipv6_prefix: prefix,
         dry_run: a.dry_run,
+        shared_limits: false,
     })
 }
 
@@ -1394,7 +1430,8 @@ mod tests {
     fn the_documented_waiting_room_parses_and_mistakes_are_named() {
         let shipped = include_str!("../config/breakwater.toml");
         let start = shipped.find("# [[waiting_room]]").unwrap();
-        let room: String = shipped[start..]
+        let end = shipped.find("# [fleet]").unwrap();
+        let room: String = shipped[start..end]
             .lines()
             .filter(|l| l.starts_with("# ") && l.contains('='))
             .filter(|l| !l.contains("keys =") && !l.contains("page_template"))
@@ -1414,6 +1451,48 @@ mod tests {
             ("name = \"x\"\nmode = \"fast\"", "mode"),
         ] {
             let e = parse(&format!("{ONE}[[waiting_room]]\n{bad}")).unwrap_err();
+            assert!(e.contains(key), "{bad}: {e}");
+            assert!(e.contains("t.toml:"), "{e}");
+        }
+    }
+
+    /// The documented `[fleet]`, uncommented, is the defaults (plus its URL and name), and
+    /// mistakes name their key.
+    #[test]
+    fn the_documented_fleet_section_is_the_defaults() {
+        let shipped = include_str!("../config/breakwater.toml");
+        let start = shipped.find("# [fleet]").unwrap();
+        let text: String = shipped[start..]
+            .lines()
+            .filter(|l| l.starts_with("# ") && (l.contains('=') || l.starts_with("# [")))
+            .map(|l| format!("{}\n", &l[2..]))
+            .collect();
+        let cfg = parse(&format!("{ONE}{text}")).unwrap();
+        let f = cfg.fleet.unwrap();
+        assert_eq!(
+            f,
+            fleet::FleetConfig {
+                redis_url: Some("redis://127.0.0.1:6379/0".into()),
+                instance: "edge-1".into(),
+                ..Default::default()
+            }
+        );
+        assert!(cfg.admission.shared_limits);
+        assert!(!parse(ONE).unwrap().admission.shared_limits);
+        for (bad, key) in [
+            ("[fleet]\nredis_url = \"http://x\"", "redis_url"),
+            ("[fleet]\nsync_interval = \"1ms\"", "sync_interval"),
+            ("[fleet]\nepoch = \"1500ms\"", "epoch"),
+            ("[fleet]\ndegraded_factor = 0.0", "degraded_factor"),
+            ("[fleet]\nnamespace = \"a b\"", "namespace"),
+            (
+                "[fleet]\nredis_url_file = \"/nonexistent\"",
+                "redis_url_file",
+            ),
+            ("[fleet.bans]\nwindow = \"0s\"", "window"),
+            ("[fleet]\nsync_intervall = \"1s\"", "sync_intervall"),
+        ] {
+            let e = parse(&format!("{ONE}{bad}")).unwrap_err();
             assert!(e.contains(key), "{bad}: {e}");
             assert!(e.contains("t.toml:"), "{e}");
         }

@@ -374,6 +374,50 @@ pub fn render(checks: &[Check]) -> String {
     s
 }
 
+/// `[fleet] redis_url`: whether the store answers, and its round trip (a sync interval shorter
+/// than a few round trips would spend itself waiting).
+pub fn fleet_check(cfg: &crate::config::fleet::FleetConfig) -> Option<Check> {
+    let url = cfg.redis_url.as_ref()?;
+    let shown = redis::parse_redis_url(url).map_or_else(
+        || "redis_url".to_string(),
+        |mut u| {
+            // The URL may carry a password.
+            let _ = u.set_password(None);
+            u.to_string()
+        },
+    );
+    let probed = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| rt.block_on(crate::fleet::probe(url)));
+    let needs = format!("answers within sync_timeout ({:?})", cfg.sync_timeout);
+    Some(match probed {
+        Ok(rtt) => Check {
+            setting: "fleet store",
+            value: format!("{shown}: PING in {:.2} ms", rtt.as_secs_f64() * 1000.0),
+            needs,
+            verdict: if rtt < cfg.sync_timeout {
+                Verdict::Ok
+            } else {
+                Verdict::Advice
+            },
+            fix: (rtt >= cfg.sync_timeout)
+                .then(|| "raise [fleet] sync_timeout, or run Redis nearer".to_string()),
+        },
+        Err(e) => Check {
+            setting: "fleet store",
+            value: format!("{shown}: {e}"),
+            needs,
+            verdict: Verdict::Advice,
+            fix: Some(
+                "start Redis there or fix [fleet] redis_url (until then limits run per instance)"
+                    .into(),
+            ),
+        },
+    })
+}
+
 pub fn caps_anything(checks: &[Check]) -> bool {
     checks.iter().any(|c| c.verdict == Verdict::Caps)
 }

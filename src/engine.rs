@@ -170,6 +170,8 @@ pub struct Shared {
     /// for `drain_delay`.
     pub draining: watch::Sender<bool>,
     pub reloads: Arc<ReloadStats>,
+    /// `[fleet]` as started (a change applies after a restart).
+    pub fleet: Option<Arc<crate::fleet::Fleet>>,
 }
 
 impl Shared {
@@ -237,6 +239,7 @@ struct Serving {
 impl Engine {
     pub fn new(config: Config) -> Engine {
         let admission = Arc::new(admission::Admission::new(&config.admission));
+        let fleet = config.fleet.clone().map(crate::fleet::Fleet::new);
         let current = Arc::new(ArcSwap::from_pointee(Generation::build(config, None)));
         let tls = Arc::new(conn::tls::TlsListeners::default());
         let reloads = Arc::new(ReloadStats::default());
@@ -247,6 +250,7 @@ impl Engine {
             current.clone(),
             tls.clone(),
             reloads.clone(),
+            fleet.clone(),
         );
         let (reload_tx, reload_rx) = mpsc::channel(4);
         Engine {
@@ -258,6 +262,7 @@ impl Engine {
                 ready: AtomicBool::new(false),
                 draining: watch::Sender::new(false),
                 reloads,
+                fleet,
             }),
             admin: None,
             tls,
@@ -342,6 +347,10 @@ impl Engine {
             HashMap::new();
         sync_health(&shared.gen(), &mut health);
         let housekeeping = tokio::spawn(shared.admission.clone().housekeeping());
+        let fleet = shared
+            .fleet
+            .clone()
+            .map(|f| tokio::spawn(f.run(shared.admission.clone())));
 
         tokio::pin!(shutdown);
         loop {
@@ -388,6 +397,9 @@ impl Engine {
         };
         reaper.abort();
         housekeeping.abort();
+        if let Some(f) = fleet {
+            f.abort();
+        }
         for (_, (_, h)) in health {
             h.abort();
         }
@@ -462,6 +474,7 @@ impl Engine {
                 "[admin]",
                 old.config.admin.as_ref().map(|a| a.addr) != config.admin.as_ref().map(|a| a.addr),
             ),
+            ("[fleet]", old.config.fleet != config.fleet),
             (
                 "[runtime] control_socket",
                 old.config.control_socket != config.control_socket,

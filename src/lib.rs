@@ -32,6 +32,8 @@
 //! - the waiting room (a line at the door of a sale, opened by the origin's queue wait):
 //!   `room.rs`; its tokens `room/token.rs`, its line `room/state.rs`, its page `room/page.rs`
 //! - response spooling for slow readers and the progress deadlines: `proxy/spool.rs`
+//! - fleet mode (limits and bans shared through Redis, synced off the accept path): `fleet.rs`;
+//!   the limiter it feeds: `admission/shared_rate.rs`
 //!
 //! # Words
 //! *downstream*/*client*: the side that connects to Breakwater. *upstream*: a named group of
@@ -48,6 +50,7 @@ pub mod conn;
 pub mod demo;
 pub mod doctor;
 pub mod engine;
+pub mod fleet;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;

@@ -488,7 +488,8 @@ async fn demo_storm(
     let s = &shared.admission.stats;
     let refused = s.rejected_rate.load(Ordering::Relaxed)
         + s.rejected_per_ip_cap.load(Ordering::Relaxed)
-        + s.rejected_deny.load(Ordering::Relaxed);
+        + s.rejected_deny.load(Ordering::Relaxed)
+        + s.rejected_banned.load(Ordering::Relaxed);
     let served = r.status.get(&200).copied().unwrap_or(0);
     let origin_total = origin_accepts.load(Ordering::Relaxed);
     let probe = r.probe.clone().unwrap_or_default();

@@ -12,6 +12,7 @@
 //! families share the encoding helpers. What stands apart is split out: the host's counters
 //! (`metrics/host.rs`: kernel /proc and process_*) and the waiting rooms (`metrics/room.rs`).
 
+mod fleet;
 mod host;
 mod room;
 
@@ -81,6 +82,7 @@ pub fn registry(
     current: Arc<arc_swap::ArcSwap<crate::engine::Generation>>,
     tls: Arc<crate::conn::tls::TlsListeners>,
     reloads: Arc<crate::engine::ReloadStats>,
+    fleet: Option<Arc<crate::fleet::Fleet>>,
 ) -> Registry {
     let mut r = Registry::default();
     r.register_collector(Box::new(Snapshot {
@@ -89,6 +91,7 @@ pub fn registry(
         current,
         tls,
         reloads,
+        fleet,
     }));
     r
 }
@@ -108,6 +111,7 @@ struct Snapshot {
     current: Arc<arc_swap::ArcSwap<crate::engine::Generation>>,
     tls: Arc<crate::conn::tls::TlsListeners>,
     reloads: Arc<crate::engine::ReloadStats>,
+    fleet: Option<Arc<crate::fleet::Fleet>>,
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -202,6 +206,7 @@ impl prometheus_client::collector::Collector for Snapshot {
                     load(&s.rejected_per_ip_cap),
                 ),
                 (vec![("reason", "deny".into())], load(&s.rejected_deny)),
+                (vec![("reason", "banned".into())], load(&s.rejected_banned)),
                 (
                     vec![("reason", "proxy_protocol_source".into())],
                     load(&s.rejected_proxy_source),
@@ -285,6 +290,9 @@ impl prometheus_client::collector::Collector for Snapshot {
         self.encode_upstreams(&mut enc, &gen.proxy.upstreams)?;
         let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
         room::encode_rooms(&mut enc, &gen.rooms)?;
+        if let Some(f) = &self.fleet {
+            fleet::encode_fleet(&mut enc, f, &self.admission)?;
+        }
         let sp = &gen.proxy.spooler;
         let rb = &gen.proxy.request_budget;
         gauge(

@@ -111,7 +111,13 @@ pub(crate) fn doctor(path: Option<PathBuf>, json: bool) -> ExitCode {
         }
     };
     let needs = breakwater::doctor::needs(&config);
-    let checks = breakwater::doctor::assess(&breakwater::doctor::read_host(), &needs);
+    let mut checks = breakwater::doctor::assess(&breakwater::doctor::read_host(), &needs);
+    checks.extend(
+        config
+            .fleet
+            .as_ref()
+            .and_then(breakwater::doctor::fleet_check),
+    );
     let capped = breakwater::doctor::caps_anything(&checks);
     if json {
         let out = serde_json::json!({ "config": config.source, "ok": !capped, "checks": checks });

@@ -65,6 +65,8 @@ pub struct FileConfig {
     pub log: FileLog,
     #[serde(default)]
     pub waiting_room: Vec<Spanned<super::room::FileRoom>>,
+    #[serde(default)]
+    pub fleet: Option<super::fleet::FileFleet>,
 }
 
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 50_000;
