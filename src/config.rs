@@ -423,14 +423,8 @@ impl Config {
         );
         if let Some(f) = &self.fleet {
             let store = f
-                .redis_url
-                .as_deref()
-                .map_or("none (limits per instance)".into(), |u| {
-                    redis::parse_redis_url(u).map_or("redis_url".to_string(), |mut u| {
-                        let _ = u.set_password(None);
-                        u.to_string()
-                    })
-                });
+                .shown_url()
+                .unwrap_or_else(|| "none (limits per instance)".into());
             s += &format!(
                 "fleet     store {store}  instance {}  sync every {} (timeout {})  bans {}\n",
                 f.instance,

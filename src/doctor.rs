@@ -378,14 +378,7 @@ pub fn render(checks: &[Check]) -> String {
 /// than a few round trips would spend itself waiting).
 pub fn fleet_check(cfg: &crate::config::fleet::FleetConfig) -> Option<Check> {
     let url = cfg.redis_url.as_ref()?;
-    let shown = redis::parse_redis_url(url).map_or_else(
-        || "redis_url".to_string(),
-        |mut u| {
-            // The URL may carry a password.
-            let _ = u.set_password(None);
-            u.to_string()
-        },
-    );
+    let shown = cfg.shown_url().unwrap_or_default();
     let probed = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
