@@ -1,5 +1,12 @@
 //! The cost of one admission decision with 100,000 client addresses tracked, against a naive
-//! `Mutex<HashMap>` token bucket. Run: `cargo bench --bench admission`.
+//! `Mutex<HashMap>` token bucket, and in fleet mode (the shared-rate limiter, with a thread
+//! draining its per-key counts every 50 ms as the sync task does; no store is needed, the
+//! accept path never speaks to it). Run: `cargo bench --bench admission`.
+//!
+//! The drained fleet case is the worst one: with 100,000 keys decided in turn, every decision
+//! is its key's first since the last drain and lists the key for the sync. `FLEET_NO_DRAIN=1`
+//! measures the other end, a key deciding again within a sync interval (an attacker's address
+//! in a storm).
 //!
 //! "Decision" is what the accept loop does per connection: take a global slot, check deny and
 //! allow lists, the per-client connection rate and the per-client concurrency slot, then (when
@@ -120,6 +127,32 @@ fn bench(c: &mut Criterion) {
         let slot = admission.try_global_slot().expect("slot");
         black_box(admission.admit(peer(i), black_box(ip(i)), slot).is_ok());
     };
+    let fleet_toml = format!("{toml}[fleet]\nredis_url = \"redis://127.0.0.1:1/0\"\n");
+    let fleet_cfg = Config::parse(&fleet_toml, "bench").expect("bench config");
+    assert!(fleet_cfg.admission.shared_limits);
+    let fleet = std::sync::Arc::new(Admission::new(&fleet_cfg.admission));
+    for i in 0..TRACKED {
+        let slot = fleet.try_global_slot().expect("slot");
+        drop(fleet.admit(peer(i), ip(i), slot));
+    }
+    let draining = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let drainer = {
+        let (fleet, draining) = (fleet.clone(), draining.clone());
+        std::thread::spawn(move || {
+            let (mut buf, mut out) = (Vec::new(), Vec::new());
+            while draining.load(Ordering::Relaxed) && std::env::var("FLEET_NO_DRAIN").is_err() {
+                if let Some(l) = &fleet.shared_limits()[0] {
+                    out.clear();
+                    l.take_touched(&mut buf, &mut out);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        })
+    };
+    let shared = |i: u32| {
+        let slot = fleet.try_global_slot().expect("slot");
+        black_box(fleet.admit(peer(i), black_box(ip(i)), slot).is_ok());
+    };
     let theirs = |i: u32| {
         let a = black_box(ip(i));
         black_box(naive.admit(a));
@@ -135,11 +168,16 @@ fn bench(c: &mut Criterion) {
         g.bench_function("breakwater", |b| {
             b.iter_custom(|n| parallel(threads, n, &ours))
         });
+        g.bench_function("breakwater, fleet mode", |b| {
+            b.iter_custom(|n| parallel(threads, n, &shared))
+        });
         g.bench_function("naive Mutex<HashMap>", |b| {
             b.iter_custom(|n| parallel(threads, n, &theirs))
         });
         g.finish();
     }
+    draining.store(false, Ordering::Relaxed);
+    let _ = drainer.join();
 }
 
 criterion_group!(benches, bench);

@@ -15,9 +15,9 @@
 //! Bans live in the same cell, so a fleet-wide ban costs the accept path nothing extra.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dashmap::DashMap;
 
@@ -42,16 +42,22 @@ pub struct Touched {
     pub refused: u32,
 }
 
+/// Bits of `Cell::state`: two 31-bit counts and two flags, so a decision updates one word
+/// besides the GCRA time, and a cell is 16 bytes (the map's footprint is what a storm from
+/// 100,000 addresses pays for in cache misses).
+const ADMITTED: u64 = 1;
+const REFUSED: u64 = 1 << 31;
+const COUNT: u64 = (1 << 31) - 1;
+/// In `touched` already: a key is listed once per sync.
+const LISTED: u64 = 1 << 62;
+/// Banned until `tat` less the tolerance has passed.
+const BANNED: u64 = 1 << 63;
+
 #[derive(Debug, Default)]
 struct Cell {
     /// Theoretical arrival time, ns since `start`.
     tat: AtomicU64,
-    admitted: AtomicU32,
-    refused: AtomicU32,
-    /// ns since `start`; 0: not banned.
-    banned_until: AtomicU64,
-    /// In `touched` already (so a key is listed once per sync).
-    listed: AtomicBool,
+    state: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -62,7 +68,9 @@ pub struct SharedRate {
     interval: AtomicU64,
     normal_interval: u64,
     burst: u64,
-    start: Instant,
+    /// quanta, as governor uses: the TSC read is a few ns where `Instant::now` is a vDSO call
+    /// (measured: about 10 % of a whole admission decision).
+    start: quanta::Instant,
     touched: Mutex<Vec<IpAddr>>,
 }
 
@@ -78,14 +86,20 @@ impl SharedRate {
             interval: AtomicU64::new(interval.max(1)),
             normal_interval: interval.max(1),
             burst: u64::from(burst.max(1)),
-            start: Instant::now(),
+            start: quanta::Instant::now(),
             touched: Mutex::new(Vec::with_capacity(1024)),
         })
     }
 
     /// ns since this limiter was made: the time every method but the `_at` ones uses.
     pub fn now(&self) -> u64 {
-        self.start.elapsed().as_nanos() as u64
+        quanta::Instant::now()
+            .saturating_duration_since(self.start)
+            .as_nanos() as u64
+    }
+
+    fn tolerance(&self) -> u64 {
+        self.interval.load(Ordering::Relaxed) * (self.burst - 1)
     }
 
     pub fn check(&self, key: IpAddr) -> Verdict {
@@ -102,39 +116,40 @@ impl SharedRate {
     }
 
     fn decide(&self, c: &Cell, key: IpAddr, now: u64) -> Verdict {
-        if c.banned_until.load(Ordering::Relaxed) > now {
-            return Verdict::Banned;
-        }
         let t = self.interval.load(Ordering::Relaxed);
         let tolerance = t * (self.burst - 1);
         let mut tat = c.tat.load(Ordering::Acquire);
-        loop {
+        if c.state.load(Ordering::Relaxed) & BANNED != 0 {
+            if tat.saturating_sub(now) > tolerance {
+                return Verdict::Banned;
+            }
+            c.state.fetch_and(!BANNED, Ordering::AcqRel);
+        }
+        let counted = loop {
             let from = tat.max(now);
             if from - now > tolerance {
-                c.refused.fetch_add(1, Ordering::Relaxed);
-                self.list(c, key);
-                return Verdict::Limited;
+                break REFUSED;
             }
             match c
                 .tat
                 .compare_exchange_weak(tat, from + t, Ordering::AcqRel, Ordering::Acquire)
             {
-                Ok(_) => break,
+                Ok(_) => break ADMITTED,
                 Err(now_tat) => tat = now_tat,
             }
-        }
-        c.admitted.fetch_add(1, Ordering::Relaxed);
-        self.list(c, key);
-        Verdict::Pass
-    }
-
-    fn list(&self, c: &Cell, key: IpAddr) {
-        if !c.listed.load(Ordering::Relaxed) && !c.listed.swap(true, Ordering::AcqRel) {
+        };
+        let prev = c.state.fetch_add(counted, Ordering::AcqRel);
+        if prev & LISTED == 0 && c.state.fetch_or(LISTED, Ordering::AcqRel) & LISTED == 0 {
             // Amortised: the vector keeps its capacity across syncs (`take_touched` swaps it
             // for one as large), so this push does not allocate in steady state.
             if let Ok(mut t) = self.touched.lock() {
                 t.push(key);
             }
+        }
+        if counted == ADMITTED {
+            Verdict::Pass
+        } else {
+            Verdict::Limited
         }
     }
 
@@ -147,15 +162,13 @@ impl SharedRate {
         }
         for &key in buf.iter() {
             if let Some(c) = self.cells.get(&key) {
-                // Unlisted first: a decision that lands after this is listed again and counted
-                // next time, never lost.
-                c.listed.store(false, Ordering::Release);
-                let admitted = c.admitted.swap(0, Ordering::AcqRel);
-                let refused = c.refused.swap(0, Ordering::AcqRel);
+                // Counts and the listed flag go in one step: a decision that lands after this
+                // lists the key again and is counted next time, never lost.
+                let st = c.state.fetch_and(BANNED, Ordering::AcqRel);
                 out.push(Touched {
                     key,
-                    admitted,
-                    refused,
+                    admitted: (st & COUNT) as u32,
+                    refused: ((st >> 31) & COUNT) as u32,
                 });
             }
         }
@@ -179,23 +192,27 @@ impl SharedRate {
         let _ = c
             .tat
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
-                Some((tat.max(since.min(now)) + n.saturating_mul(t)).min(cap))
+                Some((tat.max(since.min(now)) + n.saturating_mul(t)).min(cap.max(tat)))
             });
     }
 
     /// Refuses `key` outright for `for_` (a ban).
     pub fn ban(&self, key: IpAddr, for_: Duration) {
-        let until = self.now() + for_.as_nanos() as u64;
+        let until = self.now() + for_.as_nanos() as u64 + self.tolerance();
         let c = self.cells.entry(key).or_default();
-        c.banned_until.fetch_max(until, Ordering::AcqRel);
+        c.tat.fetch_max(until, Ordering::AcqRel);
+        c.state.fetch_or(BANNED, Ordering::AcqRel);
     }
 
     /// Keys banned now.
     pub fn banned(&self) -> usize {
-        let now = self.now();
+        let (now, tolerance) = (self.now(), self.tolerance());
         self.cells
             .iter()
-            .filter(|c| c.banned_until.load(Ordering::Relaxed) > now)
+            .filter(|c| {
+                c.state.load(Ordering::Relaxed) & BANNED != 0
+                    && c.tat.load(Ordering::Relaxed).saturating_sub(now) > tolerance
+            })
             .count()
     }
 
@@ -216,9 +233,7 @@ impl SharedRate {
     pub fn prune(&self) {
         let now = self.now();
         self.cells.retain(|_, c| {
-            c.tat.load(Ordering::Relaxed) > now
-                || c.banned_until.load(Ordering::Relaxed) > now
-                || c.listed.load(Ordering::Relaxed)
+            c.tat.load(Ordering::Relaxed) > now || c.state.load(Ordering::Relaxed) & LISTED != 0
         });
         self.cells.shrink_to_fit();
     }
@@ -335,7 +350,11 @@ mod tests {
         let (mut buf, mut out) = (Vec::new(), Vec::new());
         r.take_touched(&mut buf, &mut out);
         r.prune();
+        // A debit (capped at a minute) does not shorten it.
+        r.debit(ip(7), 1, 0);
         assert_eq!(r.check(ip(7)), Verdict::Banned);
+        assert_eq!(r.check_at(ip(7), r.now() + 29_000 * MS), Verdict::Banned);
+        assert_eq!(r.check_at(ip(7), r.now() + 31_000 * MS), Verdict::Pass);
         assert_eq!(r.check(ip(8)), Verdict::Pass);
     }
 
