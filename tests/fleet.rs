@@ -410,3 +410,66 @@ async fn the_fleet_outlives_its_store() {
         p.stop().await;
     }
 }
+
+/// The per-client request rate is one budget too: a client with a keep-alive connection to
+/// each instance gets one budget of answers across the four, the rest 429.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_request_rate_is_shared_across_keep_alive_connections() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let origin = text_origin("ok").await;
+    let mut fleet = Vec::new();
+    for i in 0..4 {
+        let toml = instance_config(origin.addr, Some((&redis.url(), i)), "").replace(
+            "per_ip_max_connections = 0\n",
+            "per_ip_max_connections = 0\nper_ip_request_rate = 50\nper_ip_request_burst = 10\n",
+        );
+        fleet.push(Proxy::start(&toml).await);
+    }
+    let (front, lb) = balancer(fleet.iter().map(|p| p.addr).collect()).await;
+    assert!(
+        eventually(Duration::from_secs(5), || fleet
+            .iter()
+            .all(|p| p.metric("breakwater_fleet_up") == 1.0))
+        .await
+    );
+    const SECS: u64 = 3;
+    let started = Instant::now();
+    let mut conns = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        conns.spawn(async move {
+            let mut s = connect_from("127.0.1.7", front).await.unwrap();
+            let (mut ok, mut limited) = (0u32, 0u32);
+            let end = Instant::now() + Duration::from_secs(SECS);
+            while Instant::now() < end {
+                match request_on(&mut s, "/").await {
+                    Some(200) => ok += 1,
+                    Some(429) => limited += 1,
+                    other => panic!("unexpected answer {other:?}"),
+                }
+                // About 200 requests/s per connection: 16 times the rate in all.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (ok, limited)
+        });
+    }
+    let (mut ok, mut limited) = (0, 0);
+    while let Some(r) = conns.join_next().await {
+        let (o, l) = r.unwrap();
+        ok += o;
+        limited += l;
+    }
+    let budget = 50.0 * started.elapsed().as_secs_f64() + 10.0;
+    eprintln!(
+        "request rate across 4 instances: {ok} answered, {limited} limited (budget {budget:.0})"
+    );
+    assert!(f64::from(ok) <= budget * 1.10, "{ok} > 1.1 × {budget:.0}");
+    assert!(f64::from(ok) >= 0.95 * 50.0 * SECS as f64, "{ok}");
+    assert!(limited > 0);
+    lb.abort();
+    for p in fleet {
+        p.stop().await;
+    }
+}
