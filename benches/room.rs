@@ -46,6 +46,8 @@ fn bench(c: &mut Criterion) {
         eta_seconds: Some([80, 120]),
         refresh_seconds: 20,
         token: Some(&signed),
+        auto_refresh: false,
+        grace_seconds: 60,
     };
     let template = page::Template::new(None);
     c.bench_function("waiting page (HTML)", |b| {

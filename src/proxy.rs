@@ -350,7 +350,14 @@ fn room_gate(
     let Some(room) = rooms.iter().find(|r| r.matches(host, &path)) else {
         return Gate::Through(None);
     };
-    match room.check(req.headers(), &path, client.addr, client.key.ip, tls) {
+    match room.check(
+        req.headers(),
+        &path,
+        req.uri().query(),
+        client.addr,
+        client.key.ip,
+        tls,
+    ) {
         crate::room::Verdict::Pass {
             session,
             set_cookie,

@@ -208,6 +208,63 @@ impl Room {
         format!("bw_wr_{}", self.cfg.name)
     }
 
+    /// The page's "reload automatically" links (for browsers without JavaScript): remember the
+    /// choice in a cookie and send the browser back to the page without the parameter, so it
+    /// never reaches the origin.
+    fn refresh_choice(
+        &self,
+        path: &str,
+        query: Option<&str>,
+        tls: bool,
+    ) -> Option<Response<Bytes>> {
+        let query = query?;
+        let prefix = format!("{}=", page::REFRESH_PARAM);
+        let choice = query.split('&').find_map(|kv| kv.strip_prefix(&prefix))?;
+        let rest: Vec<&str> = query
+            .split('&')
+            .filter(|kv| !kv.starts_with(&prefix) && !kv.is_empty())
+            .collect();
+        let location = if rest.is_empty() {
+            path.to_string()
+        } else {
+            format!("{path}?{}", rest.join("&"))
+        };
+        let secure = if tls { "; Secure" } else { "" };
+        let cookie = match choice {
+            "on" => format!(
+                "{}_auto=1; Path=/; HttpOnly; SameSite=Lax{secure}",
+                self.cookie_name()
+            ),
+            _ => format!(
+                "{}_auto=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax{secure}",
+                self.cookie_name()
+            ),
+        };
+        let mut r = Response::new(Bytes::new());
+        *r.status_mut() = StatusCode::SEE_OTHER;
+        let h = r.headers_mut();
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let (Ok(l), Ok(c)) = (
+            HeaderValue::from_str(&location),
+            HeaderValue::from_str(&cookie),
+        ) {
+            h.insert(header::LOCATION, l);
+            h.insert(header::SET_COOKIE, c);
+        }
+        Some(r)
+    }
+
+    /// The waiter turned the page's own reloading on (it has no JavaScript).
+    fn auto_refresh(&self, headers: &HeaderMap) -> bool {
+        let name = format!("{}_auto", self.cookie_name());
+        headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .any(|kv| kv.trim().split_once('=') == Some((name.as_str(), "1")))
+    }
+
     /// The token the request carries: the header first (apps), then the room's cookie.
     fn token<'a>(&self, headers: &'a HeaderMap) -> Option<&'a str> {
         if let Some(v) = headers.get(TOKEN_HEADER).and_then(|v| v.to_str().ok()) {
@@ -235,6 +292,7 @@ impl Room {
         &self,
         headers: &HeaderMap,
         path: &str,
+        query: Option<&str>,
         client: IpAddr,
         client_key: IpAddr,
         tls: bool,
@@ -253,8 +311,16 @@ impl Room {
         {
             return pass;
         }
+        if let Some(answer) = self.refresh_choice(path, query, tls) {
+            return Verdict::Answer(answer);
+        }
         let now = Instant::now();
         let api = self.is_api(headers, path);
+        let ask = Asked {
+            api,
+            tls,
+            auto_refresh: self.auto_refresh(headers),
+        };
         let mut ticket = None;
         if let Some(raw) = self.token(headers) {
             match self.keys.verify(&self.cfg.name, raw) {
@@ -286,7 +352,7 @@ impl Room {
             }
         }
         if self.cfg.mode == RoomMode::Reject {
-            return Verdict::Answer(self.answer("closed", None, api, tls, None));
+            return Verdict::Answer(self.answer("closed", None, ask, None));
         }
         if let Some(t) = ticket {
             self.state.touch(t.id);
@@ -297,7 +363,7 @@ impl Room {
                 }
                 // Its turn came while it was not polling: it lost its place.
                 Some(false) => {}
-                None => return Verdict::Answer(self.answer("queued", Some(t), api, tls, None)),
+                None => return Verdict::Answer(self.answer("queued", Some(t), ask, None)),
             }
         }
         // No place in line yet. While nobody waits and the door has room, walk straight in.
@@ -311,7 +377,7 @@ impl Room {
         }
         if !self.may_join(client_key, now) {
             self.stats.tickets_refused.fetch_add(1, Ordering::Relaxed);
-            return Verdict::Answer(self.answer("refused", None, api, tls, None));
+            return Verdict::Answer(self.answer("refused", None, ask, None));
         }
         let t = Token {
             kind: Kind::Ticket,
@@ -320,7 +386,7 @@ impl Room {
         };
         self.stats.tickets_issued.fetch_add(1, Ordering::Relaxed);
         let signed = self.keys.sign(&self.cfg.name, t);
-        Verdict::Answer(self.answer("queued", Some(t), api, tls, Some(signed)))
+        Verdict::Answer(self.answer("queued", Some(t), ask, Some(signed)))
     }
 
     /// API clients get JSON: a path under `api_paths`, an Accept that names JSON, or one that
@@ -415,10 +481,14 @@ impl Room {
         &self,
         state: &'static str,
         ticket: Option<Token>,
-        api: bool,
-        tls: bool,
+        ask: Asked,
         new_token: Option<String>,
     ) -> Response<Bytes> {
+        let Asked {
+            api,
+            tls,
+            auto_refresh,
+        } = ask;
         let refresh = self.cfg.refresh.as_secs().max(1);
         let (position, ahead, eta) = match ticket {
             Some(t) => {
@@ -447,6 +517,8 @@ impl Room {
             eta_seconds: eta,
             refresh_seconds: refresh,
             token: new_token.as_deref(),
+            auto_refresh,
+            grace_seconds: self.cfg.queue_grace.as_secs(),
         };
         let (code, body, kind) = if api {
             self.stats.pages_json.fetch_add(1, Ordering::Relaxed);
@@ -577,6 +649,16 @@ impl Room {
 }
 
 /// `/sale` covers `/sale` and `/sale/...`, not `/sales` (paths arrive normalised).
+/// How the waiter asked: what kind of answer it gets.
+#[derive(Debug, Clone, Copy)]
+struct Asked {
+    /// JSON rather than the page.
+    api: bool,
+    tls: bool,
+    /// The page (without JavaScript) reloads itself.
+    auto_refresh: bool,
+}
+
 fn prefix_matches(prefix: &str, path: &str) -> bool {
     path.starts_with(prefix)
         && (prefix.ends_with('/')

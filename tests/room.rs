@@ -164,7 +164,33 @@ async fn browsers_get_the_page_and_api_clients_get_json() {
     );
     assert!(page.body.contains("aria-live=\"polite\""));
     assert!(page.body.contains("Pause automatic updates"));
-    assert!(page.body.contains("http-equiv=\"refresh\""));
+    // Without JavaScript the page reloads itself only when the waiter turns that on.
+    assert!(!page.body.contains("http-equiv=\"refresh\""));
+    assert!(page.body.contains("bw_room_refresh=on"));
+    let on = ask(
+        addr,
+        "127.0.62.1",
+        "/item?bw_room_refresh=on&id=7",
+        &[("Accept", browser)],
+    )
+    .await;
+    assert_eq!(on.status, 303);
+    assert_eq!(
+        on.headers["location"], "/item?id=7",
+        "the choice is not passed on"
+    );
+    assert!(on.headers["set-cookie"].starts_with("bw_wr_drop_auto=1;"));
+    let auto = ask(
+        addr,
+        "127.0.62.1",
+        "/",
+        &[("Accept", browser), ("Cookie", "bw_wr_drop_auto=1")],
+    )
+    .await;
+    assert!(auto
+        .body
+        .contains("<meta http-equiv=\"refresh\" content=\"1\">"));
+    assert!(auto.body.contains("bw_room_refresh=off"));
     // The cookie keeps the place: the same position on the next visit.
     let token = cookie.split(';').next().unwrap().to_string();
     let again = ask(

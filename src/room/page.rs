@@ -1,10 +1,15 @@
 //! What a waiter sees, made in memory (the origin never serves a waiting page): an accessible
 //! HTML page for browsers, JSON for everything else.
 //!
-//! The page works without JavaScript (a meta refresh, and it says so). With JavaScript it polls
-//! the JSON answer instead, updates an `aria-live` region rather than reloading (a reload sends
-//! a screen reader back to the top), and has a button to pause the automatic updates (WCAG
-//! 2.2.1 and 2.2.4).
+//! With JavaScript the page polls the JSON answer, updates an `aria-live` region rather than
+//! reloading (a reload sends a screen reader back to the top), and has a button to pause the
+//! automatic updates (WCAG 2.2.1 and 2.2.4).
+//!
+//! Without JavaScript it says that it does not update by itself and offers a link that turns a
+//! meta refresh on (and, once on, one that turns it off; the room keeps the choice in a cookie,
+//! `Room::refresh_choice`). An unasked-for timed refresh is what axe-core reports as critical
+//! (WCAG 2.2.1, failure F41: the user cannot stop it); opted into, with a way out, it is the
+//! user's own setting.
 
 use serde::Serialize;
 
@@ -19,11 +24,20 @@ pub struct Status<'a> {
     pub eta_seconds: Option<[u64; 2]>,
     pub refresh_seconds: u64,
     pub token: Option<&'a str>,
+    /// The page (without JavaScript) reloads itself: the waiter asked for it.
+    #[serde(skip)]
+    pub auto_refresh: bool,
+    /// A waiter that stops polling loses its place after this long.
+    #[serde(skip)]
+    pub grace_seconds: u64,
 }
 
 pub fn json(s: &Status<'_>) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "{}".into())
 }
+
+/// The query parameter of the "reload automatically" links (`on` or `off`).
+pub const REFRESH_PARAM: &str = "bw_room_refresh";
 
 /// `&`, `<`, `>`, `"` and `'` escaped: placeholders never become markup.
 pub fn escape(s: &str) -> String {
@@ -41,6 +55,14 @@ pub fn escape(s: &str) -> String {
     out
 }
 
+fn seconds(n: u64) -> String {
+    if n == 1 {
+        "second".into()
+    } else {
+        format!("{n} seconds")
+    }
+}
+
 fn eta_text(eta: Option<[u64; 2]>) -> String {
     let minutes = |s: u64| s.div_ceil(60);
     match eta {
@@ -56,8 +78,10 @@ fn eta_text(eta: Option<[u64; 2]>) -> String {
 }
 
 /// A page template split once at its placeholders (`{{room}}`, `{{state}}`, `{{position}}`,
-/// `{{ahead}}`, `{{eta}}`, `{{refresh}}`), so filling it is one pass of copies: the page is
-/// what every waiter's poll costs.
+/// `{{ahead}}`, `{{eta}}`, `{{refresh}}`, and for pages without JavaScript `{{refresh_meta}}`,
+/// the meta refresh when the waiter turned it on, and `{{nojs}}`, the sentence saying how the
+/// page updates with its on/off link), so filling it is one pass of copies: the page is what
+/// every waiter's poll costs.
 #[derive(Debug, Clone)]
 pub struct Template {
     parts: Vec<Part>,
@@ -72,6 +96,8 @@ enum Field {
     Ahead,
     Eta,
     Refresh,
+    RefreshMeta,
+    NoJs,
 }
 
 #[derive(Debug, Clone)]
@@ -80,13 +106,15 @@ enum Part {
     Field(Field),
 }
 
-const FIELDS: [(&str, Field); 6] = [
+const FIELDS: [(&str, Field); 8] = [
     ("{{room}}", Field::Room),
     ("{{state}}", Field::State),
     ("{{position}}", Field::Position),
     ("{{ahead}}", Field::Ahead),
     ("{{eta}}", Field::Eta),
     ("{{refresh}}", Field::Refresh),
+    ("{{refresh_meta}}", Field::RefreshMeta),
+    ("{{nojs}}", Field::NoJs),
 ];
 
 impl Template {
@@ -135,6 +163,22 @@ impl Template {
                 Part::Field(Field::Ahead) => out.push_str(&number(s.ahead)),
                 Part::Field(Field::Eta) => out.push_str(&escape(&eta_text(s.eta_seconds))),
                 Part::Field(Field::Refresh) => out.push_str(&s.refresh_seconds.to_string()),
+                Part::Field(Field::RefreshMeta) if s.auto_refresh => {
+                    out.push_str(&format!(
+                        r#"<meta http-equiv="refresh" content="{}">"#,
+                        s.refresh_seconds
+                    ));
+                }
+                Part::Field(Field::RefreshMeta) => {}
+                Part::Field(Field::NoJs) if s.auto_refresh => out.push_str(&format!(
+                    r#"This page reloads itself every {} to check your place, and lets you in when it is your turn. <a href="?{REFRESH_PARAM}=off">Stop reloading automatically</a>."#,
+                    seconds(s.refresh_seconds)
+                )),
+                Part::Field(Field::NoJs) => out.push_str(&format!(
+                    r#"JavaScript is off, so this page does not update by itself. <a href="">Check your place now</a>, at least once every {} to keep it, or <a href="?{REFRESH_PARAM}=on">reload automatically every {}</a>."#,
+                    seconds(s.grace_seconds),
+                    seconds(s.refresh_seconds)
+                )),
             }
         }
         out
@@ -152,7 +196,7 @@ const PAGE: &str = r#"<!DOCTYPE html>
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<noscript><meta http-equiv="refresh" content="{{refresh}}"></noscript>
+<noscript>{{refresh_meta}}</noscript>
 <title>You are in line</title>
 <style>
 body { font-family: system-ui, sans-serif; max-width: 36rem; margin: 3rem auto; padding: 0 1rem; color: #1a1a1a; background: #fff; line-height: 1.5; }
@@ -171,15 +215,16 @@ button:focus { outline: 3px solid #0b57d0; outline-offset: 2px; }
 <p>People ahead of you: <span id="ahead">{{ahead}}</span></p>
 <p>Estimated wait: <span id="eta">{{eta}}</span></p>
 </div>
-<p class="note">Keep this page open: you keep your place, and you are let in automatically when it is your turn. Refreshing does not move you forward or back.</p>
-<p class="note" id="how">This page checks your place every {{refresh}} seconds<span id="js-note"> by reloading itself</span>.</p>
+<p class="note" id="how" hidden>Keep this page open: it checks your place every {{refresh}} seconds without reloading, and lets you in when it is your turn.</p>
+<p class="note">Refreshing the page does not move you forward or back.</p>
+<noscript><p class="note" id="nojs">{{nojs}}</p></noscript>
 <p><button type="button" id="pause" hidden aria-pressed="false">Pause automatic updates</button></p>
 </main>
 <script>
 (function () {
   var paused = false, timer = null, every = {{refresh}} * 1000;
   var btn = document.getElementById("pause");
-  document.getElementById("js-note").textContent = " without reloading";
+  document.getElementById("how").hidden = false;
   btn.hidden = false;
   function eta(e) {
     if (!e) return "We cannot estimate the wait yet.";
@@ -232,6 +277,8 @@ mod tests {
             eta_seconds: Some([40, 60]),
             refresh_seconds: 20,
             token: None,
+            auto_refresh: false,
+            grace_seconds: 60,
         };
         let page = html(
             &s,
@@ -245,6 +292,18 @@ mod tests {
         assert!(!built_in.contains("{{"), "unfilled placeholder");
         assert!(built_in.contains("aria-live=\"polite\""));
         assert!(built_in.contains("Pause automatic updates"));
+        // Without JavaScript: no timed refresh unless the waiter asked for one, and a way out.
+        assert!(!built_in.contains("http-equiv"));
+        assert!(built_in.contains("bw_room_refresh=on"));
+        let auto = html(
+            &Status {
+                auto_refresh: true,
+                ..s.clone()
+            },
+            None,
+        );
+        assert!(auto.contains(r#"<noscript><meta http-equiv="refresh" content="20"></noscript>"#));
+        assert!(auto.contains("bw_room_refresh=off"));
         assert_eq!(
             escape("<a href='x'>&\""),
             "&lt;a href=&#39;x&#39;&gt;&amp;&quot;"
