@@ -12,6 +12,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 fn bench(c: &mut Criterion) {
     let keys = Keys::new(&[b"0123456789abcdef0123456789abcdef".to_vec()]);
     let t = Token {
+        bind: None,
         kind: Kind::Ticket,
         id: 12_345,
         issued: 1_764_000_000,

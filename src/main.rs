@@ -97,6 +97,20 @@ enum Command {
         breakwater storm 127.0.0.1:8080 --connections 20000 --concurrency 1000 --probe\n  \
         breakwater storm 127.0.0.1:8080 --mode slowloris --connections 500 --hold 30s --json")]
     Storm(StormArgs),
+    /// Print a signed bypass for a waiting room: a request that carries it in the
+    /// `Breakwater-Room-Bypass` header walks past the line until it expires (staff, monitoring,
+    /// a partner's checkout). Needs the room's `keys`.
+    RoomBypass {
+        /// TOML config file [default: as for `run`].
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The room's name.
+        #[arg(long)]
+        room: String,
+        /// How long it stays good, e.g. 30m, 8h, 7d.
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        valid: std::time::Duration,
+    },
     /// Start a built-in origin on a loopback port with Breakwater in front of it, on the
     /// default config's settings, until Ctrl-C.
     Demo {
@@ -207,6 +221,11 @@ fn main() -> ExitCode {
         Command::Reload { pid_file } => reload(&pid_file),
         Command::Healthcheck { config, addr } => healthcheck(config.as_deref(), addr),
         Command::Doctor { config, json } => doctor(config, json),
+        Command::RoomBypass {
+            config,
+            room,
+            valid,
+        } => room_bypass(config.as_deref(), &room, valid),
         Command::Storm(args) => storm(args),
         Command::Demo {
             addr,

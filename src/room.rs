@@ -30,12 +30,15 @@ use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use crate::config::room::{RoomConfig, RoomMode};
 use crate::upstream::Upstream;
 use state::RoomState;
-use token::{Keys, Kind, Token};
+use token::{Invalid, Keys, Kind, Token};
 
 /// How often the door moves.
 pub const TICK: Duration = Duration::from_millis(250);
 /// The header an app without a cookie jar sends its token in (and gets it back in).
 pub const TOKEN_HEADER: &str = "breakwater-room-token";
+/// A signed bypass (`breakwater room-bypass`): staff, monitoring, partners walk past the line
+/// until it expires.
+pub const BYPASS_HEADER: &str = "breakwater-room-bypass";
 /// The origin's response header that ends a shopper's session at once (stripped).
 pub const COMMAND_HEADER: &str = "breakwater-room";
 
@@ -53,7 +56,9 @@ pub struct RoomStats {
     pub sessions_expired: AtomicU64,
     pub pages_html: AtomicU64,
     pub pages_json: AtomicU64,
-    pub invalid: [AtomicU64; 5],
+    /// Requests let past by a signed bypass header.
+    pub bypassed: AtomicU64,
+    pub invalid: [AtomicU64; 6],
     /// Milliseconds the door stayed shut, by reason: full (max_active_sessions), origin guard.
     pub closed_full_ms: AtomicU64,
     pub closed_origin_ms: AtomicU64,
@@ -74,6 +79,7 @@ impl Default for RoomStats {
             sessions_expired: AtomicU64::new(0),
             pages_html: AtomicU64::new(0),
             pages_json: AtomicU64::new(0),
+            bypassed: AtomicU64::new(0),
             invalid: Default::default(),
             closed_full_ms: AtomicU64::new(0),
             closed_origin_ms: AtomicU64::new(0),
@@ -86,12 +92,13 @@ impl Default for RoomStats {
 }
 
 /// Labels of `RoomStats::invalid`.
-pub const INVALID_REASONS: [&str; 5] = [
+pub const INVALID_REASONS: [&str; 6] = [
     "malformed",
     "wrong_room",
     "unknown_key",
     "bad_mac",
     "expired",
+    "wrong_address",
 ];
 
 #[derive(Debug)]
@@ -311,9 +318,27 @@ impl Room {
         {
             return pass;
         }
+        if let Some(raw) = headers.get(BYPASS_HEADER).and_then(|v| v.to_str().ok()) {
+            match self.keys.verify(&self.cfg.name, raw.trim()) {
+                Ok(Token {
+                    kind: Kind::Bypass,
+                    id: expires,
+                    ..
+                }) if expires > unix_now() => {
+                    self.stats.bypassed.fetch_add(1, Ordering::Relaxed);
+                    return pass;
+                }
+                Ok(Token {
+                    kind: Kind::Bypass, ..
+                }) => self.invalid(4),
+                Ok(_) => self.invalid(Invalid::Malformed as usize),
+                Err(e) => self.invalid(e as usize),
+            }
+        }
         if let Some(answer) = self.refresh_choice(path, query, tls) {
             return Verdict::Answer(answer);
         }
+        let bind = token::binding(client, self.cfg.bind_ipv4_prefix, self.cfg.bind_ipv6_prefix);
         let now = Instant::now();
         let api = self.is_api(headers, path);
         let ask = Asked {
@@ -324,10 +349,13 @@ impl Room {
         let mut ticket = None;
         if let Some(raw) = self.token(headers) {
             match self.keys.verify(&self.cfg.name, raw) {
+                // Shared with, or taken to, another network.
+                Ok(t) if t.bind != bind => self.invalid(Invalid::WrongAddress as usize),
                 Ok(Token {
                     kind: Kind::Pass,
                     id,
                     issued,
+                    ..
                 }) => {
                     let too_old = self
                         .cfg
@@ -346,6 +374,10 @@ impl Room {
                         self.invalid(4);
                     }
                 }
+                // A bypass belongs in its own header.
+                Ok(Token {
+                    kind: Kind::Bypass, ..
+                }) => self.invalid(Invalid::Malformed as usize),
                 Ok(t) if t.issued < self.line_started => self.invalid(4),
                 Ok(t) => ticket = Some(t),
                 Err(e) => self.invalid(e as usize),
@@ -359,7 +391,7 @@ impl Room {
             match self.state.admitted(t.id) {
                 Some(true) => {
                     self.claim(t.issued);
-                    return self.mint_pass(now, tls);
+                    return self.mint_pass(now, tls, bind);
                 }
                 // Its turn came while it was not polling: it lost its place.
                 Some(false) => {}
@@ -373,7 +405,7 @@ impl Room {
             && self.take_slot_now()
         {
             self.stats.admitted_at_once.fetch_add(1, Ordering::Relaxed);
-            return self.mint_pass(now, tls);
+            return self.mint_pass(now, tls, bind);
         }
         if !self.may_join(client_key, now) {
             self.stats.tickets_refused.fetch_add(1, Ordering::Relaxed);
@@ -383,6 +415,7 @@ impl Room {
             kind: Kind::Ticket,
             id: self.state.issue(),
             issued: unix_now(),
+            bind,
         };
         self.stats.tickets_issued.fetch_add(1, Ordering::Relaxed);
         let signed = self.keys.sign(&self.cfg.name, t);
@@ -432,7 +465,7 @@ impl Room {
         self.stats.wait.observe(waited);
     }
 
-    fn mint_pass(&self, now: Instant, tls: bool) -> Verdict {
+    fn mint_pass(&self, now: Instant, tls: bool, bind: Option<u32>) -> Verdict {
         let id = random_id();
         self.state.session_add(id, now);
         let signed = self.keys.sign(
@@ -441,6 +474,7 @@ impl Room {
                 kind: Kind::Pass,
                 id,
                 issued: unix_now(),
+                bind,
             },
         );
         Verdict::Pass {

@@ -540,3 +540,107 @@ async fn the_prequeue_waits_for_the_opening_then_goes_in_shuffled() {
     assert!(inversions > 50, "{inversions} inversions: not shuffled");
     proxy.stop().await;
 }
+
+/// Staff and monitoring walk past the line with a bypass minted by `breakwater room-bypass`
+/// (signed with the room's key, good until it expires); and with `bind_ipv4_prefix` a place in
+/// line works only from the network it was taken on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_bypass_walks_past_and_a_bound_place_stays_on_its_network() {
+    let origin = text_origin("shop").await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("room.key");
+    std::fs::write(
+        &key,
+        "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
+    )
+    .unwrap();
+    let toml = config(
+        origin.addr,
+        &format!(
+            "mode = \"queue_all\"\nopens_at = \"{}\"\ntickets_per_ip = 0\n\
+             bind_ipv4_prefix = 24\nkeys = [\"{}\"]",
+            rfc3339_in(Duration::from_secs(3600)),
+            key.display()
+        ),
+    );
+    let file = dir.path().join("breakwater.toml");
+    std::fs::write(&file, &toml).unwrap();
+    let minted = std::process::Command::new(bin())
+        .args([
+            "room-bypass",
+            "--room",
+            "drop",
+            "--valid",
+            "10m",
+            "--config",
+        ])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(minted.status.success(), "{minted:?}");
+    let line = String::from_utf8(minted.stdout).unwrap();
+    let bypass = line
+        .trim()
+        .strip_prefix("Breakwater-Room-Bypass: ")
+        .expect("a header line")
+        .to_string();
+    let wrong_room = std::process::Command::new(bin())
+        .args(["room-bypass", "--room", "nope", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!wrong_room.status.success());
+    assert!(String::from_utf8_lossy(&wrong_room.stderr).contains("rooms: drop"));
+
+    let proxy = Proxy::start(&toml).await;
+    let addr = proxy.addr;
+    // Before the opening everyone waits, except a request with the bypass.
+    let waiting = ask(addr, "127.0.7.1", "/", &[("Accept", "text/html")]).await;
+    assert!(waiting.body.contains("You are in line"));
+    let staff = ask(
+        addr,
+        "127.0.9.1",
+        "/",
+        &[("Breakwater-Room-Bypass", &bypass)],
+    )
+    .await;
+    assert_eq!((staff.status, staff.body.as_str()), (200, "shop"));
+    // Altered (a later expiry), it is refused and the request waits like any other.
+    let forged = bypass.replacen(".b.drop.", ".b.drop.f", 1);
+    let refused = ask(
+        addr,
+        "127.0.9.1",
+        "/",
+        &[("Breakwater-Room-Bypass", &forged), ("Accept", "text/html")],
+    )
+    .await;
+    assert!(refused.body.contains("You are in line"));
+    assert_eq!(
+        proxy.metric(r#"breakwater_room_bypassed_total{room="drop"}"#),
+        1.0
+    );
+
+    // A place taken from 127.0.7.1 keeps its number from the same /24 ...
+    let ticket = waiting.headers["set-cookie"]
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let place = |a: &Answer| json(a)["position"].as_u64();
+    let same_net = ask(addr, "127.0.7.200", "/api/x", &[("Cookie", &ticket)]).await;
+    assert_eq!(place(&same_net), Some(1));
+    assert!(
+        !same_net.headers.contains_key("set-cookie"),
+        "the same ticket"
+    );
+    // ... and from another network it is refused: a new place at the back of the line (behind
+    // the forged bypass's request, which took the second).
+    let other_net = ask(addr, "127.0.8.1", "/api/x", &[("Cookie", &ticket)]).await;
+    assert_eq!(place(&other_net), Some(3));
+    assert!(other_net.headers["set-cookie"].starts_with("bw_wr_drop="));
+    assert_eq!(
+        proxy.metric(r#"breakwater_room_invalid_tokens_total{room="drop",reason="wrong_address"}"#),
+        1.0
+    );
+    proxy.stop().await;
+}

@@ -96,6 +96,60 @@ pub(crate) fn storm(a: StormArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+pub(crate) fn room_bypass(
+    config: Option<&std::path::Path>,
+    room: &str,
+    valid: std::time::Duration,
+) -> ExitCode {
+    use breakwater::room::token::{Keys, Kind, Token};
+    let config = match load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let Some(r) = config.rooms.iter().find(|r| r.name == room) else {
+        let names: Vec<&str> = config.rooms.iter().map(|r| r.name.as_str()).collect();
+        eprintln!(
+            "error: {} has no waiting_room named {room:?} (rooms: {})",
+            config.source,
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    if r.keys.is_empty() {
+        eprintln!(
+            "error: waiting_room {room:?} has no keys: it signs with a random key made at each              start, which no bypass printed here would match. Add keys = [\"/path/to/key\"]"
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let token = Keys::new(&r.keys).sign(
+        room,
+        Token {
+            kind: Kind::Bypass,
+            id: now + valid.as_secs().max(1),
+            issued: now,
+            bind: None,
+        },
+    );
+    println!("Breakwater-Room-Bypass: {token}");
+    eprintln!(
+        "good until {} (anyone holding it walks past the line: share it like a password)",
+        humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(now + valid.as_secs().max(1))
+        )
+    );
+    ExitCode::SUCCESS
+}
+
 pub(crate) fn doctor(path: Option<PathBuf>, json: bool) -> ExitCode {
     let default = PathBuf::from("config/breakwater.toml");
     let loaded = match &path {

@@ -74,6 +74,10 @@ pub struct FileRoom {
     pub refresh: Spanned<Dur>,
     #[serde(default = "default_tickets_per_ip")]
     pub tickets_per_ip: u32,
+    #[serde(default = "no_binding")]
+    pub bind_ipv4_prefix: Spanned<u8>,
+    #[serde(default = "no_binding")]
+    pub bind_ipv6_prefix: Spanned<u8>,
     #[serde(default)]
     pub keys: Vec<Spanned<String>>,
     #[serde(default)]
@@ -104,6 +108,9 @@ fn default_queue_grace() -> Spanned<Dur> {
 fn default_refresh() -> Spanned<Dur> {
     Spanned::new(0..0, Dur(DEFAULT_REFRESH))
 }
+fn no_binding() -> Spanned<u8> {
+    Spanned::new(0..0, 0)
+}
 fn default_tickets_per_ip() -> u32 {
     DEFAULT_TICKETS_PER_IP
 }
@@ -132,6 +139,10 @@ pub struct RoomConfig {
     pub refresh: Duration,
     /// Tickets one client address (IPv6 grouped as in admission) may take per minute.
     pub tickets_per_ip: u32,
+    /// Tickets and passes are good only from the client's address prefix of this length (0:
+    /// from anywhere): a place in line cannot be passed to, or sold to, another network.
+    pub bind_ipv4_prefix: u8,
+    pub bind_ipv6_prefix: u8,
     /// Signing keys: the first signs, all verify (rotation). Empty: a random key made at start
     /// (tickets and passes then do not survive a restart).
     pub keys: Vec<Vec<u8>>,
@@ -284,6 +295,20 @@ pub(super) fn validate(
                 ),
             ));
         }
+        for (key, v, max) in [
+            ("bind_ipv4_prefix", &r.bind_ipv4_prefix, 32),
+            ("bind_ipv6_prefix", &r.bind_ipv6_prefix, 128),
+        ] {
+            if *v.get_ref() > max {
+                return Err(err(
+                    v.span(),
+                    format!(
+                        "{key} {} is out of range: expected 0 (off) to {max}",
+                        v.get_ref()
+                    ),
+                ));
+            }
+        }
         let page_template = match &r.page_template {
             None => None,
             Some(p) => Some(std::fs::read_to_string(p.get_ref()).map_err(|e| {
@@ -323,6 +348,8 @@ pub(super) fn validate(
             queue_grace: r.queue_grace.get_ref().0,
             refresh: r.refresh.get_ref().0,
             tickets_per_ip: r.tickets_per_ip,
+            bind_ipv4_prefix: *r.bind_ipv4_prefix.get_ref(),
+            bind_ipv6_prefix: *r.bind_ipv6_prefix.get_ref(),
             keys,
             bypass_cidrs: parse_nets(&r.bypass_cidrs, warnings)?,
             bypass_paths: paths(&r.bypass_paths, "bypass_paths")?,

@@ -116,8 +116,17 @@ pub(super) fn encode_rooms(
     )?;
     counter(
         enc,
+        "breakwater_room_bypassed",
+        "Requests let past the line by a signed Breakwater-Room-Bypass header.",
+        rooms
+            .iter()
+            .map(|r| (l(r), load(&r.stats.bypassed)))
+            .collect(),
+    )?;
+    counter(
+        enc,
         "breakwater_room_invalid_tokens",
-        "Tokens refused, by reason (a pass that expired or was revoked counts as expired).",
+        "Tokens refused, by reason (a pass that expired or was revoked, or a bypass past its time, counts as expired; wrong_address: bound to another client prefix).",
         rooms
             .iter()
             .flat_map(|r| {
