@@ -16,6 +16,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 
+pub mod queue;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
@@ -28,6 +30,9 @@ pub enum Mode {
     Hold,
     /// Send a header byte every --interval until the server gives up or --hold passes.
     Slowloris,
+    /// Shoppers in a waiting room: join, keep the token, poll, get in, make requests, leave
+    /// (see `storm/queue.rs`).
+    Queue,
 }
 
 #[derive(Debug, Clone)]
@@ -242,7 +247,8 @@ async fn one(plan: &Plan, src: IpAddr, tally: &Mutex<Tally>, connected: &AtomicU
     let connect_us = start.elapsed().as_micros() as u64;
     connected.fetch_add(1, Ordering::Relaxed);
     let outcome = match plan.mode {
-        Mode::Connect => Ok(None),
+        // Queue mode runs its own users (`queue::run`); here it is a plain connect.
+        Mode::Connect | Mode::Queue => Ok(None),
         Mode::Request => {
             let t = Instant::now();
             match tokio::time::timeout(RESPONSE_TIMEOUT, request(&mut s, &plan.path, &plan.host))

@@ -644,3 +644,58 @@ async fn a_signed_bypass_walks_past_and_a_bound_place_stays_on_its_network() {
     );
     proxy.stop().await;
 }
+
+/// `breakwater storm --mode queue` against a room: shoppers who keep polling are let in in
+/// ticket order at the door's rate, their wait matches the estimate they were first shown, and
+/// when half of them walk away the door passes over their places and keeps its rate for the
+/// others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_users_get_in_in_order_at_the_rate_and_as_estimated() {
+    use breakwater::storm::queue::{run, QueuePlan};
+    let origin = text_origin("shop").await;
+    // 1,200 a minute: 20 a second, 5 per tick; shoppers stay inside (no session limit bites).
+    let proxy = Proxy::start(&config(
+        origin.addr,
+        "mode = \"queue_all\"\nnew_sessions_per_minute = 1200\ntickets_per_ip = 0\n\
+         max_active_sessions = 100000",
+    ))
+    .await;
+    let plan = |users, abandon, sources: &str| QueuePlan {
+        target: proxy.addr,
+        users,
+        join_rate: 50,
+        sources: sources.parse().unwrap(),
+        path: "/".into(),
+        host: "shop.test".into(),
+        requests_after: 2,
+        abandon,
+        poll: None,
+        duration: Duration::from_secs(40),
+    };
+    let r = run(plan(240, 0.0, "127.0.64.0/24")).await;
+    eprintln!("all polling: {}", r.render());
+    assert_eq!(r.joined, 240);
+    assert_eq!(r.admitted, 240, "{r:?}");
+    assert_eq!(r.errors, 0);
+    assert_eq!(r.inversions_beyond_poll, 0, "let in out of order");
+    assert!(
+        (r.admit_rate - 20.0).abs() <= 20.0 * 0.05,
+        "door rate {}",
+        r.admit_rate
+    );
+    assert!(r.eta_within >= 0.9, "estimates: {:?}", r.wait_over_eta);
+    assert_eq!(r.request_ms.count, 480);
+
+    let r = run(plan(240, 0.5, "127.0.65.0/24")).await;
+    eprintln!("half walk away: {}", r.render());
+    assert_eq!(r.abandoned, 120);
+    assert_eq!(r.admitted, 120, "{r:?}");
+    assert_eq!(r.inversions_beyond_poll, 0);
+    // The walked-away places cost the door nothing once their grace (4 s) is over.
+    assert!(
+        r.admit_rate >= 20.0 * 0.5 * 0.95,
+        "door rate {}",
+        r.admit_rate
+    );
+    proxy.stop().await;
+}

@@ -40,6 +40,21 @@ pub(crate) struct StormArgs {
     probe: bool,
     #[arg(long, default_value = "127.0.0.2")]
     probe_source: std::net::IpAddr,
+    /// Queue mode: virtual shoppers in all.
+    #[arg(long, default_value_t = 1_000)]
+    users: u64,
+    /// Queue mode: shoppers arriving per second; 0 = all at once.
+    #[arg(long, default_value_t = 100)]
+    join_rate: u64,
+    /// Queue mode: requests each admitted shopper makes with its pass before leaving.
+    #[arg(long, default_value_t = 3)]
+    requests_after: u32,
+    /// Queue mode: share of shoppers (0 to 1) that stop polling after joining.
+    #[arg(long, default_value_t = 0.0)]
+    abandon: f64,
+    /// Queue mode: poll this often instead of the room's refresh.
+    #[arg(long, value_parser = parse_duration)]
+    poll: Option<std::time::Duration>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -60,6 +75,41 @@ pub(crate) fn storm(a: StormArgs) -> ExitCode {
             a.target
         );
         return ExitCode::from(EXIT_USAGE);
+    }
+    if a.mode == breakwater::storm::Mode::Queue {
+        if !(0.0..=1.0).contains(&a.abandon) {
+            eprintln!(
+                "error: --abandon {} is not a share between 0 and 1",
+                a.abandon
+            );
+            return ExitCode::from(EXIT_USAGE);
+        }
+        let plan = breakwater::storm::queue::QueuePlan {
+            target: a.target,
+            users: a.users,
+            join_rate: a.join_rate,
+            sources: a.sources,
+            host: a.host.unwrap_or_else(|| a.target.to_string()),
+            path: a.path,
+            requests_after: a.requests_after,
+            abandon: a.abandon,
+            poll: a.poll,
+            duration: a.duration,
+        };
+        let rt = match tokio::runtime::Runtime::new() {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("error: cannot start the runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let report = rt.block_on(breakwater::storm::queue::run(plan));
+        if a.json {
+            println!("{}", serde_json::to_string(&report).unwrap_or_default());
+        } else {
+            print!("{}", report.render());
+        }
+        return ExitCode::SUCCESS;
     }
     let plan = breakwater::storm::Plan {
         target: a.target,

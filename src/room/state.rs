@@ -48,6 +48,11 @@ struct Line {
     issued: u64,
     /// Every ticket <= cursor has been passed by the door.
     cursor: u64,
+    /// The cursor at the last two liveness rotations (every `queue_grace`): tickets at or
+    /// below the older one were passed at least one grace ago. Only those may be compacted
+    /// away; a ticket let in more recently keeps its "admitted" bit until its holder's next
+    /// poll (which has a grace to come, as a waiting one has).
+    cursor_at_rotation: [u64; 2],
     /// Bit i of these is ticket `base + i`.
     base: u64,
     current: Vec<u64>,
@@ -111,9 +116,11 @@ impl Line {
         n
     }
 
-    /// Drops whole words below the cursor: memory follows the line, not its history.
+    /// Drops whole words passed at least a grace ago: memory follows the line, not its
+    /// history.
     fn compact(&mut self) {
-        let words = ((self.cursor + 1 - self.base) / 64) as usize;
+        let below = self.cursor_at_rotation[1].min(self.cursor) + 1;
+        let words = (below.saturating_sub(self.base) / 64) as usize;
         if words == 0 {
             return;
         }
@@ -231,6 +238,7 @@ impl RoomState for LocalState {
         let mut l = self.line();
         let current = std::mem::take(&mut l.current);
         l.previous = current;
+        l.cursor_at_rotation = [l.cursor, l.cursor_at_rotation[0]];
     }
 
     fn shuffle_prequeue(&self, seed: u64) {
@@ -364,8 +372,42 @@ mod tests {
         for _ in 0..100_000 {
             s.issue();
         }
-        s.advance(99_000);
+        s.advance(98_000);
+        // Tickets let in are kept a grace or two for their holders' next poll, then dropped.
+        s.rotate();
+        s.rotate();
+        s.advance(1_000);
         let l = s.line();
         assert!(l.current.len() <= 1_000 / 64 + 2, "{}", l.current.len());
+    }
+
+    /// Found by `storm --mode queue`: past 64 tickets, the word holding tickets the door had
+    /// just let in was compacted away before their holders polled again, and they were told
+    /// they had lost their place.
+    #[test]
+    fn a_ticket_just_let_in_stays_let_in_until_a_grace_has_passed() {
+        let s = LocalState::default();
+        for _ in 0..200 {
+            s.issue();
+        }
+        assert_eq!(s.advance(150), (150, 0));
+        assert_eq!(s.admitted(10), Some(true));
+        assert_eq!(s.admitted(140), Some(true));
+        // The ones still waiting keep polling.
+        let poll = |s: &LocalState| (151..=200).for_each(|t| s.touch(t));
+        s.rotate();
+        poll(&s);
+        s.advance(10);
+        assert_eq!(
+            s.admitted(10),
+            Some(true),
+            "one rotation: still within its grace"
+        );
+        s.rotate();
+        poll(&s);
+        s.advance(10);
+        // Two graces without a poll: its turn came and went.
+        assert_eq!(s.admitted(10), Some(false));
+        assert_eq!(s.admitted(170), Some(true));
     }
 }
