@@ -152,12 +152,45 @@ fn instance_config(origin: SocketAddr, fleet: Option<(&str, usize)>, bans: &str)
     )
 }
 
-async fn fleet_of(n: usize, origin: SocketAddr, redis: Option<&str>, bans: &str) -> Vec<Proxy> {
-    let mut v = Vec::new();
-    for i in 0..n {
-        v.push(Proxy::start(&instance_config(origin, redis.map(|u| (u, i)), bans)).await);
+/// Four instances (their `[admission]` edited by `extra`, e.g. a request rate) behind the
+/// balancer, with a store when `redis` is given and every instance synced once. `_origin`
+/// keeps the origin serving: bind it.
+struct Setup {
+    fleet: Vec<Proxy>,
+    front: SocketAddr,
+    origin: SocketAddr,
+    lb: tokio::task::JoinHandle<()>,
+    _origin: Origin,
+}
+
+async fn setup(redis: Option<&Redis>, bans: &str, extra: &str) -> Setup {
+    let origin = text_origin("ok").await;
+    let url = redis.map(Redis::url);
+    let mut fleet = Vec::new();
+    for i in 0..4 {
+        let toml = instance_config(origin.addr, url.as_deref().map(|u| (u, i)), bans).replace(
+            "per_ip_max_connections = 0\n",
+            &format!("per_ip_max_connections = 0\n{extra}"),
+        );
+        fleet.push(Proxy::start(&toml).await);
     }
-    v
+    let (front, lb) = balancer(fleet.iter().map(|p| p.addr).collect()).await;
+    if redis.is_some() {
+        assert!(
+            eventually(Duration::from_secs(5), || fleet
+                .iter()
+                .all(|p| p.metric("breakwater_fleet_up") == 1.0))
+            .await,
+            "the instances did not sync with the store"
+        );
+    }
+    Setup {
+        fleet,
+        front,
+        origin: origin.addr,
+        lb,
+        _origin: origin,
+    }
 }
 
 /// Connections from `src` at `per_second` for `secs`, one request each: how many were served.
@@ -192,16 +225,13 @@ async fn four_instances_limit_a_client_as_one() {
     let Some(redis) = Redis::start() else {
         return;
     };
-    let origin = text_origin("ok").await;
-    let fleet = fleet_of(4, origin.addr, Some(&redis.url()), "").await;
-    let (front, lb) = balancer(fleet.iter().map(|p| p.addr).collect()).await;
-    // Every instance synced once before the load (fleet up).
-    assert!(
-        eventually(Duration::from_secs(5), || fleet
-            .iter()
-            .all(|p| p.metric("breakwater_fleet_up") == 1.0))
-        .await
-    );
+    let Setup {
+        fleet,
+        front,
+        lb,
+        _origin,
+        ..
+    } = setup(Some(&redis), "", "").await;
 
     const SECS: f64 = 5.0;
     let started = Instant::now();
@@ -270,9 +300,13 @@ async fn four_instances_limit_a_client_as_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn without_a_store_four_instances_admit_four_budgets() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let origin = text_origin("ok").await;
-    let fleet = fleet_of(4, origin.addr, None, "").await;
-    let (front, lb) = balancer(fleet.iter().map(|p| p.addr).collect()).await;
+    let Setup {
+        fleet,
+        front,
+        lb,
+        _origin,
+        ..
+    } = setup(None, "", "").await;
     let started = Instant::now();
     let served = hammer("127.0.1.2", front, RATE * 5, 3.0).await;
     let budget = f64::from(RATE) * started.elapsed().as_secs_f64() + f64::from(BURST);
@@ -292,16 +326,14 @@ async fn a_ban_reaches_every_instance() {
     let Some(redis) = Redis::start() else {
         return;
     };
-    let origin = text_origin("ok").await;
     let bans = "[fleet.bans]\nafter_rejections = 30\nwindow = \"10s\"\nduration = \"60s\"\n";
-    let fleet = fleet_of(4, origin.addr, Some(&redis.url()), bans).await;
-    let (front, lb) = balancer(fleet.iter().map(|p| p.addr).collect()).await;
-    assert!(
-        eventually(Duration::from_secs(5), || fleet
-            .iter()
-            .all(|p| p.metric("breakwater_fleet_up") == 1.0))
-        .await
-    );
+    let Setup {
+        fleet,
+        front,
+        lb,
+        origin,
+        _origin,
+    } = setup(Some(&redis), bans, "").await;
     hammer("127.0.1.3", front, 1000, 1.0).await;
     assert!(
         eventually(Duration::from_secs(3), || {
@@ -336,7 +368,7 @@ async fn a_ban_reaches_every_instance() {
         ) >= 8.0
     );
     // An instance that starts later reads the bans in force.
-    let late = Proxy::start(&instance_config(origin.addr, Some((&redis.url(), 9)), bans)).await;
+    let late = Proxy::start(&instance_config(origin, Some((&redis.url(), 9)), bans)).await;
     assert!(
         eventually(Duration::from_secs(3), || late
             .metric("breakwater_fleet_bans_active")
@@ -358,15 +390,13 @@ async fn the_fleet_outlives_its_store() {
     let Some(mut redis) = Redis::start() else {
         return;
     };
-    let origin = text_origin("ok").await;
-    let fleet = fleet_of(4, origin.addr, Some(&redis.url()), "").await;
-    let (front, lb) = balancer(fleet.iter().map(|p| p.addr).collect()).await;
-    assert!(
-        eventually(Duration::from_secs(5), || fleet
-            .iter()
-            .all(|p| p.metric("breakwater_fleet_up") == 1.0))
-        .await
-    );
+    let Setup {
+        fleet,
+        front,
+        lb,
+        _origin,
+        ..
+    } = setup(Some(&redis), "", "").await;
     redis.kill();
     assert!(
         eventually(Duration::from_secs(3), || fleet
@@ -419,22 +449,18 @@ async fn the_request_rate_is_shared_across_keep_alive_connections() {
     let Some(redis) = Redis::start() else {
         return;
     };
-    let origin = text_origin("ok").await;
-    let mut fleet = Vec::new();
-    for i in 0..4 {
-        let toml = instance_config(origin.addr, Some((&redis.url(), i)), "").replace(
-            "per_ip_max_connections = 0\n",
-            "per_ip_max_connections = 0\nper_ip_request_rate = 50\nper_ip_request_burst = 10\n",
-        );
-        fleet.push(Proxy::start(&toml).await);
-    }
-    let (front, lb) = balancer(fleet.iter().map(|p| p.addr).collect()).await;
-    assert!(
-        eventually(Duration::from_secs(5), || fleet
-            .iter()
-            .all(|p| p.metric("breakwater_fleet_up") == 1.0))
-        .await
-    );
+    let Setup {
+        fleet,
+        front,
+        lb,
+        _origin,
+        ..
+    } = setup(
+        Some(&redis),
+        "",
+        "per_ip_request_rate = 50\nper_ip_request_burst = 10\n",
+    )
+    .await;
     const SECS: u64 = 3;
     let started = Instant::now();
     let mut conns = tokio::task::JoinSet::new();

@@ -113,3 +113,23 @@ pub fn anchor_breakwater(origin: SocketAddr) -> Breakwater {
         _config: config,
     }
 }
+
+/// A child process killed (and reaped) when dropped: a bench that panics leaves nothing
+/// running.
+#[allow(dead_code)]
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A loopback port free a moment ago (for processes that need a fixed address).
+#[allow(dead_code)]
+pub fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+}
