@@ -64,6 +64,12 @@ pub struct QueueReport {
     pub wait_over_eta: Percentiles,
     /// Users let in per second, from the first to the last admission.
     pub admit_rate: f64,
+    /// The same over the second half of the admissions: with abandoned places ahead, the
+    /// rate once the door has learned they are gone (after `queue_grace`).
+    pub admit_rate_late: f64,
+    /// When each polling user was let in, seconds from the start, in order.
+    #[serde(skip)]
+    pub admit_times: Vec<f64>,
     /// Seconds from joining to being let in.
     pub wait_s: Percentiles,
     /// The admitted users' requests with their pass, ms.
@@ -336,13 +342,15 @@ fn report(plan: &QueuePlan, stories: Vec<Story>, elapsed: f64) -> QueueReport {
             }
         }
     }
-    if waited.len() >= 2 {
-        let first = waited.iter().map(|w| w.1).fold(f64::INFINITY, f64::min);
-        let last = waited.iter().map(|w| w.1).fold(0.0, f64::max);
-        if last > first {
-            r.admit_rate = (waited.len() - 1) as f64 / (last - first);
-        }
-    }
+    let rate = |times: &[f64]| match (times.first(), times.last()) {
+        (Some(a), Some(b)) if b > a => (times.len() - 1) as f64 / (b - a),
+        _ => 0.0,
+    };
+    let mut times: Vec<f64> = waited.iter().map(|w| w.1).collect();
+    times.sort_by(f64::total_cmp);
+    r.admit_rate = rate(&times);
+    r.admit_rate_late = rate(&times[times.len() / 2..]);
+    r.admit_times = times;
     r.eta_within = if eta_shown > 0 {
         eta_hit as f64 / eta_shown as f64
     } else {
@@ -367,8 +375,8 @@ impl QueueReport {
     pub fn render(&self) -> String {
         format!(
             "{} users in {:.1} s: {} joined the line, {} walked in, {} refused a place, {} \
-             abandoned; of those who kept polling {} were let in ({:.1}/s), {} still waiting; \
-             {} errors\n\
+             abandoned; of those who kept polling {} were let in ({:.1}/s, {:.1}/s over the \
+             second half), {} still waiting; {} errors\n\
              order: {} pairs let in out of ticket order beyond one poll + one tick ({} seen \
              at all)\n\
              wait: p50 {:.1} s, p90 {:.1} s, max {:.1} s; within the first estimate shown: \
@@ -382,6 +390,7 @@ impl QueueReport {
             self.abandoned,
             self.admitted,
             self.admit_rate,
+            self.admit_rate_late,
             self.still_waiting,
             self.errors,
             self.inversions_beyond_poll,
