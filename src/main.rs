@@ -126,6 +126,10 @@ enum Command {
         /// Where the storm comes from.
         #[arg(long, default_value = "127.0.1.0/28")]
         sources: ipnet::IpNet,
+        /// Instead of the storm: a sale opening on a slow origin behind a waiting room, the
+        /// line forming and draining, printed as it happens.
+        #[arg(long)]
+        waiting_room: bool,
     },
 }
 
@@ -134,6 +138,19 @@ struct Demo {
     admin: SocketAddr,
     storm: u64,
     sources: ipnet::IpNet,
+    waiting_room: bool,
+}
+
+/// The room `demo --waiting-room` adds to the default config: a sale opening 3 s after start,
+/// a door of 10 shoppers a second and 40 inside at once, in front of a slow origin.
+fn demo_room() -> String {
+    let opens = std::time::SystemTime::now() + std::time::Duration::from_secs(3);
+    format!(
+        "\n[[waiting_room]]\nname = \"sale\"\nmode = \"auto\"\norder = \"shuffle_prequeue\"\n\
+         opens_at = \"{}\"\nnew_sessions_per_minute = 600\nmax_active_sessions = 40\n\
+         session_idle = \"5s\"\nrefresh = \"1s\"\nqueue_grace = \"5s\"\ntickets_per_ip = 0\n",
+        humantime::format_rfc3339_seconds(opens)
+    )
 }
 
 fn main() -> ExitCode {
@@ -232,7 +249,15 @@ fn main() -> ExitCode {
             admin,
             storm,
             sources,
-        } => match Config::embedded_default() {
+            waiting_room,
+        } => match if waiting_room {
+            Config::parse(
+                &format!("{}{}", breakwater::config::DEFAULT_TOML, demo_room()),
+                "<embedded config/breakwater.toml + the demo's waiting room>",
+            )
+        } else {
+            Config::embedded_default()
+        } {
             Ok(mut c) => {
                 c.listeners.truncate(1);
                 c.listeners[0].addr = addr;
@@ -250,6 +275,7 @@ fn main() -> ExitCode {
                         admin,
                         storm,
                         sources,
+                        waiting_room,
                     }),
                     false,
                     None,
@@ -296,6 +322,7 @@ fn serve(
         return ExitCode::FAILURE;
     };
     let origin_accepts = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let origin_requests = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     runtime.block_on(async move {
         if demo.is_some() {
             let origin = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
@@ -312,7 +339,18 @@ fn serve(
             for u in &mut config.upstreams {
                 u.servers = vec![origin_addr.clone()];
             }
-            tokio::spawn(breakwater::demo::origin(origin, origin_accepts.clone()));
+            // The sale's shop takes 50 ms an answer; the storm's answers at once.
+            let delay = if demo.as_ref().is_some_and(|d| d.waiting_room) {
+                std::time::Duration::from_millis(50)
+            } else {
+                std::time::Duration::ZERO
+            };
+            tokio::spawn(breakwater::demo::slow_origin(
+                origin,
+                origin_accepts.clone(),
+                origin_requests.clone(),
+                delay,
+            ));
             tracing::info!(origin = %origin_addr, "demo origin started");
         }
         // With --takeover the listening sockets (and the admin socket) come from the running
@@ -449,7 +487,9 @@ fn serve(
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
-        if demo.storm > 0 {
+        if demo.waiting_room {
+            demo_sale(addr, &shared, &origin_requests).await;
+        } else if demo.storm > 0 {
             demo_storm(&demo, addr, &shared, &origin_accepts).await;
         }
         println!(
@@ -469,6 +509,64 @@ fn serve(
             }
         }
     })
+}
+
+/// `demo --waiting-room`: 300 shoppers arrive in the second before a sale opens, keep polling,
+/// shop (two requests each) and leave; a line is printed every second while the room drains.
+async fn demo_sale(
+    addr: SocketAddr,
+    shared: &breakwater::Shared,
+    origin_requests: &std::sync::atomic::AtomicU64,
+) {
+    use std::sync::atomic::Ordering;
+    let Some(room) = shared.gen().rooms.first().cloned() else {
+        return;
+    };
+    let plan = breakwater::storm::queue::QueuePlan {
+        target: addr,
+        users: 300,
+        join_rate: 300,
+        sources: "127.0.2.0/23"
+            .parse()
+            .unwrap_or_else(|_| ipnet::IpNet::from(std::net::IpAddr::from([127, 0, 2, 0]))),
+        path: "/shop".into(),
+        host: addr.to_string(),
+        requests_after: 2,
+        abandon: 0.1,
+        poll: Some(std::time::Duration::from_secs(1)),
+        duration: std::time::Duration::from_secs(60),
+    };
+    println!(
+        "A sale opens in 3 s on a slow origin (50 ms an answer) behind a waiting room: a door of \
+         10 a second, 40 shoppers inside at once. 300 shoppers arrive in the last second before \
+         the opening (1 in 10 gives up); everyone who came before the opening is let in in a \
+         random order.\n  Try it in a browser meanwhile: http://{addr}/shop\n"
+    );
+    let shoppers = tokio::spawn(breakwater::storm::queue::run(plan));
+    let started = std::time::Instant::now();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    while !shoppers.is_finished() && started.elapsed() < std::time::Duration::from_secs(70) {
+        tick.tick().await;
+        let (waiting, inside) = room.snapshot();
+        println!(
+            "  {:>4.0} s  in line {:>4}  inside {:>3}  let in {:>4}  passed over (gave up) {:>3}  origin requests {:>5}",
+            started.elapsed().as_secs_f64(),
+            waiting,
+            inside,
+            room.stats.admitted.load(Ordering::Relaxed)
+                + room.stats.admitted_at_once.load(Ordering::Relaxed),
+            room.stats.abandoned.load(Ordering::Relaxed),
+            origin_requests.load(Ordering::Relaxed),
+        );
+    }
+    if let Ok(r) = shoppers.await {
+        println!(
+            "\n{}(Out of ticket order by design: everyone who joined before the opening was let in \
+             in a random order, order = \"shuffle_prequeue\". The door kept to 40 inside: a shopper \
+             counts until idle for session_idle, 5 s.)",
+            r.render()
+        );
+    }
 }
 
 /// The opening act: a short, bounded storm from a few loopback addresses, and what it did.

@@ -682,7 +682,6 @@ impl Room {
     }
 }
 
-/// `/sale` covers `/sale` and `/sale/...`, not `/sales` (paths arrive normalised).
 /// How the waiter asked: what kind of answer it gets.
 #[derive(Debug, Clone, Copy)]
 struct Asked {
@@ -693,6 +692,7 @@ struct Asked {
     auto_refresh: bool,
 }
 
+/// `/sale` covers `/sale` and `/sale/...`, not `/sales` (paths arrive normalised).
 fn prefix_matches(prefix: &str, path: &str) -> bool {
     path.starts_with(prefix)
         && (prefix.ends_with('/')
