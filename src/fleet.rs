@@ -24,10 +24,13 @@
 //! instance alone sent in the epoch means the store lost its data (a restart): baselines are
 //! reset, nothing is charged. One log line per change of state, never one per connection.
 //!
-//! Bans: a client refused `after_rejections` times within `window` here is banned for
-//! `duration`: here at once, everywhere else through PUBLISH (a subscriber task applies it to
-//! the local limiter; the accept path sees it in the same map lookup as the rate). An instance
-//! that (re)subscribes reads the bans in force from the sorted set.
+//! Bans: a client refused `after_rejections` times within `window` by the whole fleet (the
+//! refusals are summed in the store like the admissions, `HINCRBY {ns}:x:{window}`; the
+//! instance whose count crosses the line decides) is banned for `duration`: there at once,
+//! everywhere else through PUBLISH (a subscriber task applies it to the local limiter; the
+//! accept path sees it in the same map lookup as the rate). An instance that (re)subscribes
+//! reads the bans in force from the sorted set. Without the store, each instance counts its own
+//! refusals.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -272,6 +275,10 @@ struct Sync {
     /// Rate-limit refusals per client in the current ban window.
     refusals: HashMap<IpAddr, (Instant, u32)>,
     new_bans: Vec<(IpAddr, u64)>,
+    /// This tick's refusals per client, summed fleet-wide in the store.
+    refused_batch: Vec<(IpAddr, u64)>,
+    /// Clients whose fleet-wide refusals crossed `after_rejections` in the last reply.
+    to_ban: Vec<IpAddr>,
     touched_buf: Vec<IpAddr>,
     touched: Vec<Touched>,
     last_sweep: Instant,
@@ -293,6 +300,8 @@ impl Sync {
             backoff: BACKOFF_MIN,
             refusals: HashMap::new(),
             new_bans: Vec::new(),
+            refused_batch: Vec::new(),
+            to_ban: Vec::new(),
             touched_buf: Vec::new(),
             touched: Vec::new(),
             last_sweep: Instant::now(),
@@ -301,6 +310,13 @@ impl Sync {
 
     async fn tick(&mut self, admission: &Admission) {
         let limits = admission.shared_limits();
+        for key in std::mem::take(&mut self.to_ban) {
+            self.decide_ban(key, admission);
+        }
+        let fleet_counts = self.client.is_some()
+            && self.retry_at.is_none()
+            && self.fleet.cfg.bans.after_rejections > 0;
+        self.refused_batch.clear();
         for (i, limit) in limits.iter().enumerate() {
             self.spaces[i].batch.clear();
             let Some(limit) = limit else {
@@ -310,7 +326,9 @@ impl Sync {
             limit.take_touched(&mut self.touched_buf, &mut self.touched);
             let touched = std::mem::take(&mut self.touched);
             for t in &touched {
-                if t.refused > 0 {
+                if t.refused > 0 && fleet_counts {
+                    self.refused_batch.push((t.key, u64::from(t.refused)));
+                } else if t.refused > 0 {
                     self.count_refusals(t.key, t.refused, admission);
                 }
                 // A client refused here is read back too (count 0): it is the one whose
@@ -380,6 +398,10 @@ impl Sync {
                     &self.fleet.stats.sync_errors
                 };
                 stat.fetch_add(1, Ordering::Relaxed);
+                // The refusals this sync did not carry are counted here instead.
+                for (key, n) in std::mem::take(&mut self.refused_batch) {
+                    self.count_refusals(key, n as u32, admission);
+                }
                 for s in &mut self.spaces {
                     for (k, n) in s.batch.drain(..) {
                         *s.carry.entry(k).or_default() += n;
@@ -410,22 +432,28 @@ impl Sync {
         e.1 += n;
         if e.1 >= bans.after_rejections {
             self.refusals.remove(&key);
-            if admission.ban(key, bans.duration) {
-                self.fleet
-                    .stats
-                    .bans_decided
-                    .fetch_add(1, Ordering::Relaxed);
-                let until =
-                    (unix_ms() as i64 + self.offset_ms) as u64 + bans.duration.as_millis() as u64;
-                self.new_bans.push((key, until));
-                tracing::warn!(
-                    client = %key,
-                    refusals = bans.after_rejections,
-                    window = ?bans.window,
-                    duration = ?bans.duration,
-                    "fleet: client banned for repeatedly hitting its rate limit"
-                );
-            }
+            self.decide_ban(key, admission);
+        }
+    }
+
+    /// Bans `key` here now and queues the ban for the store (ZADD + PUBLISH in the next sync).
+    fn decide_ban(&mut self, key: IpAddr, admission: &Admission) {
+        let bans = &self.fleet.cfg.bans;
+        if admission.ban(key, bans.duration) {
+            self.fleet
+                .stats
+                .bans_decided
+                .fetch_add(1, Ordering::Relaxed);
+            let until =
+                (unix_ms() as i64 + self.offset_ms) as u64 + bans.duration.as_millis() as u64;
+            self.new_bans.push((key, until));
+            tracing::warn!(
+                client = %key,
+                refusals = bans.after_rejections,
+                window = ?bans.window,
+                duration = ?bans.duration,
+                "fleet: client banned for repeatedly hitting its rate limit"
+            );
         }
     }
 
@@ -472,6 +500,18 @@ impl Sync {
                 .stats
                 .keys_synced
                 .fetch_add(s.batch.len() as u64, Ordering::Relaxed);
+        }
+        if !self.refused_batch.is_empty() {
+            let window_ms = cfg.bans.window.as_millis().max(1) as u64;
+            let hash = format!("{}:x:{}", cfg.namespace, now_ms / window_ms);
+            for (key, n) in &self.refused_batch {
+                pipe.cmd("HINCRBY").arg(&hash).arg(key.to_string()).arg(*n);
+            }
+            pipe.cmd("EXPIRE")
+                .arg(&hash)
+                .arg((window_ms / 1000).max(1) * 2)
+                .ignore();
+            commands += self.refused_batch.len() as u64 + 1;
         }
         if !self.new_bans.is_empty() {
             let set = format!("{}:bans", cfg.namespace);
@@ -583,6 +623,17 @@ impl Sync {
                         .remote_debits
                         .fetch_add(remote, Ordering::Relaxed);
                 }
+            }
+        }
+        // Refusals: the reply whose total crosses the line is this instance's to act on (HINCRBY
+        // is atomic, so exactly one instance sees the crossing).
+        let line = u64::from(self.fleet.cfg.bans.after_rejections);
+        for (key, n) in self.refused_batch.drain(..) {
+            let Some(total) = it.next().as_ref().and_then(value_u64) else {
+                continue;
+            };
+            if total >= line && total - n.min(total) < line {
+                self.to_ban.push(key);
             }
         }
         if reset {

@@ -499,3 +499,51 @@ async fn the_request_rate_is_shared_across_keep_alive_connections() {
         p.stop().await;
     }
 }
+
+/// Refusals are counted by the fleet, not by each instance: a client refused 80 times spread
+/// over four instances (about 20 each) is banned at a line of 40, which no instance alone
+/// reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refusals_are_counted_fleet_wide() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let bans = "[fleet.bans]\nafter_rejections = 40\nwindow = \"10s\"\nduration = \"60s\"\n";
+    let Setup {
+        fleet,
+        front,
+        lb,
+        _origin,
+        ..
+    } = setup(Some(&redis), bans, "").await;
+    // 200 connections in one second: the fleet admits about its budget (rate 100 + burst
+    // 20) and refuses the rest.
+    hammer("127.0.1.8", front, 200, 1.0).await;
+    assert!(
+        eventually(Duration::from_secs(3), || {
+            sum(&fleet, "breakwater_fleet_bans_active") == 4.0
+        })
+        .await,
+        "not banned everywhere"
+    );
+    let refused: Vec<f64> = fleet
+        .iter()
+        .map(|p| p.metric(r#"breakwater_connections_rejected_total{reason="rate"}"#))
+        .collect();
+    eprintln!("refusals per instance: {refused:?}");
+    assert!(refused.iter().sum::<f64>() >= 40.0);
+    assert!(
+        refused.iter().all(|r| *r < 40.0),
+        "one instance alone reached the line: {refused:?}"
+    );
+    assert_eq!(
+        sum(&fleet, r#"breakwater_fleet_bans_total{origin="decided"}"#),
+        1.0,
+        "exactly one instance decides"
+    );
+    lb.abort();
+    for p in fleet {
+        p.stop().await;
+    }
+}
