@@ -30,10 +30,13 @@
 //! - the canonical host and path: `proxy/target.rs`
 //! - zero-downtime restart (socket passing): `takeover.rs`
 //! - the waiting room (a line at the door of a sale, opened by the origin's queue wait):
-//!   `room.rs`; its tokens `room/token.rs`, its line `room/state.rs`, its page `room/page.rs`
+//!   `room.rs`; its tokens `room/token.rs`, its line `room/state.rs`, its page `room/page.rs`,
+//!   what a waiter is answered (JSON, page, cookie) `room/answer.rs`; the shopper load mode
+//!   `storm/queue.rs`
 //! - response spooling for slow readers and the progress deadlines: `proxy/spool.rs`
-//! - fleet mode (limits and bans shared through Redis, synced off the accept path): `fleet.rs`;
-//!   the limiter it feeds: `admission/shared_rate.rs`
+//! - fleet mode (limits and bans shared through Redis, synced off the accept path): `fleet.rs`
+//!   (stats, the ban subscriber), `fleet/sync.rs` (the pipeline per interval); the limiter it
+//!   feeds: `admission/shared_rate.rs`
 //!
 //! # Words
 //! *downstream*/*client*: the side that connects to Breakwater. *upstream*: a named group of

@@ -14,9 +14,12 @@
 //! so a fleet can keep it in Redis; tokens are self-checking (`token.rs`), so any instance with
 //! the key verifies any token without asking the state.
 
+mod answer;
 pub mod page;
 pub mod state;
 pub mod token;
+
+use answer::Asked;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -25,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Response};
 
 use crate::config::room::{RoomConfig, RoomMode};
 use crate::upstream::Upstream;
@@ -215,63 +218,6 @@ impl Room {
         format!("bw_wr_{}", self.cfg.name)
     }
 
-    /// The page's "reload automatically" links (for browsers without JavaScript): remember the
-    /// choice in a cookie and send the browser back to the page without the parameter, so it
-    /// never reaches the origin.
-    fn refresh_choice(
-        &self,
-        path: &str,
-        query: Option<&str>,
-        tls: bool,
-    ) -> Option<Response<Bytes>> {
-        let query = query?;
-        let prefix = format!("{}=", page::REFRESH_PARAM);
-        let choice = query.split('&').find_map(|kv| kv.strip_prefix(&prefix))?;
-        let rest: Vec<&str> = query
-            .split('&')
-            .filter(|kv| !kv.starts_with(&prefix) && !kv.is_empty())
-            .collect();
-        let location = if rest.is_empty() {
-            path.to_string()
-        } else {
-            format!("{path}?{}", rest.join("&"))
-        };
-        let secure = if tls { "; Secure" } else { "" };
-        let cookie = match choice {
-            "on" => format!(
-                "{}_auto=1; Path=/; HttpOnly; SameSite=Lax{secure}",
-                self.cookie_name()
-            ),
-            _ => format!(
-                "{}_auto=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax{secure}",
-                self.cookie_name()
-            ),
-        };
-        let mut r = Response::new(Bytes::new());
-        *r.status_mut() = StatusCode::SEE_OTHER;
-        let h = r.headers_mut();
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if let (Ok(l), Ok(c)) = (
-            HeaderValue::from_str(&location),
-            HeaderValue::from_str(&cookie),
-        ) {
-            h.insert(header::LOCATION, l);
-            h.insert(header::SET_COOKIE, c);
-        }
-        Some(r)
-    }
-
-    /// The waiter turned the page's own reloading on (it has no JavaScript).
-    fn auto_refresh(&self, headers: &HeaderMap) -> bool {
-        let name = format!("{}_auto", self.cookie_name());
-        headers
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .any(|kv| kv.trim().split_once('=') == Some((name.as_str(), "1")))
-    }
-
     /// The token the request carries: the header first (apps), then the room's cookie.
     fn token<'a>(&self, headers: &'a HeaderMap) -> Option<&'a str> {
         if let Some(v) = headers.get(TOKEN_HEADER).and_then(|v| v.to_str().ok()) {
@@ -422,27 +368,6 @@ impl Room {
         Verdict::Answer(self.answer("queued", Some(t), ask, Some(signed)))
     }
 
-    /// API clients get JSON: a path under `api_paths`, an Accept that names JSON, or one that
-    /// does not ask for HTML (curl's `*/*`, most SDKs). Never HTML to an API client.
-    fn is_api(&self, headers: &HeaderMap, path: &str) -> bool {
-        if self
-            .cfg
-            .api_paths
-            .iter()
-            .any(|p| path.starts_with(p.as_str()))
-        {
-            return true;
-        }
-        let accept = headers
-            .get_all(header::ACCEPT)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect::<Vec<_>>()
-            .join(",")
-            .to_ascii_lowercase();
-        accept.contains("application/json") || !accept.contains("text/html")
-    }
-
     /// In auto mode with nobody waiting: one slot from the door's budget, if it has one and the
     /// room is not full and the origin guard is open.
     fn take_slot_now(&self) -> bool {
@@ -483,15 +408,6 @@ impl Room {
         }
     }
 
-    fn cookie(&self, token: &str, tls: bool) -> Option<HeaderValue> {
-        let secure = if tls { "; Secure" } else { "" };
-        HeaderValue::from_str(&format!(
-            "{}={token}; Path=/; HttpOnly; SameSite=Lax{secure}",
-            self.cookie_name()
-        ))
-        .ok()
-    }
-
     /// `tickets_per_ip` per minute per client key.
     fn may_join(&self, key: IpAddr, now: Instant) -> bool {
         if self.cfg.tickets_per_ip == 0 {
@@ -507,85 +423,6 @@ impl Room {
         }
         e.1 += 1;
         true
-    }
-
-    /// The waiting answer: JSON (429) for API clients, the page (200) for browsers; 503 when
-    /// the room is closed.
-    fn answer(
-        &self,
-        state: &'static str,
-        ticket: Option<Token>,
-        ask: Asked,
-        new_token: Option<String>,
-    ) -> Response<Bytes> {
-        let Asked {
-            api,
-            tls,
-            auto_refresh,
-        } = ask;
-        let refresh = self.cfg.refresh.as_secs().max(1);
-        let (position, ahead, eta) = match ticket {
-            Some(t) => {
-                let ahead = self.state.ahead(t.id);
-                let rate = self.door().rate.max(0.01);
-                // Before the opening, the wait starts then.
-                let until_open = self
-                    .cfg
-                    .opens_at
-                    .and_then(|o| o.duration_since(SystemTime::now()).ok())
-                    .map_or(0.0, |d| d.as_secs_f64());
-                let secs = until_open + ahead as f64 / rate;
-                let eta = [
-                    ((secs * 0.8).floor() as u64).max(1),
-                    ((secs * 1.2).ceil() as u64).max(refresh),
-                ];
-                (Some(ahead + 1), Some(ahead), Some(eta))
-            }
-            None => (None, None, None),
-        };
-        let status = page::Status {
-            room: &self.cfg.name,
-            state,
-            position,
-            ahead,
-            eta_seconds: eta,
-            refresh_seconds: refresh,
-            token: new_token.as_deref(),
-            auto_refresh,
-            grace_seconds: self.cfg.queue_grace.as_secs(),
-        };
-        let (code, body, kind) = if api {
-            self.stats.pages_json.fetch_add(1, Ordering::Relaxed);
-            let code = if state == "closed" {
-                StatusCode::SERVICE_UNAVAILABLE
-            } else {
-                StatusCode::TOO_MANY_REQUESTS
-            };
-            (code, page::json(&status), "application/json")
-        } else {
-            self.stats.pages_html.fetch_add(1, Ordering::Relaxed);
-            let code = if state == "closed" {
-                StatusCode::SERVICE_UNAVAILABLE
-            } else {
-                StatusCode::OK
-            };
-            (code, self.page.fill(&status), "text/html; charset=utf-8")
-        };
-        let mut r = Response::new(Bytes::from(body));
-        *r.status_mut() = code;
-        let h = r.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        h.insert(header::RETRY_AFTER, HeaderValue::from(refresh));
-        if let Some(t) = &new_token {
-            if let Some(c) = self.cookie(t, tls) {
-                h.insert(header::SET_COOKIE, c);
-            }
-            if let Ok(v) = HeaderValue::from_str(t) {
-                h.insert(TOKEN_HEADER, v);
-            }
-        }
-        r
     }
 
     /// The origin said `Breakwater-Room: revoke`: the shopper's session ends now, and its slot
@@ -680,16 +517,6 @@ impl Room {
         let d = self.door();
         (self.state.waiting(), self.state.sessions() + unclaimed(&d))
     }
-}
-
-/// How the waiter asked: what kind of answer it gets.
-#[derive(Debug, Clone, Copy)]
-struct Asked {
-    /// JSON rather than the page.
-    api: bool,
-    tls: bool,
-    /// The page (without JavaScript) reloads itself.
-    auto_refresh: bool,
 }
 
 /// `/sale` covers `/sale` and `/sale/...`, not `/sales` (paths arrive normalised).
