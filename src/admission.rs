@@ -8,6 +8,11 @@
 //! accept loops stop accepting and the kernel's backlog absorbs the excess, as HAProxy does
 //! with maxconn. SO_REUSEPORT spreads one client over every shard, so all of this state is
 //! shared by all accept loops.
+//!
+//! Why this file is ~530 lines: `Admission` is one decision made under one policy snapshot
+//! (lists, rate, caps), and its counters and housekeeping read the same state; each limit
+//! already lives in `admission/`. The next split is `Stats` and `housekeeping` into
+//! `admission/stats.rs`.
 
 pub mod conn_limit;
 pub mod fd;

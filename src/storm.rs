@@ -4,6 +4,10 @@
 //! makes one request on a new connection every 20 ms throughout and reports how it fared.
 //!
 //! Every loop here is bounded by the connection count and by the hard time limit.
+//!
+//! Why this file is ~540 lines: the four connection modes share one connect/measure/tally path
+//! and one report; the shopper mode, which does not, is `storm/queue.rs`. The next split is
+//! the report (`Report`, `render`) into `storm/report.rs`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
