@@ -138,6 +138,10 @@ pub struct Room {
     /// longer exists (a restart with the same keys), and its number means nothing here.
     line_started: u64,
     page: page::Template,
+    /// `bw_wr_<name>` (the token) and `bw_wr_<name>_auto` (the no-JavaScript reload choice),
+    /// made once: every waiter's poll reads them.
+    cookie_name: String,
+    auto_cookie_name: String,
     /// The door has opened (`opens_at` passed, the pre-queue shuffled if asked).
     opened: std::sync::atomic::AtomicBool,
 }
@@ -197,6 +201,8 @@ impl Room {
             guard,
             line_started: old.map_or_else(unix_now, |o| o.line_started),
             page: page::Template::new(cfg.page_template.as_deref()),
+            cookie_name: format!("bw_wr_{}", cfg.name),
+            auto_cookie_name: format!("bw_wr_{}_auto", cfg.name),
             // Without an opening time the room is open from the start.
             opened: std::sync::atomic::AtomicBool::new(
                 cfg.opens_at.is_none() || old.is_some_and(|o| o.opened.load(Ordering::Acquire)),
@@ -219,25 +225,12 @@ impl Room {
         host_ok && prefix_matches(&self.cfg.path_prefix, path)
     }
 
-    fn cookie_name(&self) -> String {
-        format!("bw_wr_{}", self.cfg.name)
-    }
-
     /// The token the request carries: the header first (apps), then the room's cookie.
     fn token<'a>(&self, headers: &'a HeaderMap) -> Option<&'a str> {
         if let Some(v) = headers.get(TOKEN_HEADER).and_then(|v| v.to_str().ok()) {
             return Some(v.trim());
         }
-        let name = self.cookie_name();
-        headers
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .find_map(|kv| {
-                let (k, v) = kv.trim().split_once('=')?;
-                (k == name).then_some(v)
-            })
+        cookie_value(headers, &self.cookie_name)
     }
 
     fn invalid(&self, i: usize) {
@@ -522,6 +515,19 @@ impl Room {
         let d = self.door();
         (self.state.waiting(), self.state.sessions() + unclaimed(&d))
     }
+}
+
+/// The value of the cookie `name` in the request, if it carries one.
+fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|kv| {
+            let (k, v) = kv.trim().split_once('=')?;
+            (k == name).then_some(v)
+        })
 }
 
 /// `/sale` covers `/sale` and `/sale/...`, not `/sales` (paths arrive normalised).

@@ -352,48 +352,46 @@ impl Sync {
                 let Some(total) = it.next().as_ref().and_then(value_u64) else {
                     continue;
                 };
-                let Some(seen) = s.seen.get_mut(&key) else {
-                    // First look in this epoch: what the others admitted is charged as of the
-                    // epoch's start (when they spent it is not known; a client under the rate
-                    // since then owes nothing now, one over it owes the difference).
-                    s.seen.insert(
-                        key,
-                        Seen {
-                            total,
-                            mine: n,
-                            at: now,
-                        },
-                    );
-                    let remote = total.saturating_sub(n);
-                    if remote > 0 && baseline != Some(epoch) {
-                        if let Some(l) = &limits[i] {
-                            l.debit(key, remote, now.saturating_sub(into_epoch));
-                        }
-                        self.fleet
-                            .stats
-                            .remote_debits
-                            .fetch_add(remote, Ordering::Relaxed);
+                // What the others admitted, and since when it is charged.
+                let charge = match s.seen.get_mut(&key) {
+                    // First look in this epoch: charged as of the epoch's start (when they
+                    // spent it is not known; a client under the rate since then owes nothing
+                    // now, one over it owes the difference). Right after a restore, a
+                    // baseline only: that was charged before.
+                    None => {
+                        s.seen.insert(
+                            key,
+                            Seen {
+                                total,
+                                mine: n,
+                                at: now,
+                            },
+                        );
+                        (baseline != Some(epoch))
+                            .then(|| (total.saturating_sub(n), now.saturating_sub(into_epoch)))
                     }
-                    continue;
-                };
-                if total < seen.mine + n {
                     // Less than this instance alone sent: the store lost the counters.
-                    reset = true;
-                    *seen = Seen {
-                        total,
-                        mine: total,
-                        at: now,
-                    };
-                    continue;
-                }
-                let remote = total - seen.total - n.min(total - seen.total);
-                let since = seen.at;
-                *seen = Seen {
-                    total,
-                    mine: seen.mine + n,
-                    at: now,
+                    Some(seen) if total < seen.mine + n => {
+                        reset = true;
+                        *seen = Seen {
+                            total,
+                            mine: total,
+                            at: now,
+                        };
+                        None
+                    }
+                    Some(seen) => {
+                        let remote = total - seen.total - n.min(total - seen.total);
+                        let since = seen.at;
+                        *seen = Seen {
+                            total,
+                            mine: seen.mine + n,
+                            at: now,
+                        };
+                        Some((remote, since))
+                    }
                 };
-                if remote > 0 {
+                if let Some((remote, since)) = charge.filter(|c| c.0 > 0) {
                     if let Some(l) = &limits[i] {
                         l.debit(key, remote, since);
                     }

@@ -30,11 +30,13 @@ impl Room {
         tls: bool,
     ) -> Option<Response<Bytes>> {
         let query = query?;
-        let prefix = format!("{}=", page::REFRESH_PARAM);
-        let choice = query.split('&').find_map(|kv| kv.strip_prefix(&prefix))?;
+        fn choice_of(kv: &str) -> Option<&str> {
+            kv.strip_prefix(page::REFRESH_PARAM)?.strip_prefix('=')
+        }
+        let choice = query.split('&').find_map(choice_of)?;
         let rest: Vec<&str> = query
             .split('&')
-            .filter(|kv| !kv.starts_with(&prefix) && !kv.is_empty())
+            .filter(|kv| choice_of(kv).is_none() && !kv.is_empty())
             .collect();
         let location = if rest.is_empty() {
             path.to_string()
@@ -44,12 +46,12 @@ impl Room {
         let secure = if tls { "; Secure" } else { "" };
         let cookie = match choice {
             "on" => format!(
-                "{}_auto=1; Path=/; HttpOnly; SameSite=Lax{secure}",
-                self.cookie_name()
+                "{}=1; Path=/; HttpOnly; SameSite=Lax{secure}",
+                self.auto_cookie_name
             ),
             _ => format!(
-                "{}_auto=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax{secure}",
-                self.cookie_name()
+                "{}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax{secure}",
+                self.auto_cookie_name
             ),
         };
         let mut r = Response::new(Bytes::new());
@@ -68,13 +70,7 @@ impl Room {
 
     /// The waiter turned the page's own reloading on (it has no JavaScript).
     pub(super) fn auto_refresh(&self, headers: &HeaderMap) -> bool {
-        let name = format!("{}_auto", self.cookie_name());
-        headers
-            .get_all(header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .any(|kv| kv.trim().split_once('=') == Some((name.as_str(), "1")))
+        super::cookie_value(headers, &self.auto_cookie_name) == Some("1")
     }
 
     /// API clients get JSON: a path under `api_paths`, an Accept that names JSON, or one that
@@ -102,7 +98,7 @@ impl Room {
         let secure = if tls { "; Secure" } else { "" };
         HeaderValue::from_str(&format!(
             "{}={token}; Path=/; HttpOnly; SameSite=Lax{secure}",
-            self.cookie_name()
+            self.cookie_name
         ))
         .ok()
     }

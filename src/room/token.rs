@@ -43,23 +43,23 @@ pub struct Token {
 /// (prefix 0). A hash, not the prefix, so the token does not show the address.
 pub fn binding(ip: std::net::IpAddr, v4_prefix: u8, v6_prefix: u8) -> Option<u32> {
     use sha2::Digest;
-    let (bytes, prefix): (Vec<u8>, u8) = match crate::client::unmapped(ip) {
+    let mut h = Sha256::new();
+    h.update(b"breakwater room binding");
+    match crate::client::unmapped(ip) {
         std::net::IpAddr::V4(a) if v4_prefix > 0 => {
             let p = v4_prefix.min(32);
             let mask = u32::MAX.checked_shl(32 - u32::from(p)).unwrap_or(0);
-            ((u32::from(a) & mask).to_be_bytes().to_vec(), p)
+            h.update([p]);
+            h.update((u32::from(a) & mask).to_be_bytes());
         }
         std::net::IpAddr::V6(a) if v6_prefix > 0 => {
             let p = v6_prefix.min(128);
             let mask = u128::MAX.checked_shl(128 - u32::from(p)).unwrap_or(0);
-            ((u128::from(a) & mask).to_be_bytes().to_vec(), p)
+            h.update([p]);
+            h.update((u128::from(a) & mask).to_be_bytes());
         }
         _ => return None,
-    };
-    let mut h = Sha256::new();
-    h.update(b"breakwater room binding");
-    h.update([prefix]);
-    h.update(&bytes);
+    }
     let d = h.finalize();
     Some(u32::from_be_bytes([d[0], d[1], d[2], d[3]]))
 }
