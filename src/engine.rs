@@ -47,7 +47,7 @@ impl Generation {
                     o.proxy
                         .upstreams
                         .iter()
-                        .find(|x| x.name == u.name && x.cfg == *u)
+                        .find(|x| *x.name == *u.name && x.cfg == *u)
                         .cloned()
                 })
                 .unwrap_or_else(|| upstream::Upstream::new(u))
@@ -62,7 +62,7 @@ impl Generation {
             response_buffer: config.http.response_buffer,
             min_body_rate: config.http.min_body_rate,
             body_grace: config.http.header_read_timeout,
-            via_name: config.http.via_name.clone(),
+            via: crate::proxy::headers::Via::new(&config.http.via_name),
             shutdown_grace: config.http.shutdown_timeout,
             trusted_proxies: config.http.trusted_proxies.clone(),
             spool: proxy::spool::Settings {
@@ -95,7 +95,7 @@ impl Generation {
                 let upstream = proxy.router.routes()[i].upstream;
                 (
                     proxy.router.label(i),
-                    proxy.upstreams[upstream].name.clone(),
+                    proxy.upstreams[upstream].name.to_string(),
                 )
             })
             .collect();
@@ -559,16 +559,16 @@ fn sync_health(
             .proxy
             .upstreams
             .iter()
-            .any(|x| &x.name == name && Arc::ptr_eq(x, u));
+            .any(|x| *x.name == **name && Arc::ptr_eq(x, u));
         if !keep {
             h.abort();
         }
         keep
     });
     for u in &gen.proxy.upstreams {
-        if !tasks.contains_key(&u.name) {
+        if !tasks.contains_key(&*u.name) {
             tasks.insert(
-                u.name.clone(),
+                u.name.to_string(),
                 (u.clone(), tokio::spawn(u.clone().check_health())),
             );
         }

@@ -462,15 +462,15 @@ impl Snapshot {
             let (per_server, queue) = u.snapshot();
             for (i, (o, id, b)) in per_server.into_iter().enumerate() {
                 let l = vec![
-                    ("upstream", u.name.clone()),
-                    ("server", u.servers[i].addr.clone()),
+                    ("upstream", u.name.to_string()),
+                    ("server", u.servers[i].addr.to_string()),
                 ];
                 open.push((l.clone(), o as i64));
                 idle.push((l.clone(), id as i64));
                 busy.push((l.clone(), b as i64));
                 healthy.push((l, i64::from(u.servers[i].health.is_healthy())));
             }
-            let l = vec![("upstream", u.name.clone())];
+            let l = vec![("upstream", u.name.to_string())];
             depth.push((l.clone(), queue as i64));
             tunnels.push((l.clone(), u.tunnels.open() as i64));
             let st = &u.stats;

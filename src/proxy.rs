@@ -15,6 +15,7 @@ pub mod spool;
 pub mod target;
 mod tunnel;
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -88,8 +89,8 @@ pub struct Proxy {
     pub min_body_rate: u64,
     /// Grace before `min_body_rate` applies.
     pub body_grace: Duration,
-    /// This instance's Via pseudonym.
-    pub via_name: String,
+    /// This instance's Via pseudonym and the entries made from it.
+    pub via: headers::Via,
     /// How long a tunnel may outlive the start of a shutdown.
     pub shutdown_grace: Duration,
     /// `[http] trusted_proxies`.
@@ -154,7 +155,12 @@ pub async fn handle(
         route: None,
         client: peer,
         method: req.method().clone(),
-        path: req.uri().path().to_string(),
+        // Also in the debug lines about a refused request; not copied when nothing reads it.
+        path: if enabled || tracing::enabled!(tracing::Level::DEBUG) {
+            req.uri().path().to_string()
+        } else {
+            String::new()
+        },
         status: 0,
         upstream: None,
         server: None,
@@ -189,7 +195,9 @@ pub async fn handle(
             .unwrap_or(0),
         metrics: Some(gen.requests.clone()),
     };
-    req.headers_mut().insert("x-request-id", request_id);
+    // `from_static`: a `&str` name that is not a standard header is copied on every insert.
+    req.headers_mut()
+        .insert(header::HeaderName::from_static("x-request-id"), request_id);
     let allowed = shared.admission.check_request(&client);
     // The waiting room stands between an admitted request and the pool.
     let mut seated = None;
@@ -398,7 +406,7 @@ async fn forward(
     if req.method() == http::Method::CONNECT {
         return Err(ProxyError::MethodNotAllowed);
     }
-    if headers::via_names(req.headers(), &proxy.via_name) {
+    if headers::via_names(req.headers(), &proxy.via.name) {
         return Err(ProxyError::Loop);
     }
     let host = request_host(&req)?;
@@ -407,7 +415,7 @@ async fn forward(
         return Err(ProxyError::BadTarget(target::BadTarget::InvalidPath));
     }
     // OPTIONS * is about the server: it goes where "/" would.
-    let route_path = if path == "*" { "/" } else { path.as_str() };
+    let route_path = if path == "*" { "/" } else { &path };
     // Routing only selects among configured routes: the request always goes to a configured
     // upstream, never to the host it names.
     let route = proxy
@@ -421,6 +429,17 @@ async fn forward(
     log.upstream = Some(upstream.name.clone());
     log.route = Some(route);
 
+    // The origin gets the path routing matched, so its own normalisation cannot take the
+    // request anywhere else. A request line already in origin form and normal form goes on
+    // as it came (no copy); anything else is rebuilt from the normalised path and the query.
+    let rebuilt = match (&path, req.uri().authority()) {
+        (Cow::Borrowed(_), None) => None,
+        _ => Some(match req.uri().query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path.into_owned(),
+        }),
+    };
+
     let client_version = req.version();
     // Only a real WebSocket handshake (GET, no body) opens a tunnel; any other Upgrade is
     // stripped with the hop-by-hop headers and the request uses the pool like any other.
@@ -430,29 +449,35 @@ async fn forward(
         && headers::is_websocket_upgrade(req.headers());
     let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
 
+    // The Host the origin is sent: the client's own field when it is already in that form
+    // (shared, not copied), else written out.
+    let host_value = host.as_ref().and_then(|h| {
+        let sent = req.headers().get(header::HOST);
+        match sent {
+            Some(v) if req.uri().authority().is_none() && h.is_written_as(v.as_bytes()) => {
+                Some(v.clone())
+            }
+            _ => HeaderValue::from_str(&h.header_value()).ok(),
+        }
+    });
     let (mut parts, body) = req.into_parts();
-    let host_value = host.as_ref().map(target::Host::header_value);
     headers::join_cookies(&mut parts.headers);
     headers::prepare_request(
         &mut parts.headers,
         &headers::Forwarded {
             client: hold.client.addr,
             trusted,
-            host: host_value.as_deref(),
+            host: host_value,
             proto: if hold.tls { "https" } else { "http" },
             version: headers::version_token(client_version),
-            via_name: &proxy.via_name,
+            via: &proxy.via,
             upgrade: websocket.then(|| HeaderValue::from_static("websocket")),
         },
     );
-    // The origin gets the path routing matched, so its own normalisation cannot take the
-    // request anywhere else.
-    let forwarded = match parts.uri.query() {
-        Some(q) => format!("{path}?{q}"),
-        None => path,
-    };
-    parts.uri = Uri::try_from(forwarded)
-        .map_err(|_| ProxyError::BadTarget(target::BadTarget::InvalidPath))?;
+    if let Some(forwarded) = rebuilt {
+        parts.uri = Uri::try_from(forwarded)
+            .map_err(|_| ProxyError::BadTarget(target::BadTarget::InvalidPath))?;
+    }
     parts.version = Version::HTTP_11;
     let is_head = parts.method == http::Method::HEAD;
 
@@ -473,16 +498,7 @@ async fn forward(
             peer: client.peer,
             client,
         };
-        return tunnel_request(
-            upstream,
-            parts,
-            body,
-            tunnel,
-            activity,
-            &proxy.via_name,
-            log,
-        )
-        .await;
+        return tunnel_request(upstream, parts, body, tunnel, activity, &proxy.via, log).await;
     }
 
     // Slow-POST guard: read up to request_buffer of the body before an origin connection is
@@ -497,12 +513,12 @@ async fn forward(
             server: server.unwrap_or_else(|| "-".into()),
             error,
         })?;
-    log.server = Some(lease.server().to_string());
+    log.server = Some(lease.server_name());
     let (mut head, mut body) = resp.into_parts();
     headers::prepare_response(
         &mut head.headers,
         headers::version_token(head.version),
-        &proxy.via_name,
+        &proxy.via,
         None,
     );
     head.version = client_version;
@@ -514,7 +530,7 @@ async fn forward(
             .await
             .map_err(|e| ProxyError::Upstream {
                 upstream: upstream.name.clone(),
-                server: lease.server().to_string(),
+                server: lease.server_name(),
                 error: UpstreamError::Response(e),
             })?
     };

@@ -73,6 +73,10 @@ pub enum UpstreamError {
     BadUpgrade,
 }
 
+/// What a failed send reports: the server it failed on (when one was picked; shared, for
+/// the error and the log line) and why.
+pub type SendFailure = (Option<Arc<str>>, UpstreamError);
+
 /// Counters since start, for logs and metrics.
 #[derive(Debug)]
 pub struct UpstreamStats {
@@ -123,7 +127,7 @@ impl Default for UpstreamStats {
 
 #[derive(Debug)]
 pub struct Server {
-    pub addr: String,
+    pub addr: Arc<str>,
     pub health: Health,
 }
 
@@ -168,7 +172,8 @@ struct Granted {
 
 #[derive(Debug)]
 pub struct Upstream {
-    pub name: String,
+    /// Shared with every request's access log and error (a clone per request is a count).
+    pub name: Arc<str>,
     pub cfg: UpstreamConfig,
     pub servers: Vec<Server>,
     state: Mutex<State>,
@@ -215,6 +220,11 @@ pub struct Lease {
 impl Lease {
     pub fn server(&self) -> &str {
         &self.up.servers[self.server].addr
+    }
+
+    /// The server's address, shared (for a log line or an error that outlives the lease).
+    pub fn server_name(&self) -> Arc<str> {
+        self.up.servers[self.server].addr.clone()
     }
 
     /// The response was read to its end: the connection may serve another request.
@@ -281,7 +291,7 @@ impl Pending {
     fn done(
         mut self,
         resp: Response<Incoming>,
-    ) -> Result<(Response<Incoming>, Lease), (Option<String>, UpstreamError)> {
+    ) -> Result<(Response<Incoming>, Lease), SendFailure> {
         match self.lease.take() {
             Some(lease) => Ok((resp, lease)),
             None => Err((None, UpstreamError::QueueTimeout)),
@@ -429,12 +439,12 @@ impl Upstream {
         let client_cap = ((capacity as f64 * cfg.max_client_share).floor() as usize).max(1);
         let conn_cap = ((capacity as f64 * cfg.max_connection_share).floor() as usize).max(1);
         Arc::new_cyclic(|me| Upstream {
-            name: cfg.name.clone(),
+            name: cfg.name.as_str().into(),
             servers: cfg
                 .servers
                 .iter()
                 .map(|addr| Server {
-                    addr: addr.clone(),
+                    addr: addr.as_str().into(),
                     health: Health::default(),
                 })
                 .collect(),
@@ -857,7 +867,7 @@ impl Upstream {
         client: &Client,
         conn: u64,
         req: Request<UpstreamBody>,
-    ) -> Result<(Response<Incoming>, Lease), (Option<String>, UpstreamError)> {
+    ) -> Result<(Response<Incoming>, Lease), SendFailure> {
         let Ok(permit) = self.panic.clone().try_acquire_owned() else {
             return Err((None, UpstreamError::NoHealthyServer));
         };
@@ -916,7 +926,7 @@ impl Upstream {
         client: &Client,
         conn: u64,
         req: Request<UpstreamBody>,
-    ) -> Result<(Response<Incoming>, Lease), (Option<String>, UpstreamError)> {
+    ) -> Result<(Response<Incoming>, Lease), SendFailure> {
         if !self.servers.iter().any(|s| s.health.is_healthy()) {
             return self.send_panic(client, conn, req).await;
         }
@@ -958,7 +968,7 @@ impl Upstream {
         tracing::debug!(upstream = %self.name, server = %self.servers[server].addr, error = %failed.error,
             "origin connection failed before answering; retrying");
         let lease = self.acquire(client).await.map_err(|e| (None, e))?;
-        let addr = lease.server().to_string();
+        let addr = lease.server_name();
         let mut pending = Pending::new(lease);
         match self.exchange(&mut pending, again).await {
             Ok(resp) => pending.done(resp),
@@ -1033,10 +1043,10 @@ impl Upstream {
     ) -> Result<
         (
             Sender,
-            String,
+            Arc<str>,
             impl std::future::Future<Output = ()> + Send + 'static,
         ),
-        (Option<String>, UpstreamError),
+        SendFailure,
     > {
         let order = self.order(&self.lock());
         let Some(&server) = order.first() else {
@@ -1088,7 +1098,7 @@ impl Upstream {
         client: &Client,
         conn: u64,
         req: Request<UpstreamBody>,
-    ) -> Result<(Response<Incoming>, Lease), (Option<String>, UpstreamError)> {
+    ) -> Result<(Response<Incoming>, Lease), SendFailure> {
         let queued_at = Instant::now();
         let permit =
             match tokio::time::timeout(self.cfg.queue_timeout, permits.acquire_owned()).await {

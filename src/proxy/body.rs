@@ -9,6 +9,7 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -32,8 +33,8 @@ pub struct AccessLog {
     pub method: http::Method,
     pub path: String,
     pub status: u16,
-    pub upstream: Option<String>,
-    pub server: Option<String>,
+    pub upstream: Option<Arc<str>>,
+    pub server: Option<Arc<str>>,
     pub start: Instant,
     /// The Host (or :authority) as sent, the protocol version, User-Agent, the request id
     /// sent to the origin, the query (when `access_log_query`), the declared body size.

@@ -27,8 +27,8 @@ pub enum ProxyError {
     Loop,
     #[error("upstream {upstream} server {server}: {error}")]
     Upstream {
-        upstream: String,
-        server: String,
+        upstream: std::sync::Arc<str>,
+        server: std::sync::Arc<str>,
         #[source]
         error: UpstreamError,
     },

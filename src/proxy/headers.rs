@@ -22,15 +22,24 @@ const HOP_BY_HOP: [&str; 10] = [
 
 /// Removes `Connection`, every header it names, and the fixed hop-by-hop list.
 pub fn remove_hop_by_hop(h: &mut HeaderMap) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        h.remove(name);
+    // One named header at a time, found by a lookup that allocates nothing: the usual
+    // `Connection: keep-alive` (or `close`) names only what the fixed list removes anyway,
+    // and costs no allocation. Each turn removes a header that is present, so this ends.
+    loop {
+        let named = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .find(|t| !HOP_BY_HOP.iter().any(|f| t.eq_ignore_ascii_case(f)) && h.contains_key(*t))
+            .and_then(|t| HeaderName::from_bytes(t.as_bytes()).ok());
+        match named {
+            Some(name) => {
+                h.remove(name);
+            }
+            None => break,
+        }
     }
     for name in HOP_BY_HOP {
         h.remove(name);
@@ -173,9 +182,61 @@ fn new_request_id() -> HeaderValue {
     let (a, b) =
         KEYS.get_or_init(|| (std::hash::RandomState::new(), std::hash::RandomState::new()));
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let id = format!("{:016x}{:016x}", a.hash_one(n), b.hash_one(n));
+    // Written on the stack: the header value's own copy is the one allocation.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = [0u8; 32];
+    for (half, h) in [a.hash_one(n), b.hash_one(n)].into_iter().enumerate() {
+        for i in 0..16 {
+            id[half * 16 + i] = HEX[((h >> (60 - 4 * i)) & 0xf) as usize];
+        }
+    }
     // Hex digits are always a valid header value.
-    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    HeaderValue::from_bytes(&id).unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+/// An address as a header value, formatted on the stack (the value's copy is the one
+/// allocation).
+fn ip_value(ip: IpAddr) -> Option<HeaderValue> {
+    use std::io::Write;
+    let mut buf = [0u8; 48];
+    let mut w = &mut buf[..];
+    write!(w, "{ip}").ok()?;
+    let n = 48 - w.len();
+    HeaderValue::from_bytes(&buf[..n]).ok()
+}
+
+/// This instance's Via entries (`<version> <name>`), made once: a request or response that
+/// arrives without a Via header gets a shared copy instead of a formatted string.
+#[derive(Debug, Clone)]
+pub struct Via {
+    pub name: String,
+    /// For "1.0", "1.1", "2", "3", and anything else.
+    by_version: [HeaderValue; 4],
+}
+
+impl Via {
+    pub fn new(name: &str) -> Via {
+        let make = |v: &str| {
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(format!("{v} {name}")))
+                .unwrap_or_else(|_| HeaderValue::from_static("1.1 breakwater"))
+        };
+        Via {
+            name: name.to_string(),
+            by_version: [make("1.0"), make("1.1"), make("2"), make("3")],
+        }
+    }
+
+    /// The entry for a message received over `version` (a `version_token`).
+    pub fn entry(&self, version: &str) -> HeaderValue {
+        match version {
+            "1.0" => self.by_version[0].clone(),
+            "2" => self.by_version[2].clone(),
+            "3" => self.by_version[3].clone(),
+            "1.1" => self.by_version[1].clone(),
+            other => HeaderValue::from_str(&format!("{other} {}", self.name))
+                .unwrap_or_else(|_| self.by_version[1].clone()),
+        }
+    }
 }
 
 /// What the origin should see of a client request.
@@ -185,14 +246,15 @@ pub struct Forwarded<'a> {
     /// Whether that address is a trusted proxy (`[http] trusted_proxies`): then the forwarding
     /// headers it sent are kept and extended; otherwise they are replaced.
     pub trusted: bool,
-    /// The host the client asked for (Host or :authority), port included, if any.
-    pub host: Option<&'a str>,
+    /// The host the client asked for (Host or :authority), port included, if any, as the
+    /// origin is sent it.
+    pub host: Option<HeaderValue>,
     /// "http" or "https".
     pub proto: &'static str,
     /// The protocol version the request came in on, for Via: "1.0", "1.1", "2".
     pub version: &'static str,
-    /// This instance's Via pseudonym.
-    pub via_name: &'a str,
+    /// This instance's Via entries.
+    pub via: &'a Via,
     pub upgrade: Option<HeaderValue>,
 }
 
@@ -206,11 +268,13 @@ pub fn prepare_request(h: &mut HeaderMap, f: &Forwarded<'_>) {
     let xfp = HeaderName::from_static("x-forwarded-proto");
     let xfh = HeaderName::from_static("x-forwarded-host");
     let proto = HeaderValue::from_static(f.proto);
-    let host = f.host.and_then(|v| HeaderValue::from_str(v).ok());
+    let host = f.host.clone();
     if f.trusted {
         // A proxy we trust already says who the client is and how it came in: extend the
         // chain, keep its proto and host (overwriting them is the classic https redirect loop).
-        append_list(h, xff, &f.client.to_string());
+        if let Some(ip) = ip_value(f.client) {
+            append_list(h, xff, ip);
+        }
         if !h.contains_key(&xfp) {
             h.insert(xfp, proto);
         }
@@ -224,7 +288,7 @@ pub fn prepare_request(h: &mut HeaderMap, f: &Forwarded<'_>) {
             h.remove(name);
         }
         // An IP address's text form is always a valid header value.
-        if let Ok(v) = HeaderValue::from_str(&f.client.to_string()) {
+        if let Some(v) = ip_value(f.client) {
             h.insert(xff, v);
         }
         h.insert(xfp, proto);
@@ -238,14 +302,14 @@ pub fn prepare_request(h: &mut HeaderMap, f: &Forwarded<'_>) {
     if let Some(host) = host {
         h.insert(header::HOST, host);
     }
-    append_list(h, header::VIA, &format!("{} {}", f.version, f.via_name));
+    append_list(h, header::VIA, f.via.entry(f.version));
 }
 
 /// What the client should see of an origin response.
 pub fn prepare_response(
     h: &mut HeaderMap,
     origin_version: &'static str,
-    via_name: &str,
+    via: &Via,
     upgrade: Option<&HeaderValue>,
 ) {
     // A response framed by Transfer-Encoding has no meaningful Content-Length (RFC 9112
@@ -259,11 +323,16 @@ pub fn prepare_response(
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(header::UPGRADE, up.clone());
     }
-    append_list(h, header::VIA, &format!("{origin_version} {via_name}"));
+    append_list(h, header::VIA, via.entry(origin_version));
 }
 
 /// Folds every existing value of a list header into one and appends `item`.
-fn append_list(h: &mut HeaderMap, name: HeaderName, item: &str) {
+fn append_list(h: &mut HeaderMap, name: HeaderName, item: HeaderValue) {
+    if !h.contains_key(&name) {
+        h.insert(name, item);
+        return;
+    }
+    let Ok(item) = item.to_str() else { return };
     let mut joined = String::new();
     for v in h.get_all(&name) {
         if let Ok(s) = v.to_str() {
@@ -319,6 +388,17 @@ mod tests {
         remove_hop_by_hop(&mut h);
         let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["accept"]);
+        // Several named, one absent, across two Connection fields.
+        let mut h = map(&[
+            ("connection", "close, X-A"),
+            ("connection", "x-missing , x-b"),
+            ("x-a", "1"),
+            ("x-b", "2"),
+            ("x-c", "3"),
+        ]);
+        remove_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-c"]);
     }
 
     #[test]
@@ -350,6 +430,7 @@ mod tests {
         let mine = request_id(&h, false);
         assert_ne!(mine, "abc-123");
         assert_eq!(mine.len(), 32);
+        assert!(mine.as_bytes().iter().all(u8::is_ascii_hexdigit));
         let ids: std::collections::HashSet<_> = (0..1000)
             .map(|_| request_id(&HeaderMap::new(), false))
             .collect();
@@ -372,10 +453,10 @@ mod tests {
             &Forwarded {
                 client: "127.0.0.9".parse().unwrap(),
                 trusted: false,
-                host: Some("shop.example.com"),
+                host: Some(HeaderValue::from_static("shop.example.com")),
                 proto: "http",
                 version: "1.1",
-                via_name: "bw",
+                via: &Via::new("bw"),
                 upgrade: None,
             },
         );
@@ -400,10 +481,10 @@ mod tests {
             &Forwarded {
                 client: "127.0.0.9".parse().unwrap(),
                 trusted: true,
-                host: Some("shop.example.com:8080"),
+                host: Some(HeaderValue::from_static("shop.example.com:8080")),
                 proto: "http",
                 version: "1.1",
-                via_name: "breakwater",
+                via: &Via::new("breakwater"),
                 upgrade: None,
             },
         );
@@ -451,7 +532,13 @@ mod tests {
         assert_eq!(c.get_all("cookie").iter().count(), 1);
         assert_eq!(c["cookie"], "a=1; b=2");
         let mut r = map(&[("content-length", "5"), ("transfer-encoding", "chunked")]);
-        prepare_response(&mut r, "1.1", "bw", None);
+        prepare_response(&mut r, "1.1", &Via::new("bw"), None);
+        assert_eq!(r["via"], "1.1 bw");
+        let mut r = map(&[("via", "1.1 origin-lb")]);
+        prepare_response(&mut r, "2", &Via::new("bw"), None);
+        assert_eq!(r["via"], "1.1 origin-lb, 2 bw");
+        let mut r = HeaderMap::new();
+        prepare_response(&mut r, "1.1", &Via::new("bw"), None);
         assert!(r.get("content-length").is_none());
         assert_eq!(r["via"], "1.1 bw");
     }

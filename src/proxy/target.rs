@@ -8,6 +8,7 @@
 //! Host headers, `host:x@evil`). So an ambiguous request is refused with 400 instead of
 //! guessed at.
 
+use std::borrow::Cow;
 use std::fmt;
 
 /// Why a request target was refused (each is a 400).
@@ -54,6 +55,25 @@ impl Host {
             .strip_prefix('[')
             .and_then(|n| n.strip_suffix(']'))
             .unwrap_or(&self.name)
+    }
+
+    /// Whether `sent` (a Host field's bytes) already reads `name[:port]` exactly.
+    pub fn is_written_as(&self, sent: &[u8]) -> bool {
+        let Some(rest) = sent.strip_prefix(self.name.as_bytes()) else {
+            return false;
+        };
+        match (self.port, rest.strip_prefix(b":")) {
+            (None, None) => rest.is_empty(),
+            (Some(p), Some(digits)) => {
+                // No leading zero: "080" is port 80 but not written as the origin is sent it.
+                (digits.len() == 1 || digits.first() != Some(&b'0'))
+                    && std::str::from_utf8(digits)
+                        .ok()
+                        .and_then(|d| d.parse().ok())
+                        == Some(p)
+            }
+            _ => false,
+        }
     }
 
     /// `name[:port]`, the Host header the origin is sent.
@@ -119,10 +139,10 @@ pub fn parse_host(authority: &str) -> Result<Host, BadTarget> {
 /// `%2e`, and `.;`/`..;` segments (which some origins read as dot segments). `%2F` and `%5C`
 /// stay encoded and are data, not separators; whether a route accepts them is
 /// `has_encoded_slash`'s question, asked after routing.
-pub fn normalize_path(path: &str) -> Result<String, BadTarget> {
+pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, BadTarget> {
     if path == "*" {
         // OPTIONS * (asterisk form) names the server, not a path.
-        return Ok("*".into());
+        return Ok(Cow::Borrowed(path));
     }
     if !path.starts_with('/') {
         return Err(BadTarget::InvalidPath);
@@ -133,7 +153,8 @@ pub fn normalize_path(path: &str) -> Result<String, BadTarget> {
         && !path.split('/').any(|seg| seg.starts_with('.'))
         && path.is_ascii();
     if plain {
-        return Ok(path.to_string());
+        // Borrowed: the request line can then be forwarded as it came, with no copy.
+        return Ok(Cow::Borrowed(path));
     }
     let mut out: Vec<String> = Vec::new();
     let raw_segments: Vec<&str> = path[1..].split('/').collect();
@@ -170,7 +191,7 @@ pub fn normalize_path(path: &str) -> Result<String, BadTarget> {
     if s.is_empty() || trailing_slash {
         s.push('/');
     }
-    Ok(s)
+    Ok(Cow::Owned(s))
 }
 
 /// Decodes one segment's unreserved escapes; says whether a `.` came from `%2e`.
@@ -256,8 +277,22 @@ mod tests {
     }
 
     #[test]
+    fn a_host_field_already_in_origin_form_is_recognised() {
+        let h = parse_host("shop.example:8080").unwrap();
+        assert!(h.is_written_as(b"shop.example:8080"));
+        assert!(!h.is_written_as(b"Shop.example:8080"));
+        assert!(!h.is_written_as(b"shop.example:08080"));
+        assert!(!h.is_written_as(b"shop.example"));
+        let h = parse_host("shop.example.").unwrap();
+        assert!(!h.is_written_as(b"shop.example."));
+        assert!(h.is_written_as(b"shop.example"));
+        assert!(!h.is_written_as(b"shop.example:"));
+        assert!(parse_host("a:0").unwrap().is_written_as(b"a:0"));
+    }
+
+    #[test]
     fn paths() {
-        let n = |p: &str| normalize_path(p);
+        let n = |p: &str| normalize_path(p).map(Cow::into_owned);
         assert_eq!(n("/api/../internal").unwrap(), "/internal");
         assert_eq!(n("/api/./x/").unwrap(), "/api/x/");
         assert_eq!(n("//admin").unwrap(), "/admin");
@@ -308,7 +343,7 @@ mod tests {
         #[test]
         fn normalising_is_idempotent_and_has_no_dot_segments(p in path_strategy()) {
             if let Ok(once) = normalize_path(&p) {
-                prop_assert_eq!(normalize_path(&once), Ok(once.clone()));
+                prop_assert_eq!(normalize_path(&once), Ok(Cow::Borrowed(&*once)));
                 prop_assert!(once.starts_with('/'));
                 prop_assert!(!once.contains("//"));
                 for seg in once.split('/') {

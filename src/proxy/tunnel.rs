@@ -40,10 +40,10 @@ pub(super) async fn tunnel_request(
     body: Incoming,
     tunnel: Tunnel,
     activity: &ConnActivity,
-    via_name: &str,
+    via: &headers::Via,
     log: &mut AccessLog,
 ) -> Result<Relayed, ProxyError> {
-    let fail = |server: Option<String>, error| ProxyError::Upstream {
+    let fail = |server: Option<std::sync::Arc<str>>, error| ProxyError::Upstream {
         upstream: upstream.name.clone(),
         server: server.unwrap_or_else(|| "-".into()),
         error,
@@ -84,7 +84,7 @@ pub(super) async fn tunnel_request(
     headers::prepare_response(
         &mut head.headers,
         headers::version_token(head.version),
-        via_name,
+        via,
         switching.then_some(&token),
     );
     head.version = Version::HTTP_11;
@@ -101,7 +101,12 @@ pub(super) async fn tunnel_request(
 /// Relays bytes both ways once client and origin have both switched protocols. The client
 /// socket is still under the connection clock, which ends a tunnel silent both ways for
 /// `idle_timeout`; a shutdown ends it after the grace period.
-async fn relay(tunnel: Tunnel, origin: hyper::upgrade::OnUpgrade, conn: Sender, server: String) {
+async fn relay(
+    tunnel: Tunnel,
+    origin: hyper::upgrade::OnUpgrade,
+    conn: Sender,
+    server: std::sync::Arc<str>,
+) {
     let Tunnel {
         client_upgrade,
         slot,
@@ -116,7 +121,7 @@ async fn relay(tunnel: Tunnel, origin: hyper::upgrade::OnUpgrade, conn: Sender, 
     let (c, o) = match (c, o) {
         (Ok(c), Ok(o)) => (c, o),
         (c, o) => {
-            tracing::debug!(client = %peer, server, client_ok = c.is_ok(), origin_ok = o.is_ok(),
+            tracing::debug!(client = %peer, server = &*server, client_ok = c.is_ok(), origin_ok = o.is_ok(),
             "upgrade did not complete");
             return;
         }
@@ -131,10 +136,10 @@ async fn relay(tunnel: Tunnel, origin: hyper::upgrade::OnUpgrade, conn: Sender, 
     };
     tokio::select! {
         r = tokio::io::copy_bidirectional(&mut c, &mut o) => match r {
-            Ok((up, down)) => tracing::debug!(client = %peer, server, up, down, "tunnel closed"),
-            Err(e) => tracing::debug!(client = %peer, server, error = %e, "tunnel ended with an error"),
+            Ok((up, down)) => tracing::debug!(client = %peer, server = &*server, up, down, "tunnel closed"),
+            Err(e) => tracing::debug!(client = %peer, server = &*server, error = %e, "tunnel ended with an error"),
         },
-        _ = shutdown => tracing::debug!(client = %peer, server, "tunnel cut at the end of the shutdown grace"),
+        _ = shutdown => tracing::debug!(client = %peer, server = &*server, "tunnel cut at the end of the shutdown grace"),
     }
     // Explicit for the reader: the slots go back only now.
     drop(slot);
