@@ -78,22 +78,26 @@ pub async fn serve(
     };
     let peer = admitted.client.peer;
     let activity = Arc::new(ConnActivity::default());
-    let timed = |stream| Timed::new(stream, activity.clone(), timeouts.0, timeouts.1, timeouts.2);
     let Some(acceptor) = tls else {
-        let io = timed(stream);
+        let io = Timed::new(stream, activity.clone(), timeouts.0, timeouts.1, timeouts.2);
         return serve_http(io, activity, admitted, false, builder, shared, shutdown).await;
     };
-    if !acceptor.sniff(&mut stream).await {
-        let _ = stream.set_zero_linger();
-        return;
-    }
-    // The clock runs under TLS, so a slow handshake also spends the head deadline.
-    let io = timed(stream);
-    let Some(tls) = acceptor.accept(io).await else {
-        tracing::debug!(client = %peer, "TLS handshake did not complete");
-        return;
-    };
-    serve_http(tls, activity, admitted, true, builder, shared, shutdown).await;
+    // Boxed: the TLS state machine is several KB, and a future is as large as its largest
+    // branch, so unboxed every plain-HTTP connection would carry (and move) it too.
+    Box::pin(async move {
+        if !acceptor.sniff(&mut stream).await {
+            let _ = stream.set_zero_linger();
+            return;
+        }
+        // The clock runs under TLS, so a slow handshake also spends the head deadline.
+        let io = Timed::new(stream, activity.clone(), timeouts.0, timeouts.1, timeouts.2);
+        let Some(tls) = acceptor.accept(io).await else {
+            tracing::debug!(client = %peer, "TLS handshake did not complete");
+            return;
+        };
+        serve_http(tls, activity, admitted, true, builder, shared, shutdown).await;
+    })
+    .await;
 }
 
 #[allow(clippy::too_many_arguments)]

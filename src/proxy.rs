@@ -498,7 +498,12 @@ async fn forward(
             peer: client.peer,
             client,
         };
-        return tunnel_request(upstream, parts, body, tunnel, activity, &proxy.via, log).await;
+        // Boxed: only a WebSocket handshake takes this path; unboxed, its state would size every
+        // request's future.
+        return Box::pin(tunnel_request(
+            upstream, parts, body, tunnel, activity, &proxy.via, log,
+        ))
+        .await;
     }
 
     // Slow-POST guard: read up to request_buffer of the body before an origin connection is

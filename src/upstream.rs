@@ -36,6 +36,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use http::request::Parts;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
+use smallvec::SmallVec;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -492,8 +493,10 @@ impl Upstream {
     }
 
     /// Healthy servers in the order the balancing policy prefers them.
-    fn order(&self, st: &State) -> Vec<usize> {
-        let mut healthy: Vec<usize> = (0..self.servers.len())
+    /// Inline up to 8 servers: this runs under the lock for every request, and a heap
+    /// vector there was one allocation per request (tests/allocations.rs).
+    fn order(&self, st: &State) -> SmallVec<[usize; 8]> {
+        let mut healthy: SmallVec<[usize; 8]> = (0..self.servers.len())
             .filter(|&i| self.servers[i].health.is_healthy())
             .collect();
         if healthy.len() > 1 {
@@ -928,10 +931,12 @@ impl Upstream {
         req: Request<UpstreamBody>,
     ) -> Result<(Response<Incoming>, Lease), SendFailure> {
         if !self.servers.iter().any(|s| s.health.is_healthy()) {
-            return self.send_panic(client, conn, req).await;
+            // Boxed, as is `send_private`: rare paths whose state would otherwise size (and be moved
+            // with) every request's future.
+            return Box::pin(self.send_panic(client, conn, req)).await;
         }
         if let Some(private) = &self.private {
-            return self.send_private(private.clone(), client, conn, req).await;
+            return Box::pin(self.send_private(private.clone(), client, conn, req)).await;
         }
         let client = Asker {
             key: client.key,
@@ -967,6 +972,16 @@ impl Upstream {
         self.stats.retries.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(upstream = %self.name, server = %self.servers[server].addr, error = %failed.error,
             "origin connection failed before answering; retrying");
+        Box::pin(self.send_again(client, again)).await
+    }
+
+    /// The one retry of `send`, in a future of its own: boxed there, its state is paid only
+    /// by the requests that retry, not carried in every request's future.
+    async fn send_again(
+        &self,
+        client: Asker,
+        again: Request<UpstreamBody>,
+    ) -> Result<(Response<Incoming>, Lease), SendFailure> {
         let lease = self.acquire(client).await.map_err(|e| (None, e))?;
         let addr = lease.server_name();
         let mut pending = Pending::new(lease);
