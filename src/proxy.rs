@@ -195,6 +195,8 @@ pub async fn handle(
             .unwrap_or(0),
         metrics: Some(gen.requests.clone()),
     };
+    // Room for the request id and the forwarding headers at once (see `prepare_request`).
+    req.headers_mut().reserve(6);
     // `from_static`: a `&str` name that is not a standard header is copied on every insert.
     req.headers_mut()
         .insert(header::HeaderName::from_static("x-request-id"), request_id);
