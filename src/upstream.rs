@@ -13,7 +13,7 @@
 //! non-async sections. Inside it only plain `Granted` values are made; a `Lease` (whose drop
 //! takes the lock) exists only outside it.
 //!
-//! Why this file is long (~1,280 lines): the scheduler (fair queue, client and connection
+//! Why this file is long (~1,310 lines): the scheduler (fair queue, client and connection
 //! shares, slot accounting, connect pacing), leases and their background drain, the exchange
 //! with retry, private connections (`send_proxy_protocol`, panic mode) and health bookkeeping
 //! (re-probe backoff) all work under the one upstream lock, and splitting them means choosing

@@ -260,10 +260,6 @@ pub struct Forwarded<'a> {
 
 pub fn prepare_request(h: &mut HeaderMap, f: &Forwarded<'_>) {
     remove_hop_by_hop(h);
-    // Room for what is added below (X-Forwarded-For/-Proto/-Host, Via, and the request id
-    // inserted before): the map hyper parsed is sized for the client's headers, and growing
-    // it one insert at a time reallocated it up to three times per request.
-    h.reserve(6);
     if let Some(up) = &f.upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(header::UPGRADE, up.clone());
