@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use breakwater::storm::{self, Mode, Report};
+use breakwater::tools::storm::{self, Mode, Report};
 
 mod support;
 use support::storm_plan as plan;
@@ -396,7 +396,7 @@ fn main() {
         let l = tokio::net::TcpListener::bind(ORIGIN)
             .await
             .expect("bind origin on 127.0.0.1:18080");
-        tokio::spawn(breakwater::demo::origin(l, accepts.clone()));
+        tokio::spawn(breakwater::tools::demo::origin(l, accepts.clone()));
     });
     let started = Instant::now();
     // (scenario, target) -> samples

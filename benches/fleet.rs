@@ -17,7 +17,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use breakwater::storm::{self, Mode};
+use breakwater::tools::storm::{self, Mode};
 
 mod support;
 use support::{free_port, Killed};
@@ -194,7 +194,7 @@ fn main() {
             .await
             .expect("origin");
         let a = l.local_addr().expect("origin addr");
-        tokio::spawn(breakwater::demo::origin(l, accepts.clone()));
+        tokio::spawn(breakwater::tools::demo::origin(l, accepts.clone()));
         a
     });
     let rdir = tempfile::tempdir().expect("tempdir");

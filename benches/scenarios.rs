@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use breakwater::storm::{self, Mode, Report};
+use breakwater::tools::storm::{self, Mode, Report};
 use support::storm_plan as plan;
 
 struct Row {
@@ -49,7 +49,7 @@ fn main() {
             .await
             .expect("bind origin");
         let a = l.local_addr().expect("addr");
-        tokio::spawn(breakwater::demo::origin(l, accepts.clone()));
+        tokio::spawn(breakwater::tools::demo::origin(l, accepts.clone()));
         a
     });
 

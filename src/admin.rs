@@ -133,7 +133,7 @@ fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 
 /// Whether to take traffic, and why not.
 fn readiness(shared: &Shared) -> (bool, String) {
-    if *shared.draining.borrow() {
+    if *shared.draining().borrow() {
         return (false, "draining: shutting down".into());
     }
     if !shared.ready.load(Ordering::Acquire) {

@@ -76,6 +76,16 @@ impl Drop for Admitted {
     }
 }
 
+impl crate::client::RequestGate for Admission {
+    fn client(&self, peer: SocketAddr, addr: IpAddr) -> Client {
+        Admission::client(self, peer, addr)
+    }
+
+    fn check_request(&self, client: &Client) -> bool {
+        Admission::check_request(self, client)
+    }
+}
+
 /// Counters since start, read by the reject log and the metrics.
 #[derive(Debug)]
 pub struct Stats {

@@ -21,6 +21,16 @@ pub struct Client {
     pub local: SocketAddr,
 }
 
+/// What the proxy asks of admission for each request, handed to it at wiring time so that the
+/// proxy stage does not reach back up the flow: admission implements it.
+pub trait RequestGate: Send + Sync + std::fmt::Debug {
+    /// The client a trusted proxy names (`addr`), reached through `peer`: keyed and checked
+    /// against the allow list as admission keys a connection.
+    fn client(&self, peer: SocketAddr, addr: IpAddr) -> Client;
+    /// Whether `client` may send one more request now (`[admission] request_rate`).
+    fn check_request(&self, client: &Client) -> bool;
+}
+
 /// The identity a per-client limit applies to, and whether the allow list exempts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ClientKey {

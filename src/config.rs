@@ -895,7 +895,7 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
         }
         // Requests are matched in their normalised form, so a prefix that is not would
         // never match (or match something other than it says).
-        match crate::proxy::target::normalize_path(prefix) {
+        match crate::target::normalize_path(prefix) {
             Ok(n) if n == prefix.as_str() => {}
             Ok(n) => {
                 return Err(err(

@@ -14,10 +14,11 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::admission::Admitted;
-use crate::config::HttpConfig;
-use crate::proxy::ConnHold;
-use crate::Shared;
+use arc_swap::ArcSwap;
+
+use crate::client::Client;
+use crate::config::{Config, HttpConfig};
+use crate::proxy::{ConnHold, Proxy};
 use clock::{ConnActivity, Timed};
 
 /// At shutdown, how long a connection that has not yet dispatched a request gets to do so.
@@ -25,6 +26,44 @@ const FIRST_REQUEST_GRACE: std::time::Duration = std::time::Duration::from_milli
 
 /// How often an HTTP/2 connection is pinged (each PING must be answered within `send_timeout`).
 const H2_PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Everything a reload replaces, swapped whole: new connections and new requests read the one
+/// in force, while what is in flight finishes on the one it started with. `engine.rs` builds it.
+pub struct Generation {
+    pub config: Config,
+    pub http: Arc<auto::Builder<TokioExecutor>>,
+    /// Routes, upstreams, rooms and the request counters; each request holds it while it runs.
+    pub proxy: Arc<Proxy>,
+}
+
+/// What the accept loops and connection tasks read from the running server: the generation in
+/// force and the drain flag. Narrow on purpose: the wiring (`engine.rs`) holds the rest.
+pub struct Server {
+    current: Arc<ArcSwap<Generation>>,
+    /// True from the shutdown signal on: HTTP/2 connections are sent GOAWAY.
+    pub draining: watch::Sender<bool>,
+}
+
+impl Server {
+    pub fn new(current: Arc<ArcSwap<Generation>>, draining: watch::Sender<bool>) -> Server {
+        Server { current, draining }
+    }
+
+    /// The generation in force now.
+    pub fn gen(&self) -> Arc<Generation> {
+        self.current.load_full()
+    }
+
+    /// The proxy of the generation in force, for one request (without taking the generation).
+    pub fn proxy(&self) -> Arc<Proxy> {
+        self.current.load().proxy.clone()
+    }
+
+    /// Puts `gen` in force for new connections and requests.
+    pub fn swap(&self, gen: Arc<Generation>) {
+        self.current.store(gen);
+    }
+}
 
 /// The HTTP server settings shared by every connection, built once from `[http]`.
 pub fn builder(cfg: &HttpConfig) -> auto::Builder<TokioExecutor> {
@@ -56,11 +95,15 @@ pub fn builder(cfg: &HttpConfig) -> auto::Builder<TokioExecutor> {
 }
 
 /// Serves one admitted connection: the TLS handshake when the listener has one, then HTTP.
+///
+/// `slots` is whatever admission handed over for this connection (its guards): held until the
+/// connection, or a tunnel it became, ends.
 pub async fn serve(
     mut stream: TcpStream,
-    admitted: Admitted,
+    client: Client,
+    slots: Box<dyn std::any::Any + Send + Sync>,
     tls: Option<Arc<tls::Acceptor>>,
-    shared: Arc<Shared>,
+    server: Arc<Server>,
     shutdown: watch::Receiver<bool>,
 ) {
     // The HTTP settings of the generation in force at accept serve the whole connection; each
@@ -69,18 +112,27 @@ pub async fn serve(
     // keep-alive connection must not keep a reloaded-away generation (its upstreams, and their
     // pools of origin connections) alive.
     let (builder, timeouts) = {
-        let gen = shared.gen();
+        let gen = server.gen();
         let h = &gen.config.http;
         (
             gen.http.clone(),
             (h.header_read_timeout, h.idle_timeout, h.send_timeout),
         )
     };
-    let peer = admitted.client.peer;
+    let peer = client.peer;
     let activity = Arc::new(ConnActivity::default());
     let Some(acceptor) = tls else {
         let io = Timed::new(stream, activity.clone(), timeouts.0, timeouts.1, timeouts.2);
-        return serve_http(io, activity, admitted, false, builder, shared, shutdown).await;
+        return serve_http(
+            io,
+            activity,
+            (client, slots),
+            false,
+            builder,
+            server,
+            shutdown,
+        )
+        .await;
     };
     // Boxed: the TLS state machine is several KB, and a future is as large as its largest
     // branch, so unboxed every plain-HTTP connection would carry (and move) it too.
@@ -95,7 +147,16 @@ pub async fn serve(
             tracing::debug!(client = %peer, "TLS handshake did not complete");
             return;
         };
-        serve_http(tls, activity, admitted, true, builder, shared, shutdown).await;
+        serve_http(
+            tls,
+            activity,
+            (client, slots),
+            true,
+            builder,
+            server,
+            shutdown,
+        )
+        .await;
     })
     .await;
 }
@@ -104,22 +165,22 @@ pub async fn serve(
 async fn serve_http<I>(
     io: I,
     activity: Arc<ConnActivity>,
-    admitted: Admitted,
+    (client, slots): (Client, Box<dyn std::any::Any + Send + Sync>),
     tls: bool,
     http: Arc<auto::Builder<TokioExecutor>>,
-    shared: Arc<Shared>,
+    server: Arc<Server>,
     mut shutdown: watch::Receiver<bool>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let peer = admitted.client.peer;
-    let svc_shared = shared.clone();
+    let peer = client.peer;
+    let svc_server = server.clone();
     let hold = Arc::new(ConnHold {
         id: ConnHold::next_id(),
-        client: admitted.client,
+        client,
         stop: shutdown.clone(),
         tls,
-        slots: Box::new(admitted),
+        slots,
     });
     let svc_hold = hold.clone();
     // Seen an HTTP/2 request: such a connection is told to go away (GOAWAY) when draining
@@ -135,8 +196,7 @@ async fn serve_http<I>(
         // as idle.
         let in_flight = activity.begin();
         crate::proxy::handle(
-            svc_shared.clone(),
-            svc_shared.gen(),
+            svc_server.proxy(),
             activity.clone(),
             svc_hold.clone(),
             in_flight,
@@ -145,7 +205,7 @@ async fn serve_http<I>(
     });
     let conn = http.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
-    let mut draining = shared.draining.subscribe();
+    let mut draining = server.draining.subscribe();
     let mut told = false;
     let result = loop {
         tokio::select! {

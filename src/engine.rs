@@ -10,35 +10,25 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper_util::rt::TokioExecutor;
-use hyper_util::server::conn::auto;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{Config, ListenerConfig};
 use crate::listener::BoundListener;
 use crate::{admin, admission, conn, listener, metrics, proxy, upstream};
 
-/// Everything a reload replaces, swapped whole.
-pub struct Generation {
-    pub config: Config,
-    pub proxy: proxy::Proxy,
-    pub http: Arc<auto::Builder<TokioExecutor>>,
-    /// Request counts by this generation's routes.
-    pub requests: Arc<metrics::RequestMetrics>,
-    /// `[[waiting_room]]`s, in config order (the first that matches a request takes it).
-    pub rooms: Vec<Arc<crate::room::Room>>,
-}
+pub use crate::conn::Generation;
 
 impl Generation {
     /// Builds a generation; `old` lends it the upstreams whose config did not change (their
     /// pools, warm connections and health state carry over) and the request counters when the
-    /// routes are the same.
-    fn build(config: Config, old: Option<&Generation>) -> Generation {
+    /// routes are the same. `server` gives the proxy what it reads of the process: admission's
+    /// per-request side and the drain flag.
+    fn build(config: Config, old: Option<&Generation>, server: &Wired) -> Generation {
         let upstreams: Vec<Arc<upstream::Upstream>> = config
             .upstreams
             .iter()
@@ -53,8 +43,44 @@ impl Generation {
                 .unwrap_or_else(|| upstream::Upstream::new(u))
             })
             .collect();
+        let router = proxy::route::Router::new(config.routes.clone(), config.upstreams.len());
+        let labels: Vec<(String, String)> = router
+            .routes()
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (router.label(i), upstreams[r.upstream].name.to_string()))
+            .collect();
+        let requests = match old {
+            Some(o) if o.proxy.requests.route_labels() == labels.as_slice() => {
+                o.proxy.requests.clone()
+            }
+            _ => Arc::new(proxy::stats::RequestMetrics::new(labels)),
+        };
+        // A room keeps its line and sessions across reloads (matched by name); its origin guard
+        // watches the upstream its path prefix routes to.
+        let rooms = config
+            .rooms
+            .iter()
+            .map(|rc| {
+                let guard = router
+                    .pick(
+                        rc.host.as_ref().and_then(|h| match h {
+                            crate::config::HostPattern::Exact(h) => Some(h.as_str()),
+                            crate::config::HostPattern::Suffix(_) => None,
+                        }),
+                        &rc.path_prefix,
+                    )
+                    .map(|r| upstreams[router.routes()[r].upstream].clone());
+                let prev = old.and_then(|o| o.proxy.rooms.iter().find(|r| r.cfg.name == rc.name));
+                Arc::new(crate::room::Room::new(
+                    rc.clone(),
+                    guard,
+                    prev.map(|r| &**r),
+                ))
+            })
+            .collect();
         let proxy = proxy::Proxy {
-            router: proxy::route::Router::new(config.routes.clone(), config.upstreams.len()),
+            router,
             upstreams,
             access_log: config.log.access_log,
             access_log_query: config.log.access_log_query,
@@ -89,99 +115,55 @@ impl Generation {
                 }
                 None => upstream::body::ByteBudget::new(config.http.request_buffer_budget),
             },
-        };
-        let labels: Vec<(String, String)> = (0..proxy.router.routes().len())
-            .map(|i| {
-                let upstream = proxy.router.routes()[i].upstream;
-                (
-                    proxy.router.label(i),
-                    proxy.upstreams[upstream].name.to_string(),
-                )
-            })
-            .collect();
-        let requests = match old {
-            Some(o) if o.requests.route_labels() == labels.as_slice() => o.requests.clone(),
-            _ => Arc::new(metrics::RequestMetrics::new(labels)),
-        };
-        // A room keeps its line and sessions across reloads (matched by name); its origin guard
-        // watches the upstream its path prefix routes to.
-        let rooms = config
-            .rooms
-            .iter()
-            .map(|rc| {
-                let guard = proxy
-                    .router
-                    .pick(
-                        rc.host.as_ref().and_then(|h| match h {
-                            crate::config::HostPattern::Exact(h) => Some(h.as_str()),
-                            crate::config::HostPattern::Suffix(_) => None,
-                        }),
-                        &rc.path_prefix,
-                    )
-                    .map(|r| proxy.upstreams[proxy.router.routes()[r].upstream].clone());
-                let prev = old.and_then(|o| o.rooms.iter().find(|r| r.cfg.name == rc.name));
-                Arc::new(crate::room::Room::new(
-                    rc.clone(),
-                    guard,
-                    prev.map(|r| &**r),
-                ))
-            })
-            .collect();
-        Generation {
             rooms,
-            http: Arc::new(conn::builder(&config.http)),
-            proxy,
             requests,
+            gate: server.gate.clone(),
+            draining: server.draining.clone(),
+        };
+        Generation {
+            http: Arc::new(conn::builder(&config.http)),
+            proxy: Arc::new(proxy),
             config,
         }
     }
 }
 
-/// Config reloads since start, for the metrics.
-#[derive(Debug, Default)]
-pub struct ReloadStats {
-    pub ok: AtomicU64,
-    pub failed: AtomicU64,
-    /// Unix seconds of the last successful reload (0: none yet).
-    pub last_ok: AtomicU64,
+/// What every generation's proxy is handed of the process (admission's per-request side, the
+/// drain flag); the same for each generation.
+struct Wired {
+    gate: Arc<dyn crate::client::RequestGate>,
+    draining: watch::Receiver<bool>,
 }
 
-impl ReloadStats {
-    pub fn record(&self, ok: bool) {
-        if ok {
-            self.ok.fetch_add(1, Ordering::Relaxed);
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            self.last_ok.store(now, Ordering::Relaxed);
-        } else {
-            self.failed.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
-/// What every connection task reads.
+/// What the admin endpoints, the metrics and the callers that watch a running engine read.
+/// Only the wiring sees it whole: the accept loops get a `listener::Wiring`, connection tasks
+/// a `conn::Server`, each request its generation's `proxy::Proxy`.
 pub struct Shared {
-    current: Arc<ArcSwap<Generation>>,
+    pub server: Arc<conn::Server>,
     pub admission: Arc<admission::Admission>,
     /// The accept loops' counters.
     pub shards: Arc<listener::stats::Shards>,
     pub registry: prometheus_client::registry::Registry,
     /// Listeners bound and every warm pool filled (for /readyz).
     pub ready: AtomicBool,
-    /// True from the shutdown signal on: /readyz answers 503, HTTP/1 responses carry
-    /// `Connection: close` and HTTP/2 connections get GOAWAY, while the listeners still accept
-    /// for `drain_delay`.
-    pub draining: watch::Sender<bool>,
-    pub reloads: Arc<ReloadStats>,
+    pub reloads: Arc<metrics::ReloadStats>,
     /// `[fleet]` as started (a change applies after a restart).
     pub fleet: Option<Arc<crate::fleet::Fleet>>,
+    wired: Wired,
+    wiring: Arc<listener::Wiring>,
 }
 
 impl Shared {
     /// The generation in force now: new connections and requests use it.
     pub fn gen(&self) -> Arc<Generation> {
-        self.current.load_full()
+        self.server.gen()
+    }
+
+    /// True from the shutdown signal on: /readyz answers 503, HTTP/1 responses carry
+    /// `Connection: close` and HTTP/2 connections get GOAWAY, while the listeners still accept
+    /// for `drain_delay`.
+    pub fn draining(&self) -> &watch::Sender<bool> {
+        &self.server.draining
     }
 }
 
@@ -200,7 +182,7 @@ type ReloadRequest = (Config, oneshot::Sender<Result<String, String>>);
 #[derive(Clone, Debug)]
 pub struct Reloader {
     tx: mpsc::Sender<ReloadRequest>,
-    stats: Arc<ReloadStats>,
+    stats: Arc<metrics::ReloadStats>,
 }
 
 impl Reloader {
@@ -244,9 +226,16 @@ impl Engine {
     pub fn new(config: Config) -> Engine {
         let admission = Arc::new(admission::Admission::new(&config.admission));
         let fleet = config.fleet.clone().map(crate::fleet::Fleet::new);
-        let current = Arc::new(ArcSwap::from_pointee(Generation::build(config, None)));
+        let draining = watch::Sender::new(false);
+        let wired = Wired {
+            gate: admission.clone(),
+            draining: draining.subscribe(),
+        };
+        let current = Arc::new(ArcSwap::from_pointee(Generation::build(
+            config, None, &wired,
+        )));
         let tls = Arc::new(conn::tls::TlsListeners::default());
-        let reloads = Arc::new(ReloadStats::default());
+        let reloads = Arc::new(metrics::ReloadStats::default());
         let shards = Arc::new(listener::stats::Shards::default());
         let registry = metrics::registry(
             admission.clone(),
@@ -257,16 +246,22 @@ impl Engine {
             fleet.clone(),
         );
         let (reload_tx, reload_rx) = mpsc::channel(4);
+        let server = Arc::new(conn::Server::new(current, draining));
         Engine {
             shared: Arc::new(Shared {
-                current,
+                wiring: Arc::new(listener::Wiring {
+                    admission: admission.clone(),
+                    shards: shards.clone(),
+                    server: server.clone(),
+                }),
+                server,
                 admission,
                 shards,
                 registry,
                 ready: AtomicBool::new(false),
-                draining: watch::Sender::new(false),
                 reloads,
                 fleet,
+                wired,
             }),
             admin: None,
             tls,
@@ -372,7 +367,7 @@ impl Engine {
         let grace = gen.config.http.shutdown_timeout;
         // First tell the load balancer (readyz 503) and the clients (Connection: close,
         // GOAWAY) while still accepting: whoever has not noticed yet is still served.
-        shared.draining.send_replace(true);
+        shared.draining().send_replace(true);
         let delay = gen.config.http.drain_delay;
         if !delay.is_zero() {
             tracing::info!(drain_delay = ?delay, "draining: /readyz is 503; still accepting until the drain delay ends");
@@ -500,8 +495,8 @@ impl Engine {
             }
         }
         shared.admission.reload(&config.admission);
-        let gen = Arc::new(Generation::build(config, Some(&old)));
-        shared.current.store(gen.clone());
+        let gen = Arc::new(Generation::build(config, Some(&old), &shared.wired));
+        shared.server.swap(gen.clone());
         sync_health(&gen, health);
         for (bound, frontend) in added {
             notes.push(format!("listening on {}", bound.local_addr));
@@ -540,7 +535,7 @@ fn start_listener(
             socket,
             shard,
             frontend.clone(),
-            shared.clone(),
+            shared.wiring.clone(),
             stop_rx.clone(),
             conns.clone(),
         ));
@@ -590,7 +585,7 @@ async fn maintain_pools(shared: Arc<Shared>) {
         }
         // The waiting rooms' doors move on the same 250 ms tick (`room::TICK`).
         let now = std::time::Instant::now();
-        for r in &gen.rooms {
+        for r in &gen.proxy.rooms {
             r.tick(now);
         }
         drop(gen);

@@ -27,7 +27,7 @@
 //! - the wiring, hot reload (a new `Generation` swapped in): `engine.rs`
 //! - who the client is (PROXY protocol, trusted forwarding headers): `client.rs`,
 //!   `listener/proxy_protocol.rs`, `proxy/headers.rs`; TLS: `conn/tls.rs`
-//! - the canonical host and path: `proxy/target.rs`
+//! - the canonical host and path (read by config, the router and the rooms): `target.rs`
 //! - zero-downtime restart (socket passing): `takeover.rs`
 //! - the waiting room (a line at the door of a sale, opened by the origin's queue wait):
 //!   `room.rs`; its tokens `room/token.rs`, its line `room/state.rs`, its page `room/page.rs`,
@@ -50,17 +50,17 @@ pub mod admission;
 pub mod client;
 pub mod config;
 pub mod conn;
-pub mod demo;
-pub mod doctor;
 pub mod engine;
 pub mod fleet;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;
 pub mod room;
-pub mod storm;
 pub mod takeover;
+pub mod target;
 pub mod telemetry;
+#[cfg(feature = "tools")]
+pub mod tools;
 pub mod upstream;
 
 pub use config::Config;

@@ -21,7 +21,6 @@ use tokio::sync::watch;
 use crate::admission::{Admission, Admitted, GlobalSlot};
 use crate::config::{ListenerConfig, ProxyProtocolConfig, RejectMode};
 use crate::conn::tls::Acceptor;
-use crate::Shared;
 
 /// The sockets of one configured listener, bound and listening, before any accept loop runs.
 #[derive(Debug)]
@@ -133,6 +132,14 @@ fn read_somaxconn() -> Option<u32> {
         .ok()
 }
 
+/// What the accept loops are handed at wiring time: the admission they ask, the counters they
+/// keep, and the server their connections join.
+pub struct Wiring {
+    pub admission: Arc<Admission>,
+    pub shards: Arc<stats::Shards>,
+    pub server: Arc<crate::conn::Server>,
+}
+
 /// What a listener's connections go through between accept and HTTP: a PROXY protocol header
 /// (which names the client) and TLS.
 #[derive(Debug, Default)]
@@ -157,7 +164,7 @@ pub async fn accept_loop(
     listener: std::net::TcpListener,
     shard: usize,
     frontend: Arc<Frontend>,
-    shared: Arc<Shared>,
+    wiring: Arc<Wiring>,
     mut stop: watch::Receiver<bool>,
     shutdown: watch::Receiver<bool>,
 ) {
@@ -169,10 +176,10 @@ pub async fn accept_loop(
             return;
         }
     };
-    let admission = &shared.admission;
+    let admission = &wiring.admission;
     let listen_addr = local.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
     let counters =
-        shared
+        wiring
             .shards
             .register(local.unwrap_or(([0, 0, 0, 0], 0).into()), shard, &listener);
     let mut backoff = Backoff::default();
@@ -223,7 +230,7 @@ pub async fn accept_loop(
                                 (peer, listen_addr),
                                 slot,
                                 &frontend,
-                                &shared,
+                                &wiring,
                                 &shutdown,
                             );
                         } else {
@@ -240,7 +247,7 @@ pub async fn accept_loop(
                         Ok(mut admitted) => {
                             admitted.client.local = listen_addr;
                             counters.accepted.fetch_add(1, Ordering::Relaxed);
-                            serve(socket, peer, admitted, &frontend, &shared, &shutdown)
+                            serve(socket, peer, admitted, &frontend, &wiring, &shutdown)
                         }
                         Err(_) => {
                             counters.refused.fetch_add(1, Ordering::Relaxed);
@@ -305,17 +312,19 @@ fn serve(
     peer: SocketAddr,
     admitted: Admitted,
     frontend: &Arc<Frontend>,
-    shared: &Arc<Shared>,
+    wiring: &Arc<Wiring>,
     shutdown: &watch::Receiver<bool>,
 ) {
     let Some(stream) = register(socket, peer) else {
         return;
     };
+    let client = admitted.client;
     tokio::spawn(crate::conn::serve(
         stream,
-        admitted,
+        client,
+        Box::new(admitted),
         frontend.tls.clone(),
-        shared.clone(),
+        wiring.server.clone(),
         shutdown.clone(),
     ));
 }
@@ -328,7 +337,7 @@ fn serve_proxied(
     (peer, local): (SocketAddr, SocketAddr),
     slot: GlobalSlot,
     frontend: &Arc<Frontend>,
-    shared: &Arc<Shared>,
+    wiring: &Arc<Wiring>,
     shutdown: &watch::Receiver<bool>,
 ) {
     let Some(mut stream) = register(socket, peer) else {
@@ -337,9 +346,9 @@ fn serve_proxied(
     let Some(pp) = frontend.proxy_protocol.clone() else {
         return;
     };
-    let (frontend, shared, shutdown) = (frontend.clone(), shared.clone(), shutdown.clone());
+    let (frontend, wiring, shutdown) = (frontend.clone(), wiring.clone(), shutdown.clone());
     tokio::spawn(async move {
-        let admission = &shared.admission;
+        let admission = &wiring.admission;
         let header = tokio::time::timeout(
             pp.timeout,
             proxy_protocol::read_header(&mut stream, pp.version),
@@ -367,7 +376,17 @@ fn serve_proxied(
             }
         };
         admitted.client.local = local;
-        crate::conn::serve(stream, admitted, frontend.tls.clone(), shared, shutdown).await;
+        let client = admitted.client;
+        let server = wiring.server.clone();
+        crate::conn::serve(
+            stream,
+            client,
+            Box::new(admitted),
+            frontend.tls.clone(),
+            server,
+            shutdown,
+        )
+        .await;
     });
 }
 

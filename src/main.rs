@@ -349,7 +349,7 @@ fn serve(
             } else {
                 std::time::Duration::ZERO
             };
-            tokio::spawn(breakwater::demo::slow_origin(
+            tokio::spawn(breakwater::tools::demo::slow_origin(
                 origin,
                 origin_accepts.clone(),
                 origin_requests.clone(),
@@ -523,10 +523,10 @@ async fn demo_sale(
     origin_requests: &std::sync::atomic::AtomicU64,
 ) {
     use std::sync::atomic::Ordering;
-    let Some(room) = shared.gen().rooms.first().cloned() else {
+    let Some(room) = shared.gen().proxy.rooms.first().cloned() else {
         return;
     };
-    let plan = breakwater::storm::queue::QueuePlan {
+    let plan = breakwater::tools::storm::queue::QueuePlan {
         target: addr,
         users: 300,
         join_rate: 300,
@@ -546,7 +546,7 @@ async fn demo_sale(
          the opening (1 in 10 gives up); everyone who came before the opening is let in in a \
          random order.\n  Try it in a browser meanwhile: http://{addr}/shop\n"
     );
-    let shoppers = tokio::spawn(breakwater::storm::queue::run(plan));
+    let shoppers = tokio::spawn(breakwater::tools::storm::queue::run(plan));
     let started = std::time::Instant::now();
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     while !shoppers.is_finished() && started.elapsed() < std::time::Duration::from_secs(70) {
@@ -581,13 +581,13 @@ async fn demo_storm(
     origin_accepts: &std::sync::atomic::AtomicU64,
 ) {
     use std::sync::atomic::Ordering;
-    let plan = breakwater::storm::Plan {
+    let plan = breakwater::tools::storm::Plan {
         target: addr,
         connections: demo.storm,
         concurrency: 1000,
         rate: 0,
         sources: demo.sources,
-        mode: breakwater::storm::Mode::Request,
+        mode: breakwater::tools::storm::Mode::Request,
         path: "/".into(),
         host: addr.to_string(),
         hold: std::time::Duration::from_secs(5),
@@ -605,7 +605,7 @@ async fn demo_storm(
         demo.storm, demo.sources
     );
     let origin_before = origin_accepts.load(Ordering::Relaxed);
-    let r = breakwater::storm::run(plan).await;
+    let r = breakwater::tools::storm::run(plan).await;
     let s = &shared.admission.stats;
     let refused = s.rejected_rate.load(Ordering::Relaxed)
         + s.rejected_per_ip_cap.load(Ordering::Relaxed)

@@ -18,60 +18,42 @@ mod room;
 
 pub use host::{parse_proc_pairs, parse_sockstat};
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::admission::Admission;
+use crate::proxy::stats::RequestMetrics;
 use crate::upstream::Upstream;
 
-/// Status classes counted per upstream: 1xx..5xx.
+/// Status classes counted per upstream and per route: 1xx..5xx.
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
-/// Counted as requests complete. One set per route, labelled with its upstream, plus one for
-/// requests answered before any route was chosen (no route, 429).
-#[derive(Debug)]
-pub struct RequestMetrics {
-    /// (route label, upstream name) per route, then ("-", "-").
-    labels: Vec<(String, String)>,
-    by_route: Vec<([Counter; 5], Histogram)>,
+/// Config reloads since start, for the metrics.
+#[derive(Debug, Default)]
+pub struct ReloadStats {
+    pub ok: AtomicU64,
+    pub failed: AtomicU64,
+    /// Unix seconds of the last successful reload (0: none yet).
+    pub last_ok: AtomicU64,
 }
 
-impl RequestMetrics {
-    /// (route label, upstream name) per route, as given to `new`.
-    pub fn route_labels(&self) -> &[(String, String)] {
-        &self.labels[..self.labels.len().saturating_sub(1)]
-    }
-
-    pub fn new(mut labels: Vec<(String, String)>) -> RequestMetrics {
-        labels.push(("-".into(), "-".into()));
-        RequestMetrics {
-            by_route: labels
-                .iter()
-                .map(|_| {
-                    (
-                        Default::default(),
-                        Histogram::new(exponential_buckets(0.001, 2.0, 16)),
-                    )
-                })
-                .collect(),
-            labels,
+impl ReloadStats {
+    pub fn record(&self, ok: bool) {
+        if ok {
+            self.ok.fetch_add(1, Ordering::Relaxed);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            self.last_ok.store(now, Ordering::Relaxed);
+        } else {
+            self.failed.fetch_add(1, Ordering::Relaxed);
         }
-    }
-
-    /// `route` None: answered by Breakwater itself before any route was chosen.
-    pub fn observe(&self, route: Option<usize>, status: u16, seconds: f64) {
-        let last = self.by_route.len() - 1;
-        let (classes, duration) = &self.by_route[route.unwrap_or(last).min(last)];
-        let class = (status / 100).clamp(1, 5) as usize - 1;
-        classes[class].inc();
-        duration.observe(seconds);
     }
 }
 
@@ -79,9 +61,9 @@ impl RequestMetrics {
 pub fn registry(
     admission: Arc<Admission>,
     shards: Arc<crate::listener::stats::Shards>,
-    current: Arc<arc_swap::ArcSwap<crate::engine::Generation>>,
+    current: Arc<arc_swap::ArcSwap<crate::conn::Generation>>,
     tls: Arc<crate::conn::tls::TlsListeners>,
-    reloads: Arc<crate::engine::ReloadStats>,
+    reloads: Arc<ReloadStats>,
     fleet: Option<Arc<crate::fleet::Fleet>>,
 ) -> Registry {
     let mut r = Registry::default();
@@ -108,9 +90,9 @@ pub fn render(r: &Registry) -> String {
 struct Snapshot {
     admission: Arc<Admission>,
     shards: Arc<crate::listener::stats::Shards>,
-    current: Arc<arc_swap::ArcSwap<crate::engine::Generation>>,
+    current: Arc<arc_swap::ArcSwap<crate::conn::Generation>>,
     tls: Arc<crate::conn::tls::TlsListeners>,
-    reloads: Arc<crate::engine::ReloadStats>,
+    reloads: Arc<ReloadStats>,
     fleet: Option<Arc<crate::fleet::Fleet>>,
 }
 
@@ -285,11 +267,11 @@ impl prometheus_client::collector::Collector for Snapshot {
         )?;
 
         let gen = self.current.load_full();
-        self.encode_requests(&mut enc, &gen.requests)?;
+        self.encode_requests(&mut enc, &gen.proxy.requests)?;
         self.encode_tls(&mut enc)?;
         self.encode_upstreams(&mut enc, &gen.proxy.upstreams)?;
         let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-        room::encode_rooms(&mut enc, &gen.rooms)?;
+        room::encode_rooms(&mut enc, &gen.proxy.rooms)?;
         if let Some(f) = &self.fleet {
             fleet::encode_fleet(&mut enc, f, &self.admission)?;
         }
@@ -418,12 +400,12 @@ impl Snapshot {
     ) -> Result<(), std::fmt::Error> {
         let labels = |i: usize| {
             vec![
-                ("route", r.labels[i].0.clone()),
-                ("upstream", r.labels[i].1.clone()),
+                ("route", r.labels()[i].0.clone()),
+                ("upstream", r.labels()[i].1.clone()),
             ]
         };
         let mut counts = Vec::new();
-        for (i, (classes, _)) in r.by_route.iter().enumerate() {
+        for (i, (classes, _)) in r.by_route().iter().enumerate() {
             for (c, counter) in classes.iter().enumerate() {
                 let mut l = labels(i);
                 l.push(("status", CLASSES[c].to_string()));
@@ -436,7 +418,7 @@ impl Snapshot {
             "breakwater_request_duration_seconds",
             "Time from request head to the end of the response body.",
             MetricType::Histogram,
-            r.by_route
+            r.by_route()
                 .iter()
                 .enumerate()
                 .map(|(i, (_, h))| (labels(i), h.clone()))

@@ -12,7 +12,7 @@ mod error;
 pub mod headers;
 pub mod route;
 pub mod spool;
-pub mod target;
+pub mod stats;
 mod tunnel;
 
 use std::borrow::Cow;
@@ -30,8 +30,8 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 
 use crate::client::Client;
+use crate::target;
 use crate::upstream::{Lease, Upstream, UpstreamError};
-use crate::Shared;
 use activity::{ConnActivity, InFlight};
 use body::{AccessLog, ProxyBody, UpstreamBody};
 pub use error::ProxyError;
@@ -101,6 +101,14 @@ pub struct Proxy {
     pub spooler: Arc<spool::Spooler>,
     /// `request_buffer_budget`: what all read-ahead buffers may hold together (process-wide).
     pub request_budget: Arc<crate::upstream::body::ByteBudget>,
+    /// `[[waiting_room]]`s, in config order (the first that matches a request takes it).
+    pub rooms: Vec<Arc<crate::room::Room>>,
+    /// Request counts by this generation's routes.
+    pub requests: Arc<stats::RequestMetrics>,
+    /// Admission's per-request side (the forwarded client's key, the request rate).
+    pub gate: Arc<dyn crate::client::RequestGate>,
+    /// True from the shutdown signal on: HTTP/1 responses then carry `Connection: close`.
+    pub draining: tokio::sync::watch::Receiver<bool>,
 }
 
 struct Relayed {
@@ -112,8 +120,7 @@ struct Relayed {
 }
 
 pub async fn handle(
-    shared: Arc<Shared>,
-    gen: Arc<crate::Generation>,
+    proxy: Arc<Proxy>,
     activity: Arc<ConnActivity>,
     hold: Arc<ConnHold>,
     in_flight: InFlight,
@@ -127,22 +134,21 @@ pub async fn handle(
     };
     // The connection's client, unless it is a proxy we trust, which names the real one.
     let conn_client = hold.client;
-    let trusted = gen
-        .proxy
+    let trusted = proxy
         .trusted_proxies
         .iter()
         .any(|n| n.contains(&conn_client.addr));
     let client_version_h1 = req.version() <= Version::HTTP_11;
     let client = trusted
-        .then(|| headers::forwarded_client(req.headers(), &gen.proxy.trusted_proxies))
+        .then(|| headers::forwarded_client(req.headers(), &proxy.trusted_proxies))
         .flatten()
         .map_or(conn_client, |ip| Client {
             local: conn_client.local,
-            ..shared.admission.client(conn_client.peer, ip)
+            ..proxy.gate.client(conn_client.peer, ip)
         });
     let peer = SocketAddr::new(client.addr, conn_client.peer.port());
     let request_id = headers::request_id(req.headers(), trusted);
-    let enabled = gen.proxy.access_log;
+    let enabled = proxy.access_log;
     // Only what the log line needs, and only when there is a log line.
     let text = |name: header::HeaderName| {
         req.headers()
@@ -183,7 +189,7 @@ pub async fn handle(
         } else {
             String::new()
         },
-        query: if enabled && gen.proxy.access_log_query {
+        query: if enabled && proxy.access_log_query {
             req.uri().query().map(str::to_string)
         } else {
             None
@@ -193,7 +199,7 @@ pub async fn handle(
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse().ok())
             .unwrap_or(0),
-        metrics: Some(gen.requests.clone()),
+        metrics: Some(proxy.requests.clone()),
     };
     // Room, at once, for the request id and what `prepare_request` adds (X-Forwarded-For/
     // -Proto/-Host, Via): the map hyper parsed is sized for the client's headers, and growing
@@ -202,16 +208,16 @@ pub async fn handle(
     // `from_static`: a `&str` name that is not a standard header is copied on every insert.
     req.headers_mut()
         .insert(header::HeaderName::from_static("x-request-id"), request_id);
-    let allowed = shared.admission.check_request(&client);
+    let allowed = proxy.gate.check_request(&client);
     // The waiting room stands between an admitted request and the pool.
     let mut seated = None;
-    if allowed && !gen.rooms.is_empty() {
-        match room_gate(&gen.rooms, &req, &client, hold.tls) {
+    if allowed && !proxy.rooms.is_empty() {
+        match room_gate(&proxy.rooms, &req, &client, hold.tls) {
             Gate::Through(s) => seated = s,
             Gate::Answered(answer) => {
                 let (mut head, bytes) = answer.into_parts();
                 log.status = head.status.as_u16();
-                if *shared.draining.borrow() && client_version_h1 {
+                if *proxy.draining.borrow() && client_version_h1 {
                     head.headers
                         .insert(header::CONNECTION, HeaderValue::from_static("close"));
                 }
@@ -224,11 +230,11 @@ pub async fn handle(
         }
     }
     let result = if allowed {
-        forward(&gen.proxy, client, trusted, &activity, &hold, req, &mut log).await
+        forward(&proxy, client, trusted, &activity, &hold, req, &mut log).await
     } else {
         Err(ProxyError::RateLimited)
     };
-    let draining = *shared.draining.borrow();
+    let draining = *proxy.draining.borrow();
     let from_origin = result.is_ok();
     let resp = match result {
         Ok(mut r) => {
@@ -275,7 +281,7 @@ pub async fn handle(
                 } => {
                     let sampled = log
                         .route
-                        .map(|r| &gen.proxy.upstreams[gen.proxy.router.routes()[r].upstream])
+                        .map(|r| &proxy.upstreams[proxy.router.routes()[r].upstream])
                         .and_then(|u| u.request_failure_log.admit());
                     if let Some(n) = sampled {
                         tracing::warn!(client = %peer, upstream = %upstream, server = %server, error = %error,

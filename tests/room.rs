@@ -651,7 +651,7 @@ async fn a_signed_bypass_walks_past_and_a_bound_place_stays_on_its_network() {
 /// others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_users_get_in_in_order_at_the_rate_and_as_estimated() {
-    use breakwater::storm::queue::{run, QueuePlan};
+    use breakwater::tools::storm::queue::{run, QueuePlan};
     let origin = text_origin("shop").await;
     // 1,200 a minute: 20 a second, 5 per tick; shoppers stay inside (no session limit bites).
     let proxy = Proxy::start(&config(

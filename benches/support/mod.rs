@@ -61,9 +61,9 @@ pub fn storm_plan(
     connections: u64,
     concurrency: usize,
     sources: &str,
-    mode: breakwater::storm::Mode,
-) -> breakwater::storm::Plan {
-    breakwater::storm::Plan {
+    mode: breakwater::tools::storm::Mode,
+) -> breakwater::tools::storm::Plan {
+    breakwater::tools::storm::Plan {
         target,
         connections,
         concurrency,

@@ -131,7 +131,7 @@ pub(crate) fn notify_systemd(shared: std::sync::Arc<breakwater::Shared>) {
         if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
             tracing::warn!(error = %e, "cannot tell systemd we are ready");
         }
-        let mut draining = shared.draining.subscribe();
+        let mut draining = shared.draining().subscribe();
         if draining.wait_for(|d| *d).await.is_ok() {
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
         }

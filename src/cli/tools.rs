@@ -18,8 +18,8 @@ pub(crate) struct StormArgs {
     /// Source addresses to bind, round-robin (each looks like its own client).
     #[arg(long, default_value = "127.0.1.0/24")]
     sources: ipnet::IpNet,
-    #[arg(long, value_enum, default_value_t = breakwater::storm::Mode::Request)]
-    mode: breakwater::storm::Mode,
+    #[arg(long, value_enum, default_value_t = breakwater::tools::storm::Mode::Request)]
+    mode: breakwater::tools::storm::Mode,
     /// Request path (request mode).
     #[arg(long, default_value = "/")]
     path: String,
@@ -76,7 +76,7 @@ pub(crate) fn storm(a: StormArgs) -> ExitCode {
         );
         return ExitCode::from(EXIT_USAGE);
     }
-    if a.mode == breakwater::storm::Mode::Queue {
+    if a.mode == breakwater::tools::storm::Mode::Queue {
         if !(0.0..=1.0).contains(&a.abandon) {
             eprintln!(
                 "error: --abandon {} is not a share between 0 and 1",
@@ -84,7 +84,7 @@ pub(crate) fn storm(a: StormArgs) -> ExitCode {
             );
             return ExitCode::from(EXIT_USAGE);
         }
-        let plan = breakwater::storm::queue::QueuePlan {
+        let plan = breakwater::tools::storm::queue::QueuePlan {
             target: a.target,
             users: a.users,
             join_rate: a.join_rate,
@@ -103,7 +103,7 @@ pub(crate) fn storm(a: StormArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let report = rt.block_on(breakwater::storm::queue::run(plan));
+        let report = rt.block_on(breakwater::tools::storm::queue::run(plan));
         if a.json {
             println!("{}", serde_json::to_string(&report).unwrap_or_default());
         } else {
@@ -111,7 +111,7 @@ pub(crate) fn storm(a: StormArgs) -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    let plan = breakwater::storm::Plan {
+    let plan = breakwater::tools::storm::Plan {
         target: a.target,
         connections: a.connections,
         concurrency: a.concurrency,
@@ -131,7 +131,7 @@ pub(crate) fn storm(a: StormArgs) -> ExitCode {
     };
     // Each connection holds a descriptor: use all the process may have.
     let _ = breakwater::admission::fd::raise_nofile();
-    let report = runtime.block_on(breakwater::storm::run(plan));
+    let report = runtime.block_on(breakwater::tools::storm::run(plan));
     if a.json {
         match serde_json::to_string(&report) {
             Ok(s) => println!("{s}"),
@@ -214,21 +214,22 @@ pub(crate) fn doctor(path: Option<PathBuf>, json: bool) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let needs = breakwater::doctor::needs(&config);
-    let mut checks = breakwater::doctor::assess(&breakwater::doctor::read_host(), &needs);
+    let needs = breakwater::tools::doctor::needs(&config);
+    let mut checks =
+        breakwater::tools::doctor::assess(&breakwater::tools::doctor::read_host(), &needs);
     checks.extend(
         config
             .fleet
             .as_ref()
-            .and_then(breakwater::doctor::fleet_check),
+            .and_then(breakwater::tools::doctor::fleet_check),
     );
-    let capped = breakwater::doctor::caps_anything(&checks);
+    let capped = breakwater::tools::doctor::caps_anything(&checks);
     if json {
         let out = serde_json::json!({ "config": config.source, "ok": !capped, "checks": checks });
         println!("{out}");
     } else {
         println!("host settings against {}:\n", config.source);
-        print!("{}", breakwater::doctor::render(&checks));
+        print!("{}", breakwater::tools::doctor::render(&checks));
         println!(
             "\n{}",
             if capped {

@@ -184,7 +184,7 @@ pub(super) fn validate(
             ));
         }
         let prefix = r.path_prefix.get_ref().clone();
-        match crate::proxy::target::normalize_path(&prefix) {
+        match crate::target::normalize_path(&prefix) {
             Ok(n) if n == prefix => {}
             _ => {
                 return Err(err(

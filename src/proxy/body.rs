@@ -45,7 +45,7 @@ pub struct AccessLog {
     pub query: Option<String>,
     pub bytes_in: u64,
     /// Where the request is counted: its generation's routes.
-    pub metrics: Option<std::sync::Arc<crate::metrics::RequestMetrics>>,
+    pub metrics: Option<std::sync::Arc<super::stats::RequestMetrics>>,
 }
 
 pub struct ProxyBody {

@@ -3,7 +3,8 @@
 
 use http::StatusCode;
 
-use super::{body, target};
+use super::body;
+use crate::target;
 use crate::upstream::UpstreamError;
 
 /// Why a request got a response of Breakwater's own instead of the origin's.

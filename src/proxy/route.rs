@@ -37,7 +37,7 @@ impl Router {
                 (Some(_), None) => false,
             };
             if host_ok
-                && super::target::prefix_matches(&r.path_prefix, path)
+                && crate::target::prefix_matches(&r.path_prefix, path)
                 && best.is_none_or(|b| r.path_prefix.len() > self.routes[b].path_prefix.len())
             {
                 best = Some(i);

@@ -118,18 +118,14 @@ pub fn needs(config: &Config) -> Needs {
         .map(|l| u64::from(l.backlog))
         .max()
         .unwrap_or(0);
-    let origin: u64 = config
-        .upstreams
-        .iter()
-        .map(|u| (u.pool_max * u.servers.len()) as u64)
-        .sum();
-    let sockets: u64 = config.listeners.iter().map(|l| l.shards as u64).sum();
-    let clients = u64::from(config.admission.max_connections);
+    // The same count of pools and listening sockets the start-up check uses (its nofile is
+    // not read here).
+    let b = crate::admission::fd::Budget::of(config, 0);
     Needs {
         backlog,
         // The inverse of admission::fd::connection_budget: stop accepting at 90 %.
-        fds: crate::admission::fd::descriptors_needed(clients, origin, sockets),
-        origin_connections: origin,
+        fds: crate::admission::fd::descriptors_needed(b.wanted, b.origin, b.listeners),
+        origin_connections: b.origin,
     }
 }
 
