@@ -8,9 +8,15 @@
 //!                accept4 loop)   rate, caps:     and idle timeouts;  read-ahead,        server, fair
 //!                                guards or RST)  hyper HTTP/1+h2c)   errors → HTTP)     queue, health)
 //! ```
-//! At the edges: `config` (TOML → validated `Config`), `metrics` and `admin` (Prometheus,
-//! health), `telemetry` (logs), `doctor` (host settings), `storm` (load tester), `main.rs`
-//! (CLI, signals).
+//! Below the stages, leaves any of them may read: `config` (TOML → validated `Config`),
+//! `client` (who a connection or request is from), `target` (the canonical host and path),
+//! `telemetry` (logs). Above them, the wiring that only the top sees: `engine` (builds a
+//! generation, serves, reloads), `metrics` and `admin` (Prometheus, health), `fleet`,
+//! `takeover`, `tools` (doctor, storm, demo; feature `tools`) and `main.rs` (CLI, signals).
+//! A stage imports only stages after it and the leaves; `.ci/layering` checks this with grep.
+//! What a stage is handed instead of the whole server: the accept loops a `listener::Wiring`,
+//! connection tasks a `conn::Server`, each request its generation's `proxy::Proxy` (with
+//! admission's per-request side as a `client::RequestGate`).
 //!
 //! # Where is…
 //! - the listen backlog, TCP_DEFER_ACCEPT, SO_REUSEPORT, the accept loop: `listener.rs`
@@ -20,10 +26,14 @@
 //!   accounting it reads (in flight, answered, cancelled: the rapid-reset guard):
 //!   `proxy/activity.rs`
 //! - hop-by-hop headers, X-Forwarded-*: `proxy/headers.rs`; routing: `proxy/route.rs`
-//! - which error gives which status: `ProxyError` in `proxy.rs`
-//! - the warm pool and queue: `upstream.rs`, `upstream/pool.rs`, `upstream/queue.rs`;
-//!   health checks: `upstream/health.rs`
-//! - config keys and their defaults: `config/file.rs` and `config/breakwater.toml`
+//! - which error gives which status: `ProxyError` in `proxy/error.rs`; request counters:
+//!   `proxy/stats.rs`
+//! - the warm pool and queue: `upstream.rs` (scheduling), `upstream/lease.rs`,
+//!   `upstream/pool.rs`, `upstream/queue.rs`; sending and the retry: `upstream/exchange.rs`;
+//!   health checks: `upstream/health.rs` (one server's counters), `upstream/checks.rs`
+//! - config keys and their defaults: `config/file.rs` and `config/breakwater.toml`; each
+//!   section's validated shape and checks: `config/listener.rs`, `http.rs`, `upstream.rs`,
+//!   `admission.rs`, `room.rs`, `fleet.rs`
 //! - the wiring, hot reload (a new `Generation` swapped in): `engine.rs`
 //! - who the client is (PROXY protocol, trusted forwarding headers): `client.rs`,
 //!   `listener/proxy_protocol.rs`, `proxy/headers.rs`; TLS: `conn/tls.rs`
@@ -32,7 +42,7 @@
 //! - the waiting room (a line at the door of a sale, opened by the origin's queue wait):
 //!   `room.rs`; its tokens `room/token.rs`, its line `room/state.rs`, its page `room/page.rs`,
 //!   what a waiter is answered (JSON, page, cookie) `room/answer.rs`; the shopper load mode
-//!   `storm/queue.rs`
+//!   `tools/storm/queue.rs`
 //! - response spooling for slow readers and the progress deadlines: `proxy/spool.rs`
 //! - fleet mode (limits and bans shared through Redis, synced off the accept path): `fleet.rs`
 //!   (stats, the ban subscriber), `fleet/sync.rs` (the pipeline per interval); the limiter it
@@ -44,6 +54,9 @@
 //!
 //! The library never binds from the config on its own and never reads signals: `run` takes
 //! bound listeners and a shutdown future, so tests start the whole proxy on port 0.
+
+// Nothing that input or the network can make fail may panic; tests may (clippy.toml).
+#![deny(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod admin;
 pub mod admission;

@@ -5,6 +5,9 @@
 //! sit together because clap derives from them; the subcommands' bodies are in `cli/`. The
 //! next split is the demo (`demo_storm`, `demo_sale`) into `cli/demo.rs`.
 
+// Nothing that input or the network can make fail may panic; tests may (clippy.toml).
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+
 use std::net::SocketAddr;
 
 #[cfg(feature = "mimalloc")]

@@ -70,14 +70,13 @@ async fn per_ip_concurrency_holds_and_slots_come_back() {
     );
 
     drop(open.pop());
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        if try_get_from("127.0.0.5", proxy.addr).await == Some(200) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the slot never came back");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(
+        eventually_async(Duration::from_secs(3), || async {
+            try_get_from("127.0.0.5", proxy.addr).await == Some(200)
+        })
+        .await,
+        "the slot never came back"
+    );
     proxy.stop().await;
 }
 
@@ -235,23 +234,27 @@ async fn limiter_memory_returns_to_small_after_10000_addresses() {
     }
     assert_eq!(connected, 10_000);
     // Every address was seen (accepts may trail the client's connects a little).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while proxy.shards.accepted() < 10_000 {
-        assert!(
-            Instant::now() < deadline,
-            "not all connections were accepted"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(
+        eventually(Duration::from_secs(10), || proxy.shards.accepted()
+            >= 10_000)
+        .await,
+        "not all connections were accepted"
+    );
     assert!(
         proxy.admission.tracked_keys() >= 9_000,
         "tracked {}",
         proxy.admission.tracked_keys()
     );
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    proxy.admission.prune();
-    let left = proxy.admission.tracked_keys();
-    assert!(left < 100, "{left} keys left after pruning");
+    // A key is pruned once its limiter has refilled (at 1,000/s, within milliseconds).
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            proxy.admission.prune();
+            proxy.admission.tracked_keys() < 100
+        })
+        .await,
+        "{} keys left after pruning",
+        proxy.admission.tracked_keys()
+    );
     proxy.stop().await;
 }
 
@@ -275,8 +278,13 @@ async fn http2_stream_cap_and_rapid_reset_flood() {
     let conn = tokio::spawn(conn);
     let mut client = client.ready().await.unwrap();
     // Settings arrive with the first exchange.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(client.current_max_send_streams(), 20);
+    assert!(
+        eventually(Duration::from_secs(5), || client.current_max_send_streams()
+            == 20)
+        .await,
+        "max streams {}",
+        client.current_max_send_streams()
+    );
 
     let start = Instant::now();
     let mut sent = 0;

@@ -5,7 +5,7 @@ mod support;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hyper::Response;
 use support::*;
@@ -71,17 +71,14 @@ async fn readyz_turns_ready_when_the_warm_pool_is_filled() {
     let origin = text_origin("ok").await;
     let proxy = Proxy::start(&cfg(origin.addr, "pool_min_idle = 4", "")).await;
     let admin = proxy.admin.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    let ready = eventually_async(Duration::from_secs(5), || async {
         let g = admin_get(admin, "/readyz", Some(TOKEN)).await;
-        if g.status == 200 {
-            assert_eq!(origin.open(), 4, "ready before the pool was warm");
-            break;
-        }
-        assert_eq!(g.status, 503);
-        assert!(Instant::now() < deadline, "never ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        assert!(g.status == 200 || g.status == 503, "{}", g.status);
+        g.status == 200
+    })
+    .await;
+    assert!(ready, "never ready");
+    assert_eq!(origin.open(), 4, "ready before the pool was warm");
     let m = scrape(admin).await;
     let server = format!("server=\"{}\"", origin.addr);
     let open = m.iter().find(|(k, _)| {
@@ -122,7 +119,14 @@ async fn accepts_and_every_reject_reason_are_counted() {
     // Over the per-IP cap: two held open, the third refused.
     let a = connect_from("127.0.80.3", proxy.addr).await.unwrap();
     let b = connect_from("127.0.80.3", proxy.addr).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        eventually(Duration::from_secs(5), || proxy
+            .admission
+            .open_connections()
+            >= 2)
+        .await,
+        "the two connections were not admitted"
+    );
     assert_eq!(try_get_from("127.0.80.3", proxy.addr).await, None);
 
     let after = scrape(admin).await;
@@ -170,12 +174,16 @@ async fn queue_depth_and_busy_connections_under_a_saturated_pool() {
     for _ in 0..6 {
         reqs.spawn(async move { get(addr, "/").await.status });
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Two requests on the two connections, four waiting for one.
+    let queued = eventually_async(Duration::from_secs(5), || async {
+        sum(
+            &scrape(admin).await,
+            "breakwater_upstream_queue_depth{upstream=\"app\"}",
+        ) == 4.0
+    })
+    .await;
+    assert!(queued, "four requests never queued");
     let m = scrape(admin).await;
-    assert_eq!(
-        sum(&m, "breakwater_upstream_queue_depth{upstream=\"app\"}"),
-        4.0
-    );
     assert_eq!(sum(&m, "breakwater_upstream_connections_busy{"), 2.0);
     assert_eq!(sum(&m, "breakwater_upstream_connections_idle{"), 0.0);
     while let Some(s) = reqs.join_next().await {

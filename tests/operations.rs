@@ -35,14 +35,10 @@ async fn sigterm_drain_keeps_accepting_for_the_delay_while_readyz_says_go_away()
     ))
     .await;
     let (addr, admin) = (proxy.addr, proxy.admin.unwrap());
-    let mut ready = false;
-    for _ in 0..100 {
-        if admin_status(admin, "/readyz", None).await.0 == 200 {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let ready = eventually_async(Duration::from_secs(5), || async {
+        admin_status(admin, "/readyz", None).await.0 == 200
+    })
+    .await;
     assert!(ready, "never ready");
     // A keep-alive client connected before the signal.
     let mut keep = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -50,15 +46,11 @@ async fn sigterm_drain_keeps_accepting_for_the_delay_while_readyz_says_go_away()
 
     let started = Instant::now();
     let stopping = tokio::spawn(proxy.stop());
-    let mut draining = false;
-    for _ in 0..50 {
+    let draining = eventually_async(Duration::from_secs(2), || async {
         let (status, body) = admin_status(admin, "/readyz", None).await;
-        if status == 503 && body.contains("draining") {
-            draining = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        status == 503 && body.contains("draining")
+    })
+    .await;
     assert!(draining, "/readyz did not turn 503");
     // Still accepting during the delay: a new client is served, and told to close.
     let text = raw(addr, b"GET /during HTTP/1.1\r\nHost: x\r\n\r\n", WAIT).await;
@@ -130,32 +122,28 @@ async fn readyz_can_require_a_live_origin() {
     ))
     .await;
     let admin = proxy.admin.unwrap();
-    let mut ready = false;
-    for _ in 0..100 {
-        if admin_status(admin, "/readyz", None).await.0 == 200 {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let ready = eventually_async(Duration::from_secs(5), || async {
+        admin_status(admin, "/readyz", None).await.0 == 200
+    })
+    .await;
     assert!(ready);
     // The origin goes away; traffic finds it down and the instance reports not ready.
     drop(origin);
-    let mut said = String::new();
-    for _ in 0..200 {
+    let said = std::sync::Mutex::new(String::new());
+    let down = eventually_async(Duration::from_secs(10), || async {
         let _ = try_get_from("127.0.0.9", proxy.addr).await;
         let (status, body) = admin_status(admin, "/readyz", None).await;
-        if status == 503 {
-            said = body;
-            // Once warm, readiness never falls back to "warming": the only 503 is the origin.
-            assert!(!said.contains("warming"), "{said:?}");
-            if said.contains("origin down") {
-                break;
-            }
+        if status != 503 {
+            return false;
         }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(said.contains("origin down"), "{said:?}");
+        // Once warm, readiness never falls back to "warming": the only 503 is the origin.
+        assert!(!body.contains("warming"), "{body:?}");
+        let found = body.contains("origin down");
+        *said.lock().unwrap() = body;
+        found
+    })
+    .await;
+    assert!(down, "{:?}", said.lock().unwrap());
     proxy.stop().await;
 }
 
@@ -266,6 +254,8 @@ async fn run_writes_a_pid_file_and_reload_signals_it_without_stopping_it() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("bw.toml");
     let pid_file = dir.path().join("bw.pid");
+    // A file, not a pipe: nothing drains a pipe while the test waits.
+    let log = tempfile::NamedTempFile::new().unwrap();
     let origin = echo_origin().await;
     std::fs::write(
         &cfg,
@@ -281,7 +271,7 @@ async fn run_writes_a_pid_file_and_reload_signals_it_without_stopping_it() {
         .arg("--pid-file")
         .arg(&pid_file)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log.reopen().unwrap())
         .spawn()
         .unwrap();
     assert!(eventually(WAIT, || pid_file.exists()).await);
@@ -295,7 +285,14 @@ async fn run_writes_a_pid_file_and_reload_signals_it_without_stopping_it() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The process handled the signal (it logs the reload) and is still there.
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            std::fs::read_to_string(log.path()).is_ok_and(|l| l.contains("SIGHUP: "))
+        })
+        .await,
+        "the reload was never logged"
+    );
     assert!(
         child.try_wait().unwrap().is_none(),
         "SIGHUP stopped the process"
@@ -420,34 +417,49 @@ async fn takeover_replaces_the_process_without_failing_a_connection() {
 
     // Clients open new connections back to back, one request each, the whole time.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
     let mut clients = Vec::new();
     for i in 0..4 {
-        let stop = stop.clone();
+        let (stop, served) = (stop.clone(), served.clone());
         clients.push(tokio::spawn(async move {
             let (mut ok, mut failed) = (0u32, Vec::new());
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let src = format!("127.0.3.{}", i + 1);
                 match try_get_from(&src, port).await {
-                    Some(200) => ok += 1,
+                    Some(200) => {
+                        ok += 1;
+                        served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                     other => failed.push(other),
                 }
             }
             (ok, failed)
         }));
     }
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    let served_at_least = |n: u32| {
+        let served = served.clone();
+        move || served.load(std::sync::atomic::Ordering::Relaxed) >= n
+    };
+    // Traffic is flowing through the old instance before the new one starts.
+    assert!(eventually(Duration::from_secs(10), served_at_least(100)).await);
     let mut new = start(true);
     // The old process drains and exits by itself.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(s) = old.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "the old instance did not exit");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    assert!(
+        eventually(Duration::from_secs(15), || old
+            .try_wait()
+            .unwrap()
+            .is_some())
+        .await,
+        "the old instance did not exit"
+    );
+    let status = old.wait().unwrap();
     assert!(status.success(), "old instance exit: {status}");
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // And keeps flowing through the new one alone.
+    let now = served.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        eventually(Duration::from_secs(10), served_at_least(now + 100)).await,
+        "traffic stopped after the takeover"
+    );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (mut ok, mut failed) = (0, Vec::new());
     for c in clients {
@@ -460,7 +472,6 @@ async fn takeover_replaces_the_process_without_failing_a_connection() {
         "{} failed connections: {failed:?} ({ok} ok)",
         failed.len()
     );
-    assert!(ok > 200, "only {ok} requests in about 1.5 s");
     assert!(new.try_wait().unwrap().is_none(), "the new instance exited");
     // And the new one offers takeover in its turn.
     assert!(

@@ -9,7 +9,7 @@ use std::io::Write;
 use std::os::fd::AsFd;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -205,14 +205,13 @@ async fn run_binary(upstream: std::net::SocketAddr, extra: &str) -> Running {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(port).await.is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "breakwater did not start listening"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(
+        eventually_async(Duration::from_secs(10), || async {
+            tokio::net::TcpStream::connect(port).await.is_ok()
+        })
+        .await,
+        "breakwater did not start listening"
+    );
     Running {
         child,
         addr: port,
@@ -303,7 +302,8 @@ async fn sigterm_drains_the_in_flight_request_then_exits_zero() {
     let mut bw = run_binary(origin.addr, "[http]\nshutdown_timeout = \"10s\"").await;
     let addr = bw.addr;
     let inflight = tokio::spawn(async move { get(addr, "/slow").await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The request is at the origin when the signal comes.
+    assert!(eventually(Duration::from_secs(5), || origin.requests().len() == 1).await);
     // SAFETY: plain kill(2) on our own child's pid.
     #[allow(unsafe_code)]
     let rc = unsafe { libc::kill(bw.child.id() as i32, libc::SIGTERM) };
@@ -312,21 +312,16 @@ async fn sigterm_drains_the_in_flight_request_then_exits_zero() {
     assert_eq!((got.status, got.text().as_str()), (200, "done"));
 
     let stderr = bw.child.stderr.take().unwrap();
-    let status = tokio::task::spawn_blocking(move || {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(s) = bw.child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "breakwater did not exit after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    })
-    .await
-    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || bw
+            .child
+            .try_wait()
+            .unwrap()
+            .is_some())
+        .await,
+        "breakwater did not exit after SIGTERM"
+    );
+    let status = bw.child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
     let mut lines = BufReader::new(tokio::process::ChildStderr::from_std(stderr).unwrap()).lines();
     let mut log = String::new();

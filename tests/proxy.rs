@@ -235,6 +235,7 @@ async fn slowloris_is_cut_at_the_header_timeout_but_idle_keepalive_is_not() {
         .await
         .unwrap();
     collect(r).await;
+    // The scenario itself: idle past the header timeout (1 s), within idle_timeout.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let r = tx
         .send_request(request("GET", proxy.addr, "/2", full("")))
@@ -475,7 +476,7 @@ async fn graceful_shutdown_completes_the_in_flight_request() {
     let proxy = Proxy::start(&config_for(origin.addr, "")).await;
     let addr = proxy.addr;
     let inflight = tokio::spawn(async move { get(addr, "/slow").await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(eventually(Duration::from_secs(5), || origin.requests().len() == 1).await);
     let outcome = proxy.stop().await;
     assert_eq!(outcome, breakwater::Shutdown::Drained);
     let got = inflight.await.unwrap();

@@ -54,14 +54,32 @@ async fn route_target_and_rate_limit_change_under_load_without_a_failed_request(
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Answers seen after `from`, with `status` when given.
+    let seen_after = |from: Instant, status: Option<u16>| {
+        let seen = seen.clone();
+        move || {
+            seen.lock()
+                .unwrap()
+                .iter()
+                .filter(|(t, s, _)| *t > from && status.is_none_or(|x| x == *s))
+                .count()
+        }
+    };
+    let began = Instant::now();
+    let traffic = seen_after(began - Duration::from_secs(60), None);
+    assert!(eventually(WAIT, || traffic() >= 30).await, "no traffic");
 
     // The route's upstream now points at the second origin.
     let b = breakwater::Config::parse(&cfg(two.addr, ""), "b.toml").unwrap();
     let msg = proxy.reloader.reload(b).await.expect("reload");
     let switched = Instant::now();
     assert!(msg.starts_with("config reloaded"), "{msg}");
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Traffic past the one-second mark the check below allows the old route.
+    let settled = seen_after(switched + Duration::from_secs(1), None);
+    assert!(
+        eventually(WAIT, || settled() >= 30).await,
+        "no traffic after the reload"
+    );
     // And a request rate appears for the same client.
     let c = breakwater::Config::parse(
         &cfg(
@@ -74,7 +92,11 @@ async fn route_target_and_rate_limit_change_under_load_without_a_failed_request(
     let before_limit = Instant::now();
     proxy.reloader.reload(c).await.expect("reload");
     let limited = Instant::now();
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let refused = seen_after(limited + Duration::from_millis(200), Some(429));
+    assert!(
+        eventually(WAIT, || refused() > 0).await,
+        "the new request rate never applied"
+    );
     stop.store(true, Ordering::Relaxed);
     for c in clients {
         c.await.unwrap();
@@ -192,30 +214,23 @@ async fn sighup_with_a_broken_config_keeps_the_running_one() {
     // Broken: an unknown key. Still serving the old config, and the failure is counted.
     write(two.addr, "[http]\nidle_timout = \"5s\"\n");
     assert_eq!(hup(), 0);
-    let mut errors = 0.0;
-    for _ in 0..100 {
-        errors = metric("breakwater_config_reloads_total{result=\"error\"}").await;
-        if errors == 1.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(errors, 1.0);
+    assert!(
+        eventually_async(WAIT, || async {
+            metric("breakwater_config_reloads_total{result=\"error\"}").await == 1.0
+        })
+        .await,
+        "the failed reload was not counted"
+    );
     assert_eq!(get(port, "/").await.text(), "one");
     assert!(child.try_wait().unwrap().is_none());
 
     // Fixed: the new upstream serves, the success is counted and time-stamped.
     write(two.addr, "");
     assert_eq!(hup(), 0);
-    let mut served = String::new();
-    for _ in 0..100 {
-        served = get(port, "/").await.text();
-        if served == "two" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(served, "two");
+    assert!(
+        eventually_async(WAIT, || async { get(port, "/").await.text() == "two" }).await,
+        "the new upstream never served"
+    );
     assert_eq!(
         metric("breakwater_config_reloads_total{result=\"ok\"}").await,
         1.0
@@ -292,18 +307,13 @@ async fn sighup_changes_the_log_level() {
     write("info");
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
-    let mut logged = false;
-    for _ in 0..100 {
+    let logged = eventually_async(WAIT, || async {
         assert_eq!(get(port, "/loud").await.status, 200);
-        if std::fs::read_to_string(&log)
+        std::fs::read_to_string(&log)
             .unwrap()
             .contains("path=/loud")
-        {
-            logged = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(logged, "no access line at info after the reload:\n{text}");
     assert!(!text.contains("path=/quiet"), "logged at warn:\n{text}");

@@ -150,7 +150,14 @@ async fn browsers_get_the_page_and_api_clients_get_json() {
     .await;
     let addr = proxy.addr;
     let _first = ask(addr, "127.0.62.9", "/", &[]).await;
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // The door's one slot goes to the first ticket at its next tick.
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            proxy.metric("breakwater_room_admitted_total{room=\"drop\",how=\"door\"}") >= 1.0
+        })
+        .await,
+        "the door never let the first ticket in"
+    );
     let browser = "text/html,application/xhtml+xml;q=0.9,*/*;q=0.8";
     let page = ask(addr, "127.0.62.1", "/", &[("Accept", browser)]).await;
     assert_eq!(page.status, 200);

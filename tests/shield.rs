@@ -101,7 +101,14 @@ async fn slow_readers_do_not_pin_the_pool() {
             .unwrap();
         attackers.push(s);
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        eventually(Duration::from_secs(10), || proxy
+            .admission
+            .open_connections()
+            >= 200)
+        .await,
+        "the slow readers were not all admitted"
+    );
     let mut ok = 0;
     for _ in 0..100 {
         if try_get_from("127.0.81.1", addr).await == Some(200) {
@@ -235,7 +242,10 @@ async fn cancels_do_not_churn_origin_connections() {
         }
         let h1 = origin.accepts() - before;
         // Let the last background drains finish (at most 1 s each).
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(
+            eventually(Duration::from_secs(5), || proxy.busy() == 0).await,
+            "background drains did not finish"
+        );
         // 60 HTTP/2 streams to a slow path, each reset after 30 ms, before its head.
         let before = origin.accepts();
         let (tx, _conn) = h2_client(addr, 65535).await;
@@ -245,7 +255,10 @@ async fn cancels_do_not_churn_origin_connections() {
             tokio::time::sleep(Duration::from_millis(30)).await;
             f.abort();
         }
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(
+            eventually(Duration::from_secs(5), || proxy.busy() == 0).await,
+            "the reset streams' exchanges did not finish"
+        );
         let h2 = origin.accepts() - before;
         eprintln!(
             "{protocol} upstream, response_spool {spool}: 500 HTTP/1 hang-ups -> {h1} origin accepts, 60 HTTP/2 \
@@ -322,15 +335,35 @@ async fn a_restarting_origin_is_back_within_a_second() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let count = |from: Instant, ok: bool| {
+        let log = log.clone();
+        move || {
+            log.lock()
+                .unwrap()
+                .iter()
+                .filter(|(t, s)| *t > from && (*s == Some(200)) == ok)
+                .count()
+        }
+    };
+    let start = Instant::now();
+    assert!(eventually(Duration::from_secs(5), || count(start, true)() >= 20).await);
     drop(first);
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Down until the clients see it.
+    let down = Instant::now();
+    assert!(eventually(Duration::from_secs(5), || count(down, false)() >= 1).await);
     let second = origin_on(
         listen_on(origin_addr).await,
         Arc::new(|_req| Box::pin(async move { Response::new(full("back")) })),
     );
     let back = Instant::now();
-    tokio::time::sleep(Duration::from_millis(2000)).await;
+    // Traffic from a second after it came back on, which the check below reads.
+    let settled = back + Duration::from_secs(1);
+    assert!(
+        eventually(Duration::from_secs(8), || count(settled, true)()
+            + count(settled, false)()
+            >= 50)
+        .await
+    );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for l in load {
         l.await.unwrap();
@@ -379,7 +412,8 @@ async fn an_allow_listed_stream_flood_does_not_starve_others() {
                 .map(|r| r.status())
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The flood holds its share of the pool and the rest of it waits.
+    assert!(eventually(Duration::from_secs(5), || proxy.queued() >= 50).await);
     let t = Instant::now();
     let mut ok = 0;
     for _ in 0..20 {
@@ -438,7 +472,12 @@ async fn request_bodies_cannot_buy_silence_or_grow_memory() {
         .await
         .unwrap();
     a.write_all(&vec![b'a'; 60_000]).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        eventually(Duration::from_secs(5), || proxy
+            .metric("breakwater_request_buffer_bytes{state=\"in_use\"}")
+            >= 60_000.0)
+        .await
+    );
     let mut b = connect_from("127.0.85.3", addr).await.unwrap();
     b.write_all(b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n")
         .await

@@ -467,13 +467,17 @@ async fn sighup_rereads_certificates_and_a_bad_file_keeps_the_old_ones() {
         .unwrap();
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let addr = listening_addr(&mut stderr);
-    // Keep draining the log so the child never blocks on a full pipe.
+    // Keep draining the log so the child never blocks on a full pipe; keep it to read.
+    let log = Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = log.clone();
     std::thread::spawn(move || {
-        let mut sink = String::new();
-        while stderr.read_line(&mut sink).unwrap_or(0) > 0 {
-            sink.clear();
+        let mut line = String::new();
+        while stderr.read_line(&mut line).unwrap_or(0) > 0 {
+            sink.lock().unwrap().push_str(&line);
+            line.clear();
         }
     });
+    let hups_handled = move || log.lock().unwrap().matches("SIGHUP: ").count();
     let pid = child.id() as i32;
     let served = |cfg: Arc<rustls::ClientConfig>| async move {
         let tls = connect_tls(addr, cfg, "shop.example.com").await;
@@ -486,24 +490,22 @@ async fn sighup_rereads_certificates_and_a_bad_file_keeps_the_old_ones() {
     std::fs::copy(&second.key, &live_key).unwrap();
     // SAFETY: kill(2) on our own child's pid.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
-    let mut now = None;
-    for _ in 0..100 {
-        now = Some(served(any.clone()).await);
-        if now.as_ref() == Some(&second.der) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(
-        now.as_ref(),
-        Some(&second.der),
+    assert!(
+        eventually_async(Duration::from_secs(2), || async {
+            served(any.clone()).await == second.der
+        })
+        .await,
         "SIGHUP did not load the new certificate"
     );
 
     // A broken file: the process lives on and keeps serving the certificate it had.
     std::fs::write(&live_cert, "garbage\n").unwrap();
+    let handled = hups_handled();
     assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        eventually(Duration::from_secs(5), || hups_handled() > handled).await,
+        "the second SIGHUP was never handled"
+    );
     assert!(
         child.try_wait().unwrap().is_none(),
         "SIGHUP stopped the process"

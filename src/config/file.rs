@@ -14,7 +14,9 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
-pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+pub const DEFAULT_LISTEN: std::net::SocketAddr = std::net::SocketAddr::V4(
+    std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 8080),
+);
 pub const DEFAULT_BACKLOG: u32 = 65535;
 pub const DEFAULT_DEFER_ACCEPT: Duration = Duration::from_secs(1);
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);

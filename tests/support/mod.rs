@@ -103,6 +103,20 @@ impl Proxy {
             .unwrap_or(0.0)
     }
 
+    /// Origin connections busy with a request (or draining an abandoned response) now.
+    pub fn busy(&self) -> usize {
+        self.engine_upstreams
+            .iter()
+            .flat_map(|u| u.snapshot().0)
+            .map(|(_, _, busy)| busy)
+            .sum()
+    }
+
+    /// Requests waiting in the upstreams' queues now.
+    pub fn queued(&self) -> usize {
+        self.engine_upstreams.iter().map(|u| u.snapshot().1).sum()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
@@ -448,6 +462,24 @@ pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> b
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if check() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// `eventually` for a check that has to await (a request, a connect).
+pub async fn eventually_async<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await {
             return true;
         }
         if tokio::time::Instant::now() >= deadline {

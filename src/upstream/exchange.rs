@@ -1,0 +1,356 @@
+//! The exchange: sending a request on a leased connection, the one retry on a pooled
+//! connection that went stale (with the request head kept for it), panic mode, and private
+//! connections (a PROXY header per client, WebSocket tunnels).
+
+use super::*;
+
+/// A request that can be sent again if a reused connection turns out dead: idempotent, no body.
+pub struct Replay(Parts);
+
+impl Replay {
+    pub fn of(req: &Request<UpstreamBody>) -> Option<Replay> {
+        let m = req.method();
+        let idempotent = m == http::Method::GET
+            || m == http::Method::HEAD
+            || m == http::Method::OPTIONS
+            || m == http::Method::TRACE
+            || m == http::Method::PUT
+            || m == http::Method::DELETE;
+        if !idempotent || !req.body().is_replayable() {
+            return None;
+        }
+        let mut b = Request::builder()
+            .method(m.clone())
+            .uri(req.uri().clone())
+            .version(req.version());
+        if let Some(h) = b.headers_mut() {
+            *h = req.headers().clone();
+        }
+        b.body(()).ok().map(|r| Replay(r.into_parts().0))
+    }
+
+    fn request(&self, body: UpstreamBody) -> Request<UpstreamBody> {
+        let mut r = Request::new(body);
+        *r.method_mut() = self.0.method.clone();
+        *r.uri_mut() = self.0.uri.clone();
+        *r.version_mut() = self.0.version;
+        *r.headers_mut() = self.0.headers.clone();
+        r
+    }
+}
+
+impl Upstream {
+    /// Every server is ejected. Rather than answer 503 to everyone until the checks re-admit
+    /// one, a trickle of real requests (one at a time) still goes to the server that failed
+    /// least recently, on a connection of its own (Envoy's panic routing, rate-limited). An
+    /// answer re-admits the server at once; the others get 503 as before.
+    pub(super) async fn send_panic(
+        &self,
+        client: &Client,
+        conn: u64,
+        req: Request<UpstreamBody>,
+    ) -> Result<(Response<Incoming>, Lease), SendFailure> {
+        let Ok(permit) = self.panic.clone().try_acquire_owned() else {
+            return Err((None, UpstreamError::NoHealthyServer));
+        };
+        {
+            // And at most one every PANIC_SPACING: a dead origin costs one connect attempt
+            // per spacing, not one per client request.
+            let mut next = self.panic_next.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            if now < *next {
+                return Err((None, UpstreamError::NoHealthyServer));
+            }
+            *next = now + PANIC_SPACING;
+        }
+        let Some(server) =
+            (0..self.servers.len()).min_by_key(|&i| self.servers[i].health.last_failure())
+        else {
+            return Err((None, UpstreamError::NoHealthyServer));
+        };
+        if !self.lock().slots[server].take_connect_token(self.cfg.max_connect_rate) {
+            self.stats.paced_connects.fetch_add(1, Ordering::Relaxed);
+            return Err((None, UpstreamError::NoHealthyServer));
+        }
+        self.stats.panic_requests.fetch_add(1, Ordering::Relaxed);
+        let addr = self.servers[server].addr.clone();
+        let preface = if self.private.is_some() {
+            self.client_preface(client)
+        } else {
+            self.local_preface()
+        };
+        let (tx, drive) =
+            match pool::connect(&addr, self.cfg.protocol, self.cfg.connect_timeout, &preface).await
+            {
+                Ok(c) => c,
+                Err(e) => return Err((Some(addr), e)),
+            };
+        self.stats.connects.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(drive);
+        let lease = self.private_lease(server, tx, client, conn, permit);
+        let mut pending = Pending::new(lease);
+        match self.exchange(&mut pending, req).await {
+            Ok(resp) => {
+                if self.servers[server].health.readmit() == Transition::Readmitted {
+                    self.readmitted(server, "it answered a request while every server was down");
+                }
+                pending.done(resp)
+            }
+            Err(f) => Err((Some(addr), f.error)),
+        }
+    }
+
+    /// Sends a request and waits for its response head. A request that was never written, or
+    /// an idempotent replayable one that failed on a reused connection before any response
+    /// byte (the stale keep-alive race), is tried once more.
+    pub async fn send(
+        &self,
+        client: &Client,
+        conn: u64,
+        req: Request<UpstreamBody>,
+    ) -> Result<(Response<Incoming>, Lease), SendFailure> {
+        if !self.servers.iter().any(|s| s.health.is_healthy()) {
+            // Boxed, as is `send_private`: rare paths whose state would otherwise size (and be moved
+            // with) every request's future.
+            return Box::pin(self.send_panic(client, conn, req)).await;
+        }
+        if let Some(private) = &self.private {
+            return Box::pin(self.send_private(private.clone(), client, conn, req)).await;
+        }
+        let client = Asker {
+            key: client.key,
+            conn,
+        };
+        let replay = if self.cfg.retry_idempotent {
+            Replay::of(&req)
+        } else {
+            None
+        };
+        let replay_body = req.body().replay();
+        let lease = self.acquire(client).await.map_err(|e| (None, e))?;
+        let server = lease.server;
+        let reused = lease.reused;
+        let mut pending = Pending::new(lease);
+        let failed = match self.exchange(&mut pending, req).await {
+            Ok(resp) => return pending.done(resp),
+            Err(f) => f,
+        };
+        drop(pending);
+        let again = match (failed.unsent, replay, replay_body) {
+            (Some(req), _, _) => req,
+            (None, Some(r), Some(body))
+                if reused && matches!(failed.error, UpstreamError::Response(_)) =>
+            {
+                r.request(body)
+            }
+            _ => {
+                let addr = self.servers[server].addr.clone();
+                return Err((Some(addr), failed.error));
+            }
+        };
+        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(upstream = %self.name, server = %self.servers[server].addr, error = %failed.error,
+            "origin connection failed before answering; retrying");
+        Box::pin(self.send_again(client, again)).await
+    }
+
+    /// The one retry of `send`, in a future of its own: boxed there, its state is paid only
+    /// by the requests that retry, not carried in every request's future.
+    pub(super) async fn send_again(
+        &self,
+        client: Asker,
+        again: Request<UpstreamBody>,
+    ) -> Result<(Response<Incoming>, Lease), SendFailure> {
+        let lease = self.acquire(client).await.map_err(|e| (None, e))?;
+        let addr = lease.server_name();
+        let mut pending = Pending::new(lease);
+        match self.exchange(&mut pending, again).await {
+            Ok(resp) => pending.done(resp),
+            Err(f) => Err((Some(addr), f.error)),
+        }
+    }
+
+    pub(super) async fn exchange(
+        &self,
+        pending: &mut Pending,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, Failed> {
+        let Some(lease) = pending.lease.as_mut() else {
+            return Err(Failed {
+                error: UpstreamError::QueueTimeout,
+                unsent: Some(req),
+            });
+        };
+        let server = lease.server;
+        let reused = lease.reused;
+        let Some(tx) = lease.tx.as_mut() else {
+            return Err(Failed {
+                error: UpstreamError::QueueTimeout,
+                unsent: Some(req),
+            });
+        };
+        // A pooled connection can close between checkout and use; `ready` says so without
+        // consuming the request.
+        if let Err(e) = tx.ready().await {
+            return Err(Failed {
+                error: UpstreamError::Response(e),
+                unsent: Some(req),
+            });
+        }
+        let response = pending.response.insert(tx.send(req));
+        let sent = tokio::time::timeout(self.cfg.response_timeout, response).await;
+        pending.response = None;
+        let result = match sent {
+            Err(_) => Err(Failed {
+                error: UpstreamError::ResponseTimeout,
+                unsent: None,
+            }),
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(mut e)) => {
+                let unsent = e.take_message();
+                let err = e.into_error();
+                let error = if err.is_user() {
+                    UpstreamError::ClientBody(err)
+                } else {
+                    UpstreamError::Response(err)
+                };
+                Err(Failed { error, unsent })
+            }
+        };
+        match &result {
+            Ok(_) => self.record(server, true, false),
+            // A stale pooled connection or a client's broken body says nothing about the server.
+            Err(f)
+                if f.unsent.is_some()
+                    || reused
+                    || matches!(f.error, UpstreamError::ClientBody(_)) => {}
+            Err(_) => self.record(server, false, false),
+        }
+        result
+    }
+
+    /// A dedicated HTTP/1.1 connection outside the pool, for a request that upgrades (a
+    /// WebSocket tunnel holds its socket for good).
+    pub async fn connect_dedicated(
+        &self,
+        client: &Client,
+    ) -> Result<
+        (
+            Sender,
+            Arc<str>,
+            impl std::future::Future<Output = ()> + Send + 'static,
+        ),
+        SendFailure,
+    > {
+        let order = self.order(&self.lock());
+        let Some(&server) = order.first() else {
+            return Err((None, UpstreamError::NoHealthyServer));
+        };
+        let addr = self.servers[server].addr.clone();
+        let preface = self.client_preface(client);
+        match pool::connect(
+            &addr,
+            UpstreamProtocol::Http1,
+            self.cfg.connect_timeout,
+            &preface,
+        )
+        .await
+        {
+            Ok((tx, drive)) => Ok((tx, addr, drive)),
+            Err(e) => Err((Some(addr), e)),
+        }
+    }
+
+    /// The PROXY header for a connection no client caused (warm, health check): LOCAL.
+    pub(super) fn local_preface(&self) -> Vec<u8> {
+        self.cfg.send_proxy_protocol.map_or_else(Vec::new, |v| {
+            proxy_protocol::encode(v, None, std::net::SocketAddr::from(([0, 0, 0, 0], 0)))
+        })
+    }
+
+    /// The PROXY header naming `client`, with `send_proxy_protocol`.
+    pub(super) fn client_preface(&self, client: &Client) -> Vec<u8> {
+        self.cfg.send_proxy_protocol.map_or_else(Vec::new, |v| {
+            proxy_protocol::encode(
+                v,
+                Some(std::net::SocketAddr::new(client.addr, client.peer.port())),
+                client.local,
+            )
+        })
+    }
+
+    /// `send_proxy_protocol`: a PROXY header names one client per connection, and a pooled
+    /// connection carries many clients' requests, so it would name the wrong one for all but
+    /// the first. Each request therefore gets a connection of its own, opened with its
+    /// client's header and closed after its response. Those connections stay bounded by
+    /// `pool_max` per server (waiting up to `queue_timeout` for one, FIFO); the price is an
+    /// origin handshake per request, which is why this is opt-in and X-Forwarded-For is the
+    /// default way to tell the origin who the client is.
+    pub(super) async fn send_private(
+        &self,
+        permits: Arc<tokio::sync::Semaphore>,
+        client: &Client,
+        conn: u64,
+        req: Request<UpstreamBody>,
+    ) -> Result<(Response<Incoming>, Lease), SendFailure> {
+        let queued_at = Instant::now();
+        let permit =
+            match tokio::time::timeout(self.cfg.queue_timeout, permits.acquire_owned()).await {
+                Ok(Ok(p)) => p,
+                _ => {
+                    self.stats.queue_timeouts.fetch_add(1, Ordering::Relaxed);
+                    return Err((None, UpstreamError::QueueTimeout));
+                }
+            };
+        self.stats
+            .queue_wait
+            .observe(queued_at.elapsed().as_secs_f64());
+        let Some(&server) = self.order(&self.lock()).first() else {
+            return Err((None, UpstreamError::NoHealthyServer));
+        };
+        let addr = self.servers[server].addr.clone();
+        let preface = self.client_preface(client);
+        let (tx, drive) =
+            match pool::connect(&addr, self.cfg.protocol, self.cfg.connect_timeout, &preface).await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    self.record(server, false, false);
+                    return Err((Some(addr), e));
+                }
+            };
+        self.stats.connects.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(drive);
+        let lease = self.private_lease(server, tx, client, conn, permit);
+        let mut pending = Pending::new(lease);
+        match self.exchange(&mut pending, req).await {
+            Ok(resp) => pending.done(resp),
+            Err(f) => Err((Some(addr), f.error)),
+        }
+    }
+
+    /// A lease on a connection opened for one request (panic mode, `send_proxy_protocol`):
+    /// outside the pool, closed when the lease ends; `permit` bounds how many exist.
+    pub(super) fn private_lease(
+        &self,
+        server: usize,
+        tx: Sender,
+        client: &Client,
+        conn: u64,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Lease {
+        Lease {
+            up: self.arc(),
+            server,
+            conn: 0,
+            tx: Some(tx),
+            client: Asker {
+                key: client.key,
+                conn,
+            },
+            reused: false,
+            reusable: false,
+            private: Some(permit),
+        }
+    }
+}
