@@ -347,6 +347,7 @@ impl Upstream {
     fn ungrant(&self, st: &mut State, client: Asker, g: Granted) {
         let slots = &mut st.slots[g.server];
         slots.checkin(g.conn, Some(g.tx), true);
+        debug_assert!(slots.busy > 0, "a grant given back twice");
         slots.busy = slots.busy.saturating_sub(1);
         release(st, client);
     }
@@ -564,6 +565,7 @@ impl Upstream {
                     .success(false, self.cfg.health.healthy_after);
                 let mut st = self.lock();
                 let slots = &mut st.slots[server];
+                debug_assert!(slots.connecting > 0, "a connect finished twice");
                 slots.connecting = slots.connecting.saturating_sub(1);
                 slots.entries.push(Entry {
                     id,
@@ -589,6 +591,10 @@ impl Upstream {
                     Purpose::Warm => Transition::None,
                 };
                 let mut st = self.lock();
+                debug_assert!(
+                    st.slots[server].connecting > 0 && st.slots[server].open > 0,
+                    "a failed connect counted twice"
+                );
                 st.slots[server].connecting = st.slots[server].connecting.saturating_sub(1);
                 st.slots[server].open = st.slots[server].open.saturating_sub(1);
                 if purpose == Purpose::Warm {
@@ -617,6 +623,7 @@ impl Upstream {
     /// A connection's socket closed (origin closed it, or we retired it).
     fn closed(&self, server: usize, id: u64) {
         let mut st = self.lock();
+        debug_assert!(st.slots[server].open > 0, "a connection closed twice");
         st.slots[server].open = st.slots[server].open.saturating_sub(1);
         st.slots[server].remove(id);
         self.refill(&mut st);

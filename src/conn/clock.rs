@@ -237,3 +237,92 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Timed<T> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+/// The deadlines under tokio's paused clock: time moves only when every task waits, so each
+/// test runs in microseconds and asserts the exact deadline, whatever the machine's load.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const HEAD: Duration = Duration::from_secs(5);
+    const IDLE: Duration = Duration::from_secs(60);
+    const SEND: Duration = Duration::from_secs(10);
+
+    fn timed(
+        capacity: usize,
+    ) -> (
+        tokio::io::DuplexStream,
+        Timed<tokio::io::DuplexStream>,
+        Arc<ConnActivity>,
+    ) {
+        let (client, server) = tokio::io::duplex(capacity);
+        let activity = Arc::new(ConnActivity::default());
+        let t = Timed::new(server, activity.clone(), HEAD, IDLE, SEND);
+        (client, t, activity)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_sends_nothing_is_cut_at_the_head_deadline() {
+        let (_client, mut conn, _) = timed(1024);
+        let start = Instant::now();
+        let err = conn.read(&mut [0u8; 64]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(start.elapsed(), HEAD);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_head_deadline_runs_from_accept_not_from_each_byte() {
+        let (mut client, mut conn, _) = timed(1024);
+        let start = Instant::now();
+        // A slowloris client: one byte every 2 s never completes a head within 5 s.
+        let trickle = tokio::spawn(async move {
+            for b in b"GET / HTTP/1.1\r\n" {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                if client.write_all(&[*b]).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut buf = [0u8; 64];
+        let err = loop {
+            match conn.read(&mut buf).await {
+                Ok(n) => assert!(n > 0),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(start.elapsed(), HEAD);
+        trickle.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn between_requests_the_idle_timeout_applies_and_a_request_in_flight_has_none() {
+        let (mut client, mut conn, activity) = timed(1024);
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 64];
+        assert!(conn.read(&mut buf).await.unwrap() > 0);
+        // The request is dispatched: no deadline while it runs, however long.
+        let in_flight = activity.begin();
+        let waiting = tokio::time::timeout(IDLE * 3, conn.read(&mut buf)).await;
+        assert!(
+            waiting.is_err(),
+            "a read timed out while a request was in flight"
+        );
+        // Answered: now idle, and cut after idle_timeout (not the head deadline).
+        drop(in_flight);
+        let idle_from = Instant::now();
+        let err = conn.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(idle_from.elapsed(), IDLE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_fails_the_write_at_send_timeout() {
+        let (_client, mut conn, _) = timed(64);
+        let start = Instant::now();
+        let err = conn.write_all(&[b'x'; 4096]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(start.elapsed(), SEND);
+    }
+}

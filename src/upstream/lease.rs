@@ -137,6 +137,7 @@ impl Drop for Lease {
         let mut st = up.lock();
         let slots = &mut st.slots[self.server];
         slots.checkin(self.conn, self.tx.take(), self.reusable);
+        debug_assert!(slots.busy > 0, "a lease given back twice");
         slots.busy = slots.busy.saturating_sub(1);
         release(&mut st, self.client);
         up.dispatch(&mut st);
