@@ -417,7 +417,9 @@ fn serve(
             };
             match bound {
                 Ok(l) => {
-                    tracing::info!(addr = %admin.addr, "admin listening: /metrics /healthz /readyz");
+                    // The bound address: with port 0 in the config, the one the kernel chose.
+                    let addr = l.local_addr().unwrap_or(admin.addr);
+                    tracing::info!(%addr, "admin listening: /metrics /healthz /readyz");
                     admin_socket = l.try_clone().ok();
                     engine = engine.with_admin(l);
                 }

@@ -487,13 +487,12 @@ async fn takeover_replaces_the_process_without_failing_a_connection() {
 async fn access_log_goes_to_its_file_and_is_reopened_on_sigusr1() {
     let dir = tempfile::tempdir().unwrap();
     let origin = echo_origin().await;
-    let port = closed_port().await;
     let log = dir.path().join("access.log");
     let cfg = dir.path().join("bw.toml");
     std::fs::write(
         &cfg,
         format!(
-            "[[listeners]]\naddr = \"{port}\"\nshards = 1\n[upstreams.app]\nservers = [\"{}\"]\n\
+            "[[listeners]]\naddr = \"127.0.0.1:0\"\nshards = 1\n[upstreams.app]\nservers = [\"{}\"]\n\
              [runtime]\ncontrol_socket = \"\"\n[log]\naccess_log_path = \"{}\"\n",
             origin.addr,
             log.display()
@@ -501,7 +500,7 @@ async fn access_log_goes_to_its_file_and_is_reopened_on_sigusr1() {
     )
     .unwrap();
     let stderr_file = dir.path().join("stderr");
-    let mut child = run_bin(&cfg, port, Some(&stderr_file), &[]).await;
+    let (mut child, port, _) = run_bin_on_port_0(&cfg, &stderr_file, false).await;
     assert_eq!(get(port, "/first").await.status, 200);
     assert!(
         eventually(WAIT, || std::fs::read_to_string(&log)

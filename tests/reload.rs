@@ -182,21 +182,20 @@ async fn sighup_with_a_broken_config_keeps_the_running_one() {
     let dir = tempfile::tempdir().unwrap();
     let one = text_origin("one").await;
     let two = text_origin("two").await;
-    let port = closed_port().await;
-    let admin = closed_port().await;
     let path = dir.path().join("bw.toml");
     let write = |origin: std::net::SocketAddr, extra: &str| {
         std::fs::write(
             &path,
             format!(
-                "[[listeners]]\naddr = \"{port}\"\nshards = 1\n[admin]\naddr = \"{admin}\"\n\
+                "[[listeners]]\naddr = \"127.0.0.1:0\"\nshards = 1\n[admin]\naddr = \"127.0.0.1:0\"\n\
                  [upstreams.app]\nservers = [\"{origin}\"]\n[runtime]\ncontrol_socket = \"\"\n{extra}"
             ),
         )
         .unwrap();
     };
     write(one.addr, "");
-    let mut child = run_bin(&path, port, None, &[]).await;
+    let (mut child, port, admin) = run_bin_on_port_0(&path, &dir.path().join("stderr"), true).await;
+    let admin = admin.unwrap();
     assert_eq!(get(port, "/").await.text(), "one");
     let pid = child.id() as i32;
     let hup = || {

@@ -496,6 +496,63 @@ pub async fn raw_status(addr: SocketAddr, bytes: &[u8], wait: Duration) -> Optio
     text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
 }
 
+/// Starts `breakwater run --config <config>` whose listener (and `[admin]`, when `admin`) is on
+/// port 0, its stderr into the file `stderr`, and reads the addresses it reports binding from
+/// its log: no free port picked here and rebound there (a race). The config's log level must
+/// be info or finer.
+pub async fn run_bin_on_port_0(
+    config: &std::path::Path,
+    stderr: &std::path::Path,
+    admin: bool,
+) -> (std::process::Child, SocketAddr, Option<SocketAddr>) {
+    let child = std::process::Command::new(bin())
+        .args(["run", "--config"])
+        .arg(config)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let (listener, admin) = reported_addrs(stderr, admin).await;
+    (child, listener, admin)
+}
+
+/// The listener (and, when `admin`, the admin) address a starting binary reports in its log
+/// file `stderr`; waits for them up to 10 s.
+pub async fn reported_addrs(
+    stderr: &std::path::Path,
+    admin: bool,
+) -> (SocketAddr, Option<SocketAddr>) {
+    // `addr=127.0.0.1:41234` on the line that says what it is, colours or not.
+    let addr_on = |log: &str, what: &str, not: Option<&str>| -> Option<SocketAddr> {
+        log.lines()
+            .filter(|l| l.contains(what) && not.is_none_or(|n| !l.contains(n)))
+            .find_map(|l| {
+                let rest = l.split("addr=").nth(1)?;
+                let end = rest
+                    .find(|c: char| c.is_whitespace() || c == '\u{1b}')
+                    .unwrap_or(rest.len());
+                rest[..end].parse().ok()
+            })
+    };
+    let found = std::sync::Mutex::new((None, None));
+    let up = eventually(Duration::from_secs(10), || {
+        let log = std::fs::read_to_string(stderr).unwrap_or_default();
+        let mut f = found.lock().unwrap();
+        f.0 = addr_on(&log, "listening", Some("admin"));
+        f.1 = addr_on(&log, "admin listening", None);
+        f.0.is_some() && (!admin || f.1.is_some())
+    })
+    .await;
+    let (listener, admin_addr) = *found.lock().unwrap();
+    assert!(
+        up,
+        "breakwater did not report its listeners: {}",
+        std::fs::read_to_string(stderr).unwrap_or_default()
+    );
+    (listener.unwrap(), admin_addr)
+}
+
 /// Starts `breakwater run --config <config>` (plus `extra` arguments), its stderr into the file
 /// `stderr` or discarded, and waits until `port` accepts. RUST_LOG is cleared so the config's
 /// level decides.
