@@ -186,7 +186,10 @@ impl Room {
         Room {
             keys,
             state: old.map_or_else(
-                || Arc::new(state::LocalState::default()) as Arc<dyn RoomState>,
+                || {
+                    let per = state::rotations_for(cfg.queue_grace, TICK);
+                    Arc::new(state::LocalState::new(per)) as Arc<dyn RoomState>
+                },
                 |o| o.state.clone(),
             ),
             door: Mutex::new(Door {
@@ -452,9 +455,19 @@ impl Room {
         d.last = now;
         let per_s = self.cfg.new_sessions_per_minute as f64 / 60.0;
         d.budget = (d.budget + per_s * dt).min(per_s.max(1.0));
-        if now.duration_since(d.epoch_started) >= self.cfg.queue_grace {
-            d.epoch_started = now;
+        // Liveness slices on a fixed grid (`epoch_started` moves by whole slices), so a late
+        // tick never stretches a slice and a waiter's grace stays exactly `queue_grace`.
+        let per = self.state.rotations_per_grace();
+        let slice = (self.cfg.queue_grace / per).max(Duration::from_millis(1));
+        let mut turns = 0;
+        while now.duration_since(d.epoch_started) >= slice && turns <= per {
+            d.epoch_started += slice;
             self.state.rotate();
+            turns += 1;
+        }
+        if turns > per {
+            // Far behind (a stalled tick): every slice has turned over; start the grid now.
+            d.epoch_started = now;
         }
         let grace = self.cfg.queue_grace;
         while d
@@ -540,4 +553,43 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 
 fn unclaimed(d: &Door) -> u64 {
     d.unclaimed.iter().map(|(_, n)| n).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The door's tick driven with made-up instants: liveness slices stay on their grid, so a
+    /// waiter that stops polling is passed over a grace plus at most two ticks after its last
+    /// poll, and one that polls every second never is.
+    #[test]
+    fn an_abandoned_place_is_found_two_ticks_after_its_grace() {
+        let toml = "[upstreams.app]\nservers = [\"127.0.0.1:9\"]\n[[waiting_room]]\n\
+                    name = \"drop\"\nqueue_grace = \"4s\"\nrefresh = \"1s\"\n\
+                    opens_at = \"2999-01-01T00:00:00Z\"\n";
+        let cfg = crate::config::Config::parse(toml, "test.toml").unwrap();
+        let grace = cfg.rooms[0].queue_grace;
+        let room = Room::new(cfg.rooms[0].clone(), None, None);
+        let start = Instant::now();
+        let keeps = room.state.issue();
+        let _leaves = room.state.issue();
+        let mut gone_at = None;
+        // 10 s of ticks (the door shut until its opening, so nobody is let in).
+        for i in 1..=40u32 {
+            let now = start + TICK * i;
+            if i % 4 == 0 {
+                room.state.touch(keeps);
+            }
+            room.tick(now);
+            if gone_at.is_none() && room.state.waiting() < 2 {
+                gone_at = Some(now - start);
+            }
+        }
+        let gone_at = gone_at.expect("the abandoned place was never found");
+        assert!(
+            gone_at >= grace && gone_at <= grace + TICK * 2,
+            "found {gone_at:?} after the last poll, grace {grace:?}"
+        );
+        assert_eq!(room.state.waiting(), 1, "the polling waiter lost its place");
+    }
 }

@@ -57,12 +57,13 @@ async fn the_waiting_page_is_accessible_pausable_and_works_without_javascript() 
         return;
     }
     let origin = text_origin("shop").await;
-    // The sale opens in an hour: everyone takes a ticket and stays in line.
+    // The sale opens in an hour: everyone takes a ticket and stays in line (the three first
+    // ones do not poll, so the grace outlasts the browser's run).
     let opens = humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(3600));
     let proxy = Proxy::start(&format!(
         "[[listeners]]\naddr = \"127.0.0.1:0\"\n[admission]\nper_ip_rate = 0\n\
          [upstreams.app]\nservers = [\"{}\"]\n\
-         [[waiting_room]]\nname = \"drop\"\nrefresh = \"1s\"\nqueue_grace = \"10s\"\n\
+         [[waiting_room]]\nname = \"drop\"\nrefresh = \"1s\"\nqueue_grace = \"60s\"\n\
          opens_at = \"{opens}\"\ntickets_per_ip = 0\n",
         origin.addr
     ))

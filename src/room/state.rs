@@ -2,14 +2,27 @@
 //! ticket counter, the cursor, liveness, sessions) while the room's logic stays as it is.
 //!
 //! `LocalState` keeps it in this process: a ticket is a number; the cursor is the highest
-//! admitted one; liveness is one bit per ticket in two epochs of `queue_grace` (a ticket that
-//! polled in the current or the previous epoch is live), so an abandoned ticket costs one bit
-//! and the door walks past it. About 1 bit per waiter plus a word per 64 for skipped tickets:
-//! far below the 64 bytes per waiter the room may spend.
+//! admitted one; liveness is one bit per ticket in each slice of `queue_grace` (two door ticks
+//! long, at most 32 per grace; a ticket that polled within the last grace of slices is live),
+//! so an abandoned ticket costs bits, not bytes, and the door walks past it one slice after
+//! its grace ran out: a grace plus two ticks up to 16 s graces, plus 1/32 of it beyond. (Two
+//! bitmaps swapped every grace, before, found it only one to two graces later.) At most 33
+//! bits per waiter plus a word per 64 for skipped tickets: far below the 64 bytes per waiter
+//! the room may spend.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Instant;
+
+/// The most liveness slices per grace: bounds the bits per waiter and the words `ahead` ORs.
+pub const MAX_ROTATIONS_PER_GRACE: u32 = 32;
+
+/// Slices per `grace` for a door that ticks every `tick`: each two ticks long, at most
+/// `MAX_ROTATIONS_PER_GRACE`, at least one.
+pub fn rotations_for(grace: std::time::Duration, tick: std::time::Duration) -> u32 {
+    let per = grace.as_nanos() / (tick.as_nanos() * 2).max(1);
+    per.clamp(1, u128::from(MAX_ROTATIONS_PER_GRACE)) as u32
+}
 
 /// What the door and the request path ask of the line.
 pub trait RoomState: Send + Sync + std::fmt::Debug {
@@ -27,8 +40,11 @@ pub trait RoomState: Send + Sync + std::fmt::Debug {
     /// Moves the door past up to `slots` live tickets (skipping dead ones); returns how many
     /// were admitted and how many skipped.
     fn advance(&self, slots: u64) -> (u64, u64);
-    /// Starts a new liveness epoch (every `queue_grace`).
+    /// Starts a new liveness slice (every `queue_grace / rotations_per_grace()`).
     fn rotate(&self);
+    /// Liveness slices per `queue_grace`, fixed when the state is made (a reload that changes
+    /// the grace changes the slices' length, not their count).
+    fn rotations_per_grace(&self) -> u32;
     /// At the opening (before anyone was let in): the tickets issued so far are let in in a
     /// random order drawn from `seed`; later tickets follow in order.
     fn shuffle_prequeue(&self, seed: u64);
@@ -48,15 +64,18 @@ struct Line {
     issued: u64,
     /// Every ticket <= cursor has been passed by the door.
     cursor: u64,
-    /// The cursor at the last two liveness rotations (every `queue_grace`): tickets at or
-    /// below the older one were passed at least one grace ago. Only those may be compacted
-    /// away; a ticket let in more recently keeps its "admitted" bit until its holder's next
-    /// poll (which has a grace to come, as a waiting one has).
-    cursor_at_rotation: [u64; 2],
+    /// The cursor at the last `rotations_per_grace + 1` liveness rotations, newest first:
+    /// tickets at or below the oldest were passed at least one grace ago. Only those may be compacted away; a
+    /// ticket let in more recently keeps its "admitted" bit until its holder's next poll
+    /// (which has a grace to come, as a waiting one has).
+    cursor_at_rotation: VecDeque<u64>,
+    /// Slices kept: `rotations_per_grace + 1`, so a poll stays visible for a full grace after
+    /// its slice ends.
+    slices: usize,
     /// Bit i of these is ticket `base + i`.
     base: u64,
-    current: Vec<u64>,
-    previous: Vec<u64>,
+    /// Who polled in each slice, newest first (never empty: the front is the current one).
+    live: VecDeque<Vec<u64>>,
     skipped: Vec<u64>,
     /// After a pre-queue shuffle: the place in line (rank) of each of the first tickets
     /// (4 bytes per pre-queued ticket). Everything above works in ranks; a ticket above these
@@ -92,8 +111,16 @@ impl Line {
     fn live(&self, ticket: u64) -> bool {
         ticket >= self.base && {
             let i = ticket - self.base;
-            Self::bit(&self.current, i) || Self::bit(&self.previous, i)
+            self.live.iter().any(|v| Self::bit(v, i))
         }
+    }
+
+    /// The current slice, where a poll is recorded.
+    fn current(&mut self) -> &mut Vec<u64> {
+        if self.live.is_empty() {
+            self.live.push_front(Vec::new());
+        }
+        &mut self.live[0]
     }
 
     fn live_between(&self, from: u64, to: u64) -> u64 {
@@ -104,9 +131,11 @@ impl Line {
             let i = t - self.base;
             if i.is_multiple_of(64) && t + 64 <= to {
                 let w = (i / 64) as usize;
-                let a = self.current.get(w).copied().unwrap_or(0);
-                let b = self.previous.get(w).copied().unwrap_or(0);
-                n += u64::from((a | b).count_ones());
+                let any = self
+                    .live
+                    .iter()
+                    .fold(0, |acc, v| acc | v.get(w).copied().unwrap_or(0));
+                n += u64::from(any.count_ones());
                 t += 64;
             } else {
                 n += u64::from(self.live(t));
@@ -119,12 +148,20 @@ impl Line {
     /// Drops whole words passed at least a grace ago: memory follows the line, not its
     /// history.
     fn compact(&mut self) {
-        let below = self.cursor_at_rotation[1].min(self.cursor) + 1;
+        let oldest = match self.cursor_at_rotation.len() {
+            n if n >= self.slices => self.cursor_at_rotation[n - 1],
+            _ => 0,
+        };
+        let below = oldest.min(self.cursor) + 1;
         let words = (below.saturating_sub(self.base) / 64) as usize;
         if words == 0 {
             return;
         }
-        for v in [&mut self.current, &mut self.previous, &mut self.skipped] {
+        for v in self
+            .live
+            .iter_mut()
+            .chain(std::iter::once(&mut self.skipped))
+        {
             let k = words.min(v.len());
             v.drain(..k);
         }
@@ -139,10 +176,19 @@ pub struct LocalState {
 }
 
 impl Default for LocalState {
+    /// Eight slices per grace (two ticks each at the default 4 s grace).
     fn default() -> Self {
+        LocalState::new(8)
+    }
+}
+
+impl LocalState {
+    pub fn new(rotations_per_grace: u32) -> LocalState {
+        let per = rotations_per_grace.clamp(1, MAX_ROTATIONS_PER_GRACE) as usize;
         LocalState {
             line: Mutex::new(Line {
                 base: 1,
+                slices: per + 1,
                 ..Line::default()
             }),
             sessions: Mutex::new(HashMap::new()),
@@ -167,7 +213,7 @@ impl RoomState for LocalState {
         let t = l.issued;
         // A new ticket is live from the start.
         let i = t - l.base;
-        Line::set(&mut l.current, i);
+        Line::set(l.current(), i);
         t
     }
 
@@ -176,7 +222,7 @@ impl RoomState for LocalState {
         let ticket = l.rank(ticket);
         if ticket > l.cursor && ticket <= l.issued && ticket >= l.base {
             let i = ticket - l.base;
-            Line::set(&mut l.current, i);
+            Line::set(l.current(), i);
         }
     }
 
@@ -236,9 +282,22 @@ impl RoomState for LocalState {
 
     fn rotate(&self) {
         let mut l = self.line();
-        let current = std::mem::take(&mut l.current);
-        l.previous = current;
-        l.cursor_at_rotation = [l.cursor, l.cursor_at_rotation[0]];
+        // The oldest slice's vector is reused for the new one (its capacity kept).
+        let mut fresh = if l.live.len() >= l.slices {
+            l.live.pop_back().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        fresh.clear();
+        l.live.push_front(fresh);
+        let cursor = l.cursor;
+        l.cursor_at_rotation.push_front(cursor);
+        let keep = l.slices;
+        l.cursor_at_rotation.truncate(keep);
+    }
+
+    fn rotations_per_grace(&self) -> u32 {
+        (self.line().slices - 1) as u32
     }
 
     fn shuffle_prequeue(&self, seed: u64) {
@@ -270,8 +329,8 @@ impl RoomState for LocalState {
             }
             out
         };
-        l.current = moved(&l.current);
-        l.previous = moved(&l.previous);
+        let live: VecDeque<Vec<u64>> = l.live.iter().map(|v| moved(v)).collect();
+        l.live = live;
         l.rank_of = ranks;
     }
 
@@ -309,15 +368,55 @@ impl RoomState for LocalState {
 mod tests {
     use super::*;
 
+    /// One `queue_grace` of rotations.
+    fn grace(s: &LocalState) {
+        for _ in 0..s.rotations_per_grace() {
+            s.rotate();
+        }
+    }
+
+    #[test]
+    fn slices_are_two_ticks_long_and_at_most_32_per_grace() {
+        let tick = std::time::Duration::from_millis(250);
+        let s = |secs: f64| rotations_for(std::time::Duration::from_secs_f64(secs), tick);
+        assert_eq!(
+            (s(0.2), s(1.0), s(4.0), s(16.0), s(60.0)),
+            (1, 2, 8, 32, 32)
+        );
+    }
+
+    #[test]
+    fn a_ticket_is_live_for_a_grace_after_its_last_poll_and_no_longer() {
+        let s = LocalState::default();
+        let polled = s.issue();
+        let gone = s.issue();
+        // `polled` polls every half grace; `gone` never again.
+        let per = s.rotations_per_grace();
+        for half in 1..=6u32 {
+            for _ in 0..per / 2 {
+                s.rotate();
+            }
+            s.touch(polled);
+            let in_line = s.line().live(gone);
+            // Issued in the first slice: visible for that slice and a full grace after it.
+            assert_eq!(in_line, half * (per / 2) <= per, "half {half}");
+            assert!(
+                s.line().live(polled),
+                "a polling ticket was dropped at half {half}"
+            );
+        }
+        assert_eq!(s.waiting(), 1);
+    }
+
     #[test]
     fn the_door_admits_live_tickets_in_order_and_skips_dead_ones() {
         let s = LocalState::default();
         let tickets: Vec<u64> = (0..10).map(|_| s.issue()).collect();
         assert_eq!(tickets, (1..=10).collect::<Vec<_>>());
         assert_eq!(s.waiting(), 10);
-        // Epoch passes; only even tickets poll.
-        s.rotate();
-        s.rotate();
+        // Graces pass; only even tickets poll.
+        grace(&s);
+        grace(&s);
         for t in (2..=10).step_by(2) {
             s.touch(t);
         }
@@ -373,12 +472,13 @@ mod tests {
             s.issue();
         }
         s.advance(98_000);
-        // Tickets let in are kept a grace or two for their holders' next poll, then dropped.
-        s.rotate();
-        s.rotate();
+        // Tickets let in are kept a grace for their holders' next poll, then dropped.
+        grace(&s);
+        grace(&s);
         s.advance(1_000);
         let l = s.line();
-        assert!(l.current.len() <= 1_000 / 64 + 2, "{}", l.current.len());
+        let words = l.live.iter().map(Vec::len).max().unwrap_or(0);
+        assert!(words <= 1_000 / 64 + 2, "{words}");
     }
 
     /// Found by `storm --mode queue`: past 64 tickets, the word holding tickets the door had
@@ -395,15 +495,15 @@ mod tests {
         assert_eq!(s.admitted(140), Some(true));
         // The ones still waiting keep polling.
         let poll = |s: &LocalState| (151..=200).for_each(|t| s.touch(t));
-        s.rotate();
+        grace(&s);
         poll(&s);
         s.advance(10);
         assert_eq!(
             s.admitted(10),
             Some(true),
-            "one rotation: still within its grace"
+            "one grace: still within its grace"
         );
-        s.rotate();
+        grace(&s);
         poll(&s);
         s.advance(10);
         // Two graces without a poll: its turn came and went.
