@@ -6,9 +6,10 @@
 //! long, at most 32 per grace; a ticket that polled within the last grace of slices is live),
 //! so an abandoned ticket costs bits, not bytes, and the door walks past it one slice after
 //! its grace ran out: a grace plus two ticks up to 16 s graces, plus 1/32 of it beyond. (Two
-//! bitmaps swapped every grace, before, found it only one to two graces later.) At most 33
-//! bits per waiter plus a word per 64 for skipped tickets: far below the 64 bytes per waiter
-//! the room may spend.
+//! bitmaps swapped every grace, before, found it only one to two graces later.) A poll reads
+//! two bitmaps (the current slice and the union of the others, made once per rotation). At
+//! most 34 bits per waiter plus a word per 64 for skipped tickets: far below the 64 bytes per
+//! waiter the room may spend.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -76,6 +77,9 @@ struct Line {
     base: u64,
     /// Who polled in each slice, newest first (never empty: the front is the current one).
     live: VecDeque<Vec<u64>>,
+    /// The union of every slice but the current one, made at each rotation: a poll reads two
+    /// bitmaps however many slices a grace has.
+    older: Vec<u64>,
     skipped: Vec<u64>,
     /// After a pre-queue shuffle: the place in line (rank) of each of the first tickets
     /// (4 bytes per pre-queued ticket). Everything above works in ranks; a ticket above these
@@ -111,7 +115,7 @@ impl Line {
     fn live(&self, ticket: u64) -> bool {
         ticket >= self.base && {
             let i = ticket - self.base;
-            self.live.iter().any(|v| Self::bit(v, i))
+            self.live.front().is_some_and(|v| Self::bit(v, i)) || Self::bit(&self.older, i)
         }
     }
 
@@ -131,11 +135,9 @@ impl Line {
             let i = t - self.base;
             if i.is_multiple_of(64) && t + 64 <= to {
                 let w = (i / 64) as usize;
-                let any = self
-                    .live
-                    .iter()
-                    .fold(0, |acc, v| acc | v.get(w).copied().unwrap_or(0));
-                n += u64::from(any.count_ones());
+                let now = self.live.front().and_then(|v| v.get(w)).copied();
+                let before = self.older.get(w).copied();
+                n += u64::from((now.unwrap_or(0) | before.unwrap_or(0)).count_ones());
                 t += 64;
             } else {
                 n += u64::from(self.live(t));
@@ -157,11 +159,8 @@ impl Line {
         if words == 0 {
             return;
         }
-        for v in self
-            .live
-            .iter_mut()
-            .chain(std::iter::once(&mut self.skipped))
-        {
+        let (older, skipped) = (&mut self.older, &mut self.skipped);
+        for v in self.live.iter_mut().chain([older, skipped]) {
             let k = words.min(v.len());
             v.drain(..k);
         }
@@ -290,6 +289,16 @@ impl RoomState for LocalState {
         };
         fresh.clear();
         l.live.push_front(fresh);
+        let words = l.live.iter().map(Vec::len).max().unwrap_or(0);
+        let mut older = std::mem::take(&mut l.older);
+        older.clear();
+        older.resize(words, 0);
+        for v in l.live.iter().skip(1) {
+            for (o, w) in older.iter_mut().zip(v) {
+                *o |= w;
+            }
+        }
+        l.older = older;
         let cursor = l.cursor;
         l.cursor_at_rotation.push_front(cursor);
         let keep = l.slices;
@@ -331,6 +340,7 @@ impl RoomState for LocalState {
         };
         let live: VecDeque<Vec<u64>> = l.live.iter().map(|v| moved(v)).collect();
         l.live = live;
+        l.older = moved(&l.older);
         l.rank_of = ranks;
     }
 
