@@ -9,7 +9,7 @@
 //! with maxconn. SO_REUSEPORT spreads one client over every shard, so all of this state is
 //! shared by all accept loops.
 //!
-//! Why this file is ~530 lines: `Admission` is one decision made under one policy snapshot
+//! Why this file is ~550 lines: `Admission` is one decision made under one policy snapshot
 //! (lists, rate, caps), and its counters and housekeeping read the same state; each limit
 //! already lives in `admission/`. The next split is `Stats` and `housekeeping` into
 //! `admission/stats.rs`.

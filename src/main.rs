@@ -220,13 +220,7 @@ fn main() -> ExitCode {
         {
             Ok((c, path)) => {
                 let path = Some(path);
-                if let Some(p) = &pid_file {
-                    if let Err(e) = std::fs::write(p, format!("{}\n", std::process::id())) {
-                        eprintln!("error: cannot write the pid file {}: {e}", p.display());
-                        return ExitCode::FAILURE;
-                    }
-                }
-                let code = serve(c, None, takeover, path);
+                let code = serve(c, None, takeover, path, pid_file.as_deref());
                 // After a takeover the file holds the new process's pid: leave it.
                 if let Some(p) = &pid_file {
                     let mine = std::fs::read_to_string(p)
@@ -286,6 +280,7 @@ fn main() -> ExitCode {
                     }),
                     false,
                     None,
+                    None,
                 )
             }
             Err(e) => {
@@ -316,6 +311,7 @@ fn serve(
     demo: Option<Demo>,
     takeover: bool,
     config_path: Option<PathBuf>,
+    pid_file: Option<&std::path::Path>,
 ) -> ExitCode {
     if let Err(e) = breakwater::telemetry::init(&config.log) {
         eprintln!("error: {e}");
@@ -435,6 +431,14 @@ fn serve(
         }
         reload_on_sighup(engine.reloader(), engine.tls_listeners(), config_path.clone());
         reopen_on_sigusr1();
+        // Only now: a `reload --pid-file` sent before the SIGHUP handler existed would have
+        // killed the process (SIGHUP's default action). Found when the test stopped sleeping.
+        if let Some(p) = pid_file {
+            if let Err(e) = std::fs::write(p, format!("{}\n", std::process::id())) {
+                eprintln!("error: cannot write the pid file {}: {e}", p.display());
+                return ExitCode::FAILURE;
+            }
+        }
         notify_systemd(engine.shared());
         // Duplicates of every listening socket, for a later `run --takeover`.
         let mut offered: Vec<(breakwater::takeover::Kind, SocketAddr, std::os::fd::OwnedFd)> =

@@ -14,10 +14,10 @@
 //! so a fleet can keep it in Redis; tokens are self-checking (`token.rs`), so any instance with
 //! the key verifies any token without asking the state.
 //!
-//! Why this file is ~530 lines: it is the room's decision (`check`), its door (`tick`) and the
-//! counters both keep, which share the door's lock; what a waiter is answered is already in
-//! `room/answer.rs`. The next split is the door (`tick`, `Door`) into `room/door.rs`, when the
-//! fleet's shared door (issue #15) gives it a second implementation.
+//! Why this file is ~600 lines (about 50 of them tests): it is the room's decision (`check`), its
+//! door (`tick`) and the counters both keep, which share the door's lock; what a waiter is answered
+//! is already in `room/answer.rs`. The next split is the door (`tick`, `Door`) into `room/door.rs`,
+//! when the fleet's shared door (issue #15) gives it a second implementation.
 
 mod answer;
 pub mod page;
