@@ -4,7 +4,8 @@
 //! checks ranges and references. Every error names the file, line, column and key, says what
 //! was wrong and what is expected.
 //!
-//! Each section's validated shape and its checks live in a file of their own:
+//! Why this file is still ~800 lines (250 of them tests) and not split further: each section's
+//! validated shape and its checks already live in a file of their own:
 //! `config/listener.rs`, `http.rs`, `upstream.rs` (with routes), `admission.rs`, `room.rs`,
 //! `fleet.rs`. This file keeps what they share: the top-level `Config`, the one pass that
 //! calls them in order (errors must point at file:line:key, so the located-error and warning

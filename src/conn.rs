@@ -97,11 +97,12 @@ pub fn builder(cfg: &HttpConfig) -> auto::Builder<TokioExecutor> {
 /// Serves one admitted connection: the TLS handshake when the listener has one, then HTTP.
 ///
 /// `slots` is whatever admission handed over for this connection (its guards): held until the
-/// connection, or a tunnel it became, ends.
-pub async fn serve(
+/// connection, or a tunnel it became, ends. Generic, so that boxing it happens here in the
+/// connection's task, not in the accept loop that spawns it.
+pub async fn serve<S: std::any::Any + Send + Sync>(
     mut stream: TcpStream,
     client: Client,
-    slots: Box<dyn std::any::Any + Send + Sync>,
+    slots: S,
     tls: Option<Arc<tls::Acceptor>>,
     server: Arc<Server>,
     shutdown: watch::Receiver<bool>,
@@ -120,6 +121,7 @@ pub async fn serve(
         )
     };
     let peer = client.peer;
+    let slots: Box<dyn std::any::Any + Send + Sync> = Box::new(slots);
     let activity = Arc::new(ConnActivity::default());
     let Some(acceptor) = tls else {
         let io = Timed::new(stream, activity.clone(), timeouts.0, timeouts.1, timeouts.2);

@@ -624,12 +624,15 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let (stream, peer) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
         let (_client_side, (stream, peer)) = (stream.unwrap(), peer.unwrap());
-        let client = crate::client::Client::new(peer, peer.ip(), 64, false);
+        // The guards a real connection carries, as the accept loop hands them over.
+        let slot = engine.admission().try_global_slot().unwrap();
+        let admitted = engine.admission().admit(peer, peer.ip(), slot).unwrap();
+        let client = admitted.client;
         let (_stop, stop_rx) = watch::channel(false);
         let conn = conn::serve(
             stream,
             client,
-            Box::new(()),
+            admitted,
             None,
             server.clone(),
             stop_rx.clone(),
@@ -675,8 +678,8 @@ mod tests {
         let _ = tx.send_request(req).await;
         let request_size = measured.load(Ordering::Relaxed);
         eprintln!("connection future {conn_size} B, request future {request_size} B");
-        // Measured 2,712 and 4,520 B in a debug build, 2,688 and 4,520 B in release (they were
-        // 5,384 and 6,584 B before session 5 boxed the rare paths).
+        // Measured 2,824 and 4,520 B in a debug build, admission's guards held inline until the
+        // task boxes them (they were 5,384 and 6,584 B before session 5 boxed the rare paths).
         assert!(
             conn_size > 0 && conn_size <= 3_072,
             "connection future {conn_size} B"

@@ -322,7 +322,7 @@ fn serve(
     tokio::spawn(crate::conn::serve(
         stream,
         client,
-        Box::new(admitted),
+        admitted,
         frontend.tls.clone(),
         wiring.server.clone(),
         shutdown.clone(),
@@ -381,7 +381,7 @@ fn serve_proxied(
         crate::conn::serve(
             stream,
             client,
-            Box::new(admitted),
+            admitted,
             frontend.tls.clone(),
             server,
             shutdown,

@@ -1,7 +1,7 @@
 //! The `breakwater` binary: process edges only. CLI, logging, config (exit 64 when invalid),
 //! binding, signals; everything else is the library.
 //!
-//! Why this file is ~630 lines: the CLI's argument types and `serve` (start, signals, demo)
+//! Why this file is ~640 lines: the CLI's argument types and `serve` (start, signals, demo)
 //! sit together because clap derives from them; the subcommands' bodies are in `cli/`. The
 //! next split is the demo (`demo_storm`, `demo_sale`) into `cli/demo.rs`.
 

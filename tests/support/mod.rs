@@ -459,16 +459,7 @@ pub fn bin() -> &'static str {
 /// Polls `check` until it holds or `timeout` passes; returns whether it held. For waiting on
 /// something another task does, instead of sleeping "long enough".
 pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if check() {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually_async(timeout, || std::future::ready(check())).await
 }
 
 /// `eventually` for a check that has to await (a request, a connect).
