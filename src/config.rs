@@ -297,8 +297,9 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
     let (upstreams, routes) = upstream::validate(raw.upstreams, &raw.routes, &warnings)?;
 
     let mut admission = admission::validate(raw.admission, &warnings)?;
-    let rooms = room::validate(raw.waiting_room, &warnings)?;
     let fleet = fleet::validate(raw.fleet, &warnings)?;
+    let shared_rooms = fleet.as_ref().is_some_and(|f| f.rooms_shared());
+    let rooms = room::validate(raw.waiting_room, shared_rooms, &warnings)?;
     admission.shared_limits = fleet.as_ref().is_some_and(|f| f.shared());
     let worker_threads = match *raw.runtime.worker_threads.get_ref() {
         0 => default_shards(),

@@ -76,6 +76,7 @@ impl Generation {
                     rc.clone(),
                     guard,
                     prev.map(|r| &**r),
+                    config.fleet.as_ref().is_some_and(|f| f.rooms_shared()),
                 ))
             })
             .collect();
@@ -349,7 +350,11 @@ impl Engine {
         let fleet = shared
             .fleet
             .clone()
-            .map(|f| tokio::spawn(f.run(shared.admission.clone())));
+            .map(|f| {
+                let s = shared.clone();
+                let rooms: crate::fleet::Rooms = Arc::new(move || s.gen().proxy.rooms.clone());
+                tokio::spawn(f.run(shared.admission.clone(), rooms))
+            });
 
         tokio::pin!(shutdown);
         loop {

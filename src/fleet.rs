@@ -43,7 +43,9 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use crate::admission::Admission;
 use crate::config::fleet::FleetConfig;
 
+mod room;
 mod sync;
+pub use room::Rooms;
 use sync::Sync;
 
 /// Failures in a row that switch the limits to local.
@@ -120,8 +122,9 @@ impl Fleet {
         })
     }
 
-    /// Syncs until aborted (at shutdown), and with a store also listens for bans.
-    pub async fn run(self: Arc<Self>, admission: Arc<Admission>) {
+    /// Syncs until aborted (at shutdown), and with a store also listens for bans and keeps the
+    /// waiting rooms' shared lines (`rooms`: those in force) in step.
+    pub async fn run(self: Arc<Self>, admission: Arc<Admission>, rooms: Rooms) {
         let client = match &self.cfg.redis_url {
             None => None,
             Some(url) => match redis::Client::open(url.as_str()) {
@@ -136,6 +139,11 @@ impl Fleet {
         let bans = client
             .clone()
             .map(|c| tokio::spawn(self.clone().listen_bans(c, admission.clone())));
+        let room_sync = client
+            .clone()
+            .filter(|_| self.cfg.rooms_shared())
+            .map(|c| tokio::spawn(room::RoomSync::new(self.clone(), c).run(rooms)));
+        let _room_sync = room_sync.map(AbortOnDrop);
         let mut sync = Sync::new(self.clone(), client);
         let mut tick = tokio::time::interval(self.cfg.sync_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -120,6 +120,9 @@ struct Door {
     unclaimed: VecDeque<(Instant, u64)>,
     /// Admissions per second, smoothed over ~10 s, for the ETA.
     rate: f64,
+    /// A fleet's walk-ins (nobody waiting) draw on this, this instance's share of the rate;
+    /// alone, they draw on `budget` as the door does.
+    walk_in: f64,
 }
 
 /// One room, built from its config; the line's state survives reloads (see `carry_over`).
@@ -128,6 +131,8 @@ pub struct Room {
     pub cfg: RoomConfig,
     keys: Keys,
     state: Arc<dyn RoomState>,
+    /// The same state when a fleet shares the line, for the fleet's room sync.
+    shared: Option<Arc<state::SharedState>>,
     door: Mutex<Door>,
     /// Tickets taken per client key in the current minute.
     joins: Mutex<HashMap<IpAddr, (Instant, u32)>>,
@@ -176,28 +181,39 @@ fn random_id() -> u64 {
 
 impl Room {
     /// A room; `old` (the same room before a reload) lends its line, sessions, counters and,
-    /// when no keys are configured, its random key.
-    pub fn new(cfg: RoomConfig, guard: Option<Arc<Upstream>>, old: Option<&Room>) -> Room {
+    /// when no keys are configured, its random key. With `shared`, a new line is a fleet's
+    /// (`state::SharedState`, kept in step by the fleet's room sync).
+    pub fn new(
+        cfg: RoomConfig,
+        guard: Option<Arc<Upstream>>,
+        old: Option<&Room>,
+        shared: bool,
+    ) -> Room {
         let keys = match old {
             Some(o) if cfg.keys.is_empty() && o.cfg.keys.is_empty() => o.keys.clone(),
             _ => Keys::new(&cfg.keys),
         };
         let now = Instant::now();
+        let per = state::rotations_for(cfg.queue_grace, TICK);
+        let (state, shared): (Arc<dyn RoomState>, _) = match old {
+            Some(o) => (o.state.clone(), o.shared.clone()),
+            None if shared => {
+                let s = Arc::new(state::SharedState::new(per, cfg.session_idle));
+                (s.clone(), Some(s))
+            }
+            None => (Arc::new(state::LocalState::new(per)), None),
+        };
         Room {
             keys,
-            state: old.map_or_else(
-                || {
-                    let per = state::rotations_for(cfg.queue_grace, TICK);
-                    Arc::new(state::LocalState::new(per)) as Arc<dyn RoomState>
-                },
-                |o| o.state.clone(),
-            ),
+            state,
+            shared,
             door: Mutex::new(Door {
                 budget: 1.0,
                 last: now,
                 epoch_started: now,
                 unclaimed: VecDeque::new(),
                 rate: cfg.new_sessions_per_minute as f64 / 60.0,
+                walk_in: 1.0,
             }),
             joins: Mutex::new(HashMap::new()),
             stats: old.map_or_else(Default::default, |o| o.stats.clone()),
@@ -212,6 +228,22 @@ impl Room {
             ),
             cfg,
         }
+    }
+
+    /// Liveness slices per `queue_grace` (fixed when the line was made).
+    pub fn state_rotations(&self) -> u32 {
+        self.state.rotations_per_grace()
+    }
+
+    /// Whether this instance's door moves the line (always, unless a fleet shares it and
+    /// another instance leads).
+    pub fn leads(&self) -> bool {
+        self.state.leads()
+    }
+
+    /// The line's state when a fleet shares it.
+    pub fn shared(&self) -> Option<&Arc<state::SharedState>> {
+        self.shared.as_ref()
     }
 
     fn door(&self) -> std::sync::MutexGuard<'_, Door> {
@@ -325,7 +357,9 @@ impl Room {
                 Ok(Token {
                     kind: Kind::Bypass, ..
                 }) => self.invalid(Invalid::Malformed as usize),
-                Ok(t) if t.issued < self.line_started => self.invalid(4),
+                Ok(t) if t.issued < self.state.started().unwrap_or(self.line_started) => {
+                    self.invalid(4)
+                }
                 Ok(t) => ticket = Some(t),
                 Err(e) => self.invalid(e as usize),
             }
@@ -374,19 +408,21 @@ impl Room {
     fn take_slot_now(&self) -> bool {
         let mut d = self.door();
         let active = self.state.sessions() + unclaimed(&d);
-        if d.budget < 1.0 || active >= self.cfg.max_active_sessions || self.origin_busy() {
+        let alone = self.shared.is_none();
+        let budget = if alone { d.budget } else { d.walk_in };
+        if budget < 1.0 || active >= self.cfg.max_active_sessions || self.origin_busy() {
             return false;
+        }
+        if !alone {
+            d.walk_in -= 1.0;
         }
         d.budget -= 1.0;
         true
     }
 
     fn claim(&self, issued: u64) {
-        let mut d = self.door();
-        if let Some(front) = d.unclaimed.iter_mut().find(|(_, n)| *n > 0) {
-            front.1 -= 1;
-        }
-        drop(d);
+        self.state.claimed();
+        take_unclaimed(&mut self.door(), 1);
         let waited = unix_now().saturating_sub(issued) as f64;
         self.stats.wait.observe(waited);
     }
@@ -435,6 +471,11 @@ impl Room {
     }
 
     fn origin_busy(&self) -> bool {
+        self.origin_busy_here() || self.state.others_busy()
+    }
+
+    /// This instance's origin guard: its upstream's queue wait is above `max_queue_wait`.
+    pub fn origin_busy_here(&self) -> bool {
         match (self.cfg.max_queue_wait, &self.guard) {
             (Some(max), Some(u)) => u.recent_queue_wait() > max,
             _ => false,
@@ -455,6 +496,10 @@ impl Room {
         d.last = now;
         let per_s = self.cfg.new_sessions_per_minute as f64 / 60.0;
         d.budget = (d.budget + per_s * dt).min(per_s.max(1.0));
+        let share = per_s * self.state.walk_in_share();
+        d.walk_in = (d.walk_in + share * dt).min(share.max(1.0));
+        let claimed_elsewhere = self.state.take_remote_claims();
+        take_unclaimed(&mut d, claimed_elsewhere);
         // Liveness slices on a fixed grid (`epoch_started` moves by whole slices), so a late
         // tick never stretches a slice and a waiter's grace stays exactly `queue_grace`.
         let per = self.state.rotations_per_grace();
@@ -519,8 +564,12 @@ impl Room {
             let alpha = (dt / 10.0).min(1.0);
             d.rate = d.rate * (1.0 - alpha) + (admitted as f64 / dt) * alpha;
         }
-        self.stats.admitted.fetch_add(admitted, Ordering::Relaxed);
-        self.stats.abandoned.fetch_add(skipped, Ordering::Relaxed);
+        // A fleet's admissions are counted by the door that made them (summing the fleet's
+        // metrics counts each once).
+        if self.state.leads() {
+            self.stats.admitted.fetch_add(admitted, Ordering::Relaxed);
+            self.stats.abandoned.fetch_add(skipped, Ordering::Relaxed);
+        }
     }
 
     /// Live waiters and active sessions now, for the metrics.
@@ -551,6 +600,18 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
             || path.as_bytes()[prefix.len()] == b'/')
 }
 
+/// `n` admitted tickets came back for their passes.
+fn take_unclaimed(d: &mut Door, mut n: u64) {
+    for front in d.unclaimed.iter_mut() {
+        if n == 0 {
+            break;
+        }
+        let k = front.1.min(n);
+        front.1 -= k;
+        n -= k;
+    }
+}
+
 fn unclaimed(d: &Door) -> u64 {
     d.unclaimed.iter().map(|(_, n)| n).sum()
 }
@@ -569,7 +630,7 @@ mod tests {
                     opens_at = \"2999-01-01T00:00:00Z\"\n";
         let cfg = crate::config::Config::parse(toml, "test.toml").unwrap();
         let grace = cfg.rooms[0].queue_grace;
-        let room = Room::new(cfg.rooms[0].clone(), None, None);
+        let room = Room::new(cfg.rooms[0].clone(), None, None, false);
         let start = Instant::now();
         let keeps = room.state.issue();
         let _leaves = room.state.issue();

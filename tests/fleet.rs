@@ -547,3 +547,105 @@ async fn refusals_are_counted_fleet_wide() {
         p.stop().await;
     }
 }
+
+/// One shopper in the fleet's line: joins (as an API client), then polls with its token every
+/// 300 ms on a new connection (so each poll reaches the next instance) until it is let in.
+/// Returns (when it joined, its first position, when it was let in).
+async fn shopper(front: SocketAddr, src: String) -> (Instant, u64, Instant) {
+    let a = ask(front, &src, "/", &[("Accept", "application/json")]).await;
+    assert_eq!(a.status, 429, "{}", a.body);
+    let joined = Instant::now();
+    let j = json(&a);
+    let token = j["token"].as_str().expect("a ticket").to_string();
+    let position = j["position"].as_u64().unwrap_or(0);
+    let deadline = joined + Duration::from_secs(30);
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let a = ask(front, &src, "/", &[("Breakwater-Room-Token", &token)]).await;
+        if a.status == 200 {
+            return (joined, position, Instant::now());
+        }
+        assert_eq!(a.status, 429, "{src}: {}", a.body);
+        assert_eq!(json(&a)["state"], "queued", "{src} lost its place: {}", a.body);
+        assert!(Instant::now() < deadline, "{src} was never let in");
+    }
+}
+
+/// The waiting room across four instances (the issue's last goal): one line and one door,
+/// whichever instance each poll reaches. The fleet lets the line in at the room's rate, not
+/// four times it, in ticket order (within a door tick and the ticket lease), and a newcomer's
+/// position counts the waiters on every instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_instances_keep_one_waiting_line() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let key = redis.dir.path().join("room.key");
+    std::fs::write(&key, "6b".repeat(32)).unwrap();
+    // 600 a minute: 10 a second for the fleet.
+    let room = format!(
+        "[[waiting_room]]\nname = \"sale\"\nmode = \"queue_all\"\nnew_sessions_per_minute = 600\n\
+         refresh = \"1s\"\nqueue_grace = \"4s\"\ntickets_per_ip = 0\nkeys = [\"{}\"]\n",
+        key.display()
+    );
+    let s = setup(Some(&redis), "", &room).await;
+    let started = Instant::now();
+    let mut shoppers = Vec::new();
+    for i in 0..60u32 {
+        let src = format!("127.0.70.{}", i + 1);
+        shoppers.push(tokio::spawn(shopper(s.front, src)));
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    let mut seen = Vec::new();
+    for (i, t) in shoppers.into_iter().enumerate() {
+        let (joined, position, admitted) = t.await.unwrap();
+        seen.push((i, joined, position, admitted));
+    }
+    let first = seen.iter().map(|s| s.3).min().unwrap();
+    let last = seen.iter().map(|s| s.3).max().unwrap();
+    // Out of order: joined more than a lease's life plus two ticks apart (1 s), let in more
+    // than two door ticks the wrong way round.
+    let mut pairs = 0;
+    let mut inversions = 0;
+    for a in &seen {
+        for b in &seen {
+            if a.1 + Duration::from_secs(1) < b.1 {
+                pairs += 1;
+                if b.3 + Duration::from_millis(500) < a.3 {
+                    inversions += 1;
+                }
+            }
+        }
+    }
+    let door: f64 = sum(&s.fleet, "breakwater_room_admitted_total{room=\"sale\",how=\"door\"}");
+    let leaders = sum(&s.fleet, "breakwater_room_door_leader{room=\"sale\"}");
+    let unleased = sum(&s.fleet, "breakwater_room_tickets_unleased_total{room=\"sale\"}");
+    eprintln!(
+        "60 shoppers over 4 instances: let in over {:?} (first {:?} after the first join); \
+         {inversions} of {pairs} pairs out of order; last joiner's first position {}; \
+         door admissions {door}; leaders {leaders}; unleased tickets {unleased}",
+        last - first,
+        first - started,
+        seen[59].2,
+    );
+    assert!(
+        inversions * 100 <= pairs,
+        "{inversions} of {pairs} pairs let in out of order"
+    );
+    // 60 at 10 a second is about 6 s (the door starts with one second's budget); four doors
+    // each at the room's rate would take 1.5 s.
+    assert!(last - first >= Duration::from_secs(4), "{:?}", last - first);
+    assert_eq!(leaders, 1.0, "exactly one door moves the line");
+    // Each admission counted once, by the leader; a ticket numbered without a lease may have
+    // been shared by two shoppers, let in together.
+    assert!(door <= 60.0 && door >= 60.0 - unleased, "door {door}");
+    // The last joiner saw the line on every instance ahead of it, not a quarter of it.
+    assert!(seen[59].2 >= 25, "position {}", seen[59].2);
+    assert_eq!(
+        s.fleet.iter().map(|p| p.busy()).sum::<usize>(),
+        0,
+        "nothing left at the origin"
+    );
+    s.lb.abort();
+}

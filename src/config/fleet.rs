@@ -21,6 +21,7 @@ pub struct FileFleet {
     pub sync_timeout: Spanned<Dur>,
     pub epoch: Spanned<Dur>,
     pub degraded_factor: Spanned<f64>,
+    pub share_rooms: bool,
     pub bans: FileBans,
 }
 
@@ -36,6 +37,7 @@ impl Default for FileFleet {
             sync_timeout: Spanned::new(0..0, Dur(d.sync_timeout)),
             epoch: Spanned::new(0..0, Dur(d.epoch)),
             degraded_factor: Spanned::new(0..0, d.degraded_factor),
+            share_rooms: d.share_rooms,
             bans: FileBans::default(),
         }
     }
@@ -80,6 +82,8 @@ pub struct FleetConfig {
     /// rates (1.0: a fleet of N admits up to N times the limit; 1/N: never more than the limit,
     /// some under-admission).
     pub degraded_factor: f64,
+    /// With a store, the waiting rooms form one line across the fleet (`room/state/shared.rs`).
+    pub share_rooms: bool,
     pub bans: BansConfig,
 }
 
@@ -103,6 +107,7 @@ impl Default for FleetConfig {
             sync_timeout: Duration::from_millis(250),
             epoch: Duration::from_secs(10),
             degraded_factor: 1.0,
+            share_rooms: true,
             bans: BansConfig::default(),
         }
     }
@@ -122,6 +127,11 @@ impl FleetConfig {
     /// Shares limits through a store (rather than only banning locally).
     pub fn shared(&self) -> bool {
         self.redis_url.is_some()
+    }
+
+    /// The waiting rooms' lines are kept in the store.
+    pub fn rooms_shared(&self) -> bool {
+        self.shared() && self.share_rooms
     }
 
     /// The store's URL as printed: without its password.
@@ -266,6 +276,7 @@ pub(super) fn validate(
         sync_timeout: timeout,
         epoch,
         degraded_factor: factor,
+        share_rooms: f.share_rooms,
         bans: BansConfig {
             after_rejections: b.after_rejections,
             window: dur(&b.window),

@@ -156,6 +156,7 @@ pub struct RoomConfig {
 /// Reads and checks every `[[waiting_room]]`.
 pub(super) fn validate(
     rooms: Vec<Spanned<FileRoom>>,
+    shared: bool,
     warnings: &Warnings<'_>,
 ) -> Result<Vec<RoomConfig>, ConfigError> {
     let err = warnings.err;
@@ -292,6 +293,26 @@ pub(super) fn validate(
                 format!(
                     "waiting_room {name:?} has order = \"shuffle_prequeue\" but no opens_at: \
                      the shuffle applies to everyone who joined before the opening"
+                ),
+            ));
+        }
+        if r.keys.is_empty() && shared {
+            return Err(err(
+                r.name.span(),
+                format!(
+                    "waiting_room {name:?} has no keys, but its line is shared by the fleet: \
+                     every instance must verify the others' tokens. Set keys = [\"/path/key\"] \
+                     (the same file on every instance; `openssl rand -hex 32`)"
+                ),
+            ));
+        }
+        if r.order == RoomOrder::ShufflePrequeue && shared {
+            return Err(err(
+                r.name.span(),
+                format!(
+                    "waiting_room {name:?} has order = \"shuffle_prequeue\", which a fleet's \
+                     shared line does not offer yet: use order = \"fifo\", or set \
+                     [fleet] share_rooms = false (each instance keeps its own line)"
                 ),
             ));
         }

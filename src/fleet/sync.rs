@@ -464,7 +464,7 @@ impl Sync {
     }
 }
 
-fn value_u64(v: &redis::Value) -> Option<u64> {
+pub(super) fn value_u64(v: &redis::Value) -> Option<u64> {
     match v {
         redis::Value::Int(n) => u64::try_from(*n).ok(),
         redis::Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),

@@ -175,5 +175,29 @@ pub(super) fn encode_rooms(
         "How long admitted shoppers waited in line (ticket to pass).",
         MetricType::Histogram,
         rooms.iter().map(|r| (l(r), r.stats.wait.clone())).collect(),
+    )?;
+    // A fleet's shared line (`[fleet] share_rooms`): which instance moves the door, and tickets
+    // numbered without a lease from the store's counter.
+    let shared: Vec<_> = rooms
+        .iter()
+        .filter_map(|r| r.shared().map(|s| (r, s)))
+        .collect();
+    if shared.is_empty() {
+        return Ok(());
+    }
+    gauge(
+        enc,
+        "breakwater_room_door_leader",
+        "1 where this instance's door moves the fleet's shared line (one instance at a time; every instance while the store is unreachable).",
+        shared.iter().map(|(r, _)| (l(r), i64::from(r.leads()))).collect(),
+    )?;
+    counter(
+        enc,
+        "breakwater_room_tickets_unleased",
+        "Tickets numbered here without a lease from the fleet's counter (a burst beyond the lease, or no store): such a number may be shared with another instance's ticket.",
+        shared
+            .iter()
+            .map(|(r, s)| (l(r), load(&s.unleased)))
+            .collect(),
     )
 }

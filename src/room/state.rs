@@ -57,7 +57,37 @@ pub trait RoomState: Send + Sync + std::fmt::Debug {
     fn session_revoke(&self, id: u64) -> bool;
     fn sessions(&self) -> u64;
     fn sessions_expire(&self, idle_before: Instant) -> u64;
+
+    // What a line shared by a fleet (`SharedState`) adds; a local line keeps the defaults.
+
+    /// When the line started (unix s), if the state knows better than this process: a
+    /// fleet's line is older than any one instance.
+    fn started(&self) -> Option<u64> {
+        None
+    }
+    /// Whether this instance's door moves the line (a fleet has one door leader).
+    fn leads(&self) -> bool {
+        true
+    }
+    /// The share of the rate this instance may let in directly while nobody waits (a fleet
+    /// splits it among its instances).
+    fn walk_in_share(&self) -> f64 {
+        1.0
+    }
+    /// A holder came back for its pass here.
+    fn claimed(&self) {}
+    /// Passes claimed on other instances since the last call (they are no longer unclaimed).
+    fn take_remote_claims(&self) -> u64 {
+        0
+    }
+    /// Another instance's origin guard is closed.
+    fn others_busy(&self) -> bool {
+        false
+    }
 }
+
+mod shared;
+pub use shared::{Incoming, Outgoing, SharedState, ENDED_KEEP};
 
 #[derive(Debug, Default)]
 struct Line {
@@ -81,6 +111,12 @@ struct Line {
     /// bitmaps however many slices a grace has.
     older: Vec<u64>,
     skipped: Vec<u64>,
+    /// A fleet's view of liveness (`shared.rs`): who polled on the other instances within a
+    /// grace, as the store last said; empty for a local line.
+    remote: Vec<u64>,
+    /// The store is unreachable (`shared.rs`): every ticket counts as live, since who polls
+    /// elsewhere cannot be known; the door lets in abandoned places rather than skip polling ones.
+    all_live: bool,
     /// After a pre-queue shuffle: the place in line (rank) of each of the first tickets
     /// (4 bytes per pre-queued ticket). Everything above works in ranks; a ticket above these
     /// is its own rank.
@@ -115,7 +151,10 @@ impl Line {
     fn live(&self, ticket: u64) -> bool {
         ticket >= self.base && {
             let i = ticket - self.base;
-            self.live.front().is_some_and(|v| Self::bit(v, i)) || Self::bit(&self.older, i)
+            self.all_live
+                || self.live.front().is_some_and(|v| Self::bit(v, i))
+                || Self::bit(&self.older, i)
+                || Self::bit(&self.remote, i)
         }
     }
 
@@ -128,6 +167,9 @@ impl Line {
     }
 
     fn live_between(&self, from: u64, to: u64) -> u64 {
+        if self.all_live {
+            return to.saturating_sub(from + 1);
+        }
         // Tickets in (from, to): counted a word at a time where whole words fit.
         let mut n = 0;
         let mut t = from + 1;
@@ -137,7 +179,10 @@ impl Line {
                 let w = (i / 64) as usize;
                 let now = self.live.front().and_then(|v| v.get(w)).copied();
                 let before = self.older.get(w).copied();
-                n += u64::from((now.unwrap_or(0) | before.unwrap_or(0)).count_ones());
+                let remote = self.remote.get(w).copied();
+                n += u64::from(
+                    (now.unwrap_or(0) | before.unwrap_or(0) | remote.unwrap_or(0)).count_ones(),
+                );
                 t += 64;
             } else {
                 n += u64::from(self.live(t));
@@ -145,6 +190,59 @@ impl Line {
             }
         }
         n
+    }
+
+    /// Moves the cursor past up to `slots` live tickets, marking dead ones skipped (each is
+    /// also handed to `skipped_out`); returns how many were admitted and skipped.
+    fn walk(&mut self, slots: u64, skipped_out: &mut dyn FnMut(u64)) -> (u64, u64) {
+        let (mut admitted, mut skipped) = (0, 0);
+        while admitted < slots && self.cursor < self.issued {
+            let t = self.cursor + 1;
+            self.cursor = t;
+            if self.live(t) {
+                admitted += 1;
+            } else {
+                Line::set(&mut self.skipped, t - self.base);
+                skipped_out(t);
+                skipped += 1;
+            }
+        }
+        // Dead tickets right behind the cursor are passed too, so `waiting` and `ahead` stay
+        // exact and the next tick starts at a live one.
+        while self.cursor < self.issued && !self.live(self.cursor + 1) {
+            let t = self.cursor + 1;
+            self.cursor = t;
+            Line::set(&mut self.skipped, t - self.base);
+            skipped_out(t);
+            skipped += 1;
+        }
+        self.compact();
+        (admitted, skipped)
+    }
+
+    /// Starts a new liveness slice (see `RoomState::rotate`).
+    fn rotate(&mut self) {
+        // The oldest slice's vector is reused for the new one (its capacity kept).
+        let mut fresh = if self.live.len() >= self.slices {
+            self.live.pop_back().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        fresh.clear();
+        self.live.push_front(fresh);
+        let words = self.live.iter().map(Vec::len).max().unwrap_or(0);
+        let mut older = std::mem::take(&mut self.older);
+        older.clear();
+        older.resize(words, 0);
+        for v in self.live.iter().skip(1) {
+            for (o, w) in older.iter_mut().zip(v) {
+                *o |= w;
+            }
+        }
+        self.older = older;
+        let cursor = self.cursor;
+        self.cursor_at_rotation.push_front(cursor);
+        self.cursor_at_rotation.truncate(self.slices);
     }
 
     /// Drops whole words passed at least a grace ago: memory follows the line, not its
@@ -159,8 +257,8 @@ impl Line {
         if words == 0 {
             return;
         }
-        let (older, skipped) = (&mut self.older, &mut self.skipped);
-        for v in self.live.iter_mut().chain([older, skipped]) {
+        let (older, skipped, remote) = (&mut self.older, &mut self.skipped, &mut self.remote);
+        for v in self.live.iter_mut().chain([older, skipped, remote]) {
             let k = words.min(v.len());
             v.drain(..k);
         }
@@ -181,15 +279,21 @@ impl Default for LocalState {
     }
 }
 
+impl Line {
+    fn new(rotations_per_grace: u32) -> Line {
+        let per = rotations_per_grace.clamp(1, MAX_ROTATIONS_PER_GRACE) as usize;
+        Line {
+            base: 1,
+            slices: per + 1,
+            ..Line::default()
+        }
+    }
+}
+
 impl LocalState {
     pub fn new(rotations_per_grace: u32) -> LocalState {
-        let per = rotations_per_grace.clamp(1, MAX_ROTATIONS_PER_GRACE) as usize;
         LocalState {
-            line: Mutex::new(Line {
-                base: 1,
-                slices: per + 1,
-                ..Line::default()
-            }),
+            line: Mutex::new(Line::new(rotations_per_grace)),
             sessions: Mutex::new(HashMap::new()),
         }
     }
@@ -253,56 +357,11 @@ impl RoomState for LocalState {
     }
 
     fn advance(&self, slots: u64) -> (u64, u64) {
-        let mut l = self.line();
-        let (mut admitted, mut skipped) = (0, 0);
-        while admitted < slots && l.cursor < l.issued {
-            let t = l.cursor + 1;
-            l.cursor = t;
-            if l.live(t) {
-                admitted += 1;
-            } else {
-                let i = t - l.base;
-                Line::set(&mut l.skipped, i);
-                skipped += 1;
-            }
-        }
-        // Dead tickets right behind the cursor are passed too, so `waiting` and `ahead` stay
-        // exact and the next tick starts at a live one.
-        while l.cursor < l.issued && !l.live(l.cursor + 1) {
-            let t = l.cursor + 1;
-            l.cursor = t;
-            let i = t - l.base;
-            Line::set(&mut l.skipped, i);
-            skipped += 1;
-        }
-        l.compact();
-        (admitted, skipped)
+        self.line().walk(slots, &mut |_| {})
     }
 
     fn rotate(&self) {
-        let mut l = self.line();
-        // The oldest slice's vector is reused for the new one (its capacity kept).
-        let mut fresh = if l.live.len() >= l.slices {
-            l.live.pop_back().unwrap_or_default()
-        } else {
-            Vec::new()
-        };
-        fresh.clear();
-        l.live.push_front(fresh);
-        let words = l.live.iter().map(Vec::len).max().unwrap_or(0);
-        let mut older = std::mem::take(&mut l.older);
-        older.clear();
-        older.resize(words, 0);
-        for v in l.live.iter().skip(1) {
-            for (o, w) in older.iter_mut().zip(v) {
-                *o |= w;
-            }
-        }
-        l.older = older;
-        let cursor = l.cursor;
-        l.cursor_at_rotation.push_front(cursor);
-        let keep = l.slices;
-        l.cursor_at_rotation.truncate(keep);
+        self.line().rotate();
     }
 
     fn rotations_per_grace(&self) -> u32 {

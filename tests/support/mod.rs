@@ -573,3 +573,48 @@ pub async fn run_bin(
     assert!(up, "breakwater did not start listening on {port}");
     child
 }
+
+/// A response as a test reads it: status, headers (names lower-cased) and body.
+pub struct Answer {
+    pub status: u16,
+    pub headers: std::collections::HashMap<String, String>,
+    pub body: String,
+}
+
+/// One request on a new connection from `src`, with extra header lines.
+pub async fn ask(addr: SocketAddr, src: &str, path: &str, extra: &[(&str, &str)]) -> Answer {
+    let mut s = connect_from(src, addr).await.unwrap();
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n");
+    for (k, v) in extra {
+        req += &format!("{k}: {v}\r\n");
+    }
+    req += "\r\n";
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("answer within 5 s")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Answer {
+        status,
+        headers,
+        body: body.to_string(),
+    }
+}
+
+/// The body as JSON (the waiting room's API answer).
+pub fn json(a: &Answer) -> serde_json::Value {
+    serde_json::from_str(&a.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", a.body))
+}
