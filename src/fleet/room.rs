@@ -10,7 +10,7 @@
 //! started        the line's start (unix s), SET NX               GET
 //! live:{slice}   who polled in each slice of queue_grace (store clock): BITFIELD SET u1,
 //!                expiring a grace after; the last grace's OR (BITOP) is read back as bits
-//! leader         the door's leader: SET NX PX 1 s, renewed by it each sync
+//! leader         the door's leader: SET NX PX 1 s, renewed by its holder (PEXPIRE) each sync
 //! cursor         every ticket <= it was passed by the door: SET by the leader, GET by all
 //! skipped        tickets passed over (stopped polling): BITFIELD by the leader, GETRANGE by all
 //! sessions       ZSET id -> last announced (ms): ZCARD is the fleet's active sessions;
@@ -239,17 +239,23 @@ impl RoomSync {
                     .arg((per + 2) * slice_ms)
                     .ignore();
             }
-            // The door's leader: renewed by the holder, taken by anyone when it lapses.
-            let set = pipe
-                .cmd("SET")
+            // The door's leader: only ever taken with NX, so one instance holds it. The holder
+            // renews its lease by expiry alone; had it lapsed and been taken meanwhile, that
+            // extends the new holder's lease, which is harmless (an overwrite with SET would
+            // give two instances the door).
+            if memo.leader {
+                pipe.cmd("PEXPIRE")
+                    .arg(key("leader"))
+                    .arg(LEADER_LEASE_MS)
+                    .ignore();
+            }
+            pipe.cmd("SET")
                 .arg(key("leader"))
                 .arg(inst)
+                .arg("NX")
                 .arg("PX")
-                .arg(LEADER_LEASE_MS);
-            if !memo.leader {
-                set.arg("NX");
-            }
-            set.ignore();
+                .arg(LEADER_LEASE_MS)
+                .ignore();
             pipe.cmd("GET").arg(key("leader"));
             wants.push(Want::Leader(i));
             // What the door did here, skipped tickets before the cursor (see `read`).

@@ -60,6 +60,9 @@ struct Outbox {
     reseed: u64,
     /// The counter's readings, oldest first, for the walking horizon.
     readings: VecDeque<(Instant, u64)>,
+    /// Back from running alone: every ticket stays live until then, while the tickets the
+    /// others issued meanwhile are first polled into the store.
+    all_live_until: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -208,16 +211,20 @@ impl SharedState {
             return;
         }
         let top = self.top.load(Ordering::Relaxed);
-        let mut l = self.line();
-        l.all_live = on;
         if on {
+            let mut l = self.line();
+            l.all_live = true;
             l.remote.clear();
             l.issued = l.issued.max(top);
-        }
-        drop(l);
-        if on {
+            drop(l);
             // Each instance walks its own line now; what it walks is published when it leads.
-            self.out().cursor_dirty = true;
+            let mut o = self.out();
+            o.cursor_dirty = true;
+            o.all_live_until = None;
+        } else {
+            // Every ticket stays live a horizon longer: those issued elsewhere meanwhile are not
+            // in the store's bitmaps yet.
+            self.out().all_live_until = Some(Instant::now() + HORIZON);
         }
     }
 
@@ -297,9 +304,14 @@ impl SharedState {
         let known = self.top.load(Ordering::Relaxed);
         let top = known.max(v.issued);
         self.top.fetch_max(top, Ordering::Relaxed);
+        let mut all_live_over = false;
         let horizon = {
             let mut o = self.out();
             o.lease_asked = false;
+            if o.all_live_until.is_some_and(|until| now >= until) {
+                o.all_live_until = None;
+                all_live_over = true;
+            }
             if let Some(end) = v.lease_end {
                 if g.lease > 0 && end >= g.lease {
                     o.blocks.push_back((end + 1 - g.lease, end, now));
@@ -331,7 +343,10 @@ impl SharedState {
                 .map_or(0, |r| r.1)
         };
         let mut l = self.line();
-        if self.degraded.load(Ordering::Relaxed) {
+        if all_live_over && !self.degraded.load(Ordering::Relaxed) {
+            l.all_live = false;
+        }
+        if l.all_live {
             l.issued = l.issued.max(top);
         } else {
             l.issued = l.issued.max(horizon);
