@@ -241,7 +241,7 @@ impl Config {
                 .shown_url()
                 .unwrap_or_else(|| "none (limits per instance)".into());
             s += &format!(
-                "fleet     store {store}  instance {}  sync every {} (timeout {})  bans {}\n",
+                "fleet     store {store}  instance {}  sync every {} (timeout {})  bans {}{}\n",
                 f.instance,
                 humantime::format_duration(f.sync_interval),
                 humantime::format_duration(f.sync_timeout),
@@ -254,6 +254,11 @@ impl Config {
                         humantime::format_duration(f.bans.window),
                         humantime::format_duration(f.bans.duration)
                     )
+                },
+                if f.rooms_shared() && !self.rooms.is_empty() {
+                    "  waiting rooms: one line"
+                } else {
+                    ""
                 }
             );
         }
@@ -636,6 +641,26 @@ mod tests {
             assert!(e.contains(key), "{bad}: {e}");
             assert!(e.contains("t.toml:"), "{e}");
         }
+        // A line shared by the fleet needs keys every instance has, and offers FIFO only.
+        let fleet = "[fleet]\nredis_url = \"redis://127.0.0.1/0\"\n";
+        let room = "[[waiting_room]]\nname = \"sale\"\n";
+        let e = parse(&format!("{ONE}{fleet}{room}")).unwrap_err();
+        assert!(e.contains("has no keys") && e.contains("keys = ["), "{e}");
+        let key = std::env::temp_dir().join(format!("bw-fleet-key-{}", std::process::id()));
+        std::fs::write(&key, "ab".repeat(32)).unwrap();
+        let keyed = format!("{room}keys = [\"{}\"]\n", key.display());
+        let shuffled =
+            format!("{keyed}order = \"shuffle_prequeue\"\nopens_at = \"2999-01-01T00:00:00Z\"\n");
+        let e = parse(&format!("{ONE}{fleet}{shuffled}")).unwrap_err();
+        assert!(
+            e.contains("shuffle_prequeue") && e.contains("share_rooms"),
+            "{e}"
+        );
+        assert!(parse(&format!("{ONE}{fleet}{keyed}")).is_ok());
+        // Each instance its own line: neither applies.
+        let own = format!("{ONE}{fleet}share_rooms = false\n{room}");
+        assert!(!parse(&own).unwrap().fleet.unwrap().rooms_shared());
+        let _ = std::fs::remove_file(&key);
     }
 
     /// The shipped config documents every default: parsed, it must equal a config that sets

@@ -347,14 +347,11 @@ impl Engine {
             HashMap::new();
         sync_health(&shared.gen(), &mut health);
         let housekeeping = tokio::spawn(shared.admission.clone().housekeeping());
-        let fleet = shared
-            .fleet
-            .clone()
-            .map(|f| {
-                let s = shared.clone();
-                let rooms: crate::fleet::Rooms = Arc::new(move || s.gen().proxy.rooms.clone());
-                tokio::spawn(f.run(shared.admission.clone(), rooms))
-            });
+        let fleet = shared.fleet.clone().map(|f| {
+            let s = shared.clone();
+            let rooms: crate::fleet::Rooms = Arc::new(move || s.gen().proxy.rooms.clone());
+            tokio::spawn(f.run(shared.admission.clone(), rooms))
+        });
 
         tokio::pin!(shutdown);
         loop {

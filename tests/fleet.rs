@@ -630,9 +630,15 @@ async fn four_instances_keep_one_waiting_line() {
             }
         }
     }
-    let door: f64 = sum(&s.fleet, "breakwater_room_admitted_total{room=\"sale\",how=\"door\"}");
+    let door: f64 = sum(
+        &s.fleet,
+        "breakwater_room_admitted_total{room=\"sale\",how=\"door\"}",
+    );
     let leaders = sum(&s.fleet, "breakwater_room_door_leader{room=\"sale\"}");
-    let unleased = sum(&s.fleet, "breakwater_room_tickets_unleased_total{room=\"sale\"}");
+    let unleased = sum(
+        &s.fleet,
+        "breakwater_room_tickets_unleased_total{room=\"sale\"}",
+    );
     eprintln!(
         "60 shoppers over 4 instances: let in over {:?} (first {:?} after the first join); \
          {inversions} of {pairs} pairs out of order; last joiner's first position {}; \
@@ -745,7 +751,10 @@ async fn the_shared_line_keeps_moving_without_its_store() {
     for t in shoppers {
         t.await.unwrap();
     }
-    assert!(alone, "the doors did not run alone while the store was gone");
+    assert!(
+        alone,
+        "the doors did not run alone while the store was gone"
+    );
     assert!(one_again, "no single leader after the store came back");
     s.lb.abort();
 }

@@ -202,7 +202,10 @@ impl RoomSync {
             let memo = self.memo.entry(room.cfg.name.clone()).or_default();
             let key = |k: &str| format!("{p}{k}");
             if out.reseed > 0 {
-                pipe.cmd("INCRBY").arg(key("issued")).arg(out.reseed).ignore();
+                pipe.cmd("INCRBY")
+                    .arg(key("issued"))
+                    .arg(out.reseed)
+                    .ignore();
             }
             if out.lease > 0 {
                 pipe.cmd("INCRBY").arg(key("issued")).arg(out.lease);
@@ -351,8 +354,7 @@ impl RoomSync {
             if now_ms.saturating_sub(memo.kept_at) > 60_000 {
                 memo.kept_at = now_ms;
                 for k in [
-                    "issued", "started", "cursor", "skipped", "sessions", "ended", "busy",
-                    "claims",
+                    "issued", "started", "cursor", "skipped", "sessions", "ended", "busy", "claims",
                 ] {
                     pipe.cmd("EXPIRE").arg(key(k)).arg(KEYS_KEEP_S).ignore();
                 }

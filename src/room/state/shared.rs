@@ -163,9 +163,7 @@ fn store_bits(bytes: &[u8], first_byte: u64, from: u64, mut each: impl FnMut(u64
 
 fn bit_in(bytes: &[u8], first_byte: u64, t: u64) -> Option<bool> {
     let j = (t / 8).checked_sub(first_byte)?;
-    bytes
-        .get(j as usize)
-        .map(|b| b & (0x80 >> (t % 8)) != 0)
+    bytes.get(j as usize).map(|b| b & (0x80 >> (t % 8)) != 0)
 }
 
 impl SharedState {
@@ -460,6 +458,10 @@ impl RoomState for SharedState {
         if ticket <= l.cursor || ticket < l.base {
             return;
         }
+        if l.all_live {
+            // Running alone: a ticket from another instance is walked here too.
+            l.issued = l.issued.max(ticket);
+        }
         let i = ticket - l.base;
         if Line::bit(l.current(), i) {
             return;
@@ -610,5 +612,140 @@ impl RoomState for SharedState {
 
     fn others_busy(&self) -> bool {
         self.others_busy.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store bit map (most significant bit first) with `tickets` set.
+    fn store_map(tickets: &[u64]) -> Vec<u8> {
+        let mut v = vec![0u8; 8];
+        for t in tickets {
+            v[(t / 8) as usize] |= 0x80 >> (t % 8);
+        }
+        v
+    }
+
+    #[test]
+    fn the_leader_walks_what_the_counter_handed_out_a_horizon_ago() {
+        let s = SharedState::new(8, Duration::from_secs(60));
+        let t0 = Instant::now();
+        let g = s.outgoing(t0);
+        assert_eq!(g.lease, MIN_LEASE);
+        let leader = |issued| Incoming {
+            lease_end: None,
+            issued,
+            started: 100,
+            leader: true,
+            instances: 1,
+            ..Incoming::default()
+        };
+        s.incoming(
+            &g,
+            Incoming {
+                lease_end: Some(16),
+                ..leader(16)
+            },
+            t0,
+        );
+        assert_eq!((s.issue(), s.issue()), (1, 2));
+        assert_eq!(s.unleased.load(Ordering::Relaxed), 0);
+        assert_eq!(s.waiting(), 2);
+        // Numbers handed out just now may belong to tickets whose first poll is on its way.
+        assert_eq!(s.advance(5), (0, 0));
+        let later = t0 + HORIZON;
+        let g = s.outgoing(later);
+        s.incoming(&g, leader(16), later);
+        // 1 and 2 (polled here) are let in; 3..=16 were never polled: holes, passed.
+        assert_eq!(s.advance(5), (2, 14));
+        let g = s.outgoing(later);
+        assert_eq!(g.cursor, Some(16));
+        assert_eq!(g.skipped, (3..=16).collect::<Vec<_>>());
+        assert_eq!(g.touched, Vec::<u64>::new(), "sent with the first sync");
+        assert_eq!(s.admitted(2), Some(true));
+        assert_eq!(s.admitted(3), Some(false));
+    }
+
+    #[test]
+    fn a_follower_takes_the_door_s_moves_and_liveness_from_the_store() {
+        let s = SharedState::new(8, Duration::from_secs(60));
+        let now = Instant::now();
+        let g = s.outgoing(now);
+        s.incoming(
+            &g,
+            Incoming {
+                issued: 20,
+                cursor: 10,
+                first_byte: 0,
+                skipped: store_map(&[3, 9]),
+                live: store_map(&[12, 14]),
+                leader: false,
+                instances: 4,
+                ..Incoming::default()
+            },
+            now,
+        );
+        assert_eq!(s.admitted(3), Some(false));
+        assert_eq!(s.admitted(4), Some(true));
+        assert_eq!(s.admitted(9), Some(false));
+        assert_eq!(s.admitted(11), None);
+        // Polled on other instances: in line here too.
+        assert_eq!(s.waiting(), 2);
+        assert_eq!(s.ahead(14), 1);
+        // Not this instance's door to move: it reports what it saw pass, once.
+        assert_eq!(s.advance(5), (8, 2));
+        assert_eq!(s.advance(5), (0, 0));
+        assert!(!s.leads());
+        assert_eq!(s.walk_in_share(), 0.25);
+        // A poll here for ticket 17 goes to the store.
+        s.touch(17);
+        assert_eq!(s.outgoing(now).touched, vec![17]);
+    }
+
+    #[test]
+    fn a_pass_holds_on_every_instance_until_the_fleet_ends_it() {
+        let s = SharedState::new(8, Duration::from_secs(60));
+        let now = Instant::now();
+        // Minted on another instance: adopted and announced.
+        assert!(s.session_touch(42, now));
+        s.session_add(7, now);
+        let g = s.outgoing(now);
+        assert_eq!(g.sessions, vec![42, 7]);
+        s.incoming(
+            &g,
+            Incoming {
+                sessions: 3,
+                ended: vec![42],
+                ..Incoming::default()
+            },
+            now,
+        );
+        assert!(!s.session_touch(42, now), "ended elsewhere");
+        assert!(s.session_touch(7, now));
+        assert_eq!(s.sessions(), 3, "the fleet's count");
+        assert!(s.session_revoke(7));
+        assert_eq!(s.outgoing(now).revoked, vec![7]);
+        // Without the store, what this instance knows.
+        s.set_degraded(true);
+        assert_eq!(s.sessions(), 0);
+        assert!(s.leads());
+    }
+
+    #[test]
+    fn without_the_store_every_door_walks_every_ticket() {
+        let s = SharedState::new(8, Duration::from_secs(60));
+        s.set_degraded(true);
+        let tickets: Vec<u64> = (0..5).map(|_| s.issue()).collect();
+        assert_eq!(tickets, vec![1, 2, 3, 4, 5]);
+        assert_eq!(s.unleased.load(Ordering::Relaxed), 5);
+        // A ticket from another instance (polled here) is in line too.
+        s.touch(9);
+        assert_eq!(s.waiting(), 9);
+        assert_eq!(s.advance(3), (3, 0));
+        assert_eq!(s.admitted(3), Some(true));
+        assert_eq!(s.advance(10), (6, 0));
+        assert_eq!(s.admitted(9), Some(true));
     }
 }
