@@ -553,6 +553,18 @@ async fn refusals_are_counted_fleet_wide() {
 /// Returns (when it joined, its first position, when it was let in). A connection the
 /// balancer could not pass on (an instance stopped) is tried again, as a browser would.
 async fn shopper(front: SocketAddr, src: String) -> (Instant, u64, Instant) {
+    let patience = Duration::from_secs(30);
+    patient_shopper(front, src, patience)
+        .await
+        .unwrap_or_else(|| panic!("a shopper was not let in within {patience:?}"))
+}
+
+/// A shopper that gives up after `patience` (None).
+async fn patient_shopper(
+    front: SocketAddr,
+    src: String,
+    patience: Duration,
+) -> Option<(Instant, u64, Instant)> {
     let a = loop {
         let a = ask(front, &src, "/", &[("Accept", "application/json")]).await;
         if a.status != 0 {
@@ -564,12 +576,15 @@ async fn shopper(front: SocketAddr, src: String) -> (Instant, u64, Instant) {
     let j = json(&a);
     let token = j["token"].as_str().expect("a ticket").to_string();
     let position = j["position"].as_u64().unwrap_or(0);
-    let deadline = joined + Duration::from_secs(30);
+    let deadline = joined + patience;
     loop {
         tokio::time::sleep(Duration::from_millis(300)).await;
+        if Instant::now() > deadline {
+            return None;
+        }
         let a = ask(front, &src, "/", &[("Breakwater-Room-Token", &token)]).await;
         if a.status == 200 {
-            return (joined, position, Instant::now());
+            return Some((joined, position, Instant::now()));
         }
         if a.status == 0 {
             continue;
@@ -579,7 +594,6 @@ async fn shopper(front: SocketAddr, src: String) -> (Instant, u64, Instant) {
         assert_eq!(j["state"], "queued", "{src}: {}", a.body);
         // A new ticket: the old one's turn was taken as abandoned.
         assert!(j["token"].is_null(), "{src} lost its place: {}", a.body);
-        assert!(Instant::now() < deadline, "{src} was never let in");
     }
 }
 
@@ -664,6 +678,10 @@ async fn four_instances_keep_one_waiting_line() {
         s.fleet.iter().map(|p| p.busy()).sum::<usize>(),
         0,
         "nothing left at the origin"
+    );
+    assert!(
+        s._origin.max_open() <= 4 * 8,
+        "origin connections within the pools' caps"
     );
     s.lb.abort();
 }
@@ -756,5 +774,43 @@ async fn the_shared_line_keeps_moving_without_its_store() {
         "the doors did not run alone while the store was gone"
     );
     assert!(one_again, "no single leader after the store came back");
+    s.lb.abort();
+}
+
+/// `max_active_sessions` holds for the fleet, not per instance: with room for 10 shoppers
+/// (who keep their sessions) and 30 in line, 10 are let in across the four instances, not 40,
+/// even though each shopper's requests reach every instance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_fleet_holds_one_max_active_sessions() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some(redis) = Redis::start() else {
+        return;
+    };
+    let room = room_config(&redis).replace(
+        "new_sessions_per_minute = 600",
+        "new_sessions_per_minute = 2400\nmax_active_sessions = 10",
+    );
+    let s = setup(Some(&redis), "", &room).await;
+    let patience = Duration::from_secs(6);
+    let shoppers: Vec<_> = (0..30u32)
+        .map(|i| {
+            let (front, src) = (s.front, format!("127.0.72.{}", i + 1));
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(20) * i).await;
+                patient_shopper(front, src, patience).await
+            })
+        })
+        .collect();
+    let mut let_in = 0;
+    for t in shoppers {
+        let_in += usize::from(t.await.unwrap().is_some());
+    }
+    let active: Vec<f64> = s
+        .fleet
+        .iter()
+        .map(|p| p.metric("breakwater_room_active_sessions{room=\"sale\"}"))
+        .collect();
+    eprintln!("max_active_sessions 10 over 4 instances: {let_in} of 30 let in; active sessions seen by each instance {active:?}");
+    assert_eq!(let_in, 10);
     s.lb.abort();
 }
