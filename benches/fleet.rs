@@ -7,7 +7,8 @@
 //! Run: `cargo bench --bench fleet` (REPS=2 by default). Needs `redis-server` and `haproxy`
 //! (Debian). Reports medians per mode: storm connections/s, connect p99, the probe client's
 //! p99, and for the fleet: Redis CPU (% of one core), sync pipelines per instance per sync
-//! interval, commands/s. Written to target/tmp/fleet.md. Loopback only; every storm is bounded
+//! interval, commands/s; then one waiting room's line shared by the four (`ONLY=room` runs
+//! only that): the store's cost and the line's order and rate. Written to target/tmp/fleet.md. Loopback only; every storm is bounded
 //! (20,000 connections, 30 s at most).
 
 use std::io::{Read, Write};
@@ -94,7 +95,8 @@ access_log = false
     )
 }
 
-fn start_fleet(origin: SocketAddr, redis: Option<&str>) -> Fleet {
+/// Four instances (each given `extra` config) behind HAProxy, synced through `redis` if given.
+fn start_fleet(origin: SocketAddr, redis: Option<&str>, extra: &str) -> Fleet {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut procs = Vec::new();
     let mut admins = Vec::new();
@@ -105,7 +107,8 @@ fn start_fleet(origin: SocketAddr, redis: Option<&str>) -> Fleet {
             format!("[fleet]\nredis_url = \"{url}\"\ninstance = \"bench-{i}\"\n")
         });
         let path = dir.path().join(format!("{i}.toml"));
-        std::fs::write(&path, instance_config(addr, admin, origin, &fleet)).expect("config");
+        let config = instance_config(addr, admin, origin, &fleet) + extra;
+        std::fs::write(&path, config).expect("config");
         let child = Command::new(env!("CARGO_BIN_EXE_breakwater"))
             .args(["run", "--config"])
             .arg(&path)
@@ -164,6 +167,99 @@ struct Sample {
     commands_per_s: f64,
 }
 
+/// The waiting room as one line over the four instances: 2,000 shoppers (`storm --mode
+/// queue`) join at 500/s from 254 addresses and poll once a second through HAProxy's round
+/// robin; the door lets in 200/s. What it costs the store, and what the line promises.
+fn room_line(
+    rt: &tokio::runtime::Runtime,
+    origin: SocketAddr,
+    url: &str,
+    redis: &Killed,
+    dir: &std::path::Path,
+    reps: usize,
+) -> String {
+    let key = dir.join("room.key");
+    std::fs::write(&key, "5a".repeat(32)).expect("room key");
+    let room = format!(
+        "[[waiting_room]]\nname = \"sale\"\nmode = \"queue_all\"\n\
+         new_sessions_per_minute = 12000\nrefresh = \"1s\"\nqueue_grace = \"4s\"\n\
+         tickets_per_ip = 0\nkeys = [\"{}\"]\n",
+        key.display()
+    );
+    let mut rows = Vec::new();
+    for rep in 0..reps {
+        // Each repetition a new sale: the last one's line and sessions would fill the room.
+        flush(url);
+        let fleet = start_fleet(origin, Some(url), &room);
+        let sum = |name: &str| -> f64 { fleet.admins.iter().map(|a| metric(*a, name)).sum() };
+        let (syncs0, cmds0) = (
+            sum("breakwater_fleet_room_syncs_total{result=\"ok\"}"),
+            sum("breakwater_fleet_commands_total"),
+        );
+        let cpu0 = cpu_s(redis.0.id());
+        let started = Instant::now();
+        let report = rt.block_on(storm::queue::run(storm::queue::QueuePlan {
+            target: fleet.addr,
+            users: 2_000,
+            join_rate: 500,
+            sources: "127.0.2.0/24".parse().expect("cidr"),
+            path: "/".into(),
+            host: "shop.test".into(),
+            requests_after: 1,
+            abandon: 0.0,
+            poll: None,
+            duration: Duration::from_secs(60),
+        }));
+        let wall = started.elapsed().as_secs_f64();
+        let row = [
+            (cpu_s(redis.0.id()) - cpu0) / wall * 100.0,
+            (sum("breakwater_fleet_room_syncs_total{result=\"ok\"}") - syncs0)
+                / INSTANCES as f64
+                / wall,
+            (sum("breakwater_fleet_commands_total") - cmds0) / wall,
+            report.admit_rate,
+            report.inversions_beyond_poll as f64,
+            report.admitted as f64,
+            report.wait_s.p99,
+        ];
+        eprintln!(
+            "room rep {rep}: {row:?} still waiting {} lost their place {} errors {}; \
+             unleased {}, room syncs failed {}",
+            report.still_waiting,
+            report.lost_place,
+            report.errors,
+            sum("breakwater_room_tickets_unleased_total{room=\"sale\"}"),
+            sum("breakwater_fleet_room_syncs_total{result=\"failed\"}"),
+        );
+        rows.push(row);
+    }
+    let m = |i: usize| median(rows.iter().map(|r| r[i]).collect());
+    format!(
+        "\n| one waiting line over 4 instances: 2,000 shoppers joining at 500/s, door 200/s | fleet on |\n|---|---:|\n\
+         | Redis CPU, % of one core | {:.1} |\n| room sync pipelines per instance per second | {:.1} |\n\
+         | commands to Redis per second (all instances, limits and rooms) | {:.0} |\n\
+         | shoppers let in per second (door 200) | {:.0} |\n| pairs let in out of order beyond a poll and a tick | {:.0} |\n\
+         | shoppers let in (of 2,000) | {:.0} |\n| wait p99, s | {:.1} |\n",
+        m(0),
+        m(1),
+        m(2),
+        m(3),
+        m(4),
+        m(5),
+        m(6)
+    )
+}
+
+/// Empties the store (`unix://` URL).
+fn flush(url: &str) {
+    let path = url.trim_start_matches("unix://");
+    let mut s = std::os::unix::net::UnixStream::connect(path).expect("redis socket");
+    s.write_all(b"FLUSHALL\r\n").expect("FLUSHALL");
+    let mut ok = [0u8; 5];
+    s.read_exact(&mut ok).expect("FLUSHALL answer");
+    assert_eq!(&ok, b"+OK\r\n");
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     match v.len() {
@@ -219,9 +315,11 @@ fn main() {
     wait_for("redis-server", || sock.exists());
     let url = format!("unix://{}", sock.display());
     let mut results: Vec<(&str, Sample)> = Vec::new();
-    for rep in 0..reps {
+    // ONLY=room: the waiting line alone.
+    let storms = std::env::var("ONLY").map_or(true, |o| o != "room");
+    for rep in 0..if storms { reps } else { 0 } {
         for mode in ["off", "fleet"] {
-            let fleet = start_fleet(origin, (mode == "fleet").then_some(url.as_str()));
+            let fleet = start_fleet(origin, (mode == "fleet").then_some(url.as_str()), "");
             let syncs0: f64 = fleet
                 .admins
                 .iter()
@@ -295,6 +393,10 @@ fn main() {
         pick("fleet", |s| s.pipelines_per_interval),
         pick("fleet", |s| s.commands_per_s),
     );
+    if !storms {
+        out.clear();
+    }
+    out += &room_line(&rt, origin, &url, &redis, rdir.path(), reps);
     println!("{out}");
     let _ = std::fs::create_dir_all("target/tmp");
     let _ = std::fs::write("target/tmp/fleet.md", &out);

@@ -68,8 +68,8 @@ pub struct FleetStats {
     pub syncs: AtomicU64,
     pub sync_timeouts: AtomicU64,
     pub sync_errors: AtomicU64,
-    /// Commands sent to the store, all in sync pipelines (the accept and request paths send
-    /// none: this grows only with sync ticks).
+    /// Commands sent to the store, all in sync pipelines, the limits' and the rooms' (the
+    /// accept and request paths send none: this grows only with sync ticks).
     pub commands: AtomicU64,
     pub keys_synced: AtomicU64,
     /// Admissions by other instances charged to the local limiters.
@@ -81,6 +81,9 @@ pub struct FleetStats {
     pub bans_decided: AtomicU64,
     pub bans_received: AtomicU64,
     pub degraded_episodes: AtomicU64,
+    /// The waiting rooms' syncs (`fleet/room.rs`), answered and failed.
+    pub room_syncs: AtomicU64,
+    pub room_sync_failures: AtomicU64,
     pub sync_seconds: Histogram,
     /// From a ban decided on another instance to it applying here.
     pub ban_propagation_seconds: Histogram,
@@ -102,6 +105,8 @@ impl Default for FleetStats {
             bans_decided: z(),
             bans_received: z(),
             degraded_episodes: z(),
+            room_syncs: z(),
+            room_sync_failures: z(),
             sync_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 14)),
             ban_propagation_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 12)),
         }

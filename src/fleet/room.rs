@@ -25,6 +25,7 @@
 //! `SharedState::set_degraded`) and retries with the limits' backoff; one log line each way.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -130,8 +131,13 @@ impl RoomSync {
         }
         let outs: Vec<Outgoing> = shared.iter().map(|(_, s)| s.outgoing(now)).collect();
         let (pipe, wants) = self.pipeline(&shared, &outs);
+        let stats = &self.fleet.stats;
+        stats
+            .commands
+            .fetch_add(pipe.cmd_iter().count() as u64, Ordering::Relaxed);
         match self.exchange(pipe).await {
             Ok(values) => {
+                self.fleet.stats.room_syncs.fetch_add(1, Ordering::Relaxed);
                 let incoming = self.read(&shared, &outs, values, &wants);
                 for (((_, s), out), inc) in shared.iter().zip(&outs).zip(incoming) {
                     s.incoming(out, inc, Instant::now());
@@ -148,6 +154,10 @@ impl RoomSync {
                 }
             }
             Err(timed_out) => {
+                self.fleet
+                    .stats
+                    .room_sync_failures
+                    .fetch_add(1, Ordering::Relaxed);
                 for ((_, s), out) in shared.iter().zip(outs) {
                     s.failed(out);
                 }

@@ -32,6 +32,15 @@ pub(super) fn encode_fleet(
     )?;
     counter(
         enc,
+        "breakwater_fleet_room_syncs",
+        "The waiting rooms' sync pipelines (one per 125 ms while a room's line is shared), by result.",
+        vec![
+            (vec![("result", "ok".into())], load(&s.room_syncs)),
+            (vec![("result", "failed".into())], load(&s.room_sync_failures)),
+        ],
+    )?;
+    counter(
+        enc,
         "breakwater_fleet_sync_failures",
         "Sync pipelines that failed, by reason (timeout: slower than sync_timeout; error).",
         vec![

@@ -161,9 +161,19 @@ fn store_bits(bytes: &[u8], first_byte: u64, from: u64, mut each: impl FnMut(u64
     }
 }
 
-fn bit_in(bytes: &[u8], first_byte: u64, t: u64) -> Option<bool> {
+/// Ticket `t`'s bit in a store bit map read from `first_byte` to `last_byte`: None when it
+/// lies outside what was asked. A byte asked for but not returned is zero (the store's string
+/// ends before it: no bit was ever set that far).
+fn bit_in(bytes: &[u8], first_byte: u64, last_byte: u64, t: u64) -> Option<bool> {
+    if t / 8 > last_byte {
+        return None;
+    }
     let j = (t / 8).checked_sub(first_byte)?;
-    bytes.get(j as usize).map(|b| b & (0x80 >> (t % 8)) != 0)
+    Some(
+        bytes
+            .get(j as usize)
+            .is_some_and(|b| b & (0x80 >> (t % 8)) != 0),
+    )
 }
 
 impl SharedState {
@@ -355,7 +365,7 @@ impl SharedState {
             for t in l.cursor + 1..=v.cursor {
                 // A ticket whose bit did not come back is taken as skipped: its holder asks
                 // again rather than walk in on a guess.
-                let was_skipped = bit_in(&v.skipped, v.first_byte, t).unwrap_or(true);
+                let was_skipped = bit_in(&v.skipped, v.first_byte, g.top / 8, t).unwrap_or(true);
                 if t >= l.base && was_skipped {
                     let i = t - l.base;
                     Line::set(&mut l.skipped, i);
@@ -673,35 +683,41 @@ mod tests {
         let s = SharedState::new(8, Duration::from_secs(60));
         let now = Instant::now();
         let g = s.outgoing(now);
-        s.incoming(
-            &g,
-            Incoming {
-                issued: 20,
-                cursor: 10,
-                first_byte: 0,
-                skipped: store_map(&[3, 9]),
-                live: store_map(&[12, 14]),
-                leader: false,
-                instances: 4,
-                ..Incoming::default()
-            },
-            now,
-        );
+        let view = |cursor, skipped| Incoming {
+            issued: 40,
+            cursor,
+            first_byte: 0,
+            skipped,
+            live: store_map(&[22, 24]),
+            leader: false,
+            instances: 4,
+            ..Incoming::default()
+        };
+        // The first sync learns the counter: nothing asked of the bit maps beyond it.
+        s.incoming(&g, view(0, Vec::new()), now);
+        let g = s.outgoing(now);
+        assert_eq!((g.base, g.top), (1, 40));
+        // The store's string of skips ends at the byte of the last skip (9): later tickets
+        // the door passed were let in.
+        let mut skipped = store_map(&[3, 9]);
+        skipped.truncate(2);
+        s.incoming(&g, view(20, skipped), now);
         assert_eq!(s.admitted(3), Some(false));
         assert_eq!(s.admitted(4), Some(true));
         assert_eq!(s.admitted(9), Some(false));
-        assert_eq!(s.admitted(11), None);
+        assert_eq!(s.admitted(18), Some(true));
+        assert_eq!(s.admitted(21), None);
         // Polled on other instances: in line here too.
         assert_eq!(s.waiting(), 2);
-        assert_eq!(s.ahead(14), 1);
+        assert_eq!(s.ahead(24), 1);
         // Not this instance's door to move: it reports what it saw pass, once.
-        assert_eq!(s.advance(5), (8, 2));
+        assert_eq!(s.advance(5), (18, 2));
         assert_eq!(s.advance(5), (0, 0));
         assert!(!s.leads());
         assert_eq!(s.walk_in_share(), 0.25);
-        // A poll here for ticket 17 goes to the store.
-        s.touch(17);
-        assert_eq!(s.outgoing(now).touched, vec![17]);
+        // A poll here for ticket 27 goes to the store.
+        s.touch(27);
+        assert_eq!(s.outgoing(now).touched, vec![27]);
     }
 
     #[test]

@@ -52,6 +52,8 @@ pub struct QueueReport {
     pub admitted: u64,
     /// Kept polling and were still waiting when the run ended.
     pub still_waiting: u64,
+    /// Kept polling, yet were handed a new ticket (the room took them for gone): should be 0.
+    pub lost_place: u64,
     pub errors: u64,
     /// Pairs of polling users let in in the opposite order of their tickets, by more than one
     /// poll interval plus one door tick (what a poll can see); and all such pairs.
@@ -87,6 +89,8 @@ struct Story {
     walked_in: bool,
     refused: bool,
     abandoned: bool,
+    /// Polled on time, yet was handed a new ticket: the room took its place as abandoned.
+    lost_place: bool,
     error: bool,
     request_us: Vec<u64>,
     /// Seconds between polls.
@@ -200,7 +204,7 @@ async fn user(plan: &QueuePlan, i: u64, src: IpAddr, start: Instant, deadline: I
             return story;
         }
         None => {
-            let Some(token) = token else {
+            let Some(mut token) = token else {
                 story.error = true;
                 return story;
             };
@@ -226,10 +230,16 @@ async fn user(plan: &QueuePlan, i: u64, src: IpAddr, start: Instant, deadline: I
                     story.admitted_at = Some(now());
                     break p;
                 }
-                if a.json.is_none() {
+                let Some(j) = &a.json else {
                     // Let in without a pass (a bypass or the room went to passthrough).
                     story.admitted_at = Some(now());
                     return story;
+                };
+                // A waiting answer carries a token only when it is a new ticket: this user's
+                // place was given up. It goes on with the new one, as a browser's cookie would.
+                if let Some(t) = j["token"].as_str() {
+                    story.lost_place = true;
+                    token = t.to_string();
                 }
             }
         }
@@ -291,6 +301,7 @@ fn report(plan: &QueuePlan, stories: Vec<Story>, elapsed: f64) -> QueueReport {
     let (mut eta_shown, mut eta_hit) = (0u64, 0u64);
     for s in &stories {
         r.errors += u64::from(s.error);
+        r.lost_place += u64::from(s.lost_place);
         request_us.extend_from_slice(&s.request_us);
         if s.refused {
             r.refused += 1;
@@ -376,7 +387,7 @@ impl QueueReport {
         format!(
             "{} users in {:.1} s: {} joined the line, {} walked in, {} refused a place, {} \
              abandoned; of those who kept polling {} were let in ({:.1}/s, {:.1}/s over the \
-             second half), {} still waiting; {} errors\n\
+             second half), {} still waiting, {} lost their place; {} errors\n\
              order: {} pairs let in out of ticket order beyond one poll + one tick ({} seen \
              at all)\n\
              wait: p50 {:.1} s, p90 {:.1} s, max {:.1} s; within the first estimate shown: \
@@ -392,6 +403,7 @@ impl QueueReport {
             self.admit_rate,
             self.admit_rate_late,
             self.still_waiting,
+            self.lost_place,
             self.errors,
             self.inversions_beyond_poll,
             self.inversions_seen,
