@@ -44,7 +44,7 @@ pub(super) fn encode_rooms(
     gauge(
         enc,
         "breakwater_room_waiting",
-        "Tickets in line that are still polling.",
+        "Tickets in line that are still polling (a line shared by a fleet: the whole line, on every instance; do not sum).",
         rooms
             .iter()
             .zip(&snaps)
@@ -54,7 +54,7 @@ pub(super) fn encode_rooms(
     gauge(
         enc,
         "breakwater_room_active_sessions",
-        "Shoppers admitted and not yet idle, revoked or expired (admitted tickets not yet back for their pass included).",
+        "Shoppers admitted and not yet idle, revoked or expired (admitted tickets not yet back for their pass included; a line shared by a fleet: the fleet's, on every instance; do not sum).",
         rooms.iter().zip(&snaps).map(|(r, s)| (l(r), s.1 as i64)).collect(),
     )?;
     counter(
