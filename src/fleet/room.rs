@@ -23,6 +23,9 @@
 //!
 //! When the store fails three syncs running, every instance walks its own mirror (see
 //! `SharedState::set_degraded`) and retries with the limits' backoff; one log line each way.
+//!
+//! Why this file is ~510 lines: one pipeline is built (`pipeline`) and read (`read`) in the
+//! same order, and keeping both in one file is what keeps them in step.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;

@@ -10,6 +10,12 @@
 //! two bitmaps (the current slice and the union of the others, made once per rotation). At
 //! most 34 bits per waiter plus a word per 64 for skipped tickets: far below the 64 bytes per
 //! waiter the room may spend.
+//!
+//! `SharedState` (`state/shared.rs`) is a fleet's line as one instance mirrors it; it reuses
+//! `Line` for its bit maps and walk.
+//!
+//! Why this file is ~580 lines (about 150 of them tests): the interface and the one `Line` both
+//! states walk belong together; the fleet's additions are already in `state/shared.rs`.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;

@@ -22,6 +22,11 @@
 //! - **Without the store** (`set_degraded`): every instance walks its own mirror at the room's
 //!   rate, counting every ticket as live (who polls elsewhere cannot be known), so the line
 //!   keeps moving; sessions count locally.
+//!
+//! Why this file is ~770 lines (about 140 of them tests): the mirror's request-path side
+//! (`RoomState`) and its sync side (`outgoing`, `incoming`) change the same three locks
+//! together, and reading one without the other hides the invariants (the horizon, the lease's
+//! life, adopting the door's cursor). The store's side is in `fleet/room.rs`.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
