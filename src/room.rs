@@ -372,8 +372,19 @@ impl Room {
             self.state.touch(t.id);
             match self.state.admitted(t.id) {
                 Some(true) => {
-                    self.claim(t.issued);
-                    return self.mint_pass(now, tls, bind);
+                    // One session per ticket: the first claim opens it; the same ticket again
+                    // (a retry that lost its answer, or the ticket handed around) gets the same
+                    // session's pass while it lasts, and nothing once it has ended.
+                    let id = self.session_for(t.id);
+                    if self.state.claim_ticket(t.id) {
+                        self.claim(t.issued);
+                        self.state.session_add(id, now);
+                        return self.pass(id, tls, bind);
+                    }
+                    if self.state.session_touch(id, now) {
+                        return self.pass(id, tls, bind);
+                    }
+                    self.invalid(4);
                 }
                 // Its turn came while it was not polling: it lost its place.
                 Some(false) => {}
@@ -387,7 +398,9 @@ impl Room {
             && self.take_slot_now()
         {
             self.stats.admitted_at_once.fetch_add(1, Ordering::Relaxed);
-            return self.mint_pass(now, tls, bind);
+            let id = random_id();
+            self.state.session_add(id, now);
+            return self.pass(id, tls, bind);
         }
         if !self.may_join(client_key, now) {
             self.stats.tickets_refused.fetch_add(1, Ordering::Relaxed);
@@ -428,9 +441,19 @@ impl Room {
         self.stats.wait.observe(waited);
     }
 
-    fn mint_pass(&self, now: Instant, tls: bool, bind: Option<u32>) -> Verdict {
-        let id = random_id();
-        self.state.session_add(id, now);
+    /// The session a ticket opens: the same for every claim of that ticket in this line (a
+    /// mix of the ticket and the line's start; any instance of a fleet computes the same).
+    fn session_for(&self, ticket: u64) -> u64 {
+        let started = self.state.started().unwrap_or(self.line_started);
+        // splitmix64's finaliser.
+        let mut z = ticket ^ started.rotate_left(32) ^ 0x9e37_79b9_7f4a_7c15;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A signed pass for session `id`, as the cookie to set.
+    fn pass(&self, id: u64, tls: bool, bind: Option<u32>) -> Verdict {
         let signed = self.keys.sign(
             &self.cfg.name,
             Token {

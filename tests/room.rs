@@ -279,6 +279,37 @@ async fn the_origin_revokes_a_session_and_the_next_shopper_gets_the_slot() {
         proxy.metric("breakwater_room_ended_total{room=\"drop\",how=\"revoked\"}"),
         1.0
     );
+    // B's admitted ticket, shown again (a retry) and handed to two others, opens no second
+    // session: each gets the pass of B's one session, and the room still counts one inside.
+    let session = |a: &Answer| {
+        let c = a.headers["set-cookie"]
+            .split(';')
+            .next()
+            .unwrap()
+            .to_string();
+        assert!(c.starts_with("bw_wr_drop=v1.p."), "{c}");
+        (c.split('.').nth(3).unwrap().to_string(), c)
+    };
+    let with_ticket = [("Breakwater-Room-Token", ticket.as_str())];
+    let mut seen = Vec::new();
+    for src in ["127.0.63.2", "127.0.63.3", "127.0.63.4"] {
+        let r = ask(addr, src, "/checkout", &with_ticket).await;
+        assert_eq!(r.status, 200, "{src}");
+        seen.push(session(&r));
+    }
+    assert!(seen.iter().all(|s| s.0 == seen[0].0), "{seen:?}");
+    assert_eq!(
+        proxy.metric("breakwater_room_active_sessions{room=\"drop\"}"),
+        1.0
+    );
+    // Once that session ends, the ticket is spent: it buys a new place, not a pass.
+    let b_pass = seen[0].1.clone();
+    let done = ask(addr, "127.0.63.2", "/checkout/done", &[("Cookie", &b_pass)]).await;
+    assert_eq!(done.status, 200);
+    let spent = ask(addr, "127.0.63.3", "/checkout", &with_ticket).await;
+    // (A, back in line since its pass ended, is ahead: nobody walks straight in.)
+    assert_eq!(spent.status, 429, "a spent ticket opened a session");
+    assert!(json(&spent)["token"].is_string(), "{}", spent.body);
     proxy.stop().await;
 }
 

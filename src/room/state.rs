@@ -56,6 +56,10 @@ pub trait RoomState: Send + Sync + std::fmt::Debug {
     /// random order drawn from `seed`; later tickets follow in order.
     fn shuffle_prequeue(&self, seed: u64);
 
+    /// The holder of an admitted ticket came for its pass: true the first time (the ticket
+    /// opens a session once).
+    fn claim_ticket(&self, ticket: u64) -> bool;
+
     /// Sessions (admitted shoppers): add, touch (false when unknown: expired or revoked),
     /// revoke, count, and expire those idle since before `idle_before`.
     fn session_add(&self, id: u64, now: Instant);
@@ -117,6 +121,8 @@ struct Line {
     /// bitmaps however many slices a grace has.
     older: Vec<u64>,
     skipped: Vec<u64>,
+    /// Admitted tickets whose holders came back for their pass.
+    claimed: Vec<u64>,
     /// A fleet's view of liveness (`shared.rs`): who polled on the other instances within a
     /// grace, as the store last said; empty for a local line.
     remote: Vec<u64>,
@@ -198,6 +204,19 @@ impl Line {
         n
     }
 
+    /// Marks an admitted ticket (by rank) claimed; true the first time.
+    fn claim(&mut self, rank: u64) -> bool {
+        if rank < self.base || rank > self.cursor {
+            return false;
+        }
+        let i = rank - self.base;
+        if Self::bit(&self.claimed, i) {
+            return false;
+        }
+        Self::set(&mut self.claimed, i);
+        true
+    }
+
     /// Moves the cursor past up to `slots` live tickets, marking dead ones skipped (each is
     /// also handed to `skipped_out`); returns how many were admitted and skipped.
     fn walk(&mut self, slots: u64, skipped_out: &mut dyn FnMut(u64)) -> (u64, u64) {
@@ -263,8 +282,17 @@ impl Line {
         if words == 0 {
             return;
         }
-        let (older, skipped, remote) = (&mut self.older, &mut self.skipped, &mut self.remote);
-        for v in self.live.iter_mut().chain([older, skipped, remote]) {
+        let (older, skipped, remote, claimed) = (
+            &mut self.older,
+            &mut self.skipped,
+            &mut self.remote,
+            &mut self.claimed,
+        );
+        for v in self
+            .live
+            .iter_mut()
+            .chain([older, skipped, remote, claimed])
+        {
             let k = words.min(v.len());
             v.drain(..k);
         }
@@ -346,6 +374,12 @@ impl RoomState for LocalState {
             return Some(false);
         }
         Some(!Line::bit(&l.skipped, ticket - l.base))
+    }
+
+    fn claim_ticket(&self, ticket: u64) -> bool {
+        let mut l = self.line();
+        let rank = l.rank(ticket);
+        l.claim(rank)
     }
 
     fn ahead(&self, ticket: u64) -> u64 {

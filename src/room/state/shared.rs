@@ -497,6 +497,12 @@ impl RoomState for SharedState {
         Some(!Line::bit(&l.skipped, ticket - l.base))
     }
 
+    fn claim_ticket(&self, ticket: u64) -> bool {
+        // Per instance: the same ticket claimed on two instances opens the same session (its
+        // id follows from the ticket), counted once by the store.
+        self.line().claim(ticket)
+    }
+
     fn ahead(&self, ticket: u64) -> u64 {
         let l = self.line();
         if ticket <= l.cursor {
