@@ -148,7 +148,8 @@ pub struct Shared {
     /// Listeners bound and every warm pool filled (for /readyz).
     pub ready: AtomicBool,
     pub reloads: Arc<metrics::ReloadStats>,
-    /// `[fleet]` as started (a change applies after a restart).
+    /// `[fleet]` as started; its counters are what the metrics read (a reload that changes
+    /// its settings starts a new task with the same counters).
     pub fleet: Option<Arc<crate::fleet::Fleet>>,
     wired: Wired,
     wiring: Arc<listener::Wiring>,
@@ -347,18 +348,35 @@ impl Engine {
             HashMap::new();
         sync_health(&shared.gen(), &mut health);
         let housekeeping = tokio::spawn(shared.admission.clone().housekeeping());
-        let fleet = shared.fleet.clone().map(|f| {
+        let start_fleet = |f: Arc<crate::fleet::Fleet>| {
             let s = shared.clone();
             let rooms: crate::fleet::Rooms = Arc::new(move || s.gen().proxy.rooms.clone());
             tokio::spawn(f.run(shared.admission.clone(), rooms))
-        });
+        };
+        let mut fleet = shared.fleet.clone().map(start_fleet);
 
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
                 Some((config, done)) = self.reload_rx.recv() => {
-                    let r = self.apply(config, &mut serving, &mut health, &stop_rx);
+                    let before = shared.gen().config.fleet.clone();
+                    let mut r = self.apply(config, &mut serving, &mut health, &stop_rx);
+                    // New store settings (a rotated password in redis_url_file, another
+                    // namespace, other intervals or bans): the fleet task starts again with them.
+                    let after = shared.gen().config.fleet.clone();
+                    if let (Ok(msg), Some(f), Some(old), Some(new)) =
+                        (&mut r, &mut fleet, &before, after)
+                    {
+                        if *old != new && crate::fleet::Fleet::reloadable(old, &new) {
+                            f.abort();
+                            let running = shared.fleet.as_ref().map(|x| x.reconfigured(new));
+                            if let Some(next) = running {
+                                *f = start_fleet(next);
+                                *msg += "; [fleet] settings applied (store connections made again)";
+                            }
+                        }
+                    }
                     shared.reloads.record(r.is_ok());
                     let _ = done.send(r);
                 }
@@ -475,7 +493,13 @@ impl Engine {
                 "[admin]",
                 old.config.admin.as_ref().map(|a| a.addr) != config.admin.as_ref().map(|a| a.addr),
             ),
-            ("[fleet]", old.config.fleet != config.fleet),
+            (
+                "[fleet] (turning the store or share_rooms on or off)",
+                match (&old.config.fleet, &config.fleet) {
+                    (Some(a), Some(b)) => !crate::fleet::Fleet::reloadable(a, b),
+                    (a, b) => a != b,
+                },
+            ),
             (
                 "[runtime] control_socket",
                 old.config.control_socket != config.control_socket,

@@ -116,15 +116,36 @@ impl Default for FleetStats {
 #[derive(Debug)]
 pub struct Fleet {
     pub cfg: FleetConfig,
-    pub stats: FleetStats,
+    /// Kept across reloads (`reconfigured`): the metrics read these.
+    pub stats: Arc<FleetStats>,
+    /// Made by a reload: the first totals the store reports are this instance's baseline, not
+    /// charged (what it admitted before the reload is in them).
+    reloaded: bool,
 }
 
 impl Fleet {
     pub fn new(cfg: FleetConfig) -> Arc<Fleet> {
         Arc::new(Fleet {
             cfg,
-            stats: FleetStats::default(),
+            stats: Arc::default(),
+            reloaded: false,
         })
+    }
+
+    /// The same fleet with new settings, its counters kept; its task is started afresh.
+    pub fn reconfigured(&self, cfg: FleetConfig) -> Arc<Fleet> {
+        Arc::new(Fleet {
+            cfg,
+            stats: self.stats.clone(),
+            reloaded: true,
+        })
+    }
+
+    /// Whether a reload from `old` to `new` can apply without a restart: the store stays on
+    /// (the limiters' kind follows it) and the rooms stay shared or not (their lines' kind
+    /// follows that).
+    pub fn reloadable(old: &FleetConfig, new: &FleetConfig) -> bool {
+        old.shared() == new.shared() && old.rooms_shared() == new.rooms_shared()
     }
 
     /// Syncs until aborted (at shutdown), and with a store also listens for bans and keeps the
@@ -149,7 +170,7 @@ impl Fleet {
             .filter(|_| self.cfg.rooms_shared())
             .map(|c| tokio::spawn(room::RoomSync::new(self.clone(), c).run(rooms)));
         let _room_sync = room_sync.map(AbortOnDrop);
-        let mut sync = Sync::new(self.clone(), client);
+        let mut sync = Sync::new(self.clone(), client, self.reloaded);
         let mut tick = tokio::time::interval(self.cfg.sync_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Aborting this task drops `_bans` and with it the subscriber.

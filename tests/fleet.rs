@@ -816,3 +816,49 @@ async fn the_fleet_holds_one_max_active_sessions() {
     assert_eq!(let_in, 10);
     s.lb.abort();
 }
+
+/// A reload moves the fleet to another Redis (a rotated password in `redis_url_file`, a new
+/// primary) without a restart: the instances say so, sync with the new store, and keep
+/// limiting a client as one once the old store is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_moves_the_fleet_to_another_store() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (Some(mut old), Some(new)) = (Redis::start(), Redis::start()) else {
+        return;
+    };
+    let s = setup(Some(&old), "", "").await;
+    for (i, p) in s.fleet.iter().enumerate() {
+        let toml = instance_config(s.origin, Some((&new.url(), i)), "");
+        let cfg = breakwater::Config::parse(&toml, "reload.toml").unwrap();
+        let msg = p.reloader.reload(cfg).await.unwrap();
+        assert!(msg.contains("[fleet] settings applied"), "{msg}");
+        assert!(!msg.contains("restart"), "{msg}");
+    }
+    old.kill();
+    let degraded = "breakwater_fleet_degraded_episodes_total";
+    let before = sum(&s.fleet, degraded);
+    const SECS: f64 = 3.0;
+    let started = Instant::now();
+    let served = hammer("127.0.9.1", s.front, RATE * 5, SECS).await;
+    let budget = f64::from(RATE) * started.elapsed().as_secs_f64() + f64::from(BURST);
+    eprintln!(
+        "after a reload to a new store: attacker served {served} of a budget of {budget:.0}; \
+         degraded episodes since {}",
+        sum(&s.fleet, degraded) - before
+    );
+    assert_eq!(
+        sum(&s.fleet, "breakwater_fleet_up"),
+        4.0,
+        "an instance lost its store"
+    );
+    assert_eq!(
+        sum(&s.fleet, degraded),
+        before,
+        "an instance still used the old store"
+    );
+    assert!(
+        (served as f64) <= budget * 1.10,
+        "{served} > 1.1 × {budget:.0}"
+    );
+    s.lb.abort();
+}

@@ -64,7 +64,8 @@ pub(super) struct Sync {
 }
 
 impl Sync {
-    pub(super) fn new(fleet: Arc<Fleet>, client: Option<redis::Client>) -> Sync {
+    /// `reloaded`: started by a reload, so the first totals of this epoch are a baseline.
+    pub(super) fn new(fleet: Arc<Fleet>, client: Option<redis::Client>, reloaded: bool) -> Sync {
         Sync {
             fleet,
             client,
@@ -72,7 +73,9 @@ impl Sync {
             spaces: Default::default(),
             epoch: 0,
             into_epoch: 0,
-            baseline_epoch: None,
+            // Epoch ids are never 0 (the store's clock is past 1970), so this baseline applies
+            // to whatever epoch the first sync lands in (see `exchange`).
+            baseline_epoch: reloaded.then_some(0),
             offset_ms: 0,
             failures: 0,
             retry_at: None,
@@ -254,6 +257,9 @@ impl Sync {
         let now_ms = (unix_ms() as i64 + self.offset_ms) as u64;
         let epoch = now_ms / epoch_ms;
         self.into_epoch = (now_ms % epoch_ms) * 1_000_000;
+        if self.baseline_epoch == Some(0) {
+            self.baseline_epoch = Some(epoch);
+        }
         if epoch != self.epoch {
             // Every count of the new epoch starts from zero in the store; so does what we saw.
             for s in &mut self.spaces {
