@@ -269,6 +269,36 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Sends `pipe` on `conn` (connecting first if there is none), within `timeout` for each
+/// step. `Err(true)`: timed out; `Err(false)`: failed (the connection is dropped, to be made
+/// again next time).
+async fn query(
+    client: &redis::Client,
+    conn: &mut Option<redis::aio::MultiplexedConnection>,
+    pipe: &redis::Pipeline,
+    timeout: Duration,
+) -> Result<Vec<redis::Value>, bool> {
+    if conn.is_none() {
+        match tokio::time::timeout(timeout, client.get_multiplexed_async_connection()).await {
+            Ok(Ok(c)) => *conn = Some(c),
+            Ok(Err(_)) => return Err(false),
+            Err(_) => return Err(true),
+        }
+    }
+    let Some(c) = conn.as_mut() else {
+        return Err(false);
+    };
+    match tokio::time::timeout(timeout, pipe.query_async::<Vec<redis::Value>>(c)).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "fleet sync failed");
+            *conn = None;
+            Err(false)
+        }
+        Err(_) => Err(true),
+    }
+}
+
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
 pub(crate) fn unix_ms() -> u64 {
     SystemTime::now()

@@ -379,26 +379,7 @@ impl RoomSync {
     /// Sends a pipeline. `Err(true)`: timed out; `Err(false)`: failed.
     async fn exchange(&mut self, pipe: redis::Pipeline) -> Result<Vec<redis::Value>, bool> {
         let timeout = self.fleet.cfg.sync_timeout;
-        if self.conn.is_none() {
-            match tokio::time::timeout(timeout, self.client.get_multiplexed_async_connection())
-                .await
-            {
-                Ok(Ok(c)) => self.conn = Some(c),
-                Ok(Err(_)) => return Err(false),
-                Err(_) => return Err(true),
-            }
-        }
-        let Some(conn) = self.conn.as_mut() else {
-            return Err(false);
-        };
-        match tokio::time::timeout(timeout, pipe.query_async::<Vec<redis::Value>>(conn)).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "fleet room sync failed");
-                Err(false)
-            }
-            Err(_) => Err(true),
-        }
+        super::query(&self.client, &mut self.conn, &pipe, timeout).await
     }
 
     fn read(

@@ -243,16 +243,9 @@ impl Sync {
     async fn exchange(&mut self) -> Result<Vec<redis::Value>, bool> {
         let cfg = &self.fleet.cfg;
         let timeout = cfg.sync_timeout;
-        if self.conn.is_none() {
-            let Some(client) = &self.client else {
-                return Err(false);
-            };
-            match tokio::time::timeout(timeout, client.get_multiplexed_async_connection()).await {
-                Ok(Ok(c)) => self.conn = Some(c),
-                Ok(Err(_)) => return Err(false),
-                Err(_) => return Err(true),
-            }
-        }
+        let Some(client) = &self.client else {
+            return Err(false);
+        };
         let epoch_ms = cfg.epoch.as_millis() as u64;
         let now_ms = (unix_ms() as i64 + self.offset_ms) as u64;
         let epoch = now_ms / epoch_ms;
@@ -327,17 +320,7 @@ impl Sync {
             .stats
             .commands
             .fetch_add(commands, Ordering::Relaxed);
-        let Some(conn) = self.conn.as_mut() else {
-            return Err(false);
-        };
-        match tokio::time::timeout(timeout, pipe.query_async::<Vec<redis::Value>>(conn)).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "fleet sync failed");
-                Err(false)
-            }
-            Err(_) => Err(true),
-        }
+        super::query(client, &mut self.conn, &pipe, timeout).await
     }
 
     /// Reads the fleet totals back and charges what the other instances admitted.

@@ -204,6 +204,18 @@ impl Line {
         n
     }
 
+    /// Whether the door has passed this ticket (by rank): see `RoomState::admitted`.
+    fn admitted(&self, rank: u64) -> Option<bool> {
+        if rank > self.cursor {
+            return None;
+        }
+        if rank < self.base {
+            // Compacted away long ago: its turn came and went.
+            return Some(false);
+        }
+        Some(!Self::bit(&self.skipped, rank - self.base))
+    }
+
     /// Marks an admitted ticket (by rank) claimed; true the first time.
     fn claim(&mut self, rank: u64) -> bool {
         if rank < self.base || rank > self.cursor {
@@ -365,15 +377,7 @@ impl RoomState for LocalState {
 
     fn admitted(&self, ticket: u64) -> Option<bool> {
         let l = self.line();
-        let ticket = l.rank(ticket);
-        if ticket > l.cursor {
-            return None;
-        }
-        if ticket < l.base {
-            // Compacted away long ago: its turn came and went.
-            return Some(false);
-        }
-        Some(!Line::bit(&l.skipped, ticket - l.base))
+        l.admitted(l.rank(ticket))
     }
 
     fn claim_ticket(&self, ticket: u64) -> bool {

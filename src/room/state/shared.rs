@@ -487,14 +487,7 @@ impl RoomState for SharedState {
     }
 
     fn admitted(&self, ticket: u64) -> Option<bool> {
-        let l = self.line();
-        if ticket > l.cursor {
-            return None;
-        }
-        if ticket < l.base {
-            return Some(false);
-        }
-        Some(!Line::bit(&l.skipped, ticket - l.base))
+        self.line().admitted(ticket)
     }
 
     fn claim_ticket(&self, ticket: u64) -> bool {
