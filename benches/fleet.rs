@@ -224,12 +224,13 @@ fn room_line(
         ];
         eprintln!(
             "room rep {rep}: {row:?} still waiting {} lost their place {} errors {}; \
-             unleased {}, room syncs failed {}",
+             unleased {}, room syncs failed {}, abandoned {}",
             report.still_waiting,
             report.lost_place,
             report.errors,
             sum("breakwater_room_tickets_unleased_total{room=\"sale\"}"),
             sum("breakwater_fleet_room_syncs_total{result=\"failed\"}"),
+            sum("breakwater_room_ended_total{room=\"sale\",how=\"abandoned\"}"),
         );
         rows.push(row);
     }

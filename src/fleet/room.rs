@@ -18,6 +18,7 @@
 //! ended          ZSET of revoked and idled-out sessions, read since the last look
 //! busy           ZSET instance -> until (ms): an instance whose origin guard is closed
 //! claims         INCRBY: passes claimed fleet-wide (admitted tickets stop counting as unclaimed)
+//! holes          INCRBY: leased numbers dropped unused (the door passes them; not abandoned)
 //! {ns}:room-instances   ZSET instance -> last sync (ms): walk-ins are split among these
 //! ```
 //!
@@ -81,6 +82,7 @@ enum Want {
     Idle(usize),
     Busy(usize),
     Claims(usize),
+    Holes(usize),
 }
 
 pub(super) struct RoomSync {
@@ -364,10 +366,13 @@ impl RoomSync {
             wants.push(Want::Busy(i));
             pipe.cmd("INCRBY").arg(key("claims")).arg(out.claims);
             wants.push(Want::Claims(i));
+            pipe.cmd("INCRBY").arg(key("holes")).arg(out.holes);
+            wants.push(Want::Holes(i));
             if now_ms.saturating_sub(memo.kept_at) > 60_000 {
                 memo.kept_at = now_ms;
                 for k in [
-                    "issued", "started", "cursor", "skipped", "sessions", "ended", "busy", "claims",
+                    "issued", "started", "cursor", "skipped", "sessions", "ended", "busy",
+                    "claims", "holes",
                 ] {
                     pipe.cmd("EXPIRE").arg(key(k)).arg(KEYS_KEEP_S).ignore();
                 }
@@ -453,6 +458,7 @@ impl RoomSync {
                     out[i].others_busy = value_u64(&v).unwrap_or(0) > here;
                 }
                 Want::Claims(i) => out[i].claims_total = value_u64(&v),
+                Want::Holes(i) => out[i].holes_total = value_u64(&v),
             }
         }
         for inc in &mut out {

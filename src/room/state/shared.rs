@@ -4,9 +4,11 @@
 //! here to the store and the store's view back, every 125 ms.
 //!
 //! - **Tickets** are numbered from one counter in the store, leased in blocks sized to this
-//!   instance's recent arrivals (at least 16, at most 4,096). A lease is used for 500 ms at most,
+//!   instance's recent arrivals (at least 8, at most 4,096), kept ready while tickets were
+//!   issued here in the last 10 minutes. A lease is used for 500 ms at most,
 //!   and the door never walks past a number the counter handed out less than `HORIZON` ago: by
-//!   then whoever took it has said whether it is live. Unused numbers are holes the door skips.
+//!   then whoever took it has said whether it is live. Unused numbers are holes the door skips
+//!   (reported, so the leader does not count them as abandoned places).
 //!   Tickets from different instances can be out of order by up to one lease (the FIFO error
 //!   is at most a lease per instance). A burst beyond the lease, or no store, numbers tickets
 //!   above the highest known: such a number may be shared with another instance's ticket
@@ -35,12 +37,16 @@ use std::time::{Duration, Instant};
 
 use super::{Line, RoomState};
 
-const MIN_LEASE: u64 = 16;
+const MIN_LEASE: u64 = 8;
 const MAX_LEASE: u64 = 4096;
 /// How long a leased block may be drawn from.
 const LEASE_LIFE: Duration = Duration::from_millis(500);
 /// A lease with less life left than this is renewed (two room syncs).
 const LEASE_MARGIN: Duration = Duration::from_millis(250);
+/// Leases are kept ready this long after the last ticket issued here (or the start): a line
+/// idle for longer stops burning numbers, and the first tickets of the next burst (until the
+/// next sync, 125 ms) are numbered without a lease.
+const LEASE_WHILE_BUSY: Duration = Duration::from_secs(600);
 /// The door walks only up to what the counter had handed out this long ago: the lease's life,
 /// plus a sync to send its holders' first poll, plus a timeout, plus margin.
 pub const HORIZON: Duration = Duration::from_millis(1500);
@@ -52,9 +58,15 @@ pub const ENDED_KEEP: Duration = Duration::from_secs(24 * 3600);
 struct Outbox {
     /// Leased blocks: (next, last, leased at).
     blocks: VecDeque<(u64, u64, Instant)>,
-    /// Tickets issued here since the last lease was sized.
+    /// Tickets issued here since the last lease was sized, and when the last one was.
     issued_since: u64,
+    last_issue: Option<Instant>,
     lease_asked: bool,
+    /// Leased numbers dropped unused here (holes the door will skip), to report; and the
+    /// fleet's count of them, whose growth the leader's door does not count as abandoned.
+    holes: u64,
+    holes_total: Option<u64>,
+    holes_pending: u64,
     touched: Vec<u64>,
     skipped: Vec<u64>,
     cursor_dirty: bool,
@@ -106,6 +118,8 @@ pub struct SharedState {
 pub struct Outgoing {
     /// Tickets to lease from the counter (0: none).
     pub lease: u64,
+    /// Leased numbers dropped unused since the last sync.
+    pub holes: u64,
     /// Raise the counter by this first: the store lost it (a restart) and higher tickets exist.
     pub reseed: u64,
     /// The line's start as known here (unix s; 0: not yet).
@@ -146,6 +160,8 @@ pub struct Incoming {
     pub ended: Vec<u64>,
     pub others_busy: bool,
     pub claims_total: Option<u64>,
+    /// The fleet's count of leased numbers dropped unused.
+    pub holes_total: Option<u64>,
     pub instances: u64,
 }
 
@@ -181,11 +197,30 @@ fn bit_in(bytes: &[u8], first_byte: u64, last_byte: u64, t: u64) -> Option<bool>
     )
 }
 
+impl Outbox {
+    /// Drops leases past their life, counting what they had left as holes.
+    fn drop_expired(&mut self, now: Instant) {
+        let mut holes = 0;
+        self.blocks.retain(|b| {
+            let keep = now.duration_since(b.2) < LEASE_LIFE;
+            if !keep {
+                holes += b.1 + 1 - b.0;
+            }
+            keep
+        });
+        self.holes += holes;
+    }
+}
+
 impl SharedState {
     pub fn new(rotations_per_grace: u32, session_idle: Duration) -> SharedState {
         SharedState {
             line: Mutex::new(Line::new(rotations_per_grace)),
-            out: Mutex::new(Outbox::default()),
+            out: Mutex::new(Outbox {
+                // A new instance has a lease ready for its first tickets.
+                last_issue: Some(Instant::now()),
+                ..Outbox::default()
+            }),
             sessions: Mutex::new(Sessions::default()),
             idle: session_idle,
             top: AtomicU64::new(0),
@@ -249,7 +284,7 @@ impl SharedState {
             (l.base, l.cursor)
         };
         let mut o = self.out();
-        o.blocks.retain(|b| now.duration_since(b.2) < LEASE_LIFE);
+        o.drop_expired(now);
         // What is left beyond the next two syncs: a lease is asked before the current one
         // runs out or expires, so tickets are seldom numbered without one.
         let left: u64 = o
@@ -258,9 +293,14 @@ impl SharedState {
             .filter(|b| now.duration_since(b.2) + LEASE_MARGIN < LEASE_LIFE)
             .map(|b| b.1 + 1 - b.0)
             .sum();
-        // About a second of this instance's recent arrivals (the last sync's, eight times).
-        let want = (o.issued_since * 8).clamp(MIN_LEASE, MAX_LEASE);
-        let lease = if left < want / 2 && !o.lease_asked {
+        // Four times the arrivals since the last lease (asked every few syncs while busy):
+        // unused numbers cost the door a step each, a ticket without a lease may share its
+        // number.
+        let want = (o.issued_since * 4).clamp(MIN_LEASE, MAX_LEASE);
+        let busy = o
+            .last_issue
+            .is_some_and(|t| now.duration_since(t) < LEASE_WHILE_BUSY);
+        let lease = if busy && left < want / 2 && !o.lease_asked {
             o.issued_since = 0;
             o.lease_asked = true;
             want
@@ -271,6 +311,7 @@ impl SharedState {
         let unsynced = s.unsynced;
         Outgoing {
             lease,
+            holes: std::mem::take(&mut o.holes),
             reseed: std::mem::take(&mut o.reseed),
             started: self.started.load(Ordering::Relaxed),
             touched: std::mem::take(&mut o.touched),
@@ -294,6 +335,7 @@ impl SharedState {
     pub fn failed(&self, g: Outgoing) {
         let mut o = self.out();
         o.lease_asked = false;
+        o.holes += g.holes;
         o.reseed += g.reseed;
         o.touched.extend(g.touched);
         o.skipped.extend(g.skipped);
@@ -342,6 +384,10 @@ impl SharedState {
                 _ => {}
             }
             o.claims_total = v.claims_total;
+            if let (Some(before), Some(total)) = (o.holes_total, v.holes_total) {
+                o.holes_pending += total.saturating_sub(before);
+            }
+            o.holes_total = v.holes_total.or(o.holes_total);
             o.readings.push_back((now, v.issued));
             while o
                 .readings
@@ -428,10 +474,11 @@ impl RoomState for SharedState {
         let leased = {
             let mut o = self.out();
             o.issued_since += 1;
+            o.last_issue = Some(now);
             let cursor = self.line().cursor;
             // A lease past its life, or a number the door already passed (a hole), is
             // dropped: its place may be walked before this ticket's first poll arrives.
-            o.blocks.retain(|b| now.duration_since(b.2) < LEASE_LIFE);
+            o.drop_expired(now);
             let mut got = None;
             while let Some(b) = o.blocks.front_mut() {
                 let (t, spent) = (b.0, b.0 >= b.1);
@@ -443,6 +490,7 @@ impl RoomState for SharedState {
                     got = Some(t);
                     break;
                 }
+                o.holes += 1;
             }
             got
         };
@@ -516,14 +564,18 @@ impl RoomState for SharedState {
             return std::mem::take(&mut self.out().observed);
         }
         let mut skipped = Vec::new();
-        let r = self.line().walk(slots, &mut |t| skipped.push(t));
+        let (admitted, passed) = self.line().walk(slots, &mut |t| skipped.push(t));
         let mut o = self.out();
         o.observed = (0, 0);
-        if r != (0, 0) {
+        if (admitted, passed) != (0, 0) {
             o.skipped.extend(skipped);
             o.cursor_dirty = true;
         }
-        r
+        // Holes (numbers leased and never issued) are passed over too; they are nobody's
+        // abandoned place.
+        let holes = passed.min(o.holes_pending);
+        o.holes_pending -= holes;
+        (admitted, passed - holes)
     }
 
     fn rotate(&self) {
@@ -647,20 +699,25 @@ mod tests {
         let s = SharedState::new(8, Duration::from_secs(60));
         let t0 = Instant::now();
         let g = s.outgoing(t0);
-        assert_eq!(g.lease, MIN_LEASE);
-        let leader = |issued| Incoming {
+        assert_eq!(
+            g.lease, MIN_LEASE,
+            "a new instance leases before its first ticket"
+        );
+        let leader = |issued, holes| Incoming {
             lease_end: None,
             issued,
             started: 100,
             leader: true,
             instances: 1,
+            holes_total: Some(holes),
             ..Incoming::default()
         };
+        // Another instance leased 9..=16 meanwhile.
         s.incoming(
             &g,
             Incoming {
-                lease_end: Some(16),
-                ..leader(16)
+                lease_end: Some(8),
+                ..leader(16, 0)
             },
             t0,
         );
@@ -670,16 +727,22 @@ mod tests {
         // Numbers handed out just now may belong to tickets whose first poll is on its way.
         assert_eq!(s.advance(5), (0, 0));
         let later = t0 + HORIZON;
+        // This instance's lease expired with 3..=8 unused: reported as holes (the other
+        // instance reports 9..=16 the same way).
         let g = s.outgoing(later);
-        s.incoming(&g, leader(16), later);
-        // 1 and 2 (polled here) are let in; 3..=16 were never polled: holes, passed.
-        assert_eq!(s.advance(5), (2, 14));
+        assert_eq!(g.holes, 6);
+        s.incoming(&g, leader(16, 14), later);
+        // 1 and 2 (polled here) are let in; 3..=16 were never issued: passed over, and
+        // not counted as abandoned places.
+        assert_eq!(s.advance(5), (2, 0));
         let g = s.outgoing(later);
         assert_eq!(g.cursor, Some(16));
         assert_eq!(g.skipped, (3..=16).collect::<Vec<_>>());
         assert_eq!(g.touched, Vec::<u64>::new(), "sent with the first sync");
         assert_eq!(s.admitted(2), Some(true));
         assert_eq!(s.admitted(3), Some(false));
+        // A line idle for longer than LEASE_WHILE_BUSY stops leasing.
+        assert_eq!(s.outgoing(later + LEASE_WHILE_BUSY).lease, 0);
     }
 
     #[test]
