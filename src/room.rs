@@ -579,7 +579,10 @@ impl Room {
         } else {
             (0, 0)
         };
-        d.budget -= admitted as f64;
+        // A follower's `admitted` is what the leader let in: not this door's budget to spend.
+        if self.state.leads() {
+            d.budget -= admitted as f64;
+        }
         if admitted > 0 {
             d.unclaimed.push_back((now, admitted));
         }

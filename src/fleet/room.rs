@@ -229,7 +229,9 @@ impl RoomSync {
             pipe.cmd("GET").arg(key("issued"));
             wants.push(Want::Issued(i));
             let started = match out.started {
-                0 => now_ms / 1000 - 5,
+                // A little before now: tickets issued here before this first sync (by this
+                // instance's clock) stay valid.
+                0 => (now_ms / 1000).saturating_sub(5),
                 s => s,
             };
             pipe.cmd("SET")
