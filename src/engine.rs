@@ -354,6 +354,8 @@ impl Engine {
             tokio::spawn(f.run(shared.admission.clone(), rooms))
         };
         let mut fleet = shared.fleet.clone().map(start_fleet);
+        // The fleet's settings in force (a reload may replace them).
+        let mut fleet_now = shared.fleet.clone();
 
         tokio::pin!(shutdown);
         loop {
@@ -372,6 +374,7 @@ impl Engine {
                             f.abort();
                             let running = shared.fleet.as_ref().map(|x| x.reconfigured(new));
                             if let Some(next) = running {
+                                fleet_now = Some(next.clone());
                                 *f = start_fleet(next);
                                 *msg += "; [fleet] settings applied (store connections made again)";
                             }
@@ -388,6 +391,9 @@ impl Engine {
         // First tell the load balancer (readyz 503) and the clients (Connection: close,
         // GOAWAY) while still accepting: whoever has not noticed yet is still served.
         shared.draining().send_replace(true);
+        if let Some(f) = &fleet_now {
+            f.retire(&gen.proxy.rooms).await;
+        }
         let delay = gen.config.http.drain_delay;
         if !delay.is_zero() {
             tracing::info!(drain_delay = ?delay, "draining: /readyz is 503; still accepting until the drain delay ends");

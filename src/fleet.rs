@@ -121,6 +121,8 @@ pub struct Fleet {
     /// Made by a reload: the first totals the store reports are this instance's baseline, not
     /// charged (what it admitted before the reload is in them).
     reloaded: bool,
+    /// This instance is draining: it gives up the waiting rooms' doors and takes none.
+    retiring: Arc<AtomicBool>,
 }
 
 impl Fleet {
@@ -129,6 +131,7 @@ impl Fleet {
             cfg,
             stats: Arc::default(),
             reloaded: false,
+            retiring: Arc::default(),
         })
     }
 
@@ -138,7 +141,55 @@ impl Fleet {
             cfg,
             stats: self.stats.clone(),
             reloaded: true,
+            retiring: self.retiring.clone(),
         })
+    }
+
+    /// This instance starts draining: the doors it moves are handed over now (their lease in
+    /// the store ended, so another instance takes each at its next sync, within 125 ms, rather
+    /// than a second later), and it takes no door again.
+    pub async fn retire(&self, rooms: &[Arc<crate::room::Room>]) {
+        self.retiring.store(true, Ordering::Relaxed);
+        let (Some(url), true) = (&self.cfg.redis_url, self.cfg.rooms_shared()) else {
+            return;
+        };
+        let leading: Vec<_> = rooms
+            .iter()
+            .filter(|r| r.shared().is_some_and(|s| s.is_leader()))
+            .collect();
+        if leading.is_empty() {
+            return;
+        }
+        let Ok(client) = redis::Client::open(url.as_str()) else {
+            return;
+        };
+        let timeout = self.cfg.sync_timeout;
+        let mut conn = None;
+        for room in leading {
+            let key = format!("{}:room:{}:leader", self.cfg.namespace, room.cfg.name);
+            let mut get = redis::pipe();
+            get.cmd("GET").arg(&key);
+            let holder = query(&client, &mut conn, &get, timeout).await;
+            let ours = matches!(holder.as_deref(), Ok([redis::Value::BulkString(b)])
+                if b.as_slice() == self.cfg.instance.as_bytes());
+            if !ours {
+                continue;
+            }
+            // Expired now rather than deleted: had it changed hands since the GET, the new
+            // holder only takes it again at its next sync.
+            let mut release = redis::pipe();
+            release.cmd("PEXPIRE").arg(&key).arg(1);
+            if query(&client, &mut conn, &release, timeout).await.is_ok() {
+                if let Some(s) = room.shared() {
+                    s.stop_leading();
+                }
+                tracing::info!(room = %room.cfg.name, "fleet: draining; the waiting room's door is handed over");
+            }
+        }
+    }
+
+    fn retiring(&self) -> bool {
+        self.retiring.load(Ordering::Relaxed)
     }
 
     /// Whether a reload from `old` to `new` can apply without a restart: the store stays on

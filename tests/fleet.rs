@@ -706,9 +706,9 @@ fn room_config(redis: &Redis) -> String {
     )
 }
 
-/// The instance whose door moves the line stops mid-sale: another takes the door over (its
-/// lease in the store lapses within a second) and everyone in line is still let in, in order,
-/// nobody losing their place.
+/// The instance whose door moves the line stops mid-sale: it hands the door over as it starts
+/// draining, another takes it at its next sync (a crashed leader's lease would lapse within a
+/// second), and everyone in line is still let in, in order, nobody losing their place.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_shared_line_outlives_its_door_leader() {
     let _one = ONE_AT_A_TIME.lock().await;
@@ -742,6 +742,10 @@ async fn the_shared_line_outlives_its_door_leader() {
     }
     eprintln!("door leader stopped: another took over in {handover:?}; all 40 let in; {inversions} pairs out of order");
     assert!(took_over, "no instance took the door over");
+    assert!(
+        handover < Duration::from_millis(700),
+        "handover took {handover:?}: the door was not handed over"
+    );
     assert_eq!(inversions, 0);
     s.lb.abort();
 }

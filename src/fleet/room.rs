@@ -263,19 +263,23 @@ impl RoomSync {
             // renews its lease by expiry alone; had it lapsed and been taken meanwhile, that
             // extends the new holder's lease, which is harmless (an overwrite with SET would
             // give two instances the door).
-            if memo.leader {
+            // A draining instance neither renews nor takes a door (`Fleet::retire`).
+            let retiring = self.fleet.retiring();
+            if memo.leader && !retiring {
                 pipe.cmd("PEXPIRE")
                     .arg(key("leader"))
                     .arg(LEADER_LEASE_MS)
                     .ignore();
             }
-            pipe.cmd("SET")
-                .arg(key("leader"))
-                .arg(inst)
-                .arg("NX")
-                .arg("PX")
-                .arg(LEADER_LEASE_MS)
-                .ignore();
+            if !retiring {
+                pipe.cmd("SET")
+                    .arg(key("leader"))
+                    .arg(inst)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(LEADER_LEASE_MS)
+                    .ignore();
+            }
             pipe.cmd("GET").arg(key("leader"));
             wants.push(Want::Leader(i));
             // What the door did here, skipped tickets before the cursor (see `read`).

@@ -253,6 +253,12 @@ impl SharedState {
         self.leader.load(Ordering::Relaxed)
     }
 
+    /// This instance gave its door up (draining): followers from now on, until a sync says
+    /// otherwise.
+    pub fn stop_leading(&self) {
+        self.leader.store(false, Ordering::Relaxed);
+    }
+
     /// The store is unreachable (`true`) or answers again (`false`).
     pub fn set_degraded(&self, on: bool) {
         if self.degraded.swap(on, Ordering::Relaxed) == on {
