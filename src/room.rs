@@ -14,7 +14,7 @@
 //! so a fleet can keep it in Redis; tokens are self-checking (`token.rs`), so any instance with
 //! the key verifies any token without asking the state.
 //!
-//! Why this file is ~660 lines (about 40 of them tests): it is the room's decision (`check`), its
+//! Why this file is ~680 lines (about 40 of them tests): it is the room's decision (`check`), its
 //! door (`tick`) and the counters both keep, which share the door's lock; what a waiter is answered
 //! is already in `room/answer.rs`. A fleet's shared line did not need a second door: the one door
 //! runs on every instance and the state decides whose moves the line (`RoomState::leads`). The
