@@ -224,13 +224,17 @@ fn room_line(
         ];
         eprintln!(
             "room rep {rep}: {row:?} still waiting {} lost their place {} errors {}; \
-             unleased {}, room syncs failed {}, abandoned {}",
+             unleased {}, room syncs failed {}, abandoned {}; within the first ETA {:.0} %, \
+             wait / ETA p50 {:.2} p90 {:.2}",
             report.still_waiting,
             report.lost_place,
             report.errors,
             sum("breakwater_room_tickets_unleased_total{room=\"sale\"}"),
             sum("breakwater_fleet_room_syncs_total{result=\"failed\"}"),
             sum("breakwater_room_ended_total{room=\"sale\",how=\"abandoned\"}"),
+            report.eta_within * 100.0,
+            report.wait_over_eta.p50,
+            report.wait_over_eta.p90,
         );
         rows.push(row);
     }

@@ -128,7 +128,9 @@ impl Room {
                     .opens_at
                     .and_then(|o| o.duration_since(SystemTime::now()).ok())
                     .map_or(0.0, |d| d.as_secs_f64());
-                let secs = until_open + ahead as f64 / rate;
+                // A fleet's door lets nobody in sooner than its horizon after the ticket.
+                let floor = self.state.min_wait().as_secs_f64();
+                let secs = until_open + (ahead as f64 / rate).max(floor);
                 let eta = [
                     ((secs * 0.8).floor() as u64).max(1),
                     ((secs * 1.2).ceil() as u64).max(refresh),

@@ -94,6 +94,10 @@ pub trait RoomState: Send + Sync + std::fmt::Debug {
     fn others_busy(&self) -> bool {
         false
     }
+    /// The least a new ticket waits, however short the line (for the estimate shown).
+    fn min_wait(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
 }
 
 mod shared;

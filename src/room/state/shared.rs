@@ -685,6 +685,15 @@ impl RoomState for SharedState {
     fn others_busy(&self) -> bool {
         self.others_busy.load(Ordering::Relaxed)
     }
+
+    fn min_wait(&self) -> Duration {
+        // The door walks only tickets handed out a horizon ago (not while running alone).
+        if self.degraded.load(Ordering::Relaxed) {
+            Duration::ZERO
+        } else {
+            HORIZON
+        }
+    }
 }
 
 #[cfg(test)]
