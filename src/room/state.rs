@@ -208,6 +208,22 @@ impl Line {
         n
     }
 
+    /// The tickets after the cursor polled within the last grace (this line's own slices).
+    fn live_tickets(&self, out: &mut Vec<u64>) {
+        let words = self.live.front().map_or(0, Vec::len).max(self.older.len());
+        for w in 0..words {
+            let now = self.live.front().and_then(|v| v.get(w)).copied();
+            let mut bits = now.unwrap_or(0) | self.older.get(w).copied().unwrap_or(0);
+            while bits != 0 {
+                let t = self.base + w as u64 * 64 + u64::from(bits.trailing_zeros());
+                if t > self.cursor {
+                    out.push(t);
+                }
+                bits &= bits - 1;
+            }
+        }
+    }
+
     /// Whether the door has passed this ticket (by rank): see `RoomState::admitted`.
     fn admitted(&self, rank: u64) -> Option<bool> {
         if rank > self.cursor {

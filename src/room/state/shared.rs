@@ -50,6 +50,8 @@ const LEASE_WHILE_BUSY: Duration = Duration::from_secs(600);
 /// The door walks only up to what the counter had handed out this long ago: the lease's life,
 /// plus a sync to send its holders' first poll, plus a timeout, plus margin.
 pub const HORIZON: Duration = Duration::from_millis(1500);
+/// Polls kept for the next sync while syncs fail (8 bytes each).
+const MAX_UNSENT_POLLS: usize = 1 << 18;
 /// How long an ended session is remembered (a pass older than this is taken back if it comes
 /// back; see the README's fleet section).
 pub const ENDED_KEEP: Duration = Duration::from_secs(24 * 3600);
@@ -253,6 +255,14 @@ impl SharedState {
         self.leader.load(Ordering::Relaxed)
     }
 
+    /// A poll (or a new ticket) for the store's liveness. Not while the store is gone: the
+    /// store cannot use it then (it is about the last grace) and an outage must not grow it.
+    fn note_poll(&self, ticket: u64) {
+        if !self.degraded.load(Ordering::Relaxed) {
+            self.out().touched.push(ticket);
+        }
+    }
+
     /// This instance gave its door up (draining): followers from now on, until a sync says
     /// otherwise.
     pub fn stop_leading(&self) {
@@ -275,10 +285,19 @@ impl SharedState {
             let mut o = self.out();
             o.cursor_dirty = true;
             o.all_live_until = None;
+            o.touched = Vec::new();
         } else {
-            // Every ticket stays live a horizon longer: those issued elsewhere meanwhile are not
-            // in the store's bitmaps yet.
-            self.out().all_live_until = Some(Instant::now() + HORIZON);
+            // The polls seen here within the last grace go to the store once (the slices hold
+            // them, one bit per ticket, however long the outage was), and every ticket stays
+            // live a horizon longer, while the other instances send theirs.
+            let mut polled = Vec::new();
+            {
+                let l = self.line();
+                l.live_tickets(&mut polled);
+            }
+            let mut o = self.out();
+            o.touched.extend(polled);
+            o.all_live_until = Some(Instant::now() + HORIZON);
         }
     }
 
@@ -343,7 +362,13 @@ impl SharedState {
         o.lease_asked = false;
         o.holes += g.holes;
         o.reseed += g.reseed;
+        // Polls waiting for a sync are bounded: past this many, the oldest are dropped (a poll
+        // matters for a grace; its holder polls again).
         o.touched.extend(g.touched);
+        if o.touched.len() > MAX_UNSENT_POLLS {
+            let drop = o.touched.len() - MAX_UNSENT_POLLS;
+            o.touched.drain(..drop);
+        }
         o.skipped.extend(g.skipped);
         o.cursor_dirty |= g.cursor.is_some();
         o.claims += g.claims;
@@ -517,7 +542,7 @@ impl RoomState for SharedState {
             Line::set(l.current(), i);
         }
         drop(l);
-        self.out().touched.push(t);
+        self.note_poll(t);
         t
     }
 
@@ -537,7 +562,7 @@ impl RoomState for SharedState {
         }
         Line::set(l.current(), i);
         drop(l);
-        self.out().touched.push(ticket);
+        self.note_poll(ticket);
     }
 
     fn admitted(&self, ticket: u64) -> Option<bool> {
@@ -829,6 +854,38 @@ mod tests {
         s.set_degraded(true);
         assert_eq!(s.sessions(), 0);
         assert!(s.leads());
+    }
+
+    #[test]
+    fn an_outage_does_not_pile_up_polls_for_the_store() {
+        let s = SharedState::new(8, Duration::from_secs(60));
+        let now = Instant::now();
+        s.touch(5);
+        // Syncs fail: what they carried comes back, bounded.
+        for _ in 0..3 {
+            let mut g = s.outgoing(now);
+            g.touched.extend(0..MAX_UNSENT_POLLS as u64);
+            s.failed(g);
+        }
+        assert_eq!(s.outgoing(now).touched.len(), MAX_UNSENT_POLLS);
+        // The store is gone: polls are not kept for it at all.
+        s.touch(7);
+        s.set_degraded(true);
+        for round in 0..1000 {
+            s.rotate();
+            s.touch(10 + round % 7);
+        }
+        assert!(s.outgoing(now).touched.is_empty());
+        assert_eq!(
+            s.waiting(),
+            16,
+            "the line itself keeps every ticket while alone"
+        );
+        // Back: the tickets polled within the last grace go to the store, once each.
+        s.set_degraded(false);
+        let mut sent = s.outgoing(now).touched;
+        sent.sort_unstable();
+        assert_eq!(sent, (10..=16).collect::<Vec<_>>());
     }
 
     #[test]
