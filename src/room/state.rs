@@ -14,7 +14,7 @@
 //! `SharedState` (`state/shared.rs`) is a fleet's line as one instance mirrors it; it reuses
 //! `Line` for its bit maps and walk.
 //!
-//! Why this file is ~630 lines (about 150 of them tests): the interface and the one `Line` both
+//! Why this file is ~650 lines (about 150 of them tests): the interface and the one `Line` both
 //! states walk belong together; the fleet's additions are already in `state/shared.rs`.
 
 use std::collections::{HashMap, VecDeque};
