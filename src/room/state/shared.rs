@@ -442,8 +442,9 @@ impl SharedState {
             l.issued = l.issued.max(horizon);
         }
         // The door moved elsewhere: adopt its cursor and what it skipped.
+        let (mut admitted, mut skipped) = (0, 0);
+        let store_behind = v.cursor < l.cursor && self.is_leader();
         if v.cursor > l.cursor {
-            let (mut admitted, mut skipped) = (0, 0);
             for t in l.cursor + 1..=v.cursor {
                 // A ticket whose bit did not come back is taken as skipped: its holder asks
                 // again rather than walk in on a guess.
@@ -460,17 +461,6 @@ impl SharedState {
             }
             l.cursor = v.cursor;
             l.issued = l.issued.max(v.cursor);
-            drop(l);
-            let mut o = self.out();
-            o.observed.0 += admitted;
-            o.observed.1 += skipped;
-            drop(o);
-            l = self.line();
-        } else if v.cursor < l.cursor && self.is_leader() {
-            // The store is behind this door (a restart, or a leader that changed): say it again.
-            drop(l);
-            self.out().cursor_dirty = true;
-            l = self.line();
         }
         if !l.all_live {
             let base = l.base;
@@ -482,6 +472,13 @@ impl SharedState {
             l.remote = remote;
         }
         drop(l);
+        {
+            let mut o = self.out();
+            o.observed.0 += admitted;
+            o.observed.1 += skipped;
+            // The store is behind this door (a restart, or a leader that changed): say it again.
+            o.cursor_dirty |= store_behind;
+        }
         let mut s = self.sess();
         s.unsynced = s.unsynced.saturating_sub(g.unsynced);
         for id in v.ended {
