@@ -119,6 +119,10 @@ struct Relayed {
     spooled: Option<spool::Spooled>,
 }
 
+fn request_id_text(id: &HeaderValue) -> String {
+    id.to_str().unwrap_or("-").to_string()
+}
+
 pub async fn handle(
     proxy: Arc<Proxy>,
     activity: Arc<ConnActivity>,
@@ -147,7 +151,6 @@ pub async fn handle(
             ..proxy.gate.client(conn_client.peer, ip)
         });
     let peer = SocketAddr::new(client.addr, conn_client.peer.port());
-    let request_id = headers::request_id(req.headers(), trusted);
     let enabled = proxy.access_log;
     // Only what the log line needs, and only when there is a log line.
     let text = |name: header::HeaderName| {
@@ -184,11 +187,9 @@ pub async fn handle(
         } else {
             String::new()
         },
-        request_id: if enabled {
-            request_id.to_str().unwrap_or("-").to_string()
-        } else {
-            String::new()
-        },
+        // Set below, once the waiting room has passed the request on (a waiter answered
+        // from memory needs no id unless a log line names it).
+        request_id: String::new(),
         query: if enabled && proxy.access_log_query {
             req.uri().query().map(str::to_string)
         } else {
@@ -201,13 +202,6 @@ pub async fn handle(
             .unwrap_or(0),
         metrics: Some(proxy.requests.clone()),
     };
-    // Room, at once, for the request id and what `prepare_request` adds (X-Forwarded-For/
-    // -Proto/-Host, Via): the map hyper parsed is sized for the client's headers, and growing
-    // it one insert at a time reallocated it up to three times per request.
-    req.headers_mut().reserve(6);
-    // `from_static`: a `&str` name that is not a standard header is copied on every insert.
-    req.headers_mut()
-        .insert(header::HeaderName::from_static("x-request-id"), request_id);
     let allowed = proxy.gate.check_request(&client);
     // The waiting room stands between an admitted request and the pool.
     let mut seated = None;
@@ -215,6 +209,9 @@ pub async fn handle(
         match room_gate(&proxy.rooms, &req, &client, hold.tls) {
             Gate::Through(s) => seated = s,
             Gate::Answered(answer) => {
+                if enabled {
+                    log.request_id = request_id_text(&headers::request_id(req.headers(), trusted));
+                }
                 let (mut head, bytes) = answer.into_parts();
                 log.status = head.status.as_u16();
                 if *proxy.draining.borrow() && client_version_h1 {
@@ -229,6 +226,17 @@ pub async fn handle(
             }
         }
     }
+    let request_id = headers::request_id(req.headers(), trusted);
+    if enabled {
+        log.request_id = request_id_text(&request_id);
+    }
+    // Room, at once, for the request id and what `prepare_request` adds (X-Forwarded-For/
+    // -Proto/-Host, Via): the map hyper parsed is sized for the client's headers, and growing
+    // it one insert at a time reallocated it up to three times per request.
+    req.headers_mut().reserve(6);
+    // `from_static`: a `&str` name that is not a standard header is copied on every insert.
+    req.headers_mut()
+        .insert(header::HeaderName::from_static("x-request-id"), request_id);
     let result = if allowed {
         forward(&proxy, client, trusted, &activity, &hold, req, &mut log).await
     } else {

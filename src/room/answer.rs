@@ -84,14 +84,14 @@ impl Room {
         {
             return true;
         }
-        let accept = headers
-            .get_all(header::ACCEPT)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect::<Vec<_>>()
-            .join(",")
-            .to_ascii_lowercase();
-        accept.contains("application/json") || !accept.contains("text/html")
+        // Read in place, case-insensitively: every waiter's poll asks.
+        let (mut json, mut html) = (false, false);
+        for v in headers.get_all(header::ACCEPT) {
+            let v = v.as_bytes();
+            json |= contains_ignore_case(v, b"application/json");
+            html |= contains_ignore_case(v, b"text/html");
+        }
+        json || !html
     }
 
     pub(super) fn cookie(&self, token: &str, tls: bool) -> Option<HeaderValue> {
@@ -183,4 +183,10 @@ impl Room {
         }
         r
     }
+}
+
+/// Whether `hay` contains `needle` (lower-case ASCII), ignoring ASCII case.
+fn contains_ignore_case(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle))
 }

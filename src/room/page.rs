@@ -11,6 +11,8 @@
 //! (WCAG 2.2.1, failure F41: the user cannot stop it); opted into, with a way out, it is the
 //! user's own setting.
 
+use std::fmt::Write;
+
 use serde::Serialize;
 
 /// What the waiter is told.
@@ -42,6 +44,11 @@ pub const REFRESH_PARAM: &str = "bw_room_refresh";
 /// `&`, `<`, `>`, `"` and `'` escaped: placeholders never become markup.
 pub fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
+    escape_into(&mut out, s);
+    out
+}
+
+fn escape_into(out: &mut String, s: &str) {
     for c in s.chars() {
         match c {
             '&' => out.push_str("&amp;"),
@@ -52,28 +59,41 @@ pub fn escape(s: &str) -> String {
             c => out.push(c),
         }
     }
-    out
 }
 
-fn seconds(n: u64) -> String {
+// The page is written straight into its buffer (`fmt::Write` on a `String` cannot fail):
+// every waiter's poll fills it, and each value made as a `String` of its own was an
+// allocation per poll.
+
+fn seconds(out: &mut String, n: u64) {
     if n == 1 {
-        "second".into()
+        out.push_str("second");
     } else {
-        format!("{n} seconds")
+        let _ = write!(out, "{n} seconds");
     }
 }
 
-fn eta_text(eta: Option<[u64; 2]>) -> String {
+fn eta_text(out: &mut String, eta: Option<[u64; 2]>) {
     let minutes = |s: u64| s.div_ceil(60);
-    match eta {
-        None => "We cannot estimate the wait yet.".into(),
-        Some([_, hi]) if hi > 3600 => "More than an hour.".into(),
-        Some([lo, hi]) if hi < 60 => format!("About {lo} to {hi} seconds."),
+    // Only digits and fixed words: nothing to escape.
+    let _ = match eta {
+        None => write!(out, "We cannot estimate the wait yet."),
+        Some([_, hi]) if hi > 3600 => write!(out, "More than an hour."),
+        Some([lo, hi]) if hi < 60 => write!(out, "About {lo} to {hi} seconds."),
         Some([lo, hi]) => match (minutes(lo), minutes(hi)) {
-            (1, 1) => "About a minute.".into(),
-            (a, b) if a == b => format!("About {a} minutes."),
-            (a, b) => format!("About {a} to {b} minutes."),
+            (1, 1) => write!(out, "About a minute."),
+            (a, b) if a == b => write!(out, "About {a} minutes."),
+            (a, b) => write!(out, "About {a} to {b} minutes."),
         },
+    };
+}
+
+fn number(out: &mut String, n: Option<u64>) {
+    match n {
+        Some(n) => {
+            let _ = write!(out, "{n}");
+        }
+        None => out.push('-'),
     }
 }
 
@@ -152,33 +172,43 @@ impl Template {
             "closed" => "This sale is closed to new shoppers.",
             other => other,
         };
-        let number = |n: Option<u64>| n.map_or_else(|| "-".to_string(), |n| n.to_string());
         let mut out = String::with_capacity(self.size);
+        let o = &mut out;
         for p in &self.parts {
             match p {
-                Part::Text(t) => out.push_str(t),
-                Part::Field(Field::Room) => out.push_str(&escape(s.room)),
-                Part::Field(Field::State) => out.push_str(&escape(state)),
-                Part::Field(Field::Position) => out.push_str(&number(s.position)),
-                Part::Field(Field::Ahead) => out.push_str(&number(s.ahead)),
-                Part::Field(Field::Eta) => out.push_str(&escape(&eta_text(s.eta_seconds))),
-                Part::Field(Field::Refresh) => out.push_str(&s.refresh_seconds.to_string()),
+                Part::Text(t) => o.push_str(t),
+                Part::Field(Field::Room) => escape_into(o, s.room),
+                Part::Field(Field::State) => escape_into(o, state),
+                Part::Field(Field::Position) => number(o, s.position),
+                Part::Field(Field::Ahead) => number(o, s.ahead),
+                Part::Field(Field::Eta) => eta_text(o, s.eta_seconds),
+                Part::Field(Field::Refresh) => number(o, Some(s.refresh_seconds)),
                 Part::Field(Field::RefreshMeta) if s.auto_refresh => {
-                    out.push_str(&format!(
+                    let _ = write!(
+                        o,
                         r#"<meta http-equiv="refresh" content="{}">"#,
                         s.refresh_seconds
-                    ));
+                    );
                 }
                 Part::Field(Field::RefreshMeta) => {}
-                Part::Field(Field::NoJs) if s.auto_refresh => out.push_str(&format!(
-                    r#"This page reloads itself every {} to check your place, and lets you in when it is your turn. <a href="?{REFRESH_PARAM}=off">Stop reloading automatically</a>."#,
-                    seconds(s.refresh_seconds)
-                )),
-                Part::Field(Field::NoJs) => out.push_str(&format!(
-                    r#"JavaScript is off, so this page does not update by itself. <a href="">Check your place now</a>, at least once every {} to keep it, or <a href="?{REFRESH_PARAM}=on">reload automatically every {}</a>."#,
-                    seconds(s.grace_seconds),
-                    seconds(s.refresh_seconds)
-                )),
+                Part::Field(Field::NoJs) if s.auto_refresh => {
+                    o.push_str("This page reloads itself every ");
+                    seconds(o, s.refresh_seconds);
+                    let _ = write!(
+                        o,
+                        r#" to check your place, and lets you in when it is your turn. <a href="?{REFRESH_PARAM}=off">Stop reloading automatically</a>."#
+                    );
+                }
+                Part::Field(Field::NoJs) => {
+                    o.push_str(r#"JavaScript is off, so this page does not update by itself. <a href="">Check your place now</a>, at least once every "#);
+                    seconds(o, s.grace_seconds);
+                    let _ = write!(
+                        o,
+                        r#" to keep it, or <a href="?{REFRESH_PARAM}=on">reload automatically every "#
+                    );
+                    seconds(o, s.refresh_seconds);
+                    o.push_str("</a>.");
+                }
             }
         }
         out

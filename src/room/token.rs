@@ -87,9 +87,11 @@ impl Invalid {
     }
 }
 
-/// The room's signing keys: the first signs, every one verifies (rotation).
+/// The room's signing keys: the first signs, every one verifies (rotation). Each is kept as
+/// HMAC's state with the key already absorbed: every waiter's poll verifies a token, and
+/// keying HMAC anew each time doubled the hashing (two of its four SHA-256 blocks).
 #[derive(Clone)]
-pub struct Keys(Vec<Vec<u8>>);
+pub struct Keys(Vec<HmacSha256>);
 
 impl std::fmt::Debug for Keys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -101,7 +103,7 @@ impl Keys {
     /// `keys` from the config, or one random key when there are none.
     pub fn new(keys: &[Vec<u8>]) -> Keys {
         if !keys.is_empty() {
-            return Keys(keys.to_vec());
+            return Keys(keys.iter().filter_map(|k| keyed(k)).collect());
         }
         let mut k = vec![0u8; 32];
         if getrandom::fill(&mut k).is_err() {
@@ -113,12 +115,11 @@ impl Keys {
                 k = mac.finalize().into_bytes().to_vec();
             }
         }
-        Keys(vec![k])
+        Keys(keyed(&k).into_iter().collect())
     }
 
     fn mac(&self, index: usize) -> Option<HmacSha256> {
-        // HMAC takes a key of any length: this cannot fail.
-        <HmacSha256 as Mac>::new_from_slice(self.0.get(index)?).ok()
+        self.0.get(index).cloned()
     }
 
     pub fn sign(&self, room: &str, t: Token) -> String {
@@ -179,12 +180,15 @@ impl Keys {
         let issued = parse_dec(issued).ok_or(Invalid::Malformed)?;
         // The signer's key index is checked for form only (see below).
         parse_dec(kid).ok_or(Invalid::Malformed)?;
-        let tag = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(b64)
+        // Decoded on the stack: a tag longer than the buffer is malformed anyway.
+        let mut buf = [0u8; 2 * MAC_LEN];
+        let n = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode_slice(b64, &mut buf)
             .map_err(|_| Invalid::Malformed)?;
-        if tag.len() != MAC_LEN {
+        if n != MAC_LEN {
             return Err(Invalid::Malformed);
         }
+        let tag = &buf[..n];
         // Every key verifies: the signer's index is not trusted (it is just "0" today), so a
         // rotation keeps old tokens valid until the old key is removed.
         let mut known = false;
@@ -192,7 +196,7 @@ impl Keys {
             let Some(mut mac) = self.mac(i) else { continue };
             known = true;
             mac.update(body.as_bytes());
-            if mac.verify_truncated_left(&tag).is_ok() {
+            if mac.verify_truncated_left(tag).is_ok() {
                 if r != room {
                     return Err(Invalid::WrongRoom);
                 }
@@ -210,6 +214,11 @@ impl Keys {
             Invalid::UnknownKey
         })
     }
+}
+
+/// HMAC-SHA256 keyed with `key` (it takes a key of any length: this cannot fail).
+fn keyed(key: &[u8]) -> Option<HmacSha256> {
+    <HmacSha256 as Mac>::new_from_slice(key).ok()
 }
 
 fn parse_hex(s: &str) -> Option<u64> {
