@@ -4,7 +4,9 @@
 //! Run: `cargo bench --bench compare` (REPS=3 by default; ONLY=keepalive,storm2k,... to pick
 //! scenarios; TARGETS=direct,breakwater,haproxy,nginx to pick targets). Needs `haproxy`,
 //! `nginx` and `wrk` (Debian packages); a missing one is skipped and said so. TARGETS may name
-//! `alt` with BREAKWATER_ALT=/path/to/breakwater to compare two builds in one run.
+//! `alt` with BREAKWATER_ALT=/path/to/breakwater to compare two builds in one run, and
+//! `floor`: a bare proxy on the same crates (hyper server and client, tokio), the least a
+//! proxy built on them costs (compare/floor.rs).
 //! Writes a markdown table of medians and same-run ratios to target/tmp/compare.md.
 //!
 //! What it measures, per target and scenario: requests/s (wrk) or connections/s (storm), the
@@ -26,6 +28,9 @@ use breakwater::tools::storm::{self, Mode, Report};
 
 mod support;
 use support::storm_plan as plan;
+
+#[path = "compare/floor.rs"]
+mod floor;
 
 const PROXY: &str = "127.0.0.1:18000";
 const ORIGIN: &str = "127.0.0.1:18080";
@@ -117,6 +122,16 @@ fn start(target: &str) -> Option<Running> {
                     .ok()?,
             )
         }
+        // The same crates with none of Breakwater's work (compare/floor.rs): this binary
+        // again, as its own process.
+        "floor" => Some(
+            Command::new(std::env::current_exe().ok()?)
+                .env("COMPARE_FLOOR", format!("{PROXY},{ORIGIN}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .ok()?,
+        ),
         "haproxy" => {
             let t = std::fs::read_to_string(format!("{ANCHORS}/haproxy.cfg")).ok()?;
             let cfg = dir.path().join("haproxy.cfg");
@@ -364,6 +379,9 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
 }
 
 fn main() {
+    if let Ok(spec) = std::env::var("COMPARE_FLOOR") {
+        return floor::run(&spec);
+    }
     let reps: usize = std::env::var("REPS")
         .ok()
         .and_then(|r| r.parse().ok())
