@@ -21,7 +21,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -114,61 +114,29 @@ fn start(target: &str) -> Option<Running> {
             } else {
                 env!("CARGO_BIN_EXE_breakwater").to_string()
             };
-            Some(
-                Command::new(bin)
-                    .args(["run", "--config"])
-                    .arg(&cfg)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .ok()?,
-            )
+            Some(support::quiet(
+                Command::new(bin).args(["run", "--config"]).arg(&cfg),
+            )?)
         }
         // The same crates with none of Breakwater's work (compare/floor.rs): this binary
         // again, as its own process.
-        "floor" => Some(
+        "floor" => Some(support::quiet(
             Command::new(std::env::current_exe().ok()?)
-                .env("COMPARE_FLOOR", format!("{PROXY},{ORIGIN}"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .ok()?,
-        ),
+                .env("COMPARE_FLOOR", format!("{PROXY},{ORIGIN}")),
+        )?),
         "haproxy" => {
             let t = std::fs::read_to_string(format!("{ANCHORS}/haproxy.cfg")).ok()?;
             let cfg = dir.path().join("haproxy.cfg");
             std::fs::write(&cfg, render(&t, dir.path())).ok()?;
-            Some(
-                Command::new("haproxy")
-                    .args(["-db", "-f"])
-                    .arg(&cfg)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .ok()?,
-            )
+            Some(support::quiet(
+                Command::new("haproxy").args(["-db", "-f"]).arg(&cfg),
+            )?)
         }
         "nginx" => {
             let t = std::fs::read_to_string(format!("{ANCHORS}/nginx.conf")).ok()?;
             let cfg = dir.path().join("nginx.conf");
             std::fs::write(&cfg, render(&t, dir.path())).ok()?;
-            for d in ["body", "proxy", "fastcgi", "uwsgi", "scgi"] {
-                let _ = std::fs::create_dir_all(dir.path().join(d));
-            }
-            Some(
-                Command::new("nginx")
-                    .arg("-p")
-                    .arg(dir.path())
-                    .arg("-e")
-                    .arg(dir.path().join("error.log"))
-                    .arg("-c")
-                    .arg(&cfg)
-                    .args(["-g", "daemon off;"])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .ok()?,
-            )
+            Some(support::nginx(dir.path(), &cfg)?)
         }
         _ => return None,
     };

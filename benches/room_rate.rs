@@ -12,11 +12,11 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod support;
-use support::{free_port, Killed};
+use support::{free_port, quiet, Killed};
 
 /// One answer as a client sees it: its headers (lower-cased names) and body.
 struct Answer {
@@ -115,15 +115,9 @@ fn breakwater(bin: &str, dir: &std::path::Path) -> Option<(Killed, SocketAddr)> 
         ),
     )
     .ok()?;
-    let child = Killed(
-        Command::new(bin)
-            .args(["run", "--config"])
-            .arg(&cfg)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?,
-    );
+    let child = Killed(quiet(
+        Command::new(bin).args(["run", "--config"]).arg(&cfg),
+    )?);
     wait_listening(addr).then_some((child, addr))
 }
 
@@ -133,9 +127,6 @@ fn nginx(dir: &std::path::Path, page: &[u8], json: &[u8]) -> Option<(Killed, Soc
     let addr = free_port();
     let root = dir.join("www");
     std::fs::create_dir_all(&root).ok()?;
-    for d in ["body", "proxy", "fastcgi", "uwsgi", "scgi"] {
-        std::fs::create_dir_all(dir.join(d)).ok()?;
-    }
     std::fs::write(root.join("page.html"), page).ok()?;
     std::fs::write(root.join("answer.json"), json).ok()?;
     // Workers run as nobody when started by root: they must be able to read the files.
@@ -164,20 +155,7 @@ fn nginx(dir: &std::path::Path, page: &[u8], json: &[u8]) -> Option<(Killed, Soc
         ),
     )
     .ok()?;
-    let child = Killed(
-        Command::new("nginx")
-            .arg("-p")
-            .arg(dir)
-            .arg("-e")
-            .arg(dir.join("error.log"))
-            .arg("-c")
-            .arg(&conf)
-            .args(["-g", "daemon off;"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?,
-    );
+    let child = Killed(support::nginx(dir, &conf)?);
     wait_listening(addr).then_some((child, addr))
 }
 

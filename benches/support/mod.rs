@@ -126,6 +126,31 @@ impl Drop for Killed {
     }
 }
 
+/// `cmd` started with its output thrown away (a proxy under test must not block on a pipe
+/// nobody reads).
+#[allow(dead_code)]
+pub fn quiet(cmd: &mut Command) -> Option<Child> {
+    cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().ok()
+}
+
+/// nginx in the foreground with its prefix, error log, temporary folders and config in `dir`.
+#[allow(dead_code)]
+pub fn nginx(dir: &std::path::Path, conf: &std::path::Path) -> Option<Child> {
+    for d in ["body", "proxy", "fastcgi", "uwsgi", "scgi"] {
+        std::fs::create_dir_all(dir.join(d)).ok()?;
+    }
+    quiet(
+        Command::new("nginx")
+            .arg("-p")
+            .arg(dir)
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .arg("-c")
+            .arg(conf)
+            .args(["-g", "daemon off;"]),
+    )
+}
+
 /// A loopback port free a moment ago (for processes that need a fixed address).
 #[allow(dead_code)]
 pub fn free_port() -> SocketAddr {
