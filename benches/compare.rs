@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use breakwater::tools::storm::{self, Mode, Report};
 
 mod support;
-use support::storm_plan as plan;
+use support::{median, storm_plan as plan};
 
 #[path = "compare/floor.rs"]
 mod floor;
@@ -87,12 +87,8 @@ fn render(template: &str, dir: &std::path::Path) -> String {
 }
 
 fn wait_listening() -> bool {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(PROXY).is_err() {
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    if !PROXY.parse().is_ok_and(support::wait_listening) {
+        return false;
     }
     // Warm pools and workers settle.
     std::thread::sleep(Duration::from_millis(500));
@@ -338,14 +334,6 @@ fn run_one(
     // Let TIME_WAIT, queues and timers settle between runs.
     std::thread::sleep(Duration::from_secs(1));
     s
-}
-
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    Some(v[v.len() / 2])
 }
 
 fn main() {

@@ -13,10 +13,10 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 mod support;
-use support::{free_port, quiet, Killed};
+use support::{free_port, median, quiet, wait_listening, Killed};
 
 /// One answer as a client sees it: its headers (lower-cased names) and body.
 struct Answer {
@@ -51,17 +51,6 @@ fn get(addr: SocketAddr, accept: &str) -> Option<Answer> {
     Some(Answer { headers, body })
 }
 
-fn wait_listening(addr: SocketAddr) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(addr).is_err() {
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    true
-}
-
 /// Requests/s from `wrk -t2 -c64 -d4s` with `headers`, or None when wrk failed or any answer
 /// was not the one expected (wrk counts non-2xx apart; a 429 is the JSON answer's own code).
 fn wrk(url: &str, headers: &[String], code: &str) -> Option<f64> {
@@ -91,11 +80,6 @@ fn wrk(url: &str, headers: &[String], code: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix("Requests/sec:"))
         .and_then(|v| v.trim().parse().ok())
-}
-
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    v.sort_by(f64::total_cmp);
-    (!v.is_empty()).then(|| v[v.len() / 2])
 }
 
 /// A Breakwater build serving a room whose sale opens in an hour.

@@ -230,14 +230,19 @@ async fn the_origin_revokes_a_session_and_the_next_shopper_gets_the_slot() {
     // Outside the room's prefix nothing is held up.
     assert_eq!(ask(addr, "127.0.63.9", "/about", &[]).await.status, 200);
     // A walks in at once (nobody waits, a slot is free) and gets a pass.
+    // The pass cookie an answer sets (`name=value`, its attributes cut off).
+    let pass_cookie = |a: &Answer| {
+        let c = a.headers["set-cookie"]
+            .split(';')
+            .next()
+            .unwrap()
+            .to_string();
+        assert!(c.starts_with("bw_wr_drop=v1.p."), "{c}");
+        c
+    };
     let a = ask(addr, "127.0.63.1", "/checkout", &[]).await;
     assert_eq!(a.status, 200);
-    let pass = a.headers["set-cookie"]
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
-    assert!(pass.starts_with("bw_wr_drop=v1.p."), "{pass}");
+    let pass = pass_cookie(&a);
     // B finds the room full and takes a ticket.
     let b = ask(addr, "127.0.63.2", "/checkout", &[]).await;
     assert_eq!(b.status, 429);
@@ -282,12 +287,7 @@ async fn the_origin_revokes_a_session_and_the_next_shopper_gets_the_slot() {
     // B's admitted ticket, shown again (a retry) and handed to two others, opens no second
     // session: each gets the pass of B's one session, and the room still counts one inside.
     let session = |a: &Answer| {
-        let c = a.headers["set-cookie"]
-            .split(';')
-            .next()
-            .unwrap()
-            .to_string();
-        assert!(c.starts_with("bw_wr_drop=v1.p."), "{c}");
+        let c = pass_cookie(a);
         (c.split('.').nth(3).unwrap().to_string(), c)
     };
     let with_ticket = [("Breakwater-Room-Token", ticket.as_str())];

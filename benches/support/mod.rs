@@ -151,6 +151,26 @@ pub fn nginx(dir: &std::path::Path, conf: &std::path::Path) -> Option<Child> {
     )
 }
 
+/// Waits up to 10 s for `addr` to accept a connection.
+#[allow(dead_code)]
+pub fn wait_listening(addr: SocketAddr) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// The median of `v` (the upper one of an even count), None when it is empty.
+#[allow(dead_code)]
+pub fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    (!v.is_empty()).then(|| v[v.len() / 2])
+}
+
 /// A loopback port free a moment ago (for processes that need a fixed address).
 #[allow(dead_code)]
 pub fn free_port() -> SocketAddr {
