@@ -15,9 +15,11 @@
 //! probe client's p50/p99 and success (a new connection and one request every 20 ms from its
 //! own address, during storms), the proxy's CPU time per 1,000 requests (utime+stime of its
 //! process tree, from /proc), peak RSS of the process tree (sampled every 50 ms), and the
-//! origin's accepted connections. The origin (hyper, answering "ok") and the storm generator
-//! run in this process; wrk is its own process. Everything shares the machine's cores, the
-//! same way for every target.
+//! origin's accepted connections. The origin (hyper, answering "ok", on a runtime of its own)
+//! and the storm generator run in this process, the probe on a thread of its own (as a
+//! newcomer's device would be: on the generator's runtime its latency had measured the
+//! generator's run queue as much as the target); wrk is its own process. Everything shares the
+//! machine's cores, the same way for every target.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -367,8 +369,17 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    // The origin on a runtime of its own: in production it is another machine, and on the
+    // generator's runtime its answers waited behind the storm's own tasks, which made every
+    // proxy's latency depend on how hard it let the generator work.
+    let origin_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("origin")
+        .enable_all()
+        .build()
+        .expect("origin runtime");
     let accepts = Arc::new(AtomicU64::new(0));
-    rt.block_on(async {
+    origin_rt.block_on(async {
         let l = tokio::net::TcpListener::bind(ORIGIN)
             .await
             .expect("bind origin on 127.0.0.1:18080");

@@ -66,6 +66,10 @@ pub struct Admitted {
     /// The per-client slot's key, when one was taken.
     per_ip: Option<IpAddr>,
     global: GlobalSlot,
+    /// The client's open connections, this one included, when it was admitted; 0 where they
+    /// are not counted (`per_ip_max_connections` off, or an exempt client). 1 is a newcomer
+    /// (the express lane); more, a client that may be parked while the queues are full.
+    pub open_from_client: u32,
 }
 
 impl Drop for Admitted {
@@ -344,10 +348,11 @@ impl Admission {
         let client = client_under(&p, peer, addr);
         let verdict = self.decide(&p, &client);
         match verdict {
-            Ok(per_ip) => Ok(Admitted {
+            Ok((per_ip, open_from_client)) => Ok(Admitted {
                 client,
                 per_ip,
                 global,
+                open_from_client,
             }),
             Err(r) => {
                 let counter = match r {
@@ -363,6 +368,7 @@ impl Admission {
                         client,
                         per_ip: None,
                         global,
+                        open_from_client: 0,
                     });
                 }
                 counter.fetch_add(1, Ordering::Relaxed);
@@ -384,18 +390,20 @@ impl Admission {
             client: Client::new(peer, peer.ip(), self.policy.load().ipv6_prefix, true),
             per_ip: None,
             global,
+            open_from_client: 0,
         }
     }
 
     /// The per-client slot's key when one was taken.
-    fn decide(&self, p: &Policy, client: &Client) -> Result<Option<IpAddr>, Rejected> {
+    /// With it, the client's open connections now (0: not counted).
+    fn decide(&self, p: &Policy, client: &Client) -> Result<(Option<IpAddr>, u32), Rejected> {
         // Lists match the address itself (`client.addr`): an entry more specific than
         // `ipv6_prefix` (a /128 deny) must still match. The grouped key is only for counting.
         if p.deny.iter().any(|n| n.contains(&client.addr)) {
             return Err(Rejected::Deny);
         }
         if client.key.exempt {
-            return Ok(None);
+            return Ok((None, 0));
         }
         let key = client.key.ip;
         if let Some(rl) = &p.conn_rate {
@@ -406,12 +414,11 @@ impl Admission {
             }
         }
         if self.per_ip.max() == 0 {
-            return Ok(None);
+            return Ok((None, 0));
         }
-        if self.per_ip.try_take(key) {
-            Ok(Some(key))
-        } else {
-            Err(Rejected::PerIpCap)
+        match self.per_ip.take(key) {
+            Some(n) => Ok((Some(key), n)),
+            None => Err(Rejected::PerIpCap),
         }
     }
 

@@ -56,6 +56,13 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// `[runtime] worker_threads`, resolved: threads serving connections.
     pub worker_threads: usize,
+    /// `[runtime] express_connections`: connections the express lane serves at once (clients
+    /// with nothing else open, on the accept thread's own runtime); 0 = no lane, accept loops
+    /// on the main runtime.
+    pub express_connections: usize,
+    /// `[runtime] park_connections`: new connections wait accepted but unread while every
+    /// upstream's queue holds two rounds of its pool (`listener/park.rs`).
+    pub park_connections: bool,
     /// What `check` and `run` warn about: valid, but probably not what was meant.
     pub warnings: Vec<String>,
     /// `[runtime] control_socket`: where a running instance offers its listening sockets to
@@ -174,7 +181,10 @@ impl Config {
                 l.addr, l.backlog, defer, l.shards
             );
         }
-        s += &format!("runtime   worker_threads {}\n", self.worker_threads);
+        s += &format!(
+            "runtime   worker_threads {}  express_connections {}  park_connections {}\n",
+            self.worker_threads, self.express_connections, self.park_connections
+        );
         let h = &self.http;
         s += &format!(
             "http      header_read_timeout {}  idle_timeout {}  max_header_bytes {}  http2 {}  \
@@ -316,6 +326,15 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
             ))
         }
     };
+    let express_connections = *raw.runtime.express_connections.get_ref();
+    if express_connections > 100_000 {
+        return Err(err(
+            raw.runtime.express_connections.span(),
+            format!(
+                "express_connections {express_connections} is out of range: expected 0 (off) to 100000"
+            ),
+        ));
+    }
     let admin = match raw.admin {
         None => None,
         Some(a) => {
@@ -411,6 +430,8 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
         admission,
         admin,
         worker_threads,
+        express_connections,
+        park_connections: raw.runtime.park_connections,
         warnings: warnings.list.take(),
         control_socket: Some(raw.runtime.control_socket.trim())
             .filter(|p| !p.is_empty())
@@ -681,6 +702,8 @@ mod tests {
         assert_eq!(documented.upstreams, bare.upstreams);
         assert_eq!(format!("{:?}", documented.log), format!("{:?}", bare.log));
         assert_eq!(documented.worker_threads, bare.worker_threads);
+        assert_eq!(documented.express_connections, bare.express_connections);
+        assert_eq!(documented.park_connections, bare.park_connections);
         assert_eq!(documented.control_socket, bare.control_socket);
         assert_eq!(
             format!("{:?}", documented.admin),

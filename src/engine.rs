@@ -40,7 +40,7 @@ impl Generation {
                         .find(|x| *x.name == *u.name && x.cfg == *u)
                         .cloned()
                 })
-                .unwrap_or_else(|| upstream::Upstream::new(u))
+                .unwrap_or_else(|| upstream::Upstream::new(u, config.express_connections > 0))
             })
             .collect();
         let router = proxy::route::Router::new(config.routes.clone(), config.upstreams.len());
@@ -334,9 +334,15 @@ impl Engine {
         for bound in &listeners {
             frontends.push(self.frontend(bound, http2)?);
         }
+        let lanes = Arc::new(listener::lanes::Lanes::start(
+            shared.gen().config.express_connections,
+            shared.gen().config.park_connections,
+            shared.server.clone(),
+            shared.shards.clone(),
+        ));
         let mut serving = Vec::new();
         for (bound, frontend) in listeners.into_iter().zip(frontends) {
-            serving.push(start_listener(bound, frontend, &shared, &stop_rx));
+            serving.push(start_listener(bound, frontend, &shared, &lanes, &stop_rx));
         }
         if let Some(admin) = self.admin.take() {
             admin.set_nonblocking(true)?;
@@ -363,7 +369,7 @@ impl Engine {
                 _ = &mut shutdown => break,
                 Some((config, done)) = self.reload_rx.recv() => {
                     let before = shared.gen().config.fleet.clone();
-                    let mut r = self.apply(config, &mut serving, &mut health, &stop_rx);
+                    let mut r = self.apply(config, &mut serving, &mut health, (&lanes, &stop_rx));
                     // New store settings (a rotated password in redis_url_file, another
                     // namespace, other intervals or bans): the fleet task starts again with them.
                     let after = shared.gen().config.fleet.clone();
@@ -460,7 +466,7 @@ impl Engine {
         config: Config,
         serving: &mut Vec<Serving>,
         health: &mut HashMap<String, (Arc<upstream::Upstream>, tokio::task::JoinHandle<()>)>,
-        stop_rx: &watch::Receiver<bool>,
+        (lanes, stop_rx): (&Arc<listener::lanes::Lanes>, &watch::Receiver<bool>),
     ) -> Result<String, String> {
         let shared = &self.shared;
         let old = shared.gen();
@@ -511,6 +517,14 @@ impl Engine {
                 old.config.control_socket != config.control_socket,
             ),
             (
+                "[runtime] express_connections",
+                old.config.express_connections != config.express_connections,
+            ),
+            (
+                "[runtime] park_connections",
+                old.config.park_connections != config.park_connections,
+            ),
+            (
                 "[log]",
                 old.config.log.level != config.log.level
                     || old.config.log.format != config.log.format,
@@ -520,6 +534,9 @@ impl Engine {
                 notes.push(format!("{k} changed: applies after a restart or takeover"));
             }
         }
+        // The lane runs as started, and the pools keep their slice for it accordingly.
+        let mut config = config;
+        config.express_connections = old.config.express_connections;
         if old.config.log.level != config.log.level {
             match crate::telemetry::set_level(&config.log.level) {
                 Ok(()) => notes.push(format!("log level {}", config.log.level)),
@@ -532,7 +549,7 @@ impl Engine {
         sync_health(&gen, health);
         for (bound, frontend) in added {
             notes.push(format!("listening on {}", bound.local_addr));
-            serving.push(start_listener(bound, frontend, shared, stop_rx));
+            serving.push(start_listener(bound, frontend, shared, lanes, stop_rx));
         }
         serving.retain(|s| {
             let keep = gen.config.listeners.iter().any(|l| l.addr == s.config.addr);
@@ -557,17 +574,19 @@ fn start_listener(
     bound: BoundListener,
     frontend: Arc<listener::Frontend>,
     shared: &Arc<Shared>,
+    lanes: &Arc<listener::lanes::Lanes>,
     conns: &watch::Receiver<bool>,
 ) -> Serving {
     let (stop, stop_rx) = watch::channel(false);
     let addr = bound.local_addr;
     let config = bound.config.clone();
     for (shard, socket) in bound.sockets.into_iter().enumerate() {
-        tokio::spawn(listener::accept_loop(
+        lanes.accept().spawn(listener::accept_loop(
             socket,
             shard,
             frontend.clone(),
             shared.wiring.clone(),
+            lanes.clone(),
             stop_rx.clone(),
             conns.clone(),
         ));

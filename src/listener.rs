@@ -3,6 +3,8 @@
 //! skipped, resource errors (EMFILE, ENFILE, ENOBUFS, ENOMEM) back off exponentially up to a
 //! small cap and are logged at most once a second.
 
+pub mod lanes;
+pub mod park;
 pub mod proxy_protocol;
 pub mod sockopt;
 pub mod stats;
@@ -165,6 +167,7 @@ pub async fn accept_loop(
     shard: usize,
     frontend: Arc<Frontend>,
     wiring: Arc<Wiring>,
+    lanes: Arc<lanes::Lanes>,
     mut stop: watch::Receiver<bool>,
     shutdown: watch::Receiver<bool>,
 ) {
@@ -229,8 +232,7 @@ pub async fn accept_loop(
                                 socket,
                                 (peer, listen_addr),
                                 slot,
-                                &frontend,
-                                &wiring,
+                                (&frontend, &wiring, &lanes),
                                 &shutdown,
                             );
                         } else {
@@ -247,7 +249,13 @@ pub async fn accept_loop(
                         Ok(mut admitted) => {
                             admitted.client.local = listen_addr;
                             counters.accepted.fetch_add(1, Ordering::Relaxed);
-                            serve(socket, peer, admitted, &frontend, &wiring, &shutdown)
+                            serve(
+                                socket,
+                                peer,
+                                admitted,
+                                (&frontend, &wiring, &lanes),
+                                &shutdown,
+                            )
                         }
                         Err(_) => {
                             counters.refused.fetch_add(1, Ordering::Relaxed);
@@ -307,26 +315,34 @@ fn register(socket: Socket, peer: SocketAddr) -> Option<TcpStream> {
     }
 }
 
+/// What a connection is handed to: its listener's frontend, the wiring, and the lanes it may
+/// run on.
+type Handoff<'a> = (&'a Arc<Frontend>, &'a Arc<Wiring>, &'a Arc<lanes::Lanes>);
+
 fn serve(
     socket: Socket,
     peer: SocketAddr,
     admitted: Admitted,
-    frontend: &Arc<Frontend>,
-    wiring: &Arc<Wiring>,
+    (frontend, wiring, lanes): Handoff<'_>,
     shutdown: &watch::Receiver<bool>,
 ) {
-    let Some(stream) = register(socket, peer) else {
-        return;
-    };
     let client = admitted.client;
-    tokio::spawn(crate::conn::serve(
-        stream,
-        client,
-        admitted,
+    let (tls, server, shutdown) = (
         frontend.tls.clone(),
         wiring.server.clone(),
         shutdown.clone(),
-    ));
+    );
+    // Registered with the reactor of the runtime it runs on, so inside its task.
+    lanes.spawn(
+        admitted.open_from_client,
+        Some(client.key),
+        move || async move {
+            let Some(stream) = register(socket, peer) else {
+                return;
+            };
+            crate::conn::serve(stream, client, admitted, tls, server, shutdown).await
+        },
+    );
 }
 
 /// A connection from a trusted balancer: read its PROXY header (within the timeout), admit the
@@ -336,18 +352,18 @@ fn serve_proxied(
     socket: Socket,
     (peer, local): (SocketAddr, SocketAddr),
     slot: GlobalSlot,
-    frontend: &Arc<Frontend>,
-    wiring: &Arc<Wiring>,
+    (frontend, wiring, lanes): Handoff<'_>,
     shutdown: &watch::Receiver<bool>,
 ) {
-    let Some(mut stream) = register(socket, peer) else {
-        return;
-    };
     let Some(pp) = frontend.proxy_protocol.clone() else {
         return;
     };
     let (frontend, wiring, shutdown) = (frontend.clone(), wiring.clone(), shutdown.clone());
-    tokio::spawn(async move {
+    // The client is not known until its header is read: the main runtime, never parked.
+    lanes.spawn(0, None, move || async move {
+        let Some(mut stream) = register(socket, peer) else {
+            return;
+        };
         let admission = &wiring.admission;
         let header = tokio::time::timeout(
             pp.timeout,

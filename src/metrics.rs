@@ -238,6 +238,36 @@ impl prometheus_client::collector::Collector for Snapshot {
             "Requests answered 429 for per_ip_request_rate.",
             vec![(vec![], load(&s.requests_limited))],
         )?;
+        counter(
+            &mut enc,
+            "breakwater_express_connections",
+            "Client connections served on the express lane (clients with nothing else open).",
+            vec![(vec![], load(&self.shards.express_served))],
+        )?;
+        gauge(
+            &mut enc,
+            "breakwater_express_open_connections",
+            "Client connections on the express lane now.",
+            vec![(
+                vec![],
+                self.shards.express_open.load(Ordering::Relaxed) as i64,
+            )],
+        )?;
+        counter(
+            &mut enc,
+            "breakwater_connections_parked",
+            "Client connections that waited accepted but unread while the origin queues were full.",
+            vec![(vec![], load(&self.shards.parked))],
+        )?;
+        gauge(
+            &mut enc,
+            "breakwater_parked_connections",
+            "Client connections waiting accepted but unread now.",
+            vec![(
+                vec![],
+                self.shards.parked_now.load(Ordering::Relaxed) as i64,
+            )],
+        )?;
         gauge(
             &mut enc,
             "breakwater_limiter_keys",

@@ -24,6 +24,7 @@
 pub mod body;
 mod checks;
 mod exchange;
+pub mod express;
 pub mod health;
 mod lease;
 pub mod pool;
@@ -102,6 +103,8 @@ pub struct UpstreamStats {
     pub paced_connects: AtomicU64,
     /// Requests sent while every server was ejected (panic mode).
     pub panic_requests: AtomicU64,
+    /// Requests in the queue as of the last change (read without the lock, by parking).
+    pub queued: AtomicUsize,
     /// Smoothed queue wait (µs) of queued requests, and when it last changed (ms since epoch).
     pub queue_wait_ewma_us: AtomicU64,
     pub queue_wait_at_ms: AtomicU64,
@@ -123,6 +126,7 @@ impl Default for UpstreamStats {
             cancel_closed: AtomicU64::new(0),
             paced_connects: AtomicU64::new(0),
             panic_requests: AtomicU64::new(0),
+            queued: AtomicUsize::new(0),
             queue_wait_ewma_us: AtomicU64::new(0),
             queue_wait_at_ms: AtomicU64::new(0),
             epoch: std::time::Instant::now(),
@@ -187,6 +191,8 @@ pub struct Upstream {
     state: Mutex<State>,
     next_conn: AtomicU64,
     rr: AtomicUsize,
+    /// Requests all servers' connections carry at once (pool_max × servers × streams).
+    capacity: usize,
     /// Busy connections (or h2c streams) one client address may hold.
     client_cap: usize,
     /// ... and one client connection (its HTTP/2 streams).
@@ -203,6 +209,10 @@ pub struct Upstream {
     /// The one panic-mode request that may be in flight (every server ejected: `send_panic`).
     panic: Arc<tokio::sync::Semaphore>,
     panic_next: Mutex<Instant>,
+    /// Origin connections per server kept for the express lane while it runs (`express.rs`).
+    express_slice: usize,
+    /// The runtime pooled connections are opened and driven on, whichever thread asks.
+    spawner: Option<tokio::runtime::Handle>,
     /// Connect failures and failed requests are logged at most once a second each.
     connect_failure_log: crate::telemetry::Sampled,
     pub request_failure_log: crate::telemetry::Sampled,
@@ -232,7 +242,9 @@ struct Failed {
 }
 
 impl Upstream {
-    pub fn new(cfg: &UpstreamConfig) -> Arc<Upstream> {
+    /// `lane`: an express lane runs (`[runtime] express_connections`), so the pool keeps its
+    /// slice of connections for it.
+    pub fn new(cfg: &UpstreamConfig, lane: bool) -> Arc<Upstream> {
         let streams = match cfg.protocol {
             UpstreamProtocol::Http1 => 1,
             UpstreamProtocol::H2c => pool::H2_STREAMS,
@@ -263,6 +275,7 @@ impl Upstream {
             }),
             next_conn: AtomicU64::new(1),
             rr: AtomicUsize::new(0),
+            capacity,
             client_cap,
             conn_cap,
             share_exempt: cfg.pool_share_exempt.clone(),
@@ -277,6 +290,8 @@ impl Upstream {
             health_wake: tokio::sync::Notify::new(),
             panic: Arc::new(tokio::sync::Semaphore::new(1)),
             panic_next: Mutex::new(Instant::now()),
+            express_slice: express::slice(cfg, lane),
+            spawner: tokio::runtime::Handle::try_current().ok(),
             connect_failure_log: crate::telemetry::Sampled::new(std::time::Duration::from_secs(1)),
             request_failure_log: crate::telemetry::Sampled::new(std::time::Duration::from_secs(1)),
             cfg: cfg.clone(),
@@ -323,9 +338,9 @@ impl Upstream {
             || self.share_exempt.iter().any(|n| n.contains(&a.key.ip))
     }
 
-    fn checkout(&self, st: &mut State, client: Asker) -> Option<Granted> {
+    fn checkout(&self, st: &mut State, client: Asker, express: bool) -> Option<Granted> {
         for i in self.order(st) {
-            if let Some((conn, tx, reused)) = st.slots[i].checkout() {
+            if let Some((conn, tx, reused)) = st.slots[i].checkout(express) {
                 st.slots[i].busy += 1;
                 *st.busy_by_client.entry(client.key.ip).or_insert(0) += 1;
                 *st.busy_by_conn.entry(client.conn).or_insert(0) += 1;
@@ -368,6 +383,18 @@ impl Upstream {
     /// A connection for a request from `client`: at once when one has room and nobody waits,
     /// else through the queue.
     pub async fn acquire(&self, client: Asker) -> Result<Lease, UpstreamError> {
+        if self.express_slice() > 0 && express::on_lane() {
+            match self.take_express(client) {
+                express::Express::Lease(lease) => return Ok(lease),
+                // Boxed: a connect is rare, and its state would size every request's future.
+                express::Express::Open(server) => {
+                    if let Some(lease) = Box::pin(self.open_express(server, client)).await {
+                        return Ok(lease);
+                    }
+                }
+                express::Express::Neither => {}
+            }
+        }
         let rx = {
             let mut st = self.lock();
             if !self.servers.iter().any(|s| s.health.is_healthy()) {
@@ -375,7 +402,7 @@ impl Upstream {
             }
             let under_cap = self.under_cap(&st, client);
             if st.queue.is_empty() && under_cap {
-                if let Some(g) = self.checkout(&mut st, client) {
+                if let Some(g) = self.checkout(&mut st, client, false) {
                     drop(st);
                     return Ok(self.lease(g, client));
                 }
@@ -426,6 +453,11 @@ impl Upstream {
     /// Hands connections with room to eligible waiters, then opens connections (up to
     /// `pool_max`) for those still waiting. Called whenever capacity may have appeared.
     fn dispatch(&self, st: &mut State) {
+        self.dispatch_waiters(st);
+        self.stats.queued.store(st.queue.len(), Ordering::Relaxed);
+    }
+
+    fn dispatch_waiters(&self, st: &mut State) {
         while !st.queue.is_empty() {
             let any_room = (0..self.servers.len())
                 .any(|i| self.servers[i].health.is_healthy() && st.slots[i].has_room());
@@ -445,7 +477,7 @@ impl Upstream {
                 key,
                 conn: waiter.conn,
             };
-            let Some(g) = self.checkout(st, client) else {
+            let Some(g) = self.checkout(st, client, false) else {
                 st.queue.push(key, waiter);
                 break;
             };
@@ -462,8 +494,9 @@ impl Upstream {
         };
         // At pool_max everywhere (a storm) nothing can be opened: skip counting waiters, which
         // walks every queued client, under the lock, on every release.
+        let main_max = self.main_max();
         let can_open = (0..self.servers.len())
-            .any(|i| self.servers[i].health.is_healthy() && st.slots[i].open < self.cfg.pool_max);
+            .any(|i| self.servers[i].health.is_healthy() && st.slots[i].main_open() < main_max);
         if !can_open {
             return;
         }
@@ -490,7 +523,7 @@ impl Upstream {
         let connecting: usize = st.slots.iter().map(|s| s.connecting).sum();
         let mut need = eligible.div_ceil(per_conn).saturating_sub(connecting);
         for i in self.order(st) {
-            while need > 0 && st.slots[i].open < self.cfg.pool_max {
+            while need > 0 && st.slots[i].main_open() < main_max {
                 if !st.slots[i].take_connect_token(self.cfg.max_connect_rate) {
                     // Paced: the pool maintenance (4 times a second) tries again.
                     self.stats.paced_connects.fetch_add(1, Ordering::Relaxed);
@@ -506,11 +539,11 @@ impl Upstream {
     /// connect the server is left alone for a second: a restarting origin is not hammered, and
     /// the active checks judge it meanwhile.
     fn refill(&self, st: &mut State) {
-        let want = self.cfg.pool_min_idle.min(self.cfg.pool_max);
+        let want = self.cfg.pool_min_idle.min(self.main_max());
         let now = Instant::now();
         for i in 0..self.servers.len() {
             if self.servers[i].health.is_healthy() && st.slots[i].refill_after <= now {
-                while st.slots[i].open < want {
+                while st.slots[i].main_open() < want {
                     if !st.slots[i].take_connect_token(self.cfg.max_connect_rate) {
                         self.stats.paced_connects.fetch_add(1, Ordering::Relaxed);
                         break;
@@ -525,13 +558,19 @@ impl Upstream {
         st.slots[server].open += 1;
         st.slots[server].connecting += 1;
         let up = self.arc();
-        tokio::spawn(async move {
+        // On the main runtime even when an express-lane task asked (a release or a queued
+        // request there): a pool connection is driven where it was opened.
+        let connect = async move {
             let addr = up.servers[server].addr.clone();
             let preface = up.local_preface();
             let result =
                 pool::connect(&addr, up.cfg.protocol, up.cfg.connect_timeout, &preface).await;
             up.connected(server, purpose, result);
-        });
+        };
+        match &self.spawner {
+            Some(main) => drop(main.spawn(connect)),
+            None => drop(tokio::spawn(connect)),
+        }
     }
 
     fn connected(
@@ -557,7 +596,7 @@ impl Upstream {
                 tokio::spawn(async move {
                     drive.await;
                     if let Some(up) = up.upgrade() {
-                        up.closed(server, id);
+                        up.closed(server, id, false);
                     }
                 });
                 self.servers[server]
@@ -573,6 +612,7 @@ impl Upstream {
                     in_use: 0,
                     requests: 0,
                     idle_since: Instant::now(),
+                    express: false,
                 });
                 self.dispatch(&mut st);
             }
@@ -621,10 +661,13 @@ impl Upstream {
     }
 
     /// A connection's socket closed (origin closed it, or we retired it).
-    fn closed(&self, server: usize, id: u64) {
+    fn closed(&self, server: usize, id: u64, express: bool) {
         let mut st = self.lock();
         debug_assert!(st.slots[server].open > 0, "a connection closed twice");
         st.slots[server].open = st.slots[server].open.saturating_sub(1);
+        if express {
+            st.slots[server].express_open = st.slots[server].express_open.saturating_sub(1);
+        }
         st.slots[server].remove(id);
         self.refill(&mut st);
         self.dispatch(&mut st);
@@ -648,6 +691,12 @@ impl Upstream {
             !self.servers[i].health.is_healthy()
                 || st.slots[i].entries.len() >= keep.min(self.cfg.pool_max)
         })
+    }
+
+    /// How many more queued requests this upstream takes before new connections are parked
+    /// (`listener/park.rs`): two rounds of its connections wait at most.
+    pub fn queue_room(&self) -> usize {
+        (2 * self.capacity).saturating_sub(self.stats.queued.load(Ordering::Relaxed))
     }
 
     /// Keeps a smoothed recent queue wait (for the waiting room's origin guard).

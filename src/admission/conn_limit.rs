@@ -35,12 +35,17 @@ impl ConnLimit {
 
     /// Takes a slot for `key`; false at the cap. Pair every `true` with one `release`.
     pub fn try_take(&self, key: IpAddr) -> bool {
+        self.take(key).is_some()
+    }
+
+    /// `try_take` that also says how many `key` holds now, this one included.
+    pub fn take(&self, key: IpAddr) -> Option<u32> {
         let mut n = self.open.entry(key).or_insert(0);
         if *n >= self.max.load(Ordering::Relaxed) {
-            return false;
+            return None;
         }
         *n += 1;
-        true
+        Some(*n)
     }
 
     pub fn release(&self, key: IpAddr) {

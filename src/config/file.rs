@@ -129,6 +129,10 @@ pub struct FileRuntime {
     pub worker_threads: Spanned<usize>,
     #[serde(default = "default_control_socket")]
     pub control_socket: String,
+    #[serde(default = "default_express_connections")]
+    pub express_connections: Spanned<usize>,
+    #[serde(default = "default_park_connections")]
+    pub park_connections: bool,
 }
 
 impl Default for FileRuntime {
@@ -136,6 +140,8 @@ impl Default for FileRuntime {
         FileRuntime {
             worker_threads: default_shards(),
             control_socket: default_control_socket(),
+            express_connections: default_express_connections(),
+            park_connections: true,
         }
     }
 }
@@ -587,6 +593,12 @@ fn default_max_client_share() -> Spanned<f64> {
 }
 fn default_max_connection_share() -> Spanned<f64> {
     Spanned::new(0..0, DEFAULT_MAX_CONNECTION_SHARE)
+}
+fn default_park_connections() -> bool {
+    true
+}
+fn default_express_connections() -> Spanned<usize> {
+    Spanned::new(0..0, 64)
 }
 fn default_control_socket() -> String {
     DEFAULT_CONTROL_SOCKET.to_string()

@@ -2,7 +2,7 @@
 //! own, so counting costs no shared cache line on the accept path.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// One accept loop's counters.
@@ -24,9 +24,17 @@ impl ShardStats {
     }
 }
 
-/// Every accept loop's counters, registered as the loops start.
+/// Every accept loop's counters, registered as the loops start, and the express lane's.
 #[derive(Debug, Default)]
-pub struct Shards(Mutex<Vec<Arc<ShardStats>>>);
+pub struct Shards {
+    loops: Mutex<Vec<Arc<ShardStats>>>,
+    /// Connections served on the express lane since start, and open there now.
+    pub express_served: AtomicU64,
+    pub express_open: AtomicUsize,
+    /// Connections parked since start, and parked now (`park.rs`).
+    pub parked: AtomicU64,
+    pub parked_now: AtomicUsize,
+}
 
 impl Shards {
     /// Counters for a new accept loop.
@@ -43,7 +51,7 @@ impl Shards {
             refused: AtomicU64::new(0),
             socket: Arc::downgrade(socket),
         });
-        self.0
+        self.loops
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(s.clone());
@@ -51,7 +59,7 @@ impl Shards {
     }
 
     pub fn all(&self) -> Vec<Arc<ShardStats>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.loops.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Connections admitted since start, all shards.

@@ -100,6 +100,8 @@ pub struct Entry {
     pub in_use: usize,
     pub requests: u64,
     pub idle_since: Instant,
+    /// Driven on the express lane's thread and lent only to its requests (`upstream/express.rs`).
+    pub express: bool,
 }
 
 impl Entry {
@@ -130,6 +132,8 @@ pub struct Slots {
     pub entries: Vec<Entry>,
     /// Connecting + established, until each connection's socket is closed.
     pub open: usize,
+    /// Of `open`, those of the express lane.
+    pub express_open: usize,
     pub connecting: usize,
     /// Requests holding a connection of this server now.
     pub busy: usize,
@@ -147,6 +151,7 @@ impl Default for Slots {
         Slots {
             entries: Vec::new(),
             open: 0,
+            express_open: 0,
             connecting: 0,
             busy: 0,
             max_requests: 0,
@@ -172,17 +177,29 @@ impl Slots {
         }
     }
 
-    /// The most recently used connection with room for a request: its id, a sender, and
-    /// whether it carried requests before.
-    pub fn checkout(&mut self) -> Option<(u64, Sender, bool)> {
+    /// The most recently used connection of the lane asked for (`express`) with room for a
+    /// request: its id, a sender, and whether it carried requests before.
+    pub fn checkout(&mut self, express: bool) -> Option<(u64, Sender, bool)> {
         let max = self.max_requests;
-        let e = self.entries.iter_mut().rev().find(|e| e.usable(max))?;
+        let e = self
+            .entries
+            .iter_mut()
+            .rev()
+            .find(|e| e.express == express && e.usable(max))?;
         let tx = e.lend()?;
         Some((e.id, tx, e.requests > 1))
     }
 
+    /// Whether a connection the queue may be given (not the express lane's) has room.
     pub fn has_room(&self) -> bool {
-        self.entries.iter().any(|e| e.usable(self.max_requests))
+        self.entries
+            .iter()
+            .any(|e| !e.express && e.usable(self.max_requests))
+    }
+
+    /// Open connections that are not the express lane's.
+    pub fn main_open(&self) -> usize {
+        self.open.saturating_sub(self.express_open)
     }
 
     pub fn idle(&self) -> usize {

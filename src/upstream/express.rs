@@ -1,0 +1,165 @@
+//! The express lane's slice of the pool: a few origin connections per server opened and driven
+//! on the lane's own thread (`listener/lanes.rs`) and lent only to its requests, so a newcomer
+//! during a storm neither waits for the storm's connections to come free nor has its response
+//! read by the busy main runtime. They count in `pool_max` like any other (the main pool gets
+//! the rest), are opened when a lane request first finds none free, and are reaped when idle
+//! like the rest.
+
+use std::cell::Cell;
+
+use super::*;
+
+thread_local! {
+    /// Set on the lane's own thread (by `listener/lanes.rs`). Its runtime is single-threaded
+    /// and runs nothing else, so "on this thread" is exactly "a task of the express lane": the
+    /// pool asks this instead of every request carrying a flag from accept to here.
+    static ON_LANE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks the calling thread as the express lane's.
+pub fn mark_lane_thread() {
+    ON_LANE.with(|c| c.set(true));
+}
+
+/// Whether the caller is a task of the express lane.
+pub(super) fn on_lane() -> bool {
+    ON_LANE.with(Cell::get)
+}
+
+/// Express connections per server when the lane is on (`lane`): two where the pool is big
+/// enough to spare them (`pool_max` 16 or more), none for h2c (one connection already
+/// carries many streams) or `send_proxy_protocol` (every request gets a connection of its own
+/// there).
+pub(super) fn slice(cfg: &UpstreamConfig, lane: bool) -> usize {
+    let pooled = cfg.protocol == UpstreamProtocol::Http1 && cfg.send_proxy_protocol.is_none();
+    if lane && pooled {
+        if cfg.pool_max >= 16 {
+            2
+        } else {
+            0
+        }
+    } else {
+        0
+    }
+}
+
+/// What `take_express` found.
+pub(super) enum Express {
+    Lease(Lease),
+    /// Room in the slice on this server, counted: a connection is to be opened there.
+    Open(usize),
+    Neither,
+}
+
+/// Undoes the counts of an express connect that did not finish (failed, or its request was
+/// dropped while connecting).
+struct Opening<'a> {
+    up: &'a Upstream,
+    server: usize,
+    done: bool,
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut st = self.up.lock();
+        let slots = &mut st.slots[self.server];
+        slots.connecting = slots.connecting.saturating_sub(1);
+        slots.open = slots.open.saturating_sub(1);
+        slots.express_open = slots.express_open.saturating_sub(1);
+    }
+}
+
+impl Upstream {
+    pub(super) fn express_slice(&self) -> usize {
+        self.express_slice
+    }
+
+    /// What the main pool may open per server.
+    pub(super) fn main_max(&self) -> usize {
+        self.cfg.pool_max.saturating_sub(self.express_slice())
+    }
+
+    /// A connection for an express-lane request: a free express connection; else a free
+    /// connection of the main pool when nobody queues for one (no storm: no express connection
+    /// is opened at all); else room in the slice for a new express connection, counted here
+    /// and opened by `open_express`. `Neither` sends the request the ordinary way (the fair
+    /// queue, where it counts as a newcomer).
+    pub(super) fn take_express(&self, client: Asker) -> Express {
+        let mut st = self.lock();
+        if !self.under_cap(&st, client) {
+            return Express::Neither;
+        }
+        if let Some(g) = self.checkout(&mut st, client, true) {
+            return Express::Lease(self.lease(g, client));
+        }
+        if st.queue.is_empty() {
+            if let Some(g) = self.checkout(&mut st, client, false) {
+                return Express::Lease(self.lease(g, client));
+            }
+        }
+        let slice = self.express_slice();
+        let Some(server) = self
+            .order(&st)
+            .into_iter()
+            .find(|&i| st.slots[i].express_open < slice && st.slots[i].open < self.cfg.pool_max)
+        else {
+            return Express::Neither;
+        };
+        let slots = &mut st.slots[server];
+        slots.open += 1;
+        slots.connecting += 1;
+        slots.express_open += 1;
+        Express::Open(server)
+    }
+
+    /// Opens the express connection `take_express` counted on `server`, for `client`'s request.
+    pub(super) async fn open_express(&self, server: usize, client: Asker) -> Option<Lease> {
+        let mut opening = Opening {
+            up: self,
+            server,
+            done: false,
+        };
+        let addr = self.servers[server].addr.clone();
+        let preface = self.local_preface();
+        let (tx, drive) =
+            match pool::connect(&addr, self.cfg.protocol, self.cfg.connect_timeout, &preface).await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    // The ordinary path reports it, if the server is really down.
+                    self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(upstream = %self.name, server = %addr, error = %e,
+                        "express-lane origin connect failed");
+                    return None;
+                }
+            };
+        self.stats.connects.fetch_add(1, Ordering::Relaxed);
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let up = self.me.clone();
+        // On the lane's runtime: this task runs there.
+        tokio::spawn(async move {
+            drive.await;
+            if let Some(up) = up.upgrade() {
+                up.closed(server, id, true);
+            }
+        });
+        let mut st = self.lock();
+        opening.done = true;
+        let slots = &mut st.slots[server];
+        slots.connecting = slots.connecting.saturating_sub(1);
+        slots.entries.push(pool::Entry {
+            id,
+            tx: Some(tx),
+            in_use: 0,
+            requests: 0,
+            idle_since: Instant::now(),
+            express: true,
+        });
+        let g = self.checkout(&mut st, client, true)?;
+        drop(st);
+        Some(self.lease(g, client))
+    }
+}

@@ -1,0 +1,261 @@
+//! Where a connection waits and runs. The express lane: a client with nothing else open is
+//! served on the accept thread's own runtime, with a slice of the pool kept for it, so a storm
+//! that holds every other origin connection does not make a newcomer wait for one. Parking:
+//! while the queue holds two rounds of the pool, new connections wait accepted but unread.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::Response;
+use support::*;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
+
+/// An origin where `/hold` answers only once `release` is set, and anything else at once.
+async fn holding_origin() -> (Origin, watch::Sender<bool>) {
+    let (release, rx) = watch::channel(false);
+    let origin = origin(Arc::new(
+        move |req: hyper::Request<hyper::body::Incoming>| {
+            let mut rx = rx.clone();
+            Box::pin(async move {
+                if req.uri().path() == "/hold" {
+                    let _ = rx.wait_for(|r| *r).await;
+                }
+                Response::new(full("ok"))
+            })
+        },
+    ))
+    .await;
+    (origin, release)
+}
+
+fn config(origin: SocketAddr, express: usize) -> String {
+    config_with(
+        origin,
+        &format!("express_connections = {express}"),
+        16,
+        "20s",
+    )
+}
+
+fn config_with(origin: SocketAddr, runtime: &str, pool_max: usize, queue_timeout: &str) -> String {
+    format!(
+        "[[listeners]]\naddr = \"127.0.0.1:0\"\nshards = 2\n\n\
+         [runtime]\n{runtime}\n\n\
+         [admission]\nper_ip_rate = 0\nper_ip_max_connections = 100\n\n\
+         [log]\naccess_log = false\n\n\
+         [upstreams.app]\nservers = [\"{origin}\"]\npool_min_idle = 2\npool_max = {pool_max}\n\
+         max_client_share = 1.0\nmax_connection_share = 1.0\nqueue_timeout = \"{queue_timeout}\"\n"
+    )
+}
+
+/// One address (127.0.0.5) pins the pool: an open keep-alive connection first, so that its
+/// others are not newcomers, then `n` requests to `/hold`. Returns their tasks.
+async fn pin_the_pool(
+    addr: SocketAddr,
+    n: usize,
+) -> (tokio::net::TcpStream, tokio::task::JoinSet<Option<u16>>) {
+    let mut anchor = connect_from("127.0.0.5", addr).await.expect("connect");
+    assert_eq!(request_on(&mut anchor, "/").await, Some(200));
+    let mut held = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        held.spawn(async move {
+            let mut s = connect_from("127.0.0.5", addr).await.ok()?;
+            s.write_all(b"GET /hold HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .ok()?;
+            let head = tokio::time::timeout(Duration::from_secs(30), read_head(&mut s))
+                .await
+                .ok()?
+                .ok()?;
+            head.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+        });
+    }
+    (anchor, held)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newcomer_is_served_while_a_storm_holds_every_other_origin_connection() {
+    let (origin, release) = holding_origin().await;
+    let proxy = Proxy::start(&config(origin.addr, 64)).await;
+    // 20 held requests: the main pool's 14 connections (16 less the lane's 2) are all busy
+    // and 6 requests queue.
+    let (_anchor, mut held) = pin_the_pool(proxy.addr, 20).await;
+    assert!(
+        eventually(Duration::from_secs(5), || proxy.busy() == 14
+            && proxy.queued() == 6)
+        .await,
+        "the storm should hold 14 connections and queue 6 (busy {}, queued {})",
+        proxy.busy(),
+        proxy.queued()
+    );
+    let t = Instant::now();
+    let got = try_get_from("127.0.0.9", proxy.addr).await;
+    let took = t.elapsed();
+    assert_eq!(got, Some(200), "the newcomer is served");
+    assert!(took < Duration::from_secs(3), "served in {took:?}");
+    // ... on a connection of the lane's slice, within pool_max; the storm still waits.
+    assert!(origin.max_open() <= 16, "origin saw {}", origin.max_open());
+    assert_eq!(proxy.queued(), 6, "the storm's queue is untouched");
+    // The lane served the anchor (nothing else open from 127.0.0.5 then) and the newcomer;
+    // none of the storm's held requests.
+    assert_eq!(proxy.metric("breakwater_express_connections_total"), 2.0);
+    release.send_replace(true);
+    while let Some(r) = held.join_next().await {
+        assert_eq!(r.expect("task"), Some(200));
+    }
+    assert!(origin.max_open() <= 16, "origin saw {}", origin.max_open());
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_lane_the_newcomer_waits_for_the_storm() {
+    let (origin, release) = holding_origin().await;
+    let proxy = Proxy::start(&config(origin.addr, 0)).await;
+    // All 16 connections are the main pool's now: 20 held requests fill them and queue 4.
+    let (_anchor, mut held) = pin_the_pool(proxy.addr, 20).await;
+    assert!(
+        eventually(Duration::from_secs(5), || proxy.busy() == 16
+            && proxy.queued() == 4)
+        .await,
+        "busy {}, queued {}",
+        proxy.busy(),
+        proxy.queued()
+    );
+    let newcomer = tokio::spawn(try_get_from("127.0.0.9", proxy.addr));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !newcomer.is_finished(),
+        "no connection came free: it must still wait"
+    );
+    release.send_replace(true);
+    assert_eq!(newcomer.await.expect("task"), Some(200));
+    while let Some(r) = held.join_next().await {
+        assert_eq!(r.expect("task"), Some(200));
+    }
+    assert_eq!(proxy.metric("breakwater_express_connections_total"), 0.0);
+    proxy.stop().await;
+}
+
+/// `n` connections from 127.0.0.5 (after an anchor, so none is a newcomer), each asking for
+/// `/hold`, their statuses in the tasks.
+async fn held_requests(addr: SocketAddr, n: usize) -> tokio::task::JoinSet<Option<u16>> {
+    let mut held = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        held.spawn(async move {
+            let mut s = connect_from("127.0.0.5", addr).await.ok()?;
+            s.write_all(b"GET /hold HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .ok()?;
+            let head = tokio::time::timeout(Duration::from_secs(30), read_head(&mut s))
+                .await
+                .ok()?
+                .ok()?;
+            head.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+        });
+    }
+    held
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_queue_full_new_connections_wait_unread_and_are_all_served_in_turn() {
+    let (origin, release) = holding_origin().await;
+    // Pool of 2: parking starts once 4 requests queue (two rounds). No express lane, so every
+    // connection takes the ordinary way.
+    let proxy = Proxy::start(&config_with(
+        origin.addr,
+        "express_connections = 0",
+        2,
+        "20s",
+    ))
+    .await;
+    let (_anchor, mut first) = pin_the_pool(proxy.addr, 6).await;
+    assert!(
+        eventually(Duration::from_secs(5), || proxy.busy() == 2
+            && proxy.queued() == 4)
+        .await,
+        "busy {}, queued {}",
+        proxy.busy(),
+        proxy.queued()
+    );
+    let mut more = held_requests(proxy.addr, 10).await;
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            proxy.metric("breakwater_parked_connections") == 10.0
+        })
+        .await,
+        "the next 10 connections are parked (gauge {})",
+        proxy.metric("breakwater_parked_connections")
+    );
+    // Unread: none of them reached the queue.
+    assert_eq!(proxy.queued(), 4);
+    release.send_replace(true);
+    while let Some(r) = first.join_next().await {
+        assert_eq!(r.expect("task"), Some(200));
+    }
+    while let Some(r) = more.join_next().await {
+        assert_eq!(r.expect("task"), Some(200), "a parked connection is served");
+    }
+    assert_eq!(proxy.metric("breakwater_parked_connections"), 0.0);
+    assert_eq!(proxy.metric("breakwater_connections_parked_total"), 10.0);
+    assert!(origin.max_open() <= 2);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_connection_meets_the_queue_after_two_seconds_and_gets_its_503() {
+    let (origin, release) = holding_origin().await;
+    let proxy = Proxy::start(&config_with(
+        origin.addr,
+        "express_connections = 0",
+        2,
+        "1s",
+    ))
+    .await;
+    // Held for good: the queue stays full.
+    let (_anchor, _first) = pin_the_pool(proxy.addr, 6).await;
+    assert!(eventually(Duration::from_secs(5), || proxy.queued() >= 4).await);
+    let t = Instant::now();
+    let mut parked = held_requests(proxy.addr, 1).await;
+    let got = parked.join_next().await.expect("one").expect("task");
+    let took = t.elapsed();
+    // Parked at most 2 s, then read and queued behind the stuck requests for queue_timeout.
+    assert_eq!(got, Some(503), "not a hang: the queue's answer");
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(8),
+        "answered after {took:?}"
+    );
+    assert_eq!(proxy.metric("breakwater_connections_parked_total"), 1.0);
+    release.send_replace(true);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_parking_every_connection_is_read_into_the_queue() {
+    let (origin, release) = holding_origin().await;
+    let proxy = Proxy::start(&config_with(
+        origin.addr,
+        "express_connections = 0\npark_connections = false",
+        2,
+        "20s",
+    ))
+    .await;
+    let (_anchor, mut first) = pin_the_pool(proxy.addr, 16).await;
+    assert!(
+        eventually(Duration::from_secs(5), || proxy.busy() == 2
+            && proxy.queued() == 14)
+        .await,
+        "busy {}, queued {}",
+        proxy.busy(),
+        proxy.queued()
+    );
+    assert_eq!(proxy.metric("breakwater_connections_parked_total"), 0.0);
+    release.send_replace(true);
+    while let Some(r) = first.join_next().await {
+        assert_eq!(r.expect("task"), Some(200));
+    }
+    proxy.stop().await;
+}
