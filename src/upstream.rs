@@ -689,7 +689,7 @@ impl Upstream {
         self.dispatch(&mut st);
         (0..self.servers.len()).all(|i| {
             !self.servers[i].health.is_healthy()
-                || st.slots[i].entries.len() >= keep.min(self.cfg.pool_max)
+                || st.slots[i].entries.len() >= keep.min(self.main_max())
         })
     }
 
