@@ -3,7 +3,7 @@
 //! reloads: a new generation is swapped in whole for new connections and new requests, while
 //! what is in flight finishes on the one it started with.
 //!
-//! Why this file is ~720 lines (about 90 of them the future-size test): it is the one module
+//! Why this file is ~740 lines (about 90 of them the future-size test): it is the one module
 //! that sees every stage (the wiring, the generation swap on reload, shutdown and drain), by
 //! design (issue #8); splitting it would spread that view. The next split is reload (`apply`) into `engine/reload.rs`.
 
@@ -534,9 +534,11 @@ impl Engine {
                 notes.push(format!("{k} changed: applies after a restart or takeover"));
             }
         }
-        // The lane runs as started, and the pools keep their slice for it accordingly.
+        // The lanes run as started (and the pools keep their slice for the express lane
+        // accordingly); the config in force says so.
         let mut config = config;
         config.express_connections = old.config.express_connections;
+        config.park_connections = old.config.park_connections;
         if old.config.log.level != config.log.level {
             match crate::telemetry::set_level(&config.log.level) {
                 Ok(()) => notes.push(format!("log level {}", config.log.level)),

@@ -13,11 +13,11 @@
 //! non-async sections. Inside it only plain `Granted` values are made; a `Lease` (whose drop
 //! takes the lock) exists only outside it.
 //!
-//! Why this file is still ~690 lines: it is the scheduler (fair queue, client and connection
+//! Why this file is still ~760 lines: it is the scheduler (fair queue, client and connection
 //! shares, slot accounting, dispatch, connect pacing and the warm refill), which all works
 //! under the one upstream lock on one `State`. What does not need that state as a whole lives
 //! beside it: leases and giving back (`lease.rs`), the exchange with its retry, panic mode and
-//! private connections (`exchange.rs`), health bookkeeping (`checks.rs`, with one server's
+//! private connections (`exchange.rs`), the express lane's slice (`express.rs`), health bookkeeping (`checks.rs`, with one server's
 //! counters in `health.rs`), the pool, queue, body, tunnel and PROXY-header pieces. A pure
 //! scheduler over plain values, unit-tested without sockets, would be the next split.
 
@@ -587,33 +587,13 @@ impl Upstream {
     ) {
         match result {
             Ok((tx, drive)) => {
-                self.stats.connects.fetch_add(1, Ordering::Relaxed);
-                let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
-                // Weak: the pool holds the connection's sender, so a strong reference here
-                // would keep a retired upstream (removed or changed by a reload, or a stopped
-                // engine) and its idle connections alive forever.
-                let up = self.me.clone();
-                tokio::spawn(async move {
-                    drive.await;
-                    if let Some(up) = up.upgrade() {
-                        up.closed(server, id, false);
-                    }
-                });
+                let id = self.drive(server, drive, false);
                 self.servers[server]
                     .health
                     .success(false, self.cfg.health.healthy_after);
                 let mut st = self.lock();
-                let slots = &mut st.slots[server];
-                debug_assert!(slots.connecting > 0, "a connect finished twice");
-                slots.connecting = slots.connecting.saturating_sub(1);
-                slots.entries.push(Entry {
-                    id,
-                    tx: Some(tx),
-                    in_use: 0,
-                    requests: 0,
-                    idle_since: Instant::now(),
-                    express: false,
-                });
+                debug_assert!(st.slots[server].connecting > 0, "a connect finished twice");
+                self.pooled(&mut st, server, id, tx, false);
                 self.dispatch(&mut st);
             }
             Err(e) => {
@@ -658,6 +638,43 @@ impl Upstream {
                 }
             }
         }
+    }
+
+    /// Spawns a new connection's driver on the runtime this runs on, which learns from its end
+    /// that the socket is closed; returns the connection's id.
+    fn drive(
+        &self,
+        server: usize,
+        drive: impl std::future::Future<Output = ()> + Send + 'static,
+        express: bool,
+    ) -> u64 {
+        self.stats.connects.fetch_add(1, Ordering::Relaxed);
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        // Weak: the pool holds the connection's sender, so a strong reference here would keep a
+        // retired upstream (removed or changed by a reload, or a stopped engine) and its idle
+        // connections alive forever.
+        let up = self.me.clone();
+        tokio::spawn(async move {
+            drive.await;
+            if let Some(up) = up.upgrade() {
+                up.closed(server, id, express);
+            }
+        });
+        id
+    }
+
+    /// Puts a connection that has just finished connecting into `server`'s pool.
+    fn pooled(&self, st: &mut State, server: usize, id: u64, tx: Sender, express: bool) {
+        let slots = &mut st.slots[server];
+        slots.connecting = slots.connecting.saturating_sub(1);
+        slots.entries.push(Entry {
+            id,
+            tx: Some(tx),
+            in_use: 0,
+            requests: 0,
+            idle_since: Instant::now(),
+            express,
+        });
     }
 
     /// A connection's socket closed (origin closed it, or we retired it).

@@ -60,21 +60,7 @@ async fn pin_the_pool(
 ) -> (tokio::net::TcpStream, tokio::task::JoinSet<Option<u16>>) {
     let mut anchor = connect_from("127.0.0.5", addr).await.expect("connect");
     assert_eq!(request_on(&mut anchor, "/").await, Some(200));
-    let mut held = tokio::task::JoinSet::new();
-    for _ in 0..n {
-        held.spawn(async move {
-            let mut s = connect_from("127.0.0.5", addr).await.ok()?;
-            s.write_all(b"GET /hold HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                .await
-                .ok()?;
-            let head = tokio::time::timeout(Duration::from_secs(30), read_head(&mut s))
-                .await
-                .ok()?
-                .ok()?;
-            head.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
-        });
-    }
-    (anchor, held)
+    (anchor, held_requests(addr, n).await)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

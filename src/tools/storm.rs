@@ -5,7 +5,7 @@
 //!
 //! Every loop here is bounded by the connection count and by the hard time limit.
 //!
-//! Why this file is ~540 lines: the four connection modes share one connect/measure/tally path
+//! Why this file is ~570 lines: the four connection modes share one connect/measure/tally path
 //! and one report; the shopper mode, which does not, is `storm/queue.rs`. The next split is
 //! the report (`Report`, `render`) into `storm/report.rs`.
 

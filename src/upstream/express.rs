@@ -136,28 +136,11 @@ impl Upstream {
                     return None;
                 }
             };
-        self.stats.connects.fetch_add(1, Ordering::Relaxed);
-        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let up = self.me.clone();
-        // On the lane's runtime: this task runs there.
-        tokio::spawn(async move {
-            drive.await;
-            if let Some(up) = up.upgrade() {
-                up.closed(server, id, true);
-            }
-        });
+        // Driven on the lane's runtime: this task runs there.
+        let id = self.drive(server, drive, true);
         let mut st = self.lock();
         opening.done = true;
-        let slots = &mut st.slots[server];
-        slots.connecting = slots.connecting.saturating_sub(1);
-        slots.entries.push(pool::Entry {
-            id,
-            tx: Some(tx),
-            in_use: 0,
-            requests: 0,
-            idle_since: Instant::now(),
-            express: true,
-        });
+        self.pooled(&mut st, server, id, tx, true);
         let g = self.checkout(&mut st, client, true)?;
         drop(st);
         Some(self.lease(g, client))
