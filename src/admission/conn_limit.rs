@@ -33,12 +33,8 @@ impl ConnLimit {
         self.max.store(max, Ordering::Relaxed);
     }
 
-    /// Takes a slot for `key`; false at the cap. Pair every `true` with one `release`.
-    pub fn try_take(&self, key: IpAddr) -> bool {
-        self.take(key).is_some()
-    }
-
-    /// `try_take` that also says how many `key` holds now, this one included.
+    /// Takes a slot for `key`: how many `key` holds now, this one included; None at the cap.
+    /// Pair every `Some` with one `release`.
     pub fn take(&self, key: IpAddr) -> Option<u32> {
         let mut n = self.open.entry(key).or_insert(0);
         if *n >= self.max.load(Ordering::Relaxed) {
@@ -71,18 +67,18 @@ mod tests {
     fn slots_come_back() {
         let l = ConnLimit::new(2);
         let ip: IpAddr = "127.0.0.2".parse().unwrap();
-        assert!(l.try_take(ip) && l.try_take(ip));
-        assert!(!l.try_take(ip));
+        assert!(l.take(ip).is_some() && l.take(ip).is_some());
+        assert!(l.take(ip).is_none());
         l.release(ip);
-        assert!(l.try_take(ip));
-        assert!(l.try_take("127.0.0.3".parse().unwrap()));
+        assert!(l.take(ip).is_some());
+        assert!(l.take("127.0.0.3".parse().unwrap()).is_some());
     }
 
     #[test]
     fn empty_entries_are_removed() {
         let l = ConnLimit::new(5);
         for i in 0..100u8 {
-            assert!(l.try_take(IpAddr::from([127, 0, 1, i])));
+            assert!(l.take(IpAddr::from([127, 0, 1, i])).is_some());
         }
         assert_eq!(l.tracked(), 100);
         for i in 0..100u8 {

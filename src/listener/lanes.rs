@@ -38,8 +38,6 @@ pub struct Lanes {
 #[derive(Debug)]
 struct Express {
     handle: Handle,
-    /// Where the lane's counts live (the metrics read them).
-    stats: Arc<Shards>,
     max: usize,
     /// Dropping it ends the lane's thread (and cancels what still runs there).
     _stop: tokio::sync::oneshot::Sender<()>,
@@ -65,7 +63,7 @@ impl Lanes {
     ) -> Lanes {
         let main = Handle::current();
         let express = (express_max > 0)
-            .then(|| Express::start(express_max, stats.clone()))
+            .then(|| Express::start(express_max))
             .flatten();
         let mut lanes = Lanes {
             main,
@@ -109,9 +107,9 @@ impl Lanes {
         F: Future<Output = ()> + Send + 'static,
     {
         if let Some(e) = self.express.as_ref().filter(|_| open == 1) {
-            if e.stats.express_open.fetch_add(1, Ordering::Relaxed) < e.max {
-                e.stats.express_served.fetch_add(1, Ordering::Relaxed);
-                let place = Place(e.stats.clone());
+            if self.stats.express_open.fetch_add(1, Ordering::Relaxed) < e.max {
+                self.stats.express_served.fetch_add(1, Ordering::Relaxed);
+                let place = Place(self.stats.clone());
                 let task = make();
                 e.handle.spawn(async move {
                     task.await;
@@ -119,7 +117,7 @@ impl Lanes {
                 });
                 return;
             }
-            e.stats.express_open.fetch_sub(1, Ordering::Relaxed);
+            self.stats.express_open.fetch_sub(1, Ordering::Relaxed);
         }
         if let (Some((parking, server)), Some(key), true) = (&self.parking, key, open > 1) {
             // Behind those already parked too, so that nobody overtakes them.
@@ -138,7 +136,7 @@ impl Lanes {
 }
 
 impl Express {
-    fn start(max: usize, stats: Arc<Shards>) -> Option<Express> {
+    fn start(max: usize) -> Option<Express> {
         let rt = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -165,7 +163,6 @@ impl Express {
         }
         Some(Express {
             handle,
-            stats,
             max,
             _stop: stop,
         })
