@@ -5,9 +5,11 @@
 pub mod clock;
 pub mod tls;
 
+use std::pin::Pin;
 use std::sync::Arc;
 
 use hyper::body::Incoming;
+use hyper::server::conn::http1;
 use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -31,7 +33,7 @@ const H2_PING_INTERVAL: std::time::Duration = std::time::Duration::from_secs(20)
 /// in force, while what is in flight finishes on the one it started with. `engine.rs` builds it.
 pub struct Generation {
     pub config: Config,
-    pub http: Arc<auto::Builder<TokioExecutor>>,
+    pub http: Arc<Builders>,
     /// Routes, upstreams, rooms and the request counters; each request holds it while it runs.
     pub proxy: Arc<Proxy>,
 }
@@ -66,7 +68,31 @@ impl Server {
 }
 
 /// The HTTP server settings shared by every connection, built once from `[http]`.
-pub fn builder(cfg: &HttpConfig) -> auto::Builder<TokioExecutor> {
+pub struct Builders {
+    /// Either protocol, told apart by hyper-util from the first bytes: under TLS (where they
+    /// are already in memory) and for a cleartext HTTP/2 preface.
+    pub auto: auto::Builder<TokioExecutor>,
+    /// HTTP/1 alone, for a cleartext connection whose first bytes (read by the connection's
+    /// clock) are an HTTP/1 head.
+    pub http1: http1::Builder,
+    /// `[http] http2`: off, every cleartext connection is HTTP/1 without a look.
+    pub http2: bool,
+}
+
+pub fn builder(cfg: &HttpConfig) -> Builders {
+    let mut h1 = http1::Builder::new();
+    // The same settings as `auto.http1()` below.
+    h1.header_read_timeout(None)
+        .keep_alive(true)
+        .max_buf_size(cfg.max_header_bytes);
+    Builders {
+        auto: auto_builder(cfg),
+        http1: h1,
+        http2: cfg.http2,
+    }
+}
+
+fn auto_builder(cfg: &HttpConfig) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         // The clock in conn/clock.rs does this job; hyper's timer would also cut idle
@@ -125,11 +151,18 @@ pub async fn serve<S: std::any::Any + Send + Sync>(
     let activity = Arc::new(ConnActivity::default());
     let Some(acceptor) = tls else {
         let io = Timed::new(stream, activity.clone(), timeouts.0, timeouts.1, timeouts.2);
+        // Told apart inside serve_http: a connection clock awaited here and then moved into it
+        // would take room in this future twice.
+        let proto = if builder.http2 {
+            Proto::Sniff
+        } else {
+            Proto::Http1
+        };
         return serve_http(
             io,
             activity,
             (client, slots),
-            false,
+            (false, proto),
             builder,
             server,
             shutdown,
@@ -153,7 +186,7 @@ pub async fn serve<S: std::any::Any + Send + Sync>(
             tls,
             activity,
             (client, slots),
-            true,
+            (true, Proto::Auto),
             builder,
             server,
             shutdown,
@@ -163,18 +196,93 @@ pub async fn serve<S: std::any::Any + Send + Sync>(
     .await;
 }
 
+/// Which hyper connection serves: hyper-util's (it tells the protocols apart itself) or
+/// hyper's HTTP/1 directly; `Sniff`: the first bytes, read by the connection's clock, decide.
+#[derive(Clone, Copy)]
+enum Proto {
+    Auto,
+    Http1,
+    Sniff,
+}
+
+/// The connection's clock, under whatever serves it, when it is there to read the first bytes
+/// (not under TLS: hyper-util's own look reads the plaintext already in memory).
+trait Preface {
+    fn poll_preface(&mut self, cx: &mut std::task::Context<'_>) -> PollPreface;
+}
+
+type PollPreface = std::task::Poll<std::io::Result<Option<bool>>>;
+
+impl Preface for Timed<TcpStream> {
+    fn poll_preface(&mut self, cx: &mut std::task::Context<'_>) -> PollPreface {
+        self.poll_first_bytes(cx)
+    }
+}
+
+impl<T> Preface for tokio_rustls::server::TlsStream<T> {
+    fn poll_preface(&mut self, _: &mut std::task::Context<'_>) -> PollPreface {
+        // Never asked: a TLS connection is served by `Proto::Auto`.
+        std::task::Poll::Ready(Ok(Some(true)))
+    }
+}
+
+/// A cleartext connection's first bytes, read into its clock (`Timed::poll_first_bytes`): is it
+/// HTTP/2's preface, and did the server start stopping meanwhile (None: nothing came). Like a
+/// connection already in hyper's hands, one accepted just before a stop gets
+/// `FIRST_REQUEST_GRACE` for its request (with TCP_DEFER_ACCEPT it has usually arrived).
+async fn first_bytes<I: Preface>(
+    io: &mut I,
+    shutdown: &mut watch::Receiver<bool>,
+) -> (Option<bool>, bool) {
+    let first = {
+        let read = std::future::poll_fn(|cx| io.poll_preface(cx));
+        tokio::pin!(read);
+        tokio::select! {
+            r = &mut read => Some(r),
+            _ = shutdown.changed() => None,
+        }
+    };
+    let (read, stopping) = match first {
+        Some(r) => (r, false),
+        None => (
+            tokio::time::timeout(
+                FIRST_REQUEST_GRACE,
+                std::future::poll_fn(|cx| io.poll_preface(cx)),
+            )
+            .await
+            .unwrap_or(Ok(None)),
+            true,
+        ),
+    };
+    match read {
+        Ok(proto) => (proto, stopping),
+        Err(e) => {
+            tracing::debug!(error = %e, "connection ended before its first request");
+            (None, stopping)
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn serve_http<I>(
-    io: I,
+    mut io: I,
     activity: Arc<ConnActivity>,
     (client, slots): (Client, Box<dyn std::any::Any + Send + Sync>),
-    tls: bool,
-    http: Arc<auto::Builder<TokioExecutor>>,
+    (tls, proto): (bool, Proto),
+    http: Arc<Builders>,
     server: Arc<Server>,
     mut shutdown: watch::Receiver<bool>,
 ) where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Preface + Unpin + Send + 'static,
 {
+    let (proto, stopping) = match proto {
+        Proto::Sniff => match first_bytes(&mut io, &mut shutdown).await {
+            (Some(true), stopping) => (Proto::Auto, stopping),
+            (Some(false), stopping) => (Proto::Http1, stopping),
+            (None, _) => return,
+        },
+        p => (p, false),
+    };
     let peer = client.peer;
     let svc_server = server.clone();
     let hold = Arc::new(ConnHold {
@@ -205,45 +313,35 @@ async fn serve_http<I>(
             req,
         )
     });
-    let conn = http.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    tokio::pin!(conn);
-    let mut draining = server.draining.subscribe();
-    let mut told = false;
-    let result = loop {
-        tokio::select! {
-            r = conn.as_mut() => break r,
-            // Cancel-safe: `changed` only observes the flag; the connection future stays
-            // pinned here and is driven to its end below.
-            _ = shutdown.changed() => {
-                // hyper closes an HTTP/1 connection with no request in progress at once, and one
-                // accepted just before the stop has its request unread in the socket (with
-                // TCP_DEFER_ACCEPT it was accepted because the request arrived): serve that
-                // first request (its response says Connection: close) rather than drop it.
-                if !watch_activity.started() {
-                    let grace = tokio::time::sleep(FIRST_REQUEST_GRACE);
-                    tokio::pin!(grace);
-                    let mut check = tokio::time::interval(std::time::Duration::from_millis(5));
-                    let ended = loop {
-                        tokio::select! {
-                            r = conn.as_mut() => break Some(r),
-                            _ = &mut grace => break None,
-                            _ = check.tick() => if watch_activity.started() { break None },
-                        }
-                    };
-                    if let Some(r) = ended {
-                        break r;
-                    }
-                }
-                conn.as_mut().graceful_shutdown();
-                break conn.as_mut().await;
-            }
-            // The borrow `wait_for` returns is dropped inside: it must not live across awaits.
-            ok = async { draining.wait_for(|d| *d).await.is_ok() }, if !told => {
-                told = true;
-                if ok && h2.load(std::sync::atomic::Ordering::Relaxed) {
-                    conn.as_mut().graceful_shutdown();
-                }
-            }
+    let io = TokioIo::new(io);
+    let stop = (shutdown, stopping);
+    let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = match proto {
+        Proto::Auto | Proto::Sniff => {
+            let conn = http.auto.serve_connection_with_upgrades(io, svc);
+            tokio::pin!(conn);
+            drive(
+                conn,
+                |c| c.graceful_shutdown(),
+                &watch_activity,
+                stop,
+                &server.draining,
+                &h2,
+            )
+            .await
+        }
+        Proto::Http1 => {
+            let conn = http.http1.serve_connection(io, svc).with_upgrades();
+            tokio::pin!(conn);
+            drive(
+                conn,
+                |c| c.graceful_shutdown(),
+                &watch_activity,
+                stop,
+                &server.draining,
+                &h2,
+            )
+            .await
+            .map_err(Into::into)
         }
     };
     // The slots go back only now, with the socket closed (or later, with its tunnel).
@@ -251,5 +349,61 @@ async fn serve_http<I>(
     if let Err(e) = result {
         // Timeouts, resets and malformed requests are routine at an edge.
         tracing::debug!(client = %peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// Drives a connection to its end: at a stop, lets a connection with no request yet dispatch
+/// its first (`FIRST_REQUEST_GRACE`), then shuts it down gracefully; at the start of draining,
+/// tells an HTTP/2 one to go away.
+async fn drive<C, E>(
+    mut conn: Pin<&mut C>,
+    graceful: fn(Pin<&mut C>),
+    activity: &ConnActivity,
+    (mut shutdown, mut stopping): (watch::Receiver<bool>, bool),
+    draining: &watch::Sender<bool>,
+    h2: &std::sync::atomic::AtomicBool,
+) -> Result<(), E>
+where
+    C: std::future::Future<Output = Result<(), E>>,
+{
+    let mut draining = draining.subscribe();
+    let mut told = false;
+    loop {
+        if stopping {
+            // hyper closes an HTTP/1 connection with no request in progress at once, and one
+            // accepted just before the stop has its request unread in the socket (with
+            // TCP_DEFER_ACCEPT it was accepted because the request arrived): serve that first
+            // request (its response says Connection: close) rather than drop it.
+            if !activity.started() {
+                let grace = tokio::time::sleep(FIRST_REQUEST_GRACE);
+                tokio::pin!(grace);
+                let mut check = tokio::time::interval(std::time::Duration::from_millis(5));
+                let ended = loop {
+                    tokio::select! {
+                        r = conn.as_mut() => break Some(r),
+                        _ = &mut grace => break None,
+                        _ = check.tick() => if activity.started() { break None },
+                    }
+                };
+                if let Some(r) = ended {
+                    return r;
+                }
+            }
+            graceful(conn.as_mut());
+            return conn.as_mut().await;
+        }
+        tokio::select! {
+            r = conn.as_mut() => return r,
+            // Cancel-safe: `changed` only observes the flag; the connection future stays
+            // pinned here and is driven to its end.
+            _ = shutdown.changed() => stopping = true,
+            // The borrow `wait_for` returns is dropped inside: it must not live across awaits.
+            ok = async { draining.wait_for(|d| *d).await.is_ok() }, if !told => {
+                told = true;
+                if ok && h2.load(std::sync::atomic::Ordering::Relaxed) {
+                    graceful(conn.as_mut());
+                }
+            }
+        }
     }
 }

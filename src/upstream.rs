@@ -161,9 +161,9 @@ impl Waiter {
 struct State {
     slots: Vec<Slots>,
     queue: FairQueue<ClientKey, Waiter>,
-    busy_by_client: HashMap<IpAddr, usize>,
+    busy_by_client: HashMap<IpAddr, usize, queue::Hasher>,
     /// Busy slots per client connection (an HTTP/2 connection can ask for many at once).
-    busy_by_conn: HashMap<u64, usize>,
+    busy_by_conn: HashMap<u64, usize, queue::Hasher>,
 }
 
 /// Who is asking for a connection: the client's key and the client connection's id.

@@ -51,7 +51,14 @@ pub struct Timed<T> {
     last_io: Instant,
     sleep: Pin<Box<Sleep>>,
     armed: Instant,
+    /// The first bytes, read by `poll_first_bytes` before hyper starts and served to its first
+    /// reads (from `ahead_at`); freed once served.
+    ahead: bytes::BytesMut,
 }
+
+/// How much the first read takes: most request heads whole (hyper's own buffer starts at
+/// 8 KB; a larger head is read on by hyper).
+const READ_AHEAD: usize = 4096;
 
 const H2_PREFACE_START: &[u8] = b"PRI * HTTP/2.0";
 
@@ -77,6 +84,41 @@ impl<T> Timed<T> {
             last_io: now,
             sleep: Box::pin(tokio::time::sleep_until(armed)),
             armed,
+            ahead: bytes::BytesMut::new(),
+        }
+    }
+
+    /// Reads the connection's first bytes, enough to tell HTTP/2's preface from an HTTP/1
+    /// head, under the head deadline; hyper's first reads get them. `Ok(None)`: the client
+    /// closed without sending a byte. This replaces hyper-util's own sniff, which reads 24
+    /// bytes and leaves the rest of the head to a second `recv` (one syscall more on every
+    /// new connection). Cancel-safe: what was read stays here.
+    pub fn poll_first_bytes(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<bool>>>
+    where
+        T: AsyncRead + Unpin,
+    {
+        loop {
+            let n = self.ahead.len().min(H2_PREFACE_START.len());
+            if n > 0 && self.ahead[..n] != H2_PREFACE_START[..n] {
+                return Poll::Ready(Ok(Some(false)));
+            }
+            if n == H2_PREFACE_START.len() {
+                return Poll::Ready(Ok(Some(true)));
+            }
+            // Taken out for the read and put back in the same poll, so a cancelled wait loses
+            // nothing.
+            let mut buf = std::mem::take(&mut self.ahead);
+            let start = buf.len();
+            buf.reserve(READ_AHEAD - start);
+            let r = tokio_util::io::poll_read_buf(Pin::new(&mut Socket(self)), cx, &mut buf);
+            self.ahead = buf;
+            match r {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                // A short prefix of the preface, then the end: hyper answers what it is.
+                Poll::Ready(Ok(0)) => return Poll::Ready(Ok((start > 0).then_some(false))),
+                Poll::Ready(Ok(_)) => {}
+            }
         }
     }
 
@@ -110,6 +152,40 @@ impl<T: AsyncRead + Unpin> AsyncRead for Timed<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if !this.ahead.is_empty() {
+            let n = buf.remaining().min(this.ahead.len());
+            buf.put_slice(&this.ahead[..n]);
+            bytes::Buf::advance(&mut this.ahead, n);
+            if this.ahead.is_empty() {
+                // Its buffer goes: a kept-alive connection holds nothing here.
+                this.ahead = bytes::BytesMut::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
+        this.poll_read_socket(cx, buf)
+    }
+}
+
+/// The socket under the clock, for `poll_first_bytes`: reads past the read-ahead buffer.
+struct Socket<'a, T>(&'a mut Timed<T>);
+
+impl<T: AsyncRead + Unpin> AsyncRead for Socket<'_, T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.0.poll_read_socket(cx, buf)
+    }
+}
+
+impl<T: AsyncRead + Unpin> Timed<T> {
+    fn poll_read_socket(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self;
         if let Some(why) = this.activity.closing() {
             return Poll::Ready(Err(closed(why)));
         }
@@ -260,6 +336,56 @@ mod tests {
         let activity = Arc::new(ConnActivity::default());
         let t = Timed::new(server, activity.clone(), HEAD, IDLE, SEND);
         (client, t, activity)
+    }
+
+    async fn first_bytes(t: &mut Timed<tokio::io::DuplexStream>) -> io::Result<Option<bool>> {
+        std::future::poll_fn(|cx| t.poll_first_bytes(cx)).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_bytes_tell_the_protocol_and_reach_the_reader_whole() {
+        let head = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
+        let (mut client, mut t, _) = timed(64 * 1024);
+        client.write_all(head).await.unwrap();
+        assert_eq!(first_bytes(&mut t).await.unwrap(), Some(false));
+        client.write_all(b"next").await.unwrap();
+        let mut got = vec![0u8; head.len() + 4];
+        t.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[..head.len()], head);
+        assert_eq!(&got[head.len()..], b"next");
+        // Served, the read-ahead buffer is given back.
+        assert_eq!(t.ahead.capacity(), 0);
+
+        // HTTP/2's preface, in pieces: decided only once its start is all there.
+        let (mut client, mut t, _) = timed(64 * 1024);
+        let h2 = tokio::spawn(async move { first_bytes(&mut t).await.map(|p| (p, t)) });
+        client.write_all(b"PRI * HT").await.unwrap();
+        tokio::task::yield_now().await;
+        assert!(!h2.is_finished());
+        client.write_all(b"TP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+        let (proto, mut t) = h2.await.unwrap().unwrap();
+        assert_eq!(proto, Some(true));
+        let mut preface = [0u8; 24];
+        t.read_exact(&mut preface).await.unwrap();
+        assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+
+        // Closed before a byte: nothing to serve; a head that stops short: HTTP/1's to answer.
+        let (client, mut t, _) = timed(1024);
+        drop(client);
+        assert_eq!(first_bytes(&mut t).await.unwrap(), None);
+        let (mut client, mut t, _) = timed(1024);
+        client.write_all(b"PR").await.unwrap();
+        drop(client);
+        assert_eq!(first_bytes(&mut t).await.unwrap(), Some(false));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_sends_nothing_meets_the_head_deadline_in_the_first_read() {
+        let (_client, mut t, _) = timed(1024);
+        let started = Instant::now();
+        let e = first_bytes(&mut t).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), HEAD);
     }
 
     #[tokio::test(start_paused = true)]

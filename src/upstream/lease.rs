@@ -145,7 +145,7 @@ impl Drop for Lease {
 }
 
 pub(super) fn release(st: &mut State, a: Asker) {
-    fn down<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, k: K) {
+    fn down<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize, super::queue::Hasher>, k: K) {
         if let Some(n) = map.get_mut(&k) {
             *n -= 1;
             if *n == 0 {

@@ -5,10 +5,14 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 
+/// foldhash, seeded per process, as in admission: the keys are client addresses, and SipHash
+/// was most of the cost of a lookup on every request's way in and out of the pool.
+pub(crate) type Hasher = foldhash::fast::RandomState;
+
 /// Waiters `T` queued per client key `K`.
 #[derive(Debug)]
 pub struct FairQueue<K, T> {
-    by_client: HashMap<K, VecDeque<T>>,
+    by_client: HashMap<K, VecDeque<T>, Hasher>,
     /// Clients with at least one waiter, in serving order.
     ring: VecDeque<K>,
     len: usize,
@@ -17,7 +21,7 @@ pub struct FairQueue<K, T> {
 impl<K, T> Default for FairQueue<K, T> {
     fn default() -> Self {
         FairQueue {
-            by_client: HashMap::new(),
+            by_client: HashMap::default(),
             ring: VecDeque::new(),
             len: 0,
         }
