@@ -703,6 +703,7 @@ mod tests {
             stop: stop_rx,
             tls: false,
             slots: Box::new(()),
+            client_value: Default::default(),
         });
         let svc = hyper::service::service_fn(move |req| {
             let fut = proxy::handle(

@@ -50,6 +50,9 @@ pub struct ConnHold {
     /// The connection came in over TLS (X-Forwarded-Proto: https).
     pub tls: bool,
     pub slots: Box<dyn std::any::Any + Send + Sync>,
+    /// The client's address as a header value (X-Forwarded-For), made at the connection's
+    /// first request and shared by the rest.
+    pub client_value: std::sync::OnceLock<Option<HeaderValue>>,
 }
 
 impl ConnHold {
@@ -57,6 +60,12 @@ impl ConnHold {
     pub fn next_id() -> u64 {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn client_value(&self) -> Option<HeaderValue> {
+        self.client_value
+            .get_or_init(|| headers::ip_value(self.client.addr))
+            .clone()
     }
 }
 
@@ -483,7 +492,7 @@ async fn forward(
     headers::prepare_request(
         &mut parts.headers,
         &headers::Forwarded {
-            client: hold.client.addr,
+            client: hold.client_value(),
             trusted,
             host: host_value,
             proto: if hold.tls { "https" } else { "http" },
@@ -636,7 +645,9 @@ async fn read_ahead_response(
     let mut size = 0;
     while size < limit && !body.is_end_stream() {
         // `frame()` is cancel-safe: dropping it before it completes loses no data.
+        // Biased: the body is usually there already, and then the timer is never registered.
         let next = tokio::select! {
+            biased;
             f = body.frame() => f,
             _ = tokio::time::sleep_until(deadline) => break,
         };
