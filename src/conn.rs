@@ -364,7 +364,7 @@ async fn serve_http<I>(
 async fn drive<C, E>(
     mut conn: Pin<&mut C>,
     graceful: fn(Pin<&mut C>),
-    activity: &ConnActivity,
+    activity: &Arc<ConnActivity>,
     (mut shutdown, stopping): (watch::Receiver<bool>, bool),
     draining: &watch::Sender<bool>,
     h2: &std::sync::atomic::AtomicBool,
@@ -376,20 +376,20 @@ where
     use std::task::{Context, Poll};
     if !stopping {
         let mut draining = draining.subscribe();
-        let signals = Arc::new(Signals::default());
-        let signal_waker = std::task::Waker::from(signals.clone());
+        let signal_waker = std::task::Waker::from(activity.clone());
         let stop = shutdown.changed();
         // The borrow `wait_for` returns is dropped inside: it must not live across awaits.
         let drain = async { draining.wait_for(|d| *d).await.is_ok() };
         tokio::pin!(stop, drain);
         let (mut first, mut drained) = (true, false);
         let ended = std::future::poll_fn(|cx| {
-            signals.task.register(cx.waker());
+            // The same task's waker the clock registers (this task polls both).
+            activity.waker.register(cx.waker());
             if let Poll::Ready(r) = conn.as_mut().poll(cx) {
                 return Poll::Ready(Some(r));
             }
-            let fired = signals
-                .fired
+            let fired = activity
+                .signalled
                 .swap(false, std::sync::atomic::Ordering::AcqRel);
             if std::mem::take(&mut first) || fired {
                 let mut scx = Context::from_waker(&signal_waker);
@@ -435,22 +435,4 @@ where
     }
     graceful(conn.as_mut());
     conn.as_mut().await
-}
-
-/// What a stop signal wakes (`drive`): a flag saying it was one of them, and the task.
-#[derive(Default)]
-struct Signals {
-    fired: std::sync::atomic::AtomicBool,
-    task: futures_util::task::AtomicWaker,
-}
-
-impl std::task::Wake for Signals {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.fired.store(true, std::sync::atomic::Ordering::Release);
-        self.task.wake();
-    }
 }

@@ -87,6 +87,44 @@ async fn sigterm_drain_keeps_accepting_for_the_delay_while_readyz_says_go_away()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_is_told_to_go_away_when_the_drain_starts_not_when_it_ends() {
+    let origin = echo_origin().await;
+    let proxy = Proxy::start(&config_for(
+        origin.addr,
+        "[http]\ndrain_delay = \"1500ms\"\nshutdown_timeout = \"2s\"",
+    ))
+    .await;
+    let addr = proxy.addr;
+    // Cleartext HTTP/2 (prior knowledge), one request answered before the signal.
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut h2, conn) = h2::client::handshake(stream).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .uri(format!("http://{addr}/before"))
+        .body(())
+        .unwrap();
+    let (resp, _) = h2.send_request(req, true).unwrap();
+    assert_eq!(resp.await.unwrap().status(), 200);
+
+    let started = Instant::now();
+    let stopping = tokio::spawn(proxy.stop());
+    // GOAWAY, then the connection closes (nothing in flight): long before the drain delay
+    // (1.5 s) ends, which is when a connection nobody told would be closed.
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    let took = started.elapsed();
+    assert!(matches!(ended, Ok(Ok(Ok(())))), "{ended:?}");
+    assert!(took < Duration::from_millis(1200), "ended after {took:?}");
+    // Meanwhile the listener still takes new clients.
+    let text = raw(addr, b"GET /during HTTP/1.1\r\nHost: x\r\n\r\n", WAIT).await;
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let shutdown = tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(shutdown, breakwater::Shutdown::Drained);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_is_public_by_default_metrics_keep_the_token() {
     let origin = echo_origin().await;
     let proxy = Proxy::start(&config_for(

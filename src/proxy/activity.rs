@@ -22,6 +22,21 @@ pub struct ConnActivity {
     cancelled: AtomicUsize,
     /// Why the connection is being closed (a `Closing` as u8), 0 while it is not.
     closing: AtomicU8,
+    /// A stop signal (shutdown, draining) woke the connection's task: as a `Waker`, this
+    /// activity flags it and wakes the task registered in `waker` (`conn::drive`).
+    pub(crate) signalled: AtomicBool,
+}
+
+/// The connection's own Arc serves as the stop signals' waker: no allocation of its own.
+impl std::task::Wake for ConnActivity {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &std::sync::Arc<Self>) {
+        self.signalled.store(true, Ordering::Release);
+        self.waker.wake();
+    }
 }
 
 /// Why the proxy closes a client connection from outside hyper (the socket clock fails the
