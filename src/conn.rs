@@ -315,34 +315,24 @@ async fn serve_http<I>(
         )
     });
     let io = TokioIo::new(io);
-    let stop = (shutdown, stopping);
+    let signals = Signals {
+        activity: &watch_activity,
+        shutdown,
+        stopping,
+        draining: &server.draining,
+        h2: &h2,
+    };
     let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = match proto {
         Proto::Auto | Proto::Sniff => {
             let conn = http.auto.serve_connection_with_upgrades(io, svc);
             tokio::pin!(conn);
-            drive(
-                conn,
-                |c| c.graceful_shutdown(),
-                &watch_activity,
-                stop,
-                &server.draining,
-                &h2,
-            )
-            .await
+            drive(conn, |c| c.graceful_shutdown(), signals).await
         }
         Proto::Http1 => {
             let conn = http.http1.serve_connection(io, svc).with_upgrades();
             tokio::pin!(conn);
-            drive(
-                conn,
-                |c| c.graceful_shutdown(),
-                &watch_activity,
-                stop,
-                &server.draining,
-                &h2,
-            )
-            .await
-            .map_err(Into::into)
+            let r = drive(conn, |c| c.graceful_shutdown(), signals).await;
+            r.map_err(Into::into)
         }
     };
     // The slots go back only now, with the socket closed (or later, with its tunnel).
@@ -351,6 +341,17 @@ async fn serve_http<I>(
         // Timeouts, resets and malformed requests are routine at an edge.
         tracing::debug!(client = %peer, error = %e, "connection ended with an error");
     }
+}
+
+/// What tells a connection to stop or go away, and what it has seen (`drive`).
+struct Signals<'a> {
+    activity: &'a Arc<ConnActivity>,
+    shutdown: watch::Receiver<bool>,
+    /// The stop came before hyper had the connection (during its first read).
+    stopping: bool,
+    draining: &'a watch::Sender<bool>,
+    /// An HTTP/2 request was seen: draining sends GOAWAY.
+    h2: &'a std::sync::atomic::AtomicBool,
 }
 
 /// Drives a connection to its end: at a stop, lets a connection with no request yet dispatch
@@ -364,14 +365,18 @@ async fn serve_http<I>(
 async fn drive<C, E>(
     mut conn: Pin<&mut C>,
     graceful: fn(Pin<&mut C>),
-    activity: &Arc<ConnActivity>,
-    (mut shutdown, stopping): (watch::Receiver<bool>, bool),
-    draining: &watch::Sender<bool>,
-    h2: &std::sync::atomic::AtomicBool,
+    signals: Signals<'_>,
 ) -> Result<(), E>
 where
     C: std::future::Future<Output = Result<(), E>>,
 {
+    let Signals {
+        activity,
+        mut shutdown,
+        stopping,
+        draining,
+        h2,
+    } = signals;
     use std::future::Future;
     use std::task::{Context, Poll};
     if !stopping {
