@@ -1,6 +1,8 @@
-//! ③ One task per accepted connection: wraps the socket in the connection clock, serves HTTP/1.1
-//! and cleartext HTTP/2 through hyper-util's auto builder, and closes gracefully on shutdown.
-//! The task owns everything the connection holds, so ending it releases all of it.
+//! ③ One task per accepted connection: wraps the socket in the connection clock, reads the
+//! first bytes to tell an HTTP/1 head from HTTP/2's preface, serves HTTP/1.1 with hyper's own
+//! connection and HTTP/2 (and anything under TLS) through hyper-util's auto builder, and closes
+//! gracefully on shutdown. The task owns everything the connection holds, so ending it releases
+//! all of it.
 
 pub mod clock;
 pub mod tls;
