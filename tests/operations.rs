@@ -1,5 +1,9 @@
 //! Operating Breakwater: the drain an orchestrator needs, health endpoints a kubelet can read,
 //! and logs fit for files and journald.
+//!
+//! Why this file is ~570 lines: each test runs a whole drain, a health check or a log format
+//! against a real process, and they share its helpers here (the drain's HTTP/1 and HTTP/2
+//! cases most of all).
 // Tests signal the binaries they start (kill(2)).
 #![allow(unsafe_code)]
 
