@@ -52,12 +52,13 @@ pub struct Timed<T> {
     sleep: Pin<Box<Sleep>>,
     armed: Instant,
     /// The first bytes, read by `poll_first_bytes` before hyper starts and served to its first
-    /// reads (from `ahead_at`); freed once served.
+    /// reads; its buffer is freed once they are all served.
     ahead: bytes::BytesMut,
 }
 
 /// How much the first read takes: most request heads whole (hyper's own buffer starts at
-/// 8 KB; a larger head is read on by hyper).
+/// 8 KB; a larger head is read on by hyper). Read on the stack, then kept on the heap only as
+/// large as what came: a connection that sends nothing (an idle flood) holds no buffer.
 const READ_AHEAD: usize = 4096;
 
 const H2_PREFACE_START: &[u8] = b"PRI * HTTP/2.0";
@@ -105,19 +106,17 @@ impl<T> Timed<T> {
             if n == H2_PREFACE_START.len() {
                 return Poll::Ready(Ok(Some(true)));
             }
-            // Taken out for the read and put back in the same poll, so a cancelled wait loses
-            // nothing.
-            let mut buf = std::mem::take(&mut self.ahead);
-            let start = buf.len();
-            buf.reserve(READ_AHEAD - start);
-            let r = tokio_util::io::poll_read_buf(Pin::new(&mut Socket(self)), cx, &mut buf);
-            self.ahead = buf;
-            match r {
+            // What came is kept in `ahead` in the same poll, so a cancelled wait loses nothing.
+            let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); READ_AHEAD];
+            let mut buf = ReadBuf::uninit(&mut stack);
+            match self.poll_read_socket(cx, &mut buf) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 // A short prefix of the preface, then the end: hyper answers what it is.
-                Poll::Ready(Ok(0)) => return Poll::Ready(Ok((start > 0).then_some(false))),
-                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => {
+                    return Poll::Ready(Ok((!self.ahead.is_empty()).then_some(false)));
+                }
+                Poll::Ready(Ok(())) => self.ahead.extend_from_slice(buf.filled()),
             }
         }
     }
@@ -163,19 +162,6 @@ impl<T: AsyncRead + Unpin> AsyncRead for Timed<T> {
             return Poll::Ready(Ok(()));
         }
         this.poll_read_socket(cx, buf)
-    }
-}
-
-/// The socket under the clock, for `poll_first_bytes`: reads past the read-ahead buffer.
-struct Socket<'a, T>(&'a mut Timed<T>);
-
-impl<T: AsyncRead + Unpin> AsyncRead for Socket<'_, T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        self.0.poll_read_socket(cx, buf)
     }
 }
 
@@ -377,6 +363,14 @@ mod tests {
         client.write_all(b"PR").await.unwrap();
         drop(client);
         assert_eq!(first_bytes(&mut t).await.unwrap(), Some(false));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_sends_nothing_holds_no_read_buffer() {
+        let (_client, mut t, _) = timed(1024);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(t.poll_first_bytes(&mut cx).is_pending());
+        assert_eq!(t.ahead.capacity(), 0);
     }
 
     #[tokio::test(start_paused = true)]
