@@ -11,8 +11,11 @@
 use std::net::SocketAddr;
 
 #[cfg(feature = "mimalloc")]
+#[path = "cli/alloc.rs"]
+mod alloc;
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: alloc::MiMalloc = alloc::MiMalloc;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
