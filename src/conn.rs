@@ -239,7 +239,10 @@ async fn first_bytes<I: Preface>(
     let first = {
         let read = std::future::poll_fn(|cx| io.poll_preface(cx));
         tokio::pin!(read);
+        // The read first: with TCP_DEFER_ACCEPT the head is usually there, and then the stop
+        // signal is never registered (registering locks a waiter list every connection shares).
         tokio::select! {
+            biased;
             r = &mut read => Some(r),
             _ = shutdown.changed() => None,
         }

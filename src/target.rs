@@ -110,23 +110,41 @@ pub fn parse_host(authority: &str) -> Result<Host, BadTarget> {
             None => (authority, None),
         };
         let name = name.strip_suffix('.').unwrap_or(name);
-        let valid = !name.is_empty()
-            && name.len() <= 253
-            && !name.starts_with('.')
-            && !name.contains("..")
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+        // One pass over the name (every request reads its host): the characters, no empty
+        // label (`..`), and whether it needs lower-casing at all.
+        let (mut valid, mut upper, mut dot) = (
+            !name.is_empty() && name.len() <= 253 && !name.starts_with('.'),
+            false,
+            false,
+        );
+        for b in name.bytes() {
+            let is_dot = b == b'.';
+            valid &= b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_') || (is_dot && !dot);
+            upper |= b.is_ascii_uppercase();
+            dot = is_dot;
+        }
         if !valid {
             return Err(BadTarget::InvalidHost);
         }
-        (name.to_ascii_lowercase(), port)
+        let name = if upper {
+            name.to_ascii_lowercase()
+        } else {
+            name.to_owned()
+        };
+        (name, port)
     };
     let port = match port {
         // "host:" is allowed by the grammar and means the default port.
         None | Some("") => None,
-        Some(p) if p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) => {
-            Some(p.parse::<u16>().map_err(|_| BadTarget::InvalidHost)?)
+        Some(p) if p.len() <= 5 => {
+            let mut n: u32 = 0;
+            for b in p.bytes() {
+                if !b.is_ascii_digit() {
+                    return Err(BadTarget::InvalidHost);
+                }
+                n = n * 10 + u32::from(b - b'0');
+            }
+            Some(u16::try_from(n).map_err(|_| BadTarget::InvalidHost)?)
         }
         Some(_) => return Err(BadTarget::InvalidHost),
     };
@@ -259,12 +277,19 @@ mod tests {
         assert_eq!(h.header_value(), "shop.example.com:8080");
         assert_eq!(parse_host("[::1]:80").unwrap().route_name(), "::1");
         assert_eq!(parse_host("a:").unwrap().port, None);
+        assert_eq!(parse_host("a:65535").unwrap().port, Some(65535));
+        assert_eq!(parse_host("a:00080").unwrap().port, Some(80));
         for bad in [
             "shop.example.com:x@evil.test",
             "a b",
             "",
             ".",
             "a:99999",
+            "a:65536",
+            "a:+80",
+            "a:123456",
+            ".a",
+            "a.b..c",
             "a:8x",
             "[zz]",
             "[::1]x",
