@@ -5,6 +5,7 @@
 //! all of it.
 
 pub mod clock;
+pub mod roster;
 pub mod tls;
 
 use std::pin::Pin;
@@ -44,13 +45,27 @@ pub struct Generation {
 /// force and the drain flag. Narrow on purpose: the wiring (`engine.rs`) holds the rest.
 pub struct Server {
     current: Arc<ArcSwap<Generation>>,
-    /// True from the shutdown signal on: HTTP/2 connections are sent GOAWAY.
+    /// True from the shutdown signal on: /readyz answers 503.
     pub draining: watch::Sender<bool>,
+    /// Every open connection, and where the server is in its life (`roster.rs`): drain sends
+    /// HTTP/2 connections GOAWAY, stop closes every connection.
+    pub roster: roster::Roster,
 }
 
 impl Server {
     pub fn new(current: Arc<ArcSwap<Generation>>, draining: watch::Sender<bool>) -> Server {
-        Server { current, draining }
+        Server {
+            current,
+            draining,
+            roster: roster::Roster::default(),
+        }
+    }
+
+    /// Drain (`Phase::Draining`) or stop (`Phase::Stopping`) every connection; the flag
+    /// /readyz reads goes up with the first.
+    pub fn signal(&self, phase: roster::Phase) {
+        self.draining.send_replace(true);
+        self.roster.signal(phase);
     }
 
     /// The generation in force now.
@@ -234,19 +249,21 @@ impl<T> Preface for tokio_rustls::server::TlsStream<T> {
 /// `FIRST_REQUEST_GRACE` for its request (with TCP_DEFER_ACCEPT it has usually arrived).
 async fn first_bytes<I: Preface>(
     io: &mut I,
-    shutdown: &mut watch::Receiver<bool>,
+    activity: &ConnActivity,
+    roster: &roster::Roster,
 ) -> (Option<bool>, bool) {
-    let first = {
-        let read = std::future::poll_fn(|cx| io.poll_preface(cx));
-        tokio::pin!(read);
-        // The read first: with TCP_DEFER_ACCEPT the head is usually there, and then the stop
-        // signal is never registered (registering locks a waiter list every connection shares).
-        tokio::select! {
-            biased;
-            r = &mut read => Some(r),
-            _ = shutdown.changed() => None,
+    let first = std::future::poll_fn(|cx| {
+        if let std::task::Poll::Ready(r) = io.poll_preface(cx) {
+            return std::task::Poll::Ready(Some(r));
         }
-    };
+        // Woken by a stop through the roster (the connection is on it already).
+        activity.waker.register(cx.waker());
+        if roster.phase() == roster::Phase::Stopping {
+            return std::task::Poll::Ready(None);
+        }
+        std::task::Poll::Pending
+    })
+    .await;
     let (read, stopping) = match first {
         Some(r) => (r, false),
         None => (
@@ -276,12 +293,14 @@ async fn serve_http<I>(
     (tls, proto): (bool, Proto),
     http: Arc<Builders>,
     server: Arc<Server>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Preface + Unpin + Send + 'static,
 {
+    // On the roster from here: a drain or stop now reaches this connection.
+    let _enrolled = server.roster.enrol(&activity);
     let (proto, stopping) = match proto {
-        Proto::Sniff => match first_bytes(&mut io, &mut shutdown).await {
+        Proto::Sniff => match first_bytes(&mut io, &activity, &server.roster).await {
             (Some(true), stopping) => (Proto::Auto, stopping),
             (Some(false), stopping) => (Proto::Http1, stopping),
             (None, _) => return,
@@ -293,7 +312,9 @@ async fn serve_http<I>(
     let hold = Arc::new(ConnHold {
         id: ConnHold::next_id(),
         client,
-        stop: shutdown.clone(),
+        // Also what tells the engine this connection is still open (its receivers are
+        // counted).
+        stop: shutdown,
         tls,
         slots,
         client_value: Default::default(),
@@ -322,9 +343,8 @@ async fn serve_http<I>(
     let io = TokioIo::new(io);
     let signals = Signals {
         activity: &watch_activity,
-        shutdown,
+        roster: &server.roster,
         stopping,
-        draining: &server.draining,
         h2: &h2,
     };
     let result: Result<(), Box<dyn std::error::Error + Send + Sync>> = match proto {
@@ -358,10 +378,10 @@ async fn serve_http<I>(
 /// What tells a connection to stop or go away, and what it has seen (`drive`).
 struct Signals<'a> {
     activity: &'a Arc<ConnActivity>,
-    shutdown: watch::Receiver<bool>,
+    /// The connection is on it: a drain or stop sets `activity.signalled` and wakes the task.
+    roster: &'a roster::Roster,
     /// The stop came before hyper had the connection (during its first read).
     stopping: bool,
-    draining: &'a watch::Sender<bool>,
     /// An HTTP/2 request was seen: draining sends GOAWAY.
     h2: &'a std::sync::atomic::AtomicBool,
 }
@@ -370,10 +390,9 @@ struct Signals<'a> {
 /// its first (`FIRST_REQUEST_GRACE`), then shuts it down gracefully; at the start of draining,
 /// tells an HTTP/2 one to go away.
 ///
-/// The two signals are process-wide watch channels, and polling a registered `Changed` locks
-/// its Notify's list of waiters: in a `select!` that was two locks shared by every connection
-/// on every wake of each (~3 a request; callgrind: ~1,300 instructions a keep-alive request).
-/// Here they are polled once to register, then only when one of them woke the task.
+/// The signals come through the roster, which sets `activity.signalled` and wakes the task:
+/// the phase is read at the first poll and then only when that flag is up (polling watch
+/// channels here cost a lock on lists every connection shared, see `roster.rs`).
 async fn drive<C, E>(
     mut conn: Pin<&mut C>,
     graceful: fn(Pin<&mut C>),
@@ -384,20 +403,13 @@ where
 {
     let Signals {
         activity,
-        mut shutdown,
+        roster,
         stopping,
-        draining,
         h2,
     } = signals;
-    use std::future::Future;
-    use std::task::{Context, Poll};
+    use std::sync::atomic::Ordering;
+    use std::task::Poll;
     if !stopping {
-        let mut draining = draining.subscribe();
-        let signal_waker = std::task::Waker::from(activity.clone());
-        let stop = shutdown.changed();
-        // The borrow `wait_for` returns is dropped inside: it must not live across awaits.
-        let drain = async { draining.wait_for(|d| *d).await.is_ok() };
-        tokio::pin!(stop, drain);
         let (mut first, mut drained) = (true, false);
         let ended = std::future::poll_fn(|cx| {
             // The same task's waker the clock registers (this task polls both).
@@ -405,22 +417,18 @@ where
             if let Poll::Ready(r) = conn.as_mut().poll(cx) {
                 return Poll::Ready(Some(r));
             }
-            let fired = activity
-                .signalled
-                .swap(false, std::sync::atomic::Ordering::AcqRel);
+            let fired = activity.signalled.swap(false, Ordering::AcqRel);
             if std::mem::take(&mut first) || fired {
-                let mut scx = Context::from_waker(&signal_waker);
-                if stop.as_mut().poll(&mut scx).is_ready() {
+                let phase = roster.phase();
+                if phase == roster::Phase::Stopping {
                     return Poll::Ready(None);
                 }
-                if !drained {
-                    if let Poll::Ready(ok) = drain.as_mut().poll(&mut scx) {
-                        drained = true;
-                        if ok && h2.load(std::sync::atomic::Ordering::Relaxed) {
-                            graceful(conn.as_mut());
-                            // Polled again to act on it.
-                            cx.waker().wake_by_ref();
-                        }
+                if !drained && phase == roster::Phase::Draining {
+                    drained = true;
+                    if h2.load(Ordering::Relaxed) {
+                        graceful(conn.as_mut());
+                        // Polled again to act on it.
+                        cx.waker().wake_by_ref();
                     }
                 }
             }

@@ -328,6 +328,9 @@ impl Engine {
         // Every accept loop and connection task holds a receiver; `closed()` resolves when the
         // last one is gone, which is how we know the drain finished.
         let (stop_tx, stop_rx) = watch::channel(false);
+        // However this future ends (dropped unfinished, too), the connections are told to stop,
+        // as the dropped `stop_tx` tells the accept loops.
+        let _stop_on_drop = StopOnDrop(shared.server.clone());
         let http2 = shared.gen().config.http.http2;
         // Certificates are read before any listener accepts: a bad file stops the start.
         let mut frontends = Vec::with_capacity(listeners.len());
@@ -396,7 +399,7 @@ impl Engine {
         let grace = gen.config.http.shutdown_timeout;
         // First tell the load balancer (readyz 503) and the clients (Connection: close,
         // GOAWAY) while still accepting: whoever has not noticed yet is still served.
-        shared.draining().send_replace(true);
+        shared.server.signal(conn::roster::Phase::Draining);
         if let Some(f) = &fleet_now {
             f.retire(&gen.proxy.rooms).await;
         }
@@ -412,6 +415,7 @@ impl Engine {
             let _ = s.stop.send(true);
         }
         let _ = stop_tx.send(true);
+        shared.server.signal(conn::roster::Phase::Stopping);
         let outcome = match tokio::time::timeout(grace, stop_tx.closed()).await {
             Ok(()) => {
                 tracing::info!("shutdown complete: all connections drained");
@@ -572,6 +576,15 @@ impl Engine {
 }
 
 /// Spawns one accept loop per shard of `bound`.
+/// Stops every connection when dropped (`Engine::run`).
+struct StopOnDrop(Arc<conn::Server>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.signal(conn::roster::Phase::Stopping);
+    }
+}
+
 fn start_listener(
     bound: BoundListener,
     frontend: Arc<listener::Frontend>,

@@ -336,6 +336,68 @@ async fn sigterm_drains_the_in_flight_request_then_exits_zero() {
     );
 }
 
+/// A stop reaches connections that are only open: one that has sent nothing yet (its first
+/// read) and a keep-alive one between requests. Timeouts are long here, so only the stop can
+/// close them, and the process exits as soon as they are closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_silent_and_idle_connections_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = origin(Arc::new(|_req| {
+        Box::pin(async move { Response::new(full("ok")) })
+    }))
+    .await;
+    let mut bw = run_binary(
+        origin.addr,
+        "defer_accept = \"0s\"\n[http]\nheader_read_timeout = \"30s\"\nidle_timeout = \"30s\"\nshutdown_timeout = \"20s\"",
+    )
+    .await;
+    // Sends nothing: accepted at once (no TCP_DEFER_ACCEPT), waiting for its first bytes.
+    let mut silent = tokio::net::TcpStream::connect(bw.addr).await.unwrap();
+    // One request answered, then idle in keep-alive.
+    let mut idle = tokio::net::TcpStream::connect(bw.addr).await.unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = idle.read(&mut buf).await.unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    // Both are open in the process before the signal.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    // SAFETY: plain kill(2) on our own child's pid.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::kill(bw.child.id() as i32, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    for (name, conn) in [("silent", &mut silent), ("idle", &mut idle)] {
+        let closed = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+            "the {name} connection was not closed by the stop: {closed:?}"
+        );
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || bw
+            .child
+            .try_wait()
+            .unwrap()
+            .is_some())
+        .await,
+        "breakwater did not exit after SIGTERM"
+    );
+    // The first-request grace (0.5 s) is the most a connection without a request waits; the
+    // timeouts (30 s) played no part.
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(bw.child.wait().unwrap().code(), Some(0));
+}
+
 #[test]
 fn listener_options_are_set_in_the_kernel() {
     let cfg = breakwater::config::ListenerConfig {
