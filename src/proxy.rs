@@ -247,7 +247,13 @@ pub async fn handle(
     req.headers_mut()
         .insert(header::HeaderName::from_static("x-request-id"), request_id);
     let result = if allowed {
-        forward(&proxy, client, trusted, &activity, &hold, req, &mut log).await
+        // Boxed: hyper keeps a box the size of this future for each HTTP/1 connection, from
+        // its start and while it idles between requests; with `forward` inline that was
+        // 4.5 KB a connection, now ~1.3 KB, and the 3.3 KB exist only while a request runs.
+        Box::pin(forward(
+            &proxy, client, trusted, &activity, &hold, req, &mut log,
+        ))
+        .await
     } else {
         Err(ProxyError::RateLimited)
     };

@@ -247,15 +247,18 @@ async fn allocations_per_request_and_per_refused_connection_stay_within_their_co
     // own), none per refusal. Of the 15 measured with valgrind DHAT before, hyper's client
     // and server made 7, the retry's copy of the request head 4, and Breakwater's own path 4
     // (request id, X-Forwarded-For value, lower-cased host, the read-ahead queue).
+    // Since 2026-12-01, 14 and 36: the request's forwarding future is boxed while it runs, so
+    // that hyper's per-connection room for a request future is 1.3 KB instead of 4.5 KB for
+    // the connection's whole life (an idle keep-alive connection holds it too).
     // The refusal bound leaves room for a housekeeping tick that lands in the loop, not for
     // one allocation per connection.
     assert!(
-        keep_alive.allocations <= 14.0,
+        keep_alive.allocations <= 15.0,
         "a keep-alive request costs {:.1} allocations",
         keep_alive.allocations
     );
     assert!(
-        new_connection.allocations <= 36.0,
+        new_connection.allocations <= 37.0,
         "a request on a new connection costs {:.1} allocations",
         new_connection.allocations
     );
