@@ -215,6 +215,7 @@ pub async fn serve<S: std::any::Any + Send + Sync>(
 
 /// Which hyper connection serves: hyper-util's (it tells the protocols apart itself) or
 /// hyper's HTTP/1 directly; `Sniff`: the first bytes, read by the connection's clock, decide.
+/// Cleartext connections (`Sniff`, `Http1`) have their first head read by the clock.
 #[derive(Clone, Copy)]
 enum Proto {
     Auto,
@@ -300,12 +301,16 @@ async fn serve_http<I>(
     // On the roster from here: a drain or stop now reaches this connection.
     let _enrolled = server.roster.enrol(&activity);
     let (proto, stopping) = match proto {
-        Proto::Sniff => match first_bytes(&mut io, &activity, &server.roster).await {
-            (Some(true), stopping) => (Proto::Auto, stopping),
-            (Some(false), stopping) => (Proto::Http1, stopping),
-            (None, _) => return,
-        },
-        p => (p, false),
+        // HTTP/1 alone (`[http] http2 = false`) reads its first head here too: a trickled one
+        // then costs no hyper connection until it is whole (`Timed::poll_first_bytes`).
+        Proto::Sniff | Proto::Http1 => {
+            match first_bytes(&mut io, &activity, &server.roster).await {
+                (Some(true), stopping) if matches!(proto, Proto::Sniff) => (Proto::Auto, stopping),
+                (Some(_), stopping) => (Proto::Http1, stopping),
+                (None, _) => return,
+            }
+        }
+        Proto::Auto => (Proto::Auto, false),
     };
     let peer = client.peer;
     let svc_server = server.clone();
