@@ -3,7 +3,7 @@
 //! reloads: a new generation is swapped in whole for new connections and new requests, while
 //! what is in flight finishes on the one it started with.
 //!
-//! Why this file is ~750 lines (about 90 of them the future-size test): it is the one module
+//! Why this file is ~760 lines (about 90 of them the future-size test): it is the one module
 //! that sees every stage (the wiring, the generation swap on reload, shutdown and drain), by
 //! design (issue #8); splitting it would spread that view. The next split is reload (`apply`) into `engine/reload.rs`.
 
@@ -575,7 +575,6 @@ impl Engine {
     }
 }
 
-/// Spawns one accept loop per shard of `bound`.
 /// Stops every connection when dropped (`Engine::run`).
 struct StopOnDrop(Arc<conn::Server>);
 
@@ -585,6 +584,7 @@ impl Drop for StopOnDrop {
     }
 }
 
+/// Spawns one accept loop per shard of `bound`.
 fn start_listener(
     bound: BoundListener,
     frontend: Arc<listener::Frontend>,

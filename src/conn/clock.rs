@@ -1,5 +1,8 @@
 //! The connection's clock: slowloris and idle timeouts enforced on the socket itself.
 //!
+//! Why this file is ~520 lines: about 200 of them are its tests, which run the deadlines under
+//! tokio's paused clock beside the code that keeps them.
+//!
 //! hyper's own `header_read_timeout` starts whenever it waits for a request head, including
 //! between keep-alive requests, so it cannot give a 5 s head deadline together with a 60 s idle
 //! timeout. This wrapper tracks which phase the connection is in and fails the read that is
