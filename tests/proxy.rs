@@ -464,6 +464,70 @@ async fn dead_pooled_connection_is_retried_for_idempotent_requests() {
     proxy.stop().await;
 }
 
+/// Every pooled connection goes stale at once (as when an origin restarts): each answers its
+/// first request and drops the next one unanswered. With both pooled connections used, the
+/// next request meets two stale ones before a new connection answers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_that_meets_another_stale_connection_tries_again() {
+    use std::sync::atomic::Ordering::SeqCst;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Connections that carried a request (the health check only connects).
+    let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = served.clone();
+    let origin = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                counted.fetch_add(1, SeqCst);
+                // Slow enough that two requests at once hold both connections.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+                // The next request's first bytes: dropped without an answer.
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    // One client may hold both connections (the pool share would keep it to one).
+    let proxy = Proxy::start(&format!(
+        "[[listeners]]\naddr = \"127.0.0.1:0\"\nshards = 1\n[runtime]\nexpress_connections = 0\n\
+         [upstreams.app]\nservers = [\"{addr}\"]\npool_min_idle = 2\npool_max = 2\n\
+         pool_share_exempt = [\"127.0.0.1/32\"]\n"
+    ))
+    .await;
+    // The warm pool's two connections open.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (a, b) = tokio::join!(get(proxy.addr, "/a"), get(proxy.addr, "/b"));
+    for got in [a, b] {
+        assert_eq!((got.status, got.text().as_str()), (200, "ok"));
+    }
+    let retries = || proxy.metric("breakwater_upstream_retries_total{upstream=\"app\"}");
+    assert_eq!((served.load(SeqCst), retries()), (2, 0.0));
+    // Both are stale now: the next request meets one, usually the other too (the pool's
+    // refill, 4 times a second, can put a new connection in between), then a new connection.
+    // With one retry only, meeting both was a 502.
+    let got = get(proxy.addr, "/c").await;
+    assert_eq!((got.status, got.text().as_str()), (200, "ok"));
+    assert_eq!(served.load(SeqCst), 3);
+    assert!((1.0..=2.0).contains(&retries()), "{} retries", retries());
+    proxy.stop().await;
+    origin.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_completes_the_in_flight_request() {
     let origin = origin(Arc::new(|_req| {

@@ -7,6 +7,29 @@ use super::*;
 /// A request that can be sent again if a reused connection turns out dead: idempotent, no body.
 pub struct Replay(Parts);
 
+/// Attempts of one request after its first failed on a stale connection (`send_again`).
+const STALE_TRIES: u32 = 4;
+
+/// The request to send again after `failed`, or the error to answer with: one never written
+/// goes again as it is; an idempotent one with a replayable body goes again as `replay` kept
+/// it if it failed on a reused connection before any response byte (the stale keep-alive race).
+fn retryable(
+    failed: Failed,
+    reused: bool,
+    replay: &Option<Replay>,
+    replay_body: Option<UpstreamBody>,
+) -> Result<Request<UpstreamBody>, UpstreamError> {
+    match (failed.unsent, replay, replay_body) {
+        (Some(req), _, _) => Ok(req),
+        (None, Some(r), Some(body))
+            if reused && matches!(failed.error, UpstreamError::Response(_)) =>
+        {
+            Ok(r.request(body))
+        }
+        _ => Err(failed.error),
+    }
+}
+
 impl Replay {
     pub fn of(req: &Request<UpstreamBody>) -> Option<Replay> {
         let m = req.method();
@@ -135,37 +158,53 @@ impl Upstream {
             Err(f) => f,
         };
         drop(pending);
-        let again = match (failed.unsent, replay, replay_body) {
-            (Some(req), _, _) => req,
-            (None, Some(r), Some(body))
-                if reused && matches!(failed.error, UpstreamError::Response(_)) =>
-            {
-                r.request(body)
-            }
-            _ => {
+        let again = match retryable(failed, reused, &replay, replay_body) {
+            Ok(req) => req,
+            Err(error) => {
                 let addr = self.servers[server].addr.clone();
-                return Err((Some(addr), failed.error));
+                return Err((Some(addr), error));
             }
         };
         self.stats.retries.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(upstream = %self.name, server = %self.servers[server].addr, error = %failed.error,
+        tracing::debug!(upstream = %self.name, server = %self.servers[server].addr,
             "origin connection failed before answering; retrying");
-        Box::pin(self.send_again(client, again)).await
+        Box::pin(self.send_again(client, again, replay)).await
     }
 
-    /// The one retry of `send`, in a future of its own: boxed there, its state is paid only
-    /// by the requests that retry, not carried in every request's future.
+    /// The retries of `send`, in a future of their own: boxed there, their state is paid only
+    /// by the requests that retry, not carried in every request's future. Every pooled
+    /// connection can go stale at the same moment (an origin that restarts, or closes idle
+    /// connections, closes them all, and the pool learns of each close only once its driver
+    /// has read it), so a retry that meets another stale one tries again, `STALE_TRIES`
+    /// attempts in all; a failure on a fresh connection, or after a response byte, is the
+    /// answer.
     pub(super) async fn send_again(
         &self,
         client: Asker,
-        again: Request<UpstreamBody>,
+        mut again: Request<UpstreamBody>,
+        replay: Option<Replay>,
     ) -> Result<(Response<Incoming>, Lease), SendFailure> {
-        let lease = self.acquire(client).await.map_err(|e| (None, e))?;
-        let addr = lease.server_name();
-        let mut pending = Pending::new(lease);
-        match self.exchange(&mut pending, again).await {
-            Ok(resp) => pending.done(resp),
-            Err(f) => Err((Some(addr), f.error)),
+        let mut tries = 1;
+        loop {
+            let replay_body = again.body().replay();
+            let lease = self.acquire(client).await.map_err(|e| (None, e))?;
+            let addr = lease.server_name();
+            let reused = lease.reused;
+            let mut pending = Pending::new(lease);
+            let failed = match self.exchange(&mut pending, again).await {
+                Ok(resp) => return pending.done(resp),
+                Err(f) => f,
+            };
+            drop(pending);
+            if tries == STALE_TRIES {
+                return Err((Some(addr), failed.error));
+            }
+            again = retryable(failed, reused, &replay, replay_body)
+                .map_err(|error| (Some(addr.clone()), error))?;
+            tries += 1;
+            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(upstream = %self.name, server = %addr,
+                "origin connection failed before answering again; retrying");
         }
     }
 
