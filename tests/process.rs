@@ -219,6 +219,11 @@ async fn run_binary(upstream: std::net::SocketAddr, extra: &str) -> Running {
     }
 }
 
+/// Whether `child` exits within `limit`.
+async fn exits_within(child: &mut Child, limit: Duration) -> bool {
+    eventually(limit, || child.try_wait().unwrap().is_some()).await
+}
+
 fn peak_rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
@@ -313,12 +318,7 @@ async fn sigterm_drains_the_in_flight_request_then_exits_zero() {
 
     let stderr = bw.child.stderr.take().unwrap();
     assert!(
-        eventually(Duration::from_secs(10), || bw
-            .child
-            .try_wait()
-            .unwrap()
-            .is_some())
-        .await,
+        exits_within(&mut bw.child, Duration::from_secs(10)).await,
         "breakwater did not exit after SIGTERM"
     );
     let status = bw.child.wait().unwrap();
@@ -380,12 +380,7 @@ async fn sigterm_closes_silent_and_idle_connections_at_once() {
         );
     }
     assert!(
-        eventually(Duration::from_secs(5), || bw
-            .child
-            .try_wait()
-            .unwrap()
-            .is_some())
-        .await,
+        exits_within(&mut bw.child, Duration::from_secs(5)).await,
         "breakwater did not exit after SIGTERM"
     );
     // The first-request grace (0.5 s) is the most a connection without a request waits; the
