@@ -340,7 +340,11 @@ fn serve(
             let Some(stream) = register(socket, peer) else {
                 return;
             };
-            crate::conn::serve(stream, client, admitted, tls, server, shutdown).await
+            // Boxed here, in the task (see `Lanes::spawn`).
+            Box::pin(crate::conn::serve(
+                stream, client, admitted, tls, server, shutdown,
+            ))
+            .await
         },
     );
 }
@@ -394,14 +398,15 @@ fn serve_proxied(
         admitted.client.local = local;
         let client = admitted.client;
         let server = wiring.server.clone();
-        crate::conn::serve(
+        // Boxed here, in the task (see `Lanes::spawn`).
+        Box::pin(crate::conn::serve(
             stream,
             client,
             admitted,
             frontend.tls.clone(),
             server,
             shutdown,
-        )
+        ))
         .await;
     });
 }

@@ -102,13 +102,13 @@ impl Lanes {
     /// first, and where connections are not counted (`open` 0) nobody can be told apart. A
     /// connection whose client is not known yet (`key` None) is never parked.
     ///
-    /// The task is boxed before it is spawned. tokio keeps a task's future inline in the task's
-    /// cell and moves it whole at every step of spawning, then writes the whole cell's stage
-    /// at the end (two or three more copies of its size): a ~3 KB connection future cost ~2,600
+    /// `make`'s future should be small: tokio keeps a task's future inline in the task's cell
+    /// and moves it whole at every step of spawning, then writes the whole cell's stage at the
+    /// end (two or three more copies of its size); a ~3 KB connection future cost ~2,600
     /// instructions of `memcpy` a connection that way (callgrind), and its 128-byte-aligned
-    /// cell, of no power-of-two size, took mimalloc's slow aligned path. Boxed, the future is
-    /// moved once, into its box, and the cell is small. (tokio boxes by itself only futures
-    /// over 16 KB.)
+    /// cell, of no power-of-two size, took mimalloc's slow aligned path. `listener.rs` boxes the
+    /// connection inside the task, so that the box and its copy are made on the worker, not on
+    /// the accept thread. (tokio boxes by itself only futures over 16 KB.)
     pub fn spawn<M, F>(&self, open: u32, key: Option<ClientKey>, make: M)
     where
         M: FnOnce() -> F + Send + 'static,
@@ -118,7 +118,7 @@ impl Lanes {
             if self.stats.express_open.fetch_add(1, Ordering::Relaxed) < e.max {
                 self.stats.express_served.fetch_add(1, Ordering::Relaxed);
                 let place = Place(self.stats.clone());
-                let task = Box::pin(make());
+                let task = make();
                 e.handle.spawn(async move {
                     task.await;
                     drop(place);
@@ -132,14 +132,14 @@ impl Lanes {
             let parked = self.stats.parked_now.load(Ordering::Relaxed) > 0;
             if parked || queue_room(server) == 0 {
                 let main = self.main.clone();
-                let start: Start = Box::new(move || drop(main.spawn(Box::pin(make()))));
+                let start: Start = Box::new(move || drop(main.spawn(make())));
                 parking.park(key, start);
                 self.stats.parked.fetch_add(1, Ordering::Relaxed);
                 self.stats.parked_now.fetch_add(1, Ordering::Relaxed);
                 return;
             }
         }
-        self.main.spawn(Box::pin(make()));
+        self.main.spawn(make());
     }
 }
 
