@@ -98,6 +98,15 @@ async fn accepts_and_every_reject_reason_are_counted() {
     ))
     .await;
     let admin = proxy.admin.unwrap();
+    // Each accept loop registers its listener's gauges when it first runs, on its own thread,
+    // which a loaded machine can schedule after the first scrape.
+    eventually_async(Duration::from_secs(5), || async {
+        scrape(admin)
+            .await
+            .keys()
+            .any(|k| k.starts_with("breakwater_listen_backlog{"))
+    })
+    .await;
     let before = scrape(admin).await;
     assert!(before.contains_key("breakwater_connections_open"));
     assert!(before
