@@ -63,6 +63,9 @@ pub struct Config {
     /// `[runtime] park_connections`: new connections wait accepted but unread while every
     /// upstream's queue holds two rounds of its pool (`listener/park.rs`).
     pub park_connections: bool,
+    /// `[runtime] express_nice`: the express lane thread's nice value (-20 to 19), set when
+    /// it starts (`listener/lanes.rs`); 0 leaves it at the process's.
+    pub express_nice: i32,
     /// What `check` and `run` warn about: valid, but probably not what was meant.
     pub warnings: Vec<String>,
     /// `[runtime] control_socket`: where a running instance offers its listening sockets to
@@ -182,8 +185,9 @@ impl Config {
             );
         }
         s += &format!(
-            "runtime   worker_threads {}  express_connections {}  park_connections {}\n",
-            self.worker_threads, self.express_connections, self.park_connections
+            "runtime   worker_threads {}  express_connections {}  express_nice {}  \
+             park_connections {}\n",
+            self.worker_threads, self.express_connections, self.express_nice, self.park_connections
         );
         let h = &self.http;
         s += &format!(
@@ -335,6 +339,16 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
             ),
         ));
     }
+    let express_nice = *raw.runtime.express_nice.get_ref();
+    if !(-20..=19).contains(&express_nice) {
+        return Err(err(
+            raw.runtime.express_nice.span(),
+            format!(
+                "express_nice {express_nice} is out of range: expected a nice value, -20 \
+                 (most CPU) to 19 (least); 0 = as the rest of the process"
+            ),
+        ));
+    }
     let admin = match raw.admin {
         None => None,
         Some(a) => {
@@ -432,6 +446,7 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
         worker_threads,
         express_connections,
         park_connections: raw.runtime.park_connections,
+        express_nice,
         warnings: warnings.list.take(),
         control_socket: Some(raw.runtime.control_socket.trim())
             .filter(|p| !p.is_empty())
@@ -704,6 +719,7 @@ mod tests {
         assert_eq!(documented.worker_threads, bare.worker_threads);
         assert_eq!(documented.express_connections, bare.express_connections);
         assert_eq!(documented.park_connections, bare.park_connections);
+        assert_eq!(documented.express_nice, bare.express_nice);
         assert_eq!(documented.control_socket, bare.control_socket);
         assert_eq!(
             format!("{:?}", documented.admin),

@@ -339,6 +339,7 @@ impl Engine {
         }
         let lanes = Arc::new(listener::lanes::Lanes::start(
             shared.gen().config.express_connections,
+            shared.gen().config.express_nice,
             shared.gen().config.park_connections,
             shared.server.clone(),
             shared.shards.clone(),
@@ -529,6 +530,10 @@ impl Engine {
                 old.config.park_connections != config.park_connections,
             ),
             (
+                "[runtime] express_nice",
+                old.config.express_nice != config.express_nice,
+            ),
+            (
                 "[log]",
                 old.config.log.level != config.log.level
                     || old.config.log.format != config.log.format,
@@ -543,6 +548,7 @@ impl Engine {
         let mut config = config;
         config.express_connections = old.config.express_connections;
         config.park_connections = old.config.park_connections;
+        config.express_nice = old.config.express_nice;
         if old.config.log.level != config.log.level {
             match crate::telemetry::set_level(&config.log.level) {
                 Ok(()) => notes.push(format!("log level {}", config.log.level)),

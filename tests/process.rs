@@ -135,6 +135,10 @@ fn bad_configs_name_file_line_key_and_fix() {
             "error: FILE:3:12: `upstreams.app.pool_max`: pool_max 100000 is out of range: expected 1 to 10000",
         ),
         (
+            format!("{up}[runtime]\nexpress_nice = -30\n"),
+            "error: FILE:4:16: `runtime.express_nice`: express_nice -30 is out of range: expected a nice value, -20 (most CPU) to 19 (least)",
+        ),
+        (
             "[upstreams.app]\nservers = [\"127.0.0.1:0\"]\n".to_string(),
             "error: FILE:2:12: `upstreams.app.servers`: server address \"127.0.0.1:0\" has port 0",
         ),
@@ -193,12 +197,29 @@ impl Drop for Running {
 
 /// Starts the binary on a free port and waits until it accepts.
 async fn run_binary(upstream: std::net::SocketAddr, extra: &str) -> Running {
+    run_binary_under(&[], upstream, extra).await
+}
+
+/// The same, started through `wrapper` (a command and its arguments before the binary).
+async fn run_binary_under(
+    wrapper: &[&str],
+    upstream: std::net::SocketAddr,
+    extra: &str,
+) -> Running {
     let port = closed_port().await;
     let text = format!(
         "[[listeners]]\naddr = \"{port}\"\nshards = 1\n{extra}\n[upstreams.app]\nservers = [\"{upstream}\"]\n[log]\naccess_log = false\n"
     );
     let config = write_config(&text);
-    let child = Command::new(bin())
+    let mut command = match wrapper.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(bin());
+            c
+        }
+        None => Command::new(bin()),
+    };
+    let child = command
         .args(["run", "--config"])
         .arg(config.path())
         .stdout(Stdio::null())
@@ -391,6 +412,105 @@ async fn sigterm_closes_silent_and_idle_connections_at_once() {
         started.elapsed()
     );
     assert_eq!(bw.child.wait().unwrap().code(), Some(0));
+}
+
+/// Each thread of `pid` by name, with its nice value (/proc/PID/task/TID/stat, field 19).
+fn thread_nice(pid: u32) -> Vec<(String, i32)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let p = task.path();
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(p.join("comm")),
+            std::fs::read_to_string(p.join("stat")),
+        ) else {
+            continue;
+        };
+        // After the name's closing parenthesis: field 3 onwards; nice is field 19.
+        let after = stat.rsplit(')').next().unwrap();
+        let nice = after.split_whitespace().nth(16).unwrap().parse().unwrap();
+        out.push((comm.trim().to_string(), nice));
+    }
+    out
+}
+
+/// A request from 127.0.0.9, an address with nothing else open: a newcomer, served on the
+/// express lane.
+async fn newcomer_is_served(addr: std::net::SocketAddr) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.9:0".parse().unwrap()).unwrap();
+    let mut c = sock.connect(addr).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).await.unwrap();
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{got:?}");
+}
+
+/// The nice values of the lane's thread and of the workers.
+fn lane_and_workers(pid: u32) -> (i32, Vec<i32>) {
+    let threads = thread_nice(pid);
+    let of = |want: &str| -> Vec<i32> {
+        threads
+            .iter()
+            .filter(|(name, _)| name == want)
+            .map(|(_, nice)| *nice)
+            .collect()
+    };
+    // The lane's thread is named "breakwater-accept" (15 characters kept by the kernel).
+    let lane = of("breakwater-acce");
+    assert_eq!(lane.len(), 1, "{threads:?}");
+    let workers = of("tokio-rt-worker");
+    assert!(!workers.is_empty(), "{threads:?}");
+    (lane[0], workers)
+}
+
+/// `[runtime] express_nice`: the express lane's thread (accept loops and newcomers) gets the
+/// nice value asked for and the workers keep the process's. Where the process may not lower it
+/// (no CAP_SYS_NICE: a container's default, here made with setpriv), the lane stays at the
+/// process's, the log says so, and newcomers are still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_express_lane_thread_runs_at_the_configured_priority() {
+    let origin = origin(Arc::new(|_req| {
+        Box::pin(async move { Response::new(full("ok")) })
+    }))
+    .await;
+    let extra = "[runtime]\nexpress_nice = -7";
+    let allowed = breakwater::tools::doctor::read_host()
+        .lowest_nice
+        .is_some_and(|low| low <= -7);
+    let drop_cap = [
+        "setpriv",
+        "--inh-caps=-sys_nice",
+        "--bounding-set=-sys_nice",
+    ];
+    let mut runs = vec![(allowed, run_binary(origin.addr, extra).await)];
+    // As root, the refused case too (setpriv is util-linux's, on every Debian).
+    if allowed && Command::new("setpriv").arg("--version").output().is_ok() {
+        runs.push((false, run_binary_under(&drop_cap, origin.addr, extra).await));
+    }
+    for (allowed, mut bw) in runs {
+        newcomer_is_served(bw.addr).await;
+        let (lane, workers) = lane_and_workers(bw.child.id());
+        assert!(workers.iter().all(|&n| n == 0), "{workers:?}");
+        if allowed {
+            assert_eq!(lane, -7);
+        } else {
+            assert_eq!(lane, 0);
+            let _ = bw.child.kill();
+            let _ = bw.child.wait();
+            let mut log = String::new();
+            std::io::Read::read_to_string(&mut bw.child.stderr.take().unwrap(), &mut log).unwrap();
+            assert!(
+                log.contains("cannot set the express lane thread's nice value"),
+                "{log}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -34,6 +34,8 @@ pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_MAX_CLIENT_SHARE: f64 = 0.1;
 pub const DEFAULT_MAX_CONNECTION_SHARE: f64 = 0.1;
 pub const DEFAULT_MAX_TUNNELS: usize = 256;
+/// The express lane's thread runs ahead of the workers when CPU is short (`listener/lanes.rs`).
+pub const DEFAULT_EXPRESS_NICE: i32 = -10;
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/breakwater/control.sock";
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 pub const DEFAULT_REQUEST_BUFFER: usize = 64 * 1024;
@@ -133,6 +135,8 @@ pub struct FileRuntime {
     pub express_connections: Spanned<usize>,
     #[serde(default = "default_park_connections")]
     pub park_connections: bool,
+    #[serde(default = "default_express_nice")]
+    pub express_nice: Spanned<i32>,
 }
 
 impl Default for FileRuntime {
@@ -142,6 +146,7 @@ impl Default for FileRuntime {
             control_socket: default_control_socket(),
             express_connections: default_express_connections(),
             park_connections: true,
+            express_nice: default_express_nice(),
         }
     }
 }
@@ -599,6 +604,9 @@ fn default_park_connections() -> bool {
 }
 fn default_express_connections() -> Spanned<usize> {
     Spanned::new(0..0, 64)
+}
+fn default_express_nice() -> Spanned<i32> {
+    Spanned::new(0..0, DEFAULT_EXPRESS_NICE)
 }
 fn default_control_socket() -> String {
     DEFAULT_CONTROL_SOCKET.to_string()

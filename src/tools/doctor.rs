@@ -25,6 +25,9 @@ pub struct HostFacts {
     pub nr_open: Option<u64>,
     /// RLIMIT_NOFILE (soft, hard) of this process; Breakwater raises soft to hard at start.
     pub nofile: Option<(u64, u64)>,
+    /// The lowest nice value this process may give a thread: -20 with CAP_SYS_NICE, else what
+    /// RLIMIT_NICE allows (20 - its soft value) or the process's own, whichever is lower.
+    pub lowest_nice: Option<i32>,
     /// Running in a container: the network sysctls are then set per container (`--sysctl`,
     /// `securityContext.sysctls`), not with `sysctl -w`.
     pub container: Option<Container>,
@@ -72,8 +75,34 @@ pub fn read_host() -> HostFacts {
         file_max: num("fs.file-max"),
         nr_open: num("fs.nr_open"),
         nofile: rlimit::Resource::NOFILE.get().ok(),
+        lowest_nice: lowest_nice(),
         container: detect_container(),
     }
+}
+
+/// CAP_SYS_NICE's bit in the capability sets of /proc/self/status.
+const CAP_SYS_NICE: u32 = 23;
+
+fn lowest_nice() -> Option<i32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())?;
+    if eff & (1 << CAP_SYS_NICE) != 0 {
+        return Some(-20);
+    }
+    let (soft, _) = rlimit::Resource::NICE.get().ok()?;
+    // A thread may always keep the process's own value (field 19 of /proc/self/stat).
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let own: i32 = stat
+        .rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(16)?
+        .parse()
+        .ok()?;
+    Some((20 - soft.min(40) as i32).clamp(-20, 20).min(own))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -109,6 +138,8 @@ pub struct Needs {
     pub fds: u64,
     /// Origin connections open at once at most.
     pub origin_connections: u64,
+    /// The express lane thread's nice value (`[runtime] express_nice`; 0 with no lane).
+    pub express_nice: i32,
 }
 
 pub fn needs(config: &Config) -> Needs {
@@ -126,6 +157,11 @@ pub fn needs(config: &Config) -> Needs {
         // The inverse of admission::fd::connection_budget: stop accepting at 90 %.
         fds: crate::admission::fd::descriptors_needed(b.wanted, b.origin, b.listeners),
         origin_connections: b.origin,
+        express_nice: if config.express_connections > 0 {
+            config.express_nice
+        } else {
+            0
+        },
     }
 }
 
@@ -321,7 +357,41 @@ pub fn assess(h: &HostFacts, n: &Needs) -> Vec<Check> {
             }
         }
     });
+    out.push(nice_check(h, n.express_nice));
     out
+}
+
+/// Whether the express lane's thread can be given the priority the config asks for. Raising a
+/// nice value is always allowed; lowering it needs CAP_SYS_NICE or RLIMIT_NICE. Without it the
+/// lane still serves newcomers, only without its head start when CPU is short: advice.
+fn nice_check(h: &HostFacts, want: i32) -> Check {
+    const SETTING: &str = "CAP_SYS_NICE or RLIMIT_NICE";
+    let needs = format!("nice {want} allowed ([runtime] express_nice, the express lane's thread)");
+    if want >= 0 {
+        return ok(SETTING, "not needed", &needs);
+    }
+    match h.lowest_nice {
+        None => unknown(SETTING, &needs),
+        Some(low) if low <= want => ok(SETTING, &format!("down to nice {low}"), &needs),
+        Some(low) => Check {
+            setting: SETTING,
+            value: format!("down to nice {low}"),
+            needs,
+            verdict: Verdict::Advice,
+            fix: Some(match h.container {
+                Some(Container::Docker) => "docker run --cap-add SYS_NICE; or [runtime] \
+                    express_nice = 0"
+                    .to_string(),
+                Some(Container::Kubernetes) => "securityContext.capabilities.add: \
+                    [\"SYS_NICE\"]; or [runtime] express_nice = 0"
+                    .to_string(),
+                None => format!(
+                    "LimitNICE={want} (or AmbientCapabilities=CAP_SYS_NICE) in the systemd \
+                     unit; or [runtime] express_nice = 0"
+                ),
+            }),
+        },
+    }
 }
 
 fn ok(setting: &'static str, value: &str, needs: &str) -> Check {
@@ -432,6 +502,7 @@ mod tests {
             file_max: Some(1_000_000),
             nr_open: Some(1_000_000),
             nofile: Some((1024, 1_000_000)),
+            lowest_nice: Some(-20),
             container: None,
         }
     }
@@ -440,6 +511,7 @@ mod tests {
         backlog: 65535,
         fds: 55_700,
         origin_connections: 64,
+        express_nice: -10,
     };
 
     fn verdict(checks: &[Check], setting: &str) -> Verdict {
@@ -499,6 +571,41 @@ mod tests {
         );
         assert_eq!(verdict(&c, "net.ipv4.tcp_syncookies"), Verdict::Caps);
         assert_eq!(verdict(&c, "net.ipv4.tcp_fin_timeout"), Verdict::Advice);
+    }
+
+    #[test]
+    fn a_lane_priority_the_process_may_not_set_is_advice_with_the_grant() {
+        let setting = "CAP_SYS_NICE or RLIMIT_NICE";
+        // RLIMIT_NICE's default (0) allows no lowering: the process's own 0 is the lowest.
+        let plain = HostFacts {
+            lowest_nice: Some(0),
+            ..host()
+        };
+        let c = assess(&plain, &NEEDS);
+        let chk = c.iter().find(|c| c.setting == setting).unwrap();
+        assert_eq!(chk.verdict, Verdict::Advice);
+        assert!(chk.fix.as_deref().unwrap().contains("LimitNICE=-10"));
+        assert!(!caps_anything(&c));
+        let docker = assess(
+            &HostFacts {
+                container: Some(Container::Docker),
+                ..plain.clone()
+            },
+            &NEEDS,
+        );
+        let chk = docker.iter().find(|c| c.setting == setting).unwrap();
+        assert!(chk.fix.as_deref().unwrap().contains("--cap-add SYS_NICE"));
+        // LimitNICE=-10 (RLIMIT_NICE 30) is enough for -10; a lane left at 0 needs nothing.
+        let limited = HostFacts {
+            lowest_nice: Some(-10),
+            ..host()
+        };
+        assert_eq!(verdict(&assess(&limited, &NEEDS), setting), Verdict::Ok);
+        let off = Needs {
+            express_nice: 0,
+            ..NEEDS
+        };
+        assert_eq!(verdict(&assess(&plain, &off), setting), Verdict::Ok);
     }
 
     #[test]
