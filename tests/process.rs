@@ -471,8 +471,9 @@ fn lane_and_workers(pid: u32) -> (i32, Vec<i32>) {
 
 /// `[runtime] express_nice`: the express lane's thread (accept loops and newcomers) gets the
 /// nice value asked for and the workers keep the process's. Where the process may not lower it
-/// (no CAP_SYS_NICE: a container's default, here made with setpriv), the lane stays at the
-/// process's, the log says so, and newcomers are still served.
+/// (no CAP_SYS_NICE and RLIMIT_NICE 0: a container's default, here made with setpriv), the
+/// lane stays at the process's, the log says so, and newcomers are still served; RLIMIT_NICE
+/// alone (doctor's fix) is enough.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_express_lane_thread_runs_at_the_configured_priority() {
     let origin = origin(Arc::new(|_req| {
@@ -488,10 +489,30 @@ async fn the_express_lane_thread_runs_at_the_configured_priority() {
         "--inh-caps=-sys_nice",
         "--bounding-set=-sys_nice",
     ];
+    // RLIMIT_NICE 27 allows down to 20 - 27 without the capability (systemd's LimitNICE=-7).
+    let rlimit = [
+        "prlimit",
+        "--nice=27:27",
+        "setpriv",
+        "--inh-caps=-sys_nice",
+        "--bounding-set=-sys_nice",
+    ];
     let mut runs = vec![(allowed, run_binary(origin.addr, extra).await)];
-    // As root, the refused case too (setpriv is util-linux's, on every Debian).
-    if allowed && Command::new("setpriv").arg("--version").output().is_ok() {
+    // As root, the refused case too, and the rlimit's grant where this host lets a limit be
+    // raised (CAP_SYS_RESOURCE; a container may lack it). setpriv and prlimit are util-linux's,
+    // on every Debian.
+    let works = |cmd: &[&str]| {
+        Command::new(cmd[0])
+            .args(&cmd[1..])
+            .arg("true")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if allowed && works(&drop_cap) {
         runs.push((false, run_binary_under(&drop_cap, origin.addr, extra).await));
+        if works(&rlimit) {
+            runs.push((true, run_binary_under(&rlimit, origin.addr, extra).await));
+        }
     }
     for (allowed, mut bw) in runs {
         newcomer_is_served(bw.addr).await;

@@ -201,12 +201,12 @@ fn prioritise(nice: i32) {
         tracing::debug!(nice, "express lane thread prioritised");
     } else {
         let e = std::io::Error::last_os_error();
-        // Not a warning: without CAP_SYS_NICE (a container's default) the lane still works, it
-        // only loses its head start; `breakwater doctor` says how to grant it.
+        // Not a warning: without RLIMIT_NICE or CAP_SYS_NICE (a container's default) the lane
+        // still works, it only loses its head start.
         tracing::info!(nice, error = %e,
-            "cannot set the express lane thread's nice value; it runs at the process's. Grant \
-             CAP_SYS_NICE (docker --cap-add SYS_NICE), or LimitNICE= under systemd, or set \
-             [runtime] express_nice = 0");
+            "cannot set the express lane thread's nice value; it runs at the process's. Raise \
+             RLIMIT_NICE (systemd LimitNICE=, docker --ulimit nice=) or grant CAP_SYS_NICE; \
+             `breakwater doctor` says how here. [runtime] express_nice = 0 turns this off");
     }
 }
 

@@ -378,16 +378,22 @@ fn nice_check(h: &HostFacts, want: i32) -> Check {
             value: format!("down to nice {low}"),
             needs,
             verdict: Verdict::Advice,
+            // RLIMIT_NICE n allows nice 20 - n; it needs no capability, so it works for a
+            // non-root user too, where a capability added to a container does not reach.
             fix: Some(match h.container {
-                Some(Container::Docker) => "docker run --cap-add SYS_NICE; or [runtime] \
-                    express_nice = 0"
-                    .to_string(),
-                Some(Container::Kubernetes) => "securityContext.capabilities.add: \
-                    [\"SYS_NICE\"]; or [runtime] express_nice = 0"
+                Some(Container::Docker) => format!(
+                    "docker run --ulimit nice={0}:{0} (compose: ulimits: {{ nice: {0} }}); \
+                     or [runtime] express_nice = 0",
+                    20 - want
+                ),
+                Some(Container::Kubernetes) => "a pod cannot set RLIMIT_NICE: only a container \
+                    running as root with securityContext.capabilities.add: [\"SYS_NICE\"] can \
+                    lower it; or [runtime] express_nice = 0"
                     .to_string(),
                 None => format!(
-                    "LimitNICE={want} (or AmbientCapabilities=CAP_SYS_NICE) in the systemd \
-                     unit; or [runtime] express_nice = 0"
+                    "LimitNICE={want} in the systemd unit (ulimit -e {} in a shell); or \
+                     [runtime] express_nice = 0",
+                    20 - want
                 ),
             }),
         },
@@ -594,7 +600,7 @@ mod tests {
             &NEEDS,
         );
         let chk = docker.iter().find(|c| c.setting == setting).unwrap();
-        assert!(chk.fix.as_deref().unwrap().contains("--cap-add SYS_NICE"));
+        assert!(chk.fix.as_deref().unwrap().contains("--ulimit nice=30:30"));
         // LimitNICE=-10 (RLIMIT_NICE 30) is enough for -10; a lane left at 0 needs nothing.
         let limited = HostFacts {
             lowest_nice: Some(-10),
