@@ -47,16 +47,23 @@ pub struct Server {
     current: Arc<ArcSwap<Generation>>,
     /// True from the shutdown signal on: /readyz answers 503.
     pub draining: watch::Sender<bool>,
+    /// The same, for the requests (`Proxy::draining`), which only read it.
+    draining_flag: Arc<std::sync::atomic::AtomicBool>,
     /// Every open connection, and where the server is in its life (`roster.rs`): drain sends
     /// HTTP/2 connections GOAWAY, stop closes every connection.
     pub roster: roster::Roster,
 }
 
 impl Server {
-    pub fn new(current: Arc<ArcSwap<Generation>>, draining: watch::Sender<bool>) -> Server {
+    pub fn new(
+        current: Arc<ArcSwap<Generation>>,
+        draining: watch::Sender<bool>,
+        draining_flag: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Server {
         Server {
             current,
             draining,
+            draining_flag,
             roster: roster::Roster::default(),
         }
     }
@@ -64,6 +71,8 @@ impl Server {
     /// Drain (`Phase::Draining`) or stop (`Phase::Stopping`) every connection; the flag
     /// /readyz reads goes up with the first.
     pub fn signal(&self, phase: roster::Phase) {
+        self.draining_flag
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         self.draining.send_replace(true);
         self.roster.signal(phase);
     }

@@ -133,7 +133,7 @@ impl Generation {
 /// drain flag); the same for each generation.
 struct Wired {
     gate: Arc<dyn crate::client::RequestGate>,
-    draining: watch::Receiver<bool>,
+    draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What the admin endpoints, the metrics and the callers that watch a running engine read.
@@ -231,7 +231,7 @@ impl Engine {
         let draining = watch::Sender::new(false);
         let wired = Wired {
             gate: admission.clone(),
-            draining: draining.subscribe(),
+            draining: Arc::default(),
         };
         let current = Arc::new(ArcSwap::from_pointee(Generation::build(
             config, None, &wired,
@@ -248,7 +248,7 @@ impl Engine {
             fleet.clone(),
         );
         let (reload_tx, reload_rx) = mpsc::channel(4);
-        let server = Arc::new(conn::Server::new(current, draining));
+        let server = Arc::new(conn::Server::new(current, draining, wired.draining.clone()));
         Engine {
             shared: Arc::new(Shared {
                 wiring: Arc::new(listener::Wiring {

@@ -117,7 +117,9 @@ pub struct Proxy {
     /// Admission's per-request side (the forwarded client's key, the request rate).
     pub gate: Arc<dyn crate::client::RequestGate>,
     /// True from the shutdown signal on: HTTP/1 responses then carry `Connection: close`.
-    pub draining: tokio::sync::watch::Receiver<bool>,
+    /// Read by every request, so a plain flag: a watch's `borrow` takes a read lock whose
+    /// count every core's requests would write to (`conn::Server::signal` sets both).
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 struct Relayed {
@@ -223,7 +225,7 @@ pub async fn handle(
                 }
                 let (mut head, bytes) = answer.into_parts();
                 log.status = head.status.as_u16();
-                if *proxy.draining.borrow() && client_version_h1 {
+                if proxy.draining.load(std::sync::atomic::Ordering::Relaxed) && client_version_h1 {
                     head.headers
                         .insert(header::CONNECTION, HeaderValue::from_static("close"));
                 }
@@ -257,7 +259,7 @@ pub async fn handle(
     } else {
         Err(ProxyError::RateLimited)
     };
-    let draining = *proxy.draining.borrow();
+    let draining = proxy.draining.load(std::sync::atomic::Ordering::Relaxed);
     let from_origin = result.is_ok();
     let resp = match result {
         Ok(mut r) => {
