@@ -189,10 +189,12 @@ impl Express {
 /// Why the lane runs ahead: when the host's CPUs are all busy (a storm on a small machine, a
 /// sidecar sharing its pod's cores with the app), a woken thread waits for the scheduler behind
 /// the ones already running, and the lane is woken for every step of a newcomer's request (its
-/// accept, its read, its origin response). In the compare bench's 2,000-connection storm on 2
-/// cores the probe's p50 was 0.42-0.75 ms at nice 0 and 0.21-0.25 ms at -5, -10 or -19 (the
-/// storm's connection rate 4-8 % lower: the accept loops run here too). The lane is one thread,
-/// so it never takes more than one core from the workers. What buys the head start is the
+/// accept, its read, its origin response). In a 2,000-connection storm on 2 cores (the storm
+/// tool with the compare bench's config and origin) the probe's p50 was 0.35-0.58 ms at nice 0
+/// and 0.21-0.27 ms at -5, -10 or -19; the price was 12-15 % more CPU per storm connection and
+/// a 7-9 % lower storm rate, since the accept loops run here too and now take their turn in
+/// smaller batches. The lane is one thread, so it never takes more than one core from the
+/// workers. What buys the head start is the
 /// accept loops draining the kernel's queue at once: with them on a thread of their own at the
 /// process's priority and only the lane's tasks ahead, the p50 and the CPU were both as at 0
 /// (0.41-0.55 ms); raising the lane only while a newcomer was on it gave 0.31-0.46 ms for 4 %
