@@ -183,8 +183,9 @@ impl Express {
 }
 
 /// Sets the calling thread's nice value: Linux keeps one per thread, and `setpriority` with a
-/// thread id changes only that thread, so the workers and any thread spawned later keep the
-/// process's.
+/// thread id changes only that thread, so the workers keep the process's. A thread this one
+/// starts inherits it: only its runtime's blocking pool (the name lookups of express
+/// connections to an origin named by host), short work done for the lane anyway.
 ///
 /// Why the lane runs ahead: when the host's CPUs are all busy (a storm on a small machine, a
 /// sidecar sharing its pod's cores with the app), a woken thread waits for the scheduler behind
