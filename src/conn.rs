@@ -47,7 +47,8 @@ pub struct Server {
     current: Arc<ArcSwap<Generation>>,
     /// True from the shutdown signal on: /readyz answers 503.
     pub draining: watch::Sender<bool>,
-    /// The same, for the requests (`Proxy::draining`), which only read it.
+    /// The same, for the requests (`Proxy::draining`), which only read it. The roster's phase
+    /// says it too, but the proxy stands after this stage and does not see the roster.
     draining_flag: Arc<std::sync::atomic::AtomicBool>,
     /// Every open connection, and where the server is in its life (`roster.rs`): drain sends
     /// HTTP/2 connections GOAWAY, stop closes every connection.
