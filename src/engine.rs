@@ -460,6 +460,7 @@ impl Engine {
         Ok(Arc::new(listener::Frontend {
             proxy_protocol: bound.config.proxy_protocol.clone(),
             tls,
+            defer_accept: !bound.config.defer_accept.is_zero(),
         }))
     }
 

@@ -148,6 +148,9 @@ pub struct Wiring {
 pub struct Frontend {
     pub proxy_protocol: Option<ProxyProtocolConfig>,
     pub tls: Option<Arc<Acceptor>>,
+    /// The listener defers accept (`defer_accept`): a client's first bytes are in its socket
+    /// when it is accepted, unless it sent none (`Lanes::first_message_waiting`).
+    pub defer_accept: bool,
 }
 
 /// Accepted connections taken per readiness event before yielding to other tasks.
@@ -302,11 +305,11 @@ pub async fn accept_loop(
     tracing::debug!(listener = ?local, shard, "accept loop stopped");
 }
 
-fn register(socket: Socket, peer: SocketAddr) -> Option<TcpStream> {
+fn register(socket: std::net::TcpStream, peer: SocketAddr) -> Option<TcpStream> {
     // Small responses must not wait for Nagle; an error here only means the peer is already
     // gone, which the connection task will find out.
-    let _ = socket.set_tcp_nodelay(true);
-    match TcpStream::from_std(socket.into()) {
+    let _ = socket.set_nodelay(true);
+    match TcpStream::from_std(socket) {
         Ok(s) => Some(s),
         Err(e) => {
             tracing::debug!(client = %peer, error = %e, "cannot register connection");
@@ -332,21 +335,25 @@ fn serve(
         wiring.server.clone(),
         shutdown.clone(),
     );
+    let socket = std::net::TcpStream::from(socket);
+    let open = admitted.open_from_client;
+    // A newcomer takes an express place only with its first request already here whole (see
+    // `lanes::first_message_waiting`); a listener that does not defer accept cannot tell, and
+    // a client's bytes may come just after its accept there, so it only needs a place.
+    let express = open == 1
+        && lanes.express_room()
+        && (!frontend.defer_accept || lanes.first_message_waiting(&socket));
     // Registered with the reactor of the runtime it runs on, so inside its task.
-    lanes.spawn(
-        admitted.open_from_client,
-        Some(client.key),
-        move || async move {
-            let Some(stream) = register(socket, peer) else {
-                return;
-            };
-            // Boxed here, in the task (see `Lanes::spawn`).
-            Box::pin(crate::conn::serve(
-                stream, client, admitted, tls, server, shutdown,
-            ))
-            .await
-        },
-    );
+    lanes.spawn(open, express, Some(client.key), move || async move {
+        let Some(stream) = register(socket, peer) else {
+            return;
+        };
+        // Boxed here, in the task (see `Lanes::spawn`).
+        Box::pin(crate::conn::serve(
+            stream, client, admitted, tls, server, shutdown,
+        ))
+        .await
+    });
 }
 
 /// A connection from a trusted balancer: read its PROXY header (within the timeout), admit the
@@ -364,8 +371,8 @@ fn serve_proxied(
     };
     let (frontend, wiring, shutdown) = (frontend.clone(), wiring.clone(), shutdown.clone());
     // The client is not known until its header is read: the main runtime, never parked.
-    lanes.spawn(0, None, move || async move {
-        let Some(mut stream) = register(socket, peer) else {
+    lanes.spawn(0, false, None, move || async move {
+        let Some(mut stream) = register(socket.into(), peer) else {
             return;
         };
         let admission = &wiring.admission;

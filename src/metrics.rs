@@ -244,6 +244,12 @@ impl prometheus_client::collector::Collector for Snapshot {
             "Client connections served on the express lane (clients with nothing else open).",
             vec![(vec![], load(&self.shards.express_served))],
         )?;
+        counter(
+            &mut enc,
+            "breakwater_express_unready_connections",
+            "Newcomers served on the main runtime because their first request had not come whole by their accept (idle or trickling connections hold no express place).",
+            vec![(vec![], load(&self.shards.express_unready))],
+        )?;
         gauge(
             &mut enc,
             "breakwater_express_open_connections",

@@ -386,6 +386,17 @@ impl Upstream {
         if self.express_slice() > 0 && express::on_lane() {
             match self.take_express(client) {
                 express::Express::Lease(lease) => return Ok(lease),
+                express::Express::Warm(lease, server) => {
+                    // On the lane's runtime, where this request runs: the new connection is
+                    // driven there.
+                    let up = self.me.clone();
+                    tokio::spawn(async move {
+                        if let Some(up) = up.upgrade() {
+                            up.warm_express(server).await;
+                        }
+                    });
+                    return Ok(lease);
+                }
                 // Boxed: a connect is rare, and its state would size every request's future.
                 express::Express::Open(server) => {
                     if let Some(lease) = Box::pin(self.open_express(server, client)).await {

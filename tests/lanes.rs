@@ -126,6 +126,96 @@ async fn without_the_lane_the_newcomer_waits_for_the_storm() {
     proxy.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_trickling_newcomers_hold_no_express_place() {
+    let origin = text_origin("ok").await;
+    // Two places; the listener defers accept (the default, 1 s).
+    let proxy = Proxy::start(&config(origin.addr, 2)).await;
+    // Newcomers that send nothing (the kernel hands them over once the defer time is out) and
+    // newcomers that trickle a head: six, three times the lane's places.
+    let mut held = Vec::new();
+    for i in 0..4 {
+        held.push(
+            connect_from(&format!("127.0.0.{}", 21 + i), proxy.addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    for i in 0..2 {
+        let mut s = connect_from(&format!("127.0.0.{}", 25 + i), proxy.addr)
+            .await
+            .expect("connect");
+        s.write_all(b"GET / HTTP/1.1\r\nHo").await.expect("write");
+        held.push(s);
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || proxy
+            .metric("breakwater_express_unready_connections_total")
+            == 6.0)
+        .await,
+        "all six accepted, none whole (unready {})",
+        proxy.metric("breakwater_express_unready_connections_total")
+    );
+    assert_eq!(proxy.metric("breakwater_express_open_connections"), 0.0);
+    // A newcomer whose request is there gets a place, and is served.
+    assert_eq!(try_get_from("127.0.0.9", proxy.addr).await, Some(200));
+    assert_eq!(proxy.metric("breakwater_express_connections_total"), 1.0);
+    drop(held);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_deferred_accept_a_newcomer_needs_only_a_place() {
+    let origin = text_origin("ok").await;
+    // Accepted before its bytes may have come: the lane cannot tell, and does not look.
+    let cfg = config(origin.addr, 2).replace("shards = 2", "shards = 2\ndefer_accept = \"0s\"");
+    let proxy = Proxy::start(&cfg).await;
+    let _idle = connect_from("127.0.0.21", proxy.addr)
+        .await
+        .expect("connect");
+    assert!(
+        eventually(Duration::from_secs(5), || proxy
+            .metric("breakwater_express_open_connections")
+            == 1.0)
+        .await,
+        "the idle newcomer takes a place at once"
+    );
+    assert_eq!(try_get_from("127.0.0.9", proxy.addr).await, Some(200));
+    assert_eq!(proxy.metric("breakwater_express_connections_total"), 2.0);
+    assert_eq!(
+        proxy.metric("breakwater_express_unready_connections_total"),
+        0.0
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_lane_opens_one_express_connection_beside_its_first_request() {
+    let origin = text_origin("ok").await;
+    let proxy = Proxy::start(&config(origin.addr, 64)).await;
+    // The warm pool (pool_min_idle 2) is open before any request.
+    assert!(eventually(Duration::from_secs(5), || origin.accepts() == 2).await);
+    // The first newcomer is answered on a main-pool connection, and one express connection
+    // (driven on the lane's thread) is opened beside it, not on its way.
+    assert_eq!(try_get_from("127.0.0.9", proxy.addr).await, Some(200));
+    assert!(
+        eventually(Duration::from_secs(5), || origin.accepts() == 3).await,
+        "one express connection opened (origin accepts {})",
+        origin.accepts()
+    );
+    // Later newcomers, one at a time, use it: nothing more is opened.
+    for i in 0..5 {
+        assert_eq!(
+            try_get_from(&format!("127.0.0.{}", 30 + i), proxy.addr).await,
+            Some(200)
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(origin.accepts(), 3, "no further origin connection");
+    assert_eq!(proxy.metric("breakwater_express_connections_total"), 6.0);
+    proxy.stop().await;
+}
+
 /// `n` connections from 127.0.0.5 (after an anchor, so none is a newcomer), each asking for
 /// `/hold`, their statuses in the tasks.
 async fn held_requests(addr: SocketAddr, n: usize) -> tokio::task::JoinSet<Option<u16>> {

@@ -31,6 +31,9 @@ pub struct Shards {
     /// Connections served on the express lane since start, and open there now.
     pub express_served: AtomicU64,
     pub express_open: AtomicUsize,
+    /// Newcomers sent to the main runtime since start because their first request was not
+    /// whole in their socket at accept (`Lanes::first_message_waiting`).
+    pub express_unready: AtomicU64,
     /// Connections parked since start, and parked now (`park.rs`).
     pub parked: AtomicU64,
     pub parked_now: AtomicUsize,
