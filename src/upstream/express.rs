@@ -95,10 +95,12 @@ impl Upstream {
     /// Why an express connection even when the main pool is free: a main-pool connection is
     /// driven on the main runtime, so a lane request on it crosses threads twice (the request
     /// to the worker that writes it, the response back), and on a machine whose cores idle
-    /// each crossing wakes a sleeping thread. In the compare bench's idle flood and slowloris
-    /// runs (two each, same run), the probe's p50/p99 went from 0.8/23.8 and 0.9/6.1 ms to
-    /// 0.7/8.3 and 0.7/1.4 (nginx 0.6/13.3 and 0.5/1.6). Opened in the background, not for
-    /// this request: a connect on its way would cost more than the crossing it saves.
+    /// each crossing wakes a sleeping thread. Measured with the lane's readiness check
+    /// (`listener/lanes.rs`), in the compare bench against the build before both (3
+    /// repetitions, same run): idle flood probe p50/p99 0.8/8.0 -> 0.7/6.0 ms (nginx 0.5/9.0);
+    /// slowloris 0.7/1.6 -> 0.7/1.7 (nginx 0.5/1.2), no change beyond the noise; storm 2,000
+    /// 0.5/13.2 -> 0.4/13.8 (nginx 0.5/105). Opened in the background, not for this request:
+    /// a connect on its way would cost more than the crossing it saves.
     pub(super) fn take_express(&self, client: Asker) -> Express {
         let mut st = self.lock();
         if !self.under_cap(&st, client) {
