@@ -2,6 +2,10 @@
 //! accept loop per shard. The accept loop neither spins nor dies: per-connection errors are
 //! skipped, resource errors (EMFILE, ENFILE, ENOBUFS, ENOMEM) back off exponentially up to a
 //! small cap and are logged at most once a second.
+//!
+//! Why ~510 lines: binding (fresh or adopted from a takeover), the accept loop and the three
+//! ways out of it (served, PROXY-header first, refused) share its locals; the rest is split
+//! out below (lanes, parking, PROXY protocol, socket options, counters).
 
 pub mod lanes;
 pub mod park;

@@ -128,6 +128,8 @@ struct Relayed {
     rest: Option<Incoming>,
     conn: Option<Lease>,
     spooled: Option<spool::Spooled>,
+    /// The origin's waiting-room command, taken out of `head` (`prepare_response`).
+    command: Option<HeaderValue>,
 }
 
 fn request_id_text(id: &HeaderValue) -> String {
@@ -265,7 +267,7 @@ pub async fn handle(
         Ok(mut r) => {
             // The origin may end a shopper's session (`Breakwater-Room: revoke`); the header
             // is Breakwater's, never the client's.
-            if let Some(cmd) = r.head.headers.remove(crate::room::COMMAND_HEADER) {
+            if let Some(cmd) = r.command.take() {
                 if let Some(Seated {
                     room,
                     session: Some(id),
@@ -555,7 +557,7 @@ async fn forward(
         })?;
     log.server = Some(lease.server_name());
     let (mut head, mut body) = resp.into_parts();
-    headers::prepare_response(
+    let command = headers::prepare_response(
         &mut head.headers,
         headers::version_token(head.version),
         &proxy.via,
@@ -584,6 +586,7 @@ async fn forward(
             rest: None,
             conn: None,
             spooled: None,
+            command,
         });
     }
     // The rest is longer than the read-ahead: spool it, so a client slower than the origin
@@ -603,6 +606,7 @@ async fn forward(
                 rest: None,
                 conn: None,
                 spooled: Some(spooled),
+                command,
             });
         }
         proxy
@@ -616,6 +620,7 @@ async fn forward(
         rest: Some(body),
         conn: Some(lease),
         spooled: None,
+        command,
     })
 }
 

@@ -1,7 +1,7 @@
 //! Pure functions on header maps: hop-by-hop removal (RFC 9110 §7.6.1) and the forwarding
 //! headers (X-Forwarded-For/-Proto/-Host, Via). No I/O, tested in place.
 //!
-//! Why this file is ~710 lines: about 230 of them are its tests, kept beside the functions
+//! Why this file is ~730 lines: about 230 of them are its tests, kept beside the functions
 //! they pin down (each rule of RFC 9110 and of the forwarding headers has one).
 
 use std::net::IpAddr;
@@ -37,12 +37,14 @@ static FORWARDING: [HeaderName; 6] = [
 ];
 
 /// Bits of `scan`: the hop-by-hop list (bit i for `HOP_BY_HOP[i]`), then the forwarding
-/// headers (bit 10 + i for `FORWARDING[i]`), then Via.
+/// headers (bit 10 + i for `FORWARDING[i]`), then Via, then the room's command.
 const HOP_MASK: u32 = (1 << HOP_BY_HOP.len()) - 1;
 const FORWARDING_SHIFT: u32 = HOP_BY_HOP.len() as u32;
 const VIA_BIT: u32 = 1 << (HOP_BY_HOP.len() + FORWARDING.len());
 /// `Transfer-Encoding`'s bit (HOP_BY_HOP[4]).
 const TE_BIT: u32 = 1 << 4;
+/// The waiting room's command header (`room::COMMAND_HEADER`), after Via.
+const ROOM_BIT: u32 = VIA_BIT << 1;
 
 /// Which of the names this module rewrites a head carries, in one pass over its names. Each
 /// lookup by name costs a hash and most heads carry few of them (callgrind: the two scans and
@@ -72,6 +74,7 @@ fn bit_of(name: &str) -> u32 {
         "x-real-ip" => 14,
         "x-forwarded-port" => 15,
         "via" => 16,
+        "breakwater-room" => 17,
         _ => return 0,
     };
     1 << i
@@ -426,16 +429,25 @@ pub fn prepare_request(h: &mut HeaderMap, f: &Forwarded<'_>) {
 }
 
 /// What the client should see of an origin response.
+///
+/// Returns the origin's waiting-room command (`room::COMMAND_HEADER`), taken out of the head:
+/// it is Breakwater's, never the client's. Found by the same pass as the rest, so a response
+/// without one pays no lookup (a `remove` by name on every response was ~420 instructions).
 pub fn prepare_response(
     h: &mut HeaderMap,
     origin_version: &'static str,
     via: &Via,
     upgrade: Option<&HeaderValue>,
-) {
+) -> Option<HeaderValue> {
     // A response framed by Transfer-Encoding has no meaningful Content-Length (RFC 9112
     // §6.3): the body was de-chunked, so passing the origin's length on would let a
     // downstream cache read the rest as the next response.
     let bits = scan(h);
+    let command = if bits & ROOM_BIT != 0 {
+        h.remove(crate::room::COMMAND_HEADER)
+    } else {
+        None
+    };
     if bits & TE_BIT != 0 {
         h.remove(header::CONTENT_LENGTH);
     }
@@ -445,6 +457,7 @@ pub fn prepare_response(
         h.insert(header::UPGRADE, up.clone());
     }
     append_via(h, bits, via.entry(origin_version));
+    command
 }
 
 /// Folds every existing value of a list header into one and appends `item`.
@@ -497,6 +510,7 @@ mod tests {
         }
         assert_eq!(bit_of(header::VIA.as_str()), VIA_BIT);
         assert_eq!(bit_of(header::TRANSFER_ENCODING.as_str()), TE_BIT);
+        assert_eq!(bit_of(crate::room::COMMAND_HEADER), ROOM_BIT);
         let h = map(&[("Via", "1.1 a"), ("X-Real-IP", "1.2.3.4"), ("Host", "x")]);
         assert_eq!(scan(&h), VIA_BIT | 1 << (FORWARDING_SHIFT + 4));
     }
@@ -706,8 +720,14 @@ mod tests {
         prepare_response(&mut r, "2", &Via::new("bw"), None);
         assert_eq!(r["via"], "1.1 origin-lb, 2 bw");
         let mut r = HeaderMap::new();
-        prepare_response(&mut r, "1.1", &Via::new("bw"), None);
+        assert_eq!(prepare_response(&mut r, "1.1", &Via::new("bw"), None), None);
         assert!(r.get("content-length").is_none());
         assert_eq!(r["via"], "1.1 bw");
+        // The room's command is handed to the caller and never reaches the client.
+        let mut r = map(&[("Breakwater-Room", "revoke"), ("x", "1")]);
+        let command = prepare_response(&mut r, "1.1", &Via::new("bw"), None);
+        assert_eq!(command.as_ref().map(|v| v.as_bytes()), Some(&b"revoke"[..]));
+        assert!(r.get("breakwater-room").is_none());
+        assert_eq!(r["x"], "1");
     }
 }

@@ -81,7 +81,7 @@ pub(super) async fn tunnel_request(
     }
     let (mut head, body) = resp.into_parts();
     let token = HeaderValue::from_static("websocket");
-    headers::prepare_response(
+    let command = headers::prepare_response(
         &mut head.headers,
         headers::version_token(head.version),
         via,
@@ -95,6 +95,7 @@ pub(super) async fn tunnel_request(
         rest,
         conn: None,
         spooled: None,
+        command,
     })
 }
 
