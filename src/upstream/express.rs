@@ -139,32 +139,22 @@ impl Upstream {
     /// Opens the express connection `take_express` counted on `server` (`Warm`) and pools it
     /// idle, for the lane's next request. Runs as a task of its own on the lane's runtime.
     pub(super) async fn warm_express(&self, server: usize) {
-        let mut opening = Opening {
-            up: self,
-            server,
-            done: false,
-        };
-        let addr = self.servers[server].addr.clone();
-        let preface = self.local_preface();
-        let (tx, drive) =
-            match pool::connect(&addr, self.cfg.protocol, self.cfg.connect_timeout, &preface).await
-            {
-                Ok(c) => c,
-                Err(e) => {
-                    self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(upstream = %self.name, server = %addr, error = %e,
-                        "express-lane origin connect failed");
-                    return;
-                }
-            };
-        let id = self.drive(server, drive, true);
-        let mut st = self.lock();
-        opening.done = true;
-        self.pooled(&mut st, server, id, tx, true);
+        drop(self.connect_express(server).await);
     }
 
     /// Opens the express connection `take_express` counted on `server`, for `client`'s request.
     pub(super) async fn open_express(&self, server: usize, client: Asker) -> Option<Lease> {
+        let mut st = self.connect_express(server).await?;
+        let g = self.checkout(&mut st, client, true)?;
+        drop(st);
+        Some(self.lease(g, client))
+    }
+
+    /// Connects the express connection counted on `server`, drives it on this runtime (the
+    /// lane's: express tasks run there) and pools it; returns the pool, still locked, so that
+    /// `open_express` takes the connection before anyone else can. None if the connect failed
+    /// (the counts are undone).
+    async fn connect_express(&self, server: usize) -> Option<std::sync::MutexGuard<'_, State>> {
         let mut opening = Opening {
             up: self,
             server,
@@ -184,13 +174,10 @@ impl Upstream {
                     return None;
                 }
             };
-        // Driven on the lane's runtime: this task runs there.
         let id = self.drive(server, drive, true);
         let mut st = self.lock();
         opening.done = true;
         self.pooled(&mut st, server, id, tx, true);
-        let g = self.checkout(&mut st, client, true)?;
-        drop(st);
-        Some(self.lease(g, client))
+        Some(st)
     }
 }
