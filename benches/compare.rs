@@ -2,13 +2,14 @@
 //! limits (../shared/anchors), and against the origin directly, in one run on loopback.
 //!
 //! Run: `cargo bench --bench compare` (REPS=3 by default; ONLY=keepalive,storm2k,... to pick
-//! scenarios; TARGETS=direct,breakwater,haproxy,nginx to pick targets). Needs `haproxy`,
+//! scenarios; TARGETS=direct,breakwater,haproxy,nginx to pick targets; ORIGIN=nginx for the
+//! anchors' own origin, `origin-nginx.conf`, in place of the in-process one). Needs `haproxy`,
 //! `nginx` and `wrk` (Debian packages); a missing one is skipped and said so. TARGETS may name
 //! `alt` with BREAKWATER_ALT=/path/to/breakwater to compare two builds in one run, and
 //! `floor`: a bare proxy on the same crates (hyper server and client, tokio), the least a
 //! proxy built on them costs (compare/floor.rs).
 //! Writes a markdown table of medians and same-run ratios to target/tmp/compare.md.
-//! (About 500 lines: one runner for five targets and seven scenarios; the floor proxy it
+//! (About 540 lines: one runner for five targets, two origins and seven scenarios; the floor proxy it
 //! compares against lives in compare/floor.rs.)
 //!
 //! What it measures, per target and scenario: requests/s (wrk) or connections/s (storm), the
@@ -86,6 +87,44 @@ fn render(template: &str, dir: &std::path::Path) -> String {
     template
         .replace("@RUNDIR@", &dir.display().to_string())
         .replace("@NOFILE@", &nofile().to_string())
+}
+
+/// The anchors' origin (`origin-nginx.conf`: 127.0.0.1:18080, and its stub_status on 18081).
+fn start_nginx_origin() -> Option<Running> {
+    let dir = tempfile::tempdir().ok()?;
+    let t = std::fs::read_to_string(format!("{ANCHORS}/origin-nginx.conf")).ok()?;
+    let cfg = dir.path().join("origin.conf");
+    std::fs::write(&cfg, render(&t, dir.path())).ok()?;
+    let child = support::nginx(dir.path(), &cfg)?;
+    let running = Running {
+        child: Some(child),
+        _dir: dir,
+    };
+    ORIGIN
+        .parse()
+        .is_ok_and(support::wait_listening)
+        .then_some(running)
+}
+
+/// The nginx origin's accepted connections so far (stub_status), less those the readings
+/// made (each is a connection to it).
+fn nginx_accepts() -> u64 {
+    use std::io::{Read, Write};
+    static READINGS: AtomicU64 = AtomicU64::new(0);
+    let made = READINGS.fetch_add(1, Ordering::Relaxed) + 1;
+    let read = || -> Option<u64> {
+        let mut s = std::net::TcpStream::connect("127.0.0.1:18081").ok()?;
+        s.write_all(b"GET / HTTP/1.0\r\nHost: origin\r\n\r\n")
+            .ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        // "server accepts handled requests\n 16 16 31"
+        let mut lines = text
+            .lines()
+            .skip_while(|l| !l.starts_with("server accepts"));
+        lines.nth(1)?.split_whitespace().next()?.parse().ok()
+    };
+    read().map_or(0, |n: u64| n.saturating_sub(made))
 }
 
 fn wait_listening() -> bool {
@@ -261,14 +300,14 @@ fn run_one(
     scenario: &str,
     target: &str,
     pid: Option<u32>,
-    accepts: &AtomicU64,
+    accepts: &dyn Fn() -> u64,
 ) -> Sample {
     let addr: SocketAddr = if target == "direct" { ORIGIN } else { PROXY }
         .parse()
         .expect("addr");
     let url = format!("http://{addr}/");
     let cpu0 = pid.map(cpu_s);
-    let acc0 = accepts.load(Ordering::Relaxed);
+    let acc0 = accepts();
     // Peak RSS, sampled while the scenario runs.
     let done = Arc::new(AtomicBool::new(false));
     let sampler = pid.map(|p| {
@@ -332,7 +371,7 @@ fn run_one(
             s.cpu_ms_per_1000 = Some(used * 1000.0 / s.requests * 1000.0);
         }
     }
-    s.origin_accepts = accepts.load(Ordering::Relaxed) - acc0;
+    s.origin_accepts = accepts().saturating_sub(acc0);
     // Let TIME_WAIT, queues and timers settle between runs.
     std::thread::sleep(Duration::from_secs(1));
     s
@@ -379,12 +418,34 @@ fn main() {
         .build()
         .expect("origin runtime");
     let accepts = Arc::new(AtomicU64::new(0));
-    origin_rt.block_on(async {
-        let l = tokio::net::TcpListener::bind(ORIGIN)
-            .await
-            .expect("bind origin on 127.0.0.1:18080");
-        tokio::spawn(breakwater::tools::demo::origin(l, accepts.clone()));
-    });
+    // ORIGIN=nginx: the origin the anchors were written with (2 nginx workers). The in-process
+    // origin is a tokio server, which runs a connection it has just accepted before those
+    // already busy: a proxy that opens an origin connection per request gets its probe
+    // answered ahead of the storm's requests there, one that reuses pooled connections waits
+    // among them. nginx serves its connections in the order their bytes arrive.
+    let nginx_origin = std::env::var("ORIGIN").is_ok_and(|o| o == "nginx");
+    let _origin_nginx = if nginx_origin {
+        let Some(o) = start_nginx_origin() else {
+            eprintln!("ORIGIN=nginx: cannot start nginx with the anchors' origin-nginx.conf");
+            return;
+        };
+        Some(o)
+    } else {
+        origin_rt.block_on(async {
+            let l = tokio::net::TcpListener::bind(ORIGIN)
+                .await
+                .expect("bind origin on 127.0.0.1:18080");
+            tokio::spawn(breakwater::tools::demo::origin(l, accepts.clone()));
+        });
+        None
+    };
+    let count_accepts = || {
+        if nginx_origin {
+            nginx_accepts()
+        } else {
+            accepts.load(Ordering::Relaxed)
+        }
+    };
     let started = Instant::now();
     // (scenario, target) -> samples
     let mut results: BTreeMap<(String, String), Vec<Sample>> = BTreeMap::new();
@@ -397,7 +458,7 @@ fn main() {
                 continue;
             };
             for sc in &scenarios {
-                let s = run_one(&rt, sc, target, running.pid(), &accepts);
+                let s = run_one(&rt, sc, target, running.pid(), &count_accepts);
                 eprintln!("rep {rep} {target:>10} {sc:>9}: {s:?}");
                 results
                     .entry((sc.to_string(), target.clone()))
@@ -410,7 +471,7 @@ fn main() {
     let fmt =
         |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |x| format!("{x:.digits$}"));
     let mut t = format!(
-        "Machine: {} cores, {}; {} repetitions, medians; run took {:.0} s.\n\n\
+        "Machine: {} cores, {}; origin: {}; {} repetitions, medians; run took {:.0} s.\n\n\
          | scenario | target | req/s or conn/s | CPU ms / 1,000 req | peak RSS MB | probe p50 / p99 ms | probe ok % | origin accepts | failed |\n\
          |---|---|---:|---:|---:|---:|---:|---:|---:|\n",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -418,6 +479,11 @@ fn main() {
             .ok()
             .and_then(|c| c.lines().find_map(|l| l.strip_prefix("model name")).map(|m| m.trim_start_matches([' ', '\t', ':']).to_string()))
             .unwrap_or_default(),
+        if nginx_origin {
+            "nginx, the anchors' origin-nginx.conf"
+        } else {
+            "in-process hyper"
+        },
         reps,
         started.elapsed().as_secs_f64()
     );
