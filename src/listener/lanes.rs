@@ -104,10 +104,10 @@ impl Lanes {
             .is_some_and(|e| self.stats.express_open.load(Ordering::Relaxed) < e.max)
     }
 
-    /// Whether a newcomer's first message is already in its socket whole: an HTTP/1 head (or
-    /// HTTP/2's preface, which ends like one) or a TLS record (the ClientHello), within the
-    /// first `PEEK_WINDOW` bytes. Looked at without taking them (`MSG_PEEK`: one syscall, paid
-    /// only by newcomers the lane has room for).
+    /// Whether a newcomer's first message is already in its socket: whole (an HTTP/1 head, or
+    /// HTTP/2's preface, which ends like one, or a TLS record: the ClientHello), or at least a
+    /// full segment of it (`FULL_SEGMENT`). Looked at without taking them (`MSG_PEEK`: one
+    /// syscall, paid only by newcomers the lane has room for).
     ///
     /// Why: a place on the lane is held for the connection's life, and an idle or trickling
     /// connection holds it doing nothing. On a listener that defers accept, a real client's
@@ -251,14 +251,23 @@ fn prioritise(nice: i32) {
     }
 }
 
-/// How much of a newcomer's first bytes `first_message_waiting` looks at: a request head with
-/// a few cookies, or a ClientHello with a post-quantum key share (~1.8 KB), fits; a larger one
-/// is served on the main runtime, where the pool's fair queue still puts a newcomer first.
-const PEEK_WINDOW: usize = 4096;
+/// How much of a newcomer's first bytes `first_message_waiting` looks at: no more than it takes
+/// to decide.
+const PEEK_WINDOW: usize = FULL_SEGMENT;
+
+/// Bytes that make a first message "here" even when it is not whole: over a real network a
+/// message larger than a segment (a ClientHello with a post-quantum key share, ~1.8 KB; a head
+/// with large cookies) wakes the accept with its first segment alone, and a segment is ~1,200
+/// to 1,460 bytes wherever the path's MTU is 1,280 (IPv6's least) or more. A trickler sends
+/// bytes, not segments' worth.
+const FULL_SEGMENT: usize = 1000;
 
 /// A whole HTTP/1 head, or a whole TLS record (type 22, handshake: a ClientHello), at the start
-/// of `bytes`.
+/// of `bytes`, or a full segment's worth of either.
 fn whole_first_message(bytes: &[u8]) -> bool {
+    if bytes.len() >= FULL_SEGMENT {
+        return true;
+    }
     match bytes {
         [0x16, _, _, hi, lo, rest @ ..] => {
             rest.len() >= usize::from(u16::from_be_bytes([*hi, *lo]))
@@ -294,5 +303,14 @@ mod tests {
         assert!(whole_first_message(&[0x16, 3, 1, 0, 4, 1, 0, 0, 0]));
         assert!(!whole_first_message(&[0x16, 3, 1, 0, 4, 1, 0, 0]));
         assert!(!whole_first_message(&[0x16, 3]));
+        // The first segment of a larger one: a ClientHello of 1,800 bytes, a long head.
+        let mut hello = vec![0x16, 3, 1, 0x07, 0x08];
+        hello.resize(1400, 0);
+        assert!(whole_first_message(&hello));
+        let mut head = b"GET / HTTP/1.1\r\nCookie: ".to_vec();
+        head.resize(1400, b'a');
+        assert!(whole_first_message(&head));
+        head.truncate(900);
+        assert!(!whole_first_message(&head));
     }
 }
