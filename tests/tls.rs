@@ -201,6 +201,48 @@ async fn h2_and_http11_over_tls_reach_the_origin_as_https() {
     proxy.stop().await;
 }
 
+/// A TLS newcomer's first bytes are its ClientHello: the express lane takes it as a request
+/// that is here (`listener/lanes.rs`), not as an idle connection. (From an address of its own,
+/// as in tests/lanes.rs.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_newcomer_is_served_on_the_express_lane() {
+    let dir = tempfile::tempdir().unwrap();
+    let site = make_cert(dir.path(), "site", &["shop.example.com"], false);
+    let origin = echo_origin().await;
+    let toml = format!(
+        "{}[upstreams.app]\nservers = [\"{}\"]\n",
+        tls_listener(&site, ""),
+        origin.addr
+    );
+    let proxy = Proxy::start(&toml).await;
+    let tcp = connect_from("127.0.0.9", proxy.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(client_config(Some(&site), &[b"http/1.1"]))
+        .connect(ServerName::try_from("shop.example.com").unwrap(), tcp)
+        .await
+        .expect("TLS handshake");
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let resp = tx
+        .send_request(
+            Request::builder()
+                .uri("/lane")
+                .header("host", "shop.example.com")
+                .body(full(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(collect(resp).await.text(), "GET /lane");
+    assert_eq!(proxy.metric("breakwater_express_connections_total"), 1.0);
+    assert_eq!(
+        proxy.metric("breakwater_express_unready_connections_total"),
+        0.0
+    );
+    proxy.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sni_picks_the_certificate_and_sessions_resume() {
     let dir = tempfile::tempdir().unwrap();
