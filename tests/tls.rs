@@ -202,8 +202,9 @@ async fn h2_and_http11_over_tls_reach_the_origin_as_https() {
 }
 
 /// A TLS newcomer's first bytes are its ClientHello: the express lane takes it as a request
-/// that is here (`listener/lanes.rs`), not as an idle connection. (From an address of its own,
-/// as in tests/lanes.rs.)
+/// that is here (`listener/lanes.rs`), not as an idle connection. (Not from 127.0.0.1: the
+/// default allow list exempts it, and an exempt client's connections are not counted, so none
+/// is told to be a newcomer.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_newcomer_is_served_on_the_express_lane() {
     let dir = tempfile::tempdir().unwrap();
