@@ -133,10 +133,10 @@ impl Lanes {
     /// Runs a connection's task, made by `make`: on the express lane when `express` (its client,
     /// `key`, had nothing else open and its request is here: `first_message_waiting`) and the
     /// lane has room; else on the main runtime, at once or, while the queues are full, once
-    /// parking lets it go. Only a client with other
-    /// connections open is parked: a newcomer must reach the pool's fair queue, where it goes
-    /// first, and where connections are not counted (`open` 0) nobody can be told apart. A
-    /// connection whose client is not known yet (`key` None) is never parked.
+    /// parking lets it go. Only a client with other connections open (`open` over 1) is
+    /// parked: a newcomer must reach the pool's fair queue, where it goes first, and where
+    /// connections are not counted (`open` 0) nobody can be told apart. A connection whose
+    /// client is not known yet (`key` None) is never parked.
     ///
     /// `make`'s future should be small: tokio keeps a task's future inline in the task's cell
     /// and moves it whole at every step of spawning, then writes the whole cell's stage at the
