@@ -122,6 +122,20 @@ async fn connect_tls(
         .expect("TLS handshake")
 }
 
+/// One HTTP/1.1 GET for shop.example.com on an established TLS connection: the body.
+async fn get_over_http1(tls: tokio_rustls::client::TlsStream<TcpStream>, path: &str) -> String {
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .uri(path)
+        .header("host", "shop.example.com")
+        .body(full(""))
+        .unwrap();
+    collect(tx.send_request(req).await.unwrap()).await.text()
+}
+
 fn tls_listener(site: &Pem, extra: &str) -> String {
     format!(
         "[[listeners]]\naddr = \"127.0.0.1:0\"\nshards = 1\ntls_handshake_timeout = \"1s\"\n\
@@ -131,10 +145,10 @@ fn tls_listener(site: &Pem, extra: &str) -> String {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn h2_and_http11_over_tls_reach_the_origin_as_https() {
-    let dir = tempfile::tempdir().unwrap();
-    let site = make_cert(dir.path(), "site", &["shop.example.com"], false);
+/// A TLS listener for shop.example.com (its certificate made in `dir`) in front of an echo
+/// origin.
+async fn shop_proxy(dir: &Path) -> (Pem, Origin, Proxy) {
+    let site = make_cert(dir, "site", &["shop.example.com"], false);
     let origin = echo_origin().await;
     let toml = format!(
         "{}[upstreams.app]\nservers = [\"{}\"]\n",
@@ -142,6 +156,13 @@ async fn h2_and_http11_over_tls_reach_the_origin_as_https() {
         origin.addr
     );
     let proxy = Proxy::start(&toml).await;
+    (site, origin, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_and_http11_over_tls_reach_the_origin_as_https() {
+    let dir = tempfile::tempdir().unwrap();
+    let (site, origin, proxy) = shop_proxy(dir.path()).await;
 
     // HTTP/2, negotiated by ALPN, with the certificate verified against its own root.
     let tls = connect_tls(
@@ -179,21 +200,7 @@ async fn h2_and_http11_over_tls_reach_the_origin_as_https() {
     )
     .await;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let resp = tx
-        .send_request(
-            Request::builder()
-                .uri("/one")
-                .header("host", "shop.example.com")
-                .body(full(""))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(collect(resp).await.text(), "GET /one");
+    assert_eq!(get_over_http1(tls, "/one").await, "GET /one");
 
     for seen in origin.requests() {
         assert_eq!(seen.headers["x-forwarded-proto"], "https");
@@ -208,34 +215,13 @@ async fn h2_and_http11_over_tls_reach_the_origin_as_https() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_newcomer_is_served_on_the_express_lane() {
     let dir = tempfile::tempdir().unwrap();
-    let site = make_cert(dir.path(), "site", &["shop.example.com"], false);
-    let origin = echo_origin().await;
-    let toml = format!(
-        "{}[upstreams.app]\nservers = [\"{}\"]\n",
-        tls_listener(&site, ""),
-        origin.addr
-    );
-    let proxy = Proxy::start(&toml).await;
+    let (site, _origin, proxy) = shop_proxy(dir.path()).await;
     let tcp = connect_from("127.0.0.9", proxy.addr).await.unwrap();
     let tls = tokio_rustls::TlsConnector::from(client_config(Some(&site), &[b"http/1.1"]))
         .connect(ServerName::try_from("shop.example.com").unwrap(), tcp)
         .await
         .expect("TLS handshake");
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let resp = tx
-        .send_request(
-            Request::builder()
-                .uri("/lane")
-                .header("host", "shop.example.com")
-                .body(full(""))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(collect(resp).await.text(), "GET /lane");
+    assert_eq!(get_over_http1(tls, "/lane").await, "GET /lane");
     assert_eq!(proxy.metric("breakwater_express_connections_total"), 1.0);
     assert_eq!(
         proxy.metric("breakwater_express_unready_connections_total"),
@@ -369,14 +355,7 @@ async fn curl_verifies_the_certificate_and_speaks_h2() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let site = make_cert(dir.path(), "site", &["shop.example.com"], false);
-    let origin = echo_origin().await;
-    let toml = format!(
-        "{}[upstreams.app]\nservers = [\"{}\"]\n",
-        tls_listener(&site, ""),
-        origin.addr
-    );
-    let proxy = Proxy::start(&toml).await;
+    let (site, _origin, proxy) = shop_proxy(dir.path()).await;
     let port = proxy.addr.port();
     let out = tokio::process::Command::new("curl")
         .args(["-sS", "--http2", "-w", " %{http_version}", "--cacert"])
