@@ -7,7 +7,7 @@
 //! atomics on the hot path: the accept loop and the pool keep their own counters, and this
 //! module only reads them.
 //!
-//! Why this file is still ~600 lines: it is one Prometheus collector that reads every stage's
+//! Why this file is still ~610 lines: it is one Prometheus collector that reads every stage's
 //! counters at scrape time (connections, listeners, requests, TLS, pools, spools), and those
 //! families share the encoding helpers. What stands apart is split out: the host's counters
 //! (`metrics/host.rs`: kernel /proc and process_*) and the waiting rooms (`metrics/room.rs`).

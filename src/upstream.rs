@@ -13,7 +13,7 @@
 //! non-async sections. Inside it only plain `Granted` values are made; a `Lease` (whose drop
 //! takes the lock) exists only outside it.
 //!
-//! Why this file is still ~760 lines: it is the scheduler (fair queue, client and connection
+//! Why this file is still ~770 lines: it is the scheduler (fair queue, client and connection
 //! shares, slot accounting, dispatch, connect pacing and the warm refill), which all works
 //! under the one upstream lock on one `State`. What does not need that state as a whole lives
 //! beside it: leases and giving back (`lease.rs`), the exchange with its retry, panic mode and
