@@ -4,13 +4,13 @@
 //! checks ranges and references. Every error names the file, line, column and key, says what
 //! was wrong and what is expected.
 //!
-//! Why this file is still ~865 lines (about 260 of them tests) and not split further: each section's
+//! Why this file is still ~885 lines (about 260 of them tests) and not split further: each section's
 //! validated shape and its checks already live in a file of their own:
 //! `config/listener.rs`, `http.rs`, `upstream.rs` (with routes), `admission.rs`, `room.rs`,
 //! `fleet.rs`. This file keeps what they share: the top-level `Config`, the one pass that
 //! calls them in order (errors must point at file:line:key, so the located-error and warning
 //! helpers are threaded through), the small sections (admin, runtime, log), and the tests:
-//! about 865 lines, 260 of them tests.
+//! about 885 lines, 260 of them tests.
 //! The TOML mirror and its defaults are in `config/file.rs`; the test that holds
 //! `config/breakwater.toml` equal to those defaults keeps the documented values from drifting.
 
@@ -66,6 +66,10 @@ pub struct Config {
     /// `[runtime] express_nice`: the express lane thread's nice value (-20 to 19), set when
     /// it starts (`listener/lanes.rs`); 0 leaves it at the process's.
     pub express_nice: i32,
+    /// `[runtime] express_accept_above`: open client connections above which the accept loops
+    /// run on the express lane's thread (below half of it, on the workers); 0 = always there
+    /// (`listener/lanes.rs`, `Lanes::accept_on_lane`).
+    pub express_accept_above: usize,
     /// What `check` and `run` warn about: valid, but probably not what was meant.
     pub warnings: Vec<String>,
     /// `[runtime] control_socket`: where a running instance offers its listening sockets to
@@ -186,8 +190,12 @@ impl Config {
         }
         s += &format!(
             "runtime   worker_threads {}  express_connections {}  express_nice {}  \
-             park_connections {}\n",
-            self.worker_threads, self.express_connections, self.express_nice, self.park_connections
+             express_accept_above {}  park_connections {}\n",
+            self.worker_threads,
+            self.express_connections,
+            self.express_nice,
+            self.express_accept_above,
+            self.park_connections
         );
         let h = &self.http;
         s += &format!(
@@ -349,6 +357,16 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
             ),
         ));
     }
+    let express_accept_above = *raw.runtime.express_accept_above.get_ref();
+    if express_accept_above > 10_000_000 {
+        return Err(err(
+            raw.runtime.express_accept_above.span(),
+            format!(
+                "express_accept_above {express_accept_above} is out of range: expected 0 (the \
+                 accept loops always on the lane's thread) to 10000000 open connections"
+            ),
+        ));
+    }
     let admin = match raw.admin {
         None => None,
         Some(a) => {
@@ -447,6 +465,7 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
         express_connections,
         park_connections: raw.runtime.park_connections,
         express_nice,
+        express_accept_above,
         warnings: warnings.list.take(),
         control_socket: Some(raw.runtime.control_socket.trim())
             .filter(|p| !p.is_empty())
@@ -720,6 +739,7 @@ mod tests {
         assert_eq!(documented.express_connections, bare.express_connections);
         assert_eq!(documented.park_connections, bare.park_connections);
         assert_eq!(documented.express_nice, bare.express_nice);
+        assert_eq!(documented.express_accept_above, bare.express_accept_above);
         assert_eq!(documented.control_socket, bare.control_socket);
         assert_eq!(
             format!("{:?}", documented.admin),

@@ -3,7 +3,7 @@
 //! reloads: a new generation is swapped in whole for new connections and new requests, while
 //! what is in flight finishes on the one it started with.
 //!
-//! Why this file is ~770 lines (about 90 of them the future-size test): it is the one module
+//! Why this file is ~775 lines (about 90 of them the future-size test): it is the one module
 //! that sees every stage (the wiring, the generation swap on reload, shutdown and drain), by
 //! design (issue #8); splitting it would spread that view. The next split is reload (`apply`) into `engine/reload.rs`.
 
@@ -340,6 +340,7 @@ impl Engine {
         let lanes = Arc::new(listener::lanes::Lanes::start(
             shared.gen().config.express_connections,
             shared.gen().config.express_nice,
+            shared.gen().config.express_accept_above,
             shared.gen().config.park_connections,
             shared.server.clone(),
             shared.shards.clone(),
@@ -535,6 +536,10 @@ impl Engine {
                 old.config.express_nice != config.express_nice,
             ),
             (
+                "[runtime] express_accept_above",
+                old.config.express_accept_above != config.express_accept_above,
+            ),
+            (
                 "[log]",
                 old.config.log.level != config.log.level
                     || old.config.log.format != config.log.format,
@@ -550,6 +555,7 @@ impl Engine {
         config.express_connections = old.config.express_connections;
         config.park_connections = old.config.park_connections;
         config.express_nice = old.config.express_nice;
+        config.express_accept_above = old.config.express_accept_above;
         if old.config.log.level != config.log.level {
             match crate::telemetry::set_level(&config.log.level) {
                 Ok(()) => notes.push(format!("log level {}", config.log.level)),
@@ -603,15 +609,14 @@ fn start_listener(
     let addr = bound.local_addr;
     let config = bound.config.clone();
     for (shard, socket) in bound.sockets.into_iter().enumerate() {
-        lanes.accept().spawn(listener::accept_loop(
+        listener::start_accept(
             socket,
             shard,
             frontend.clone(),
             shared.wiring.clone(),
             lanes.clone(),
-            stop_rx.clone(),
-            conns.clone(),
-        ));
+            (stop_rx.clone(), conns.clone()),
+        );
     }
     Serving { config, addr, stop }
 }

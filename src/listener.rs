@@ -3,9 +3,10 @@
 //! skipped, resource errors (EMFILE, ENFILE, ENOBUFS, ENOMEM) back off exponentially up to a
 //! small cap and are logged at most once a second.
 //!
-//! Why ~510 lines: binding (fresh or adopted from a takeover), the accept loop and the three
-//! ways out of it (served, PROXY-header first, refused) share its locals; the rest is split
-//! out below (lanes, parking, PROXY protocol, socket options, counters).
+//! Why ~600 lines: binding (fresh or adopted from a takeover), the accept loop (with its moves
+//! between the workers and the lane's thread) and the three ways out of it (served,
+//! PROXY-header first, refused) share its locals; the rest is split out below (lanes, parking,
+//! PROXY protocol, socket options, counters).
 
 pub mod lanes;
 pub mod park;
@@ -160,40 +161,124 @@ pub struct Frontend {
 /// Accepted connections taken per readiness event before yielding to other tasks.
 const ACCEPT_BATCH: usize = 64;
 
-/// Accepts on one shard until shutdown is signalled, then drops the socket so the kernel stops
-/// queueing for it. Admission is decided here, inline: a refused connection costs one accept4
-/// and one close; it is never registered with the reactor, gets no task and no buffer.
-///
-/// The global slot is taken only once this shard's queue is readable: SO_REUSEPORT hashes each
-/// connection to one shard, and a shard that held a slot while its own queue was empty would
-/// starve the shard whose queue holds the next connection.
-/// `stop` ends this loop (shutdown, or this listener removed by a reload); `shutdown` is handed
+/// One shard's accept loop: its socket and what it hands connections to, carried along when
+/// the loop moves between the main runtime and the express lane's thread
+/// (`Lanes::accept_on_lane`).
+struct Shard {
+    listener: Arc<Socket>,
+    shard: usize,
+    local: Option<SocketAddr>,
+    counters: Arc<stats::ShardStats>,
+    frontend: Arc<Frontend>,
+    wiring: Arc<Wiring>,
+    lanes: Arc<lanes::Lanes>,
+    stop: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
+    /// When the loop last saw a busy sign (`Lanes::accept_on_lane`).
+    busy_at: Instant,
+}
+
+/// Starts the accept loop of one shard, `shard` of `listener`, on the runtime the lanes say.
+/// `stop` ends the loop (shutdown, or this listener removed by a reload); `shutdown` is handed
 /// to the connections, which drain on the process-wide signal.
-pub async fn accept_loop(
+pub fn start_accept(
     listener: std::net::TcpListener,
     shard: usize,
     frontend: Arc<Frontend>,
     wiring: Arc<Wiring>,
     lanes: Arc<lanes::Lanes>,
-    mut stop: watch::Receiver<bool>,
-    shutdown: watch::Receiver<bool>,
+    (stop, shutdown): (watch::Receiver<bool>, watch::Receiver<bool>),
 ) {
     let local = listener.local_addr().ok();
-    let listener = match sockopt::register_listener(Socket::from(listener)) {
-        Ok(fd) => Arc::new(fd),
-        Err(e) => {
-            tracing::error!(listener = ?local, shard, error = %e, "cannot register listener");
-            return;
-        }
-    };
-    let admission = &wiring.admission;
-    let listen_addr = local.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let listener = Arc::new(Socket::from(listener));
     let counters =
         wiring
             .shards
             .register(local.unwrap_or(([0, 0, 0, 0], 0).into()), shard, &listener);
+    let mut busy_at = Instant::now();
+    let open = wiring.admission.open_connections();
+    let on_lane = lanes.accept_on_lane(false, open, false, &mut busy_at);
+    run_accept(
+        Shard {
+            listener,
+            shard,
+            local,
+            counters,
+            frontend,
+            wiring,
+            lanes,
+            stop,
+            shutdown,
+            busy_at,
+        },
+        on_lane,
+    );
+}
+
+/// Spawns `s`'s accept loop on the main runtime or, `on_lane`, on the lane's thread, and
+/// again on the other whenever it moves.
+fn run_accept(mut s: Shard, on_lane: bool) {
+    let runtime = s.lanes.accept_handle(on_lane).clone();
+    runtime.spawn(async move {
+        let shards = s.wiring.shards.clone();
+        if on_lane {
+            shards.accept_on_lane.fetch_add(1, Ordering::Relaxed);
+        }
+        let moved = accept_loop(&mut s, on_lane).await;
+        // Counted before the gauge changes, so that a reader who sees the loop gone from
+        // where it was also sees the move.
+        if moved.is_some() {
+            shards.accept_moves.fetch_add(1, Ordering::Relaxed);
+        }
+        if on_lane {
+            shards.accept_on_lane.fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Some(to) = moved {
+            run_accept(s, to);
+        }
+    });
+}
+
+/// Accepts on one shard until it is stopped (None) or should run elsewhere (where, `Some`:
+/// on the lane or not). Admission is decided here, inline: a refused connection costs one
+/// accept4 and one close; it is never registered with the reactor, gets no task and no buffer.
+///
+/// The global slot is taken only once this shard's queue is readable: SO_REUSEPORT hashes each
+/// connection to one shard, and a shard that held a slot while its own queue was empty would
+/// starve the shard whose queue holds the next connection.
+async fn accept_loop(s: &mut Shard, on_lane: bool) -> Option<bool> {
+    let Shard {
+        listener,
+        shard,
+        local,
+        counters,
+        frontend,
+        wiring,
+        lanes,
+        stop,
+        shutdown,
+        busy_at,
+    } = s;
+    let (shard, local) = (*shard, *local);
+    // Registered with this runtime's reactor; dropped (deregistered) when the loop moves.
+    let listener = match sockopt::register_listener(listener.clone()) {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::error!(listener = ?local, shard, error = %e, "cannot register listener");
+            return None;
+        }
+    };
+    let admission = &wiring.admission;
+    let listen_addr = local.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
     let mut backoff = Backoff::default();
+    // The last batch was full: the kernel's queue held more than a batch.
+    let mut deep = false;
     'outer: loop {
+        // Between batches, never with a readiness guard held.
+        let want = lanes.accept_on_lane(on_lane, admission.open_connections(), deep, busy_at);
+        if want != on_lane {
+            return Some(want);
+        }
         // Cancel-safe: `changed` only observes a flag; `readable` takes nothing.
         let mut ready = tokio::select! {
             biased;
@@ -239,8 +324,8 @@ pub async fn accept_loop(
                                 socket,
                                 (peer, listen_addr),
                                 slot,
-                                (&frontend, &wiring, &lanes),
-                                &shutdown,
+                                (frontend, wiring, lanes),
+                                shutdown,
                             );
                         } else {
                             counters.refused.fetch_add(1, Ordering::Relaxed);
@@ -256,13 +341,7 @@ pub async fn accept_loop(
                         Ok(mut admitted) => {
                             admitted.client.local = listen_addr;
                             counters.accepted.fetch_add(1, Ordering::Relaxed);
-                            serve(
-                                socket,
-                                peer,
-                                admitted,
-                                (&frontend, &wiring, &lanes),
-                                &shutdown,
-                            )
+                            serve(socket, peer, admitted, (frontend, wiring, lanes), shutdown)
                         }
                         Err(_) => {
                             counters.refused.fetch_add(1, Ordering::Relaxed);
@@ -272,6 +351,7 @@ pub async fn accept_loop(
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     ready.clear_ready();
+                    deep = false;
                     continue 'outer;
                 }
                 Err(e) => {
@@ -303,10 +383,12 @@ pub async fn accept_loop(
             }
         }
         drop(ready);
+        deep = true;
         // A full batch: let connection tasks run before taking more.
         tokio::task::yield_now().await;
     }
     tracing::debug!(listener = ?local, shard, "accept loop stopped");
+    None
 }
 
 fn register(socket: std::net::TcpStream, peer: SocketAddr) -> Option<TcpStream> {

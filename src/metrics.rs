@@ -7,7 +7,7 @@
 //! atomics on the hot path: the accept loop and the pool keep their own counters, and this
 //! module only reads them.
 //!
-//! Why this file is still ~610 lines: it is one Prometheus collector that reads every stage's
+//! Why this file is still ~625 lines: it is one Prometheus collector that reads every stage's
 //! counters at scrape time (connections, listeners, requests, TLS, pools, spools), and those
 //! families share the encoding helpers. What stands apart is split out: the host's counters
 //! (`metrics/host.rs`: kernel /proc and process_*) and the waiting rooms (`metrics/room.rs`).
@@ -258,6 +258,21 @@ impl prometheus_client::collector::Collector for Snapshot {
                 vec![],
                 self.shards.express_open.load(Ordering::Relaxed) as i64,
             )],
+        )?;
+        gauge(
+            &mut enc,
+            "breakwater_accept_loops_on_lane",
+            "Accept loops running on the express lane's thread now (the rest run on the workers; see [runtime] express_accept_above).",
+            vec![(
+                vec![],
+                self.shards.accept_on_lane.load(Ordering::Relaxed) as i64,
+            )],
+        )?;
+        counter(
+            &mut enc,
+            "breakwater_accept_loop_moves",
+            "Times an accept loop moved between the workers and the express lane's thread.",
+            vec![(vec![], load(&self.shards.accept_moves))],
         )?;
         counter(
             &mut enc,

@@ -216,6 +216,83 @@ async fn a_quiet_lane_opens_one_express_connection_beside_its_first_request() {
     proxy.stop().await;
 }
 
+/// The accept loops run on the workers while few connections are open (cheaper: a connection
+/// is spawned into the accepting worker's own queue), move to the lane's thread once more than
+/// `express_accept_above` are open, and come back once few are open again and a second has
+/// passed without a busy sign.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_accept_loops_move_to_the_lanes_thread_above_the_mark_and_back_when_quiet() {
+    let origin = text_origin("ok").await;
+    let runtime = "express_connections = 64\nexpress_accept_above = 8";
+    let proxy = Proxy::start(&config_with(origin.addr, runtime, 16, "20s")).await;
+    let on_lane = || proxy.metric("breakwater_accept_loops_on_lane");
+    // Keep-alive connections, each with a request answered (so accepted and counted open).
+    let mut open = Vec::new();
+    while open.len() < 8 {
+        let mut c = connect_from("127.0.0.7", proxy.addr)
+            .await
+            .expect("connect");
+        assert_eq!(request_on(&mut c, "/").await, Some(200));
+        open.push(c);
+        assert_eq!(
+            on_lane(),
+            0.0,
+            "{} open: both loops on the workers",
+            open.len()
+        );
+    }
+    // Over the mark: each shard's loop moves at its next batch, so both once each has
+    // accepted one more (SO_REUSEPORT hashes connections across the two).
+    while on_lane() < 2.0 && open.len() < 100 {
+        let mut c = connect_from("127.0.0.7", proxy.addr)
+            .await
+            .expect("connect");
+        assert_eq!(request_on(&mut c, "/").await, Some(200));
+        open.push(c);
+    }
+    assert_eq!(
+        on_lane(),
+        2.0,
+        "both loops on the lane with {} open",
+        open.len()
+    );
+    assert_eq!(proxy.metric("breakwater_accept_loop_moves_total"), 2.0);
+    drop(open);
+    assert!(
+        eventually(Duration::from_secs(5), || proxy
+            .admission
+            .open_connections()
+            == 0)
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Quiet again: each loop goes back at its next batch.
+    for _ in 0..100 {
+        if on_lane() == 0.0 {
+            break;
+        }
+        assert_eq!(try_get_from("127.0.0.8", proxy.addr).await, Some(200));
+    }
+    assert_eq!(on_lane(), 0.0, "both loops back on the workers");
+    assert_eq!(proxy.metric("breakwater_accept_loop_moves_total"), 4.0);
+    proxy.stop().await;
+}
+
+/// `express_accept_above = 0` keeps the accept loops on the lane's thread, however quiet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_mark_at_zero_the_accept_loops_stay_on_the_lanes_thread() {
+    let origin = text_origin("ok").await;
+    let runtime = "express_connections = 64\nexpress_accept_above = 0";
+    let proxy = Proxy::start(&config_with(origin.addr, runtime, 16, "20s")).await;
+    for i in 0..4 {
+        let src = format!("127.0.0.{}", 40 + i);
+        assert_eq!(try_get_from(&src, proxy.addr).await, Some(200));
+    }
+    assert_eq!(proxy.metric("breakwater_accept_loops_on_lane"), 2.0);
+    assert_eq!(proxy.metric("breakwater_accept_loop_moves_total"), 0.0);
+    proxy.stop().await;
+}
+
 /// `n` connections from 127.0.0.5 (after an anchor, so none is a newcomer), each asking for
 /// `/hold`, their statuses in the tasks.
 async fn held_requests(addr: SocketAddr, n: usize) -> tokio::task::JoinSet<Option<u16>> {

@@ -139,6 +139,10 @@ fn bad_configs_name_file_line_key_and_fix() {
             "error: FILE:4:16: `runtime.express_nice`: express_nice -30 is out of range: expected a nice value, -20 (most CPU) to 19 (least)",
         ),
         (
+            format!("{up}[runtime]\nexpress_accept_above = 20000000\n"),
+            "error: FILE:4:24: `runtime.express_accept_above`: express_accept_above 20000000 is out of range: expected 0 (the accept loops always on the lane's thread) to 10000000 open connections",
+        ),
+        (
             "[upstreams.app]\nservers = [\"127.0.0.1:0\"]\n".to_string(),
             "error: FILE:2:12: `upstreams.app.servers`: server address \"127.0.0.1:0\" has port 0",
         ),

@@ -36,6 +36,8 @@ pub const DEFAULT_MAX_CONNECTION_SHARE: f64 = 0.1;
 pub const DEFAULT_MAX_TUNNELS: usize = 256;
 /// The express lane's thread runs ahead of the workers when CPU is short (`listener/lanes.rs`).
 pub const DEFAULT_EXPRESS_NICE: i32 = -10;
+/// The accept loops move to the express lane's thread above this many open connections.
+pub const DEFAULT_EXPRESS_ACCEPT_ABOVE: usize = 256;
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/breakwater/control.sock";
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 pub const DEFAULT_REQUEST_BUFFER: usize = 64 * 1024;
@@ -137,6 +139,8 @@ pub struct FileRuntime {
     pub park_connections: bool,
     #[serde(default = "default_express_nice")]
     pub express_nice: Spanned<i32>,
+    #[serde(default = "default_express_accept_above")]
+    pub express_accept_above: Spanned<usize>,
 }
 
 impl Default for FileRuntime {
@@ -147,6 +151,7 @@ impl Default for FileRuntime {
             express_connections: default_express_connections(),
             park_connections: true,
             express_nice: default_express_nice(),
+            express_accept_above: default_express_accept_above(),
         }
     }
 }
@@ -607,6 +612,9 @@ fn default_express_connections() -> Spanned<usize> {
 }
 fn default_express_nice() -> Spanned<i32> {
     Spanned::new(0..0, DEFAULT_EXPRESS_NICE)
+}
+fn default_express_accept_above() -> Spanned<usize> {
+    Spanned::new(0..0, DEFAULT_EXPRESS_ACCEPT_ABOVE)
 }
 fn default_control_socket() -> String {
     DEFAULT_CONTROL_SOCKET.to_string()

@@ -97,11 +97,13 @@ fn getsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32> 
 /// Registers a listening socket with tokio's reactor for readability. A plain socket2 `Socket`
 /// rather than tokio's `TcpListener`, so the accept loop can call accept4 itself and leave
 /// refused connections unregistered.
+/// Shared (`Arc`): the accept loop registers it anew on the runtime it moves to, and the
+/// metrics read its queue while any loop holds it.
 pub fn register_listener(
-    socket: socket2::Socket,
-) -> io::Result<tokio::io::unix::AsyncFd<socket2::Socket>> {
-    // SAFETY: the Socket owns its descriptor, and the AsyncFd owns the Socket for its whole
-    // life: the descriptor stays open and unchanged while registered.
+    socket: std::sync::Arc<socket2::Socket>,
+) -> io::Result<tokio::io::unix::AsyncFd<std::sync::Arc<socket2::Socket>>> {
+    // SAFETY: the Socket owns its descriptor, and the AsyncFd holds the Socket (a strong
+    // reference) for its whole life: the descriptor stays open and unchanged while registered.
     unsafe {
         tokio::io::unix::AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE)
     }

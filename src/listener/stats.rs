@@ -13,14 +13,14 @@ pub struct ShardStats {
     pub accepted: AtomicU64,
     pub refused: AtomicU64,
     /// The shard's listening socket, while its accept loop runs (for TCP_INFO).
-    socket: std::sync::Weak<tokio::io::unix::AsyncFd<socket2::Socket>>,
+    socket: std::sync::Weak<socket2::Socket>,
 }
 
 impl ShardStats {
     /// The accept queue's length and effective backlog, read from the kernel now.
     pub fn listen_queue(&self) -> Option<super::sockopt::ListenQueue> {
         let s = self.socket.upgrade()?;
-        super::sockopt::listen_queue(std::os::fd::AsFd::as_fd(s.get_ref())).ok()
+        super::sockopt::listen_queue(std::os::fd::AsFd::as_fd(&*s)).ok()
     }
 }
 
@@ -34,6 +34,10 @@ pub struct Shards {
     /// Newcomers sent to the main runtime since start because their first request was not
     /// whole in their socket at accept (`Lanes::first_message_waiting`).
     pub express_unready: AtomicU64,
+    /// Accept loops running on the express lane's thread now, and moves between it and the
+    /// main runtime since start (`Lanes::accept_on_lane`).
+    pub accept_on_lane: AtomicUsize,
+    pub accept_moves: AtomicU64,
     /// Connections parked since start, and parked now (`park.rs`).
     pub parked: AtomicU64,
     pub parked_now: AtomicUsize,
@@ -45,7 +49,7 @@ impl Shards {
         &self,
         listener: SocketAddr,
         shard: usize,
-        socket: &Arc<tokio::io::unix::AsyncFd<socket2::Socket>>,
+        socket: &Arc<socket2::Socket>,
     ) -> Arc<ShardStats> {
         let s = Arc::new(ShardStats {
             listener,
