@@ -247,21 +247,11 @@ fn run_accept(mut s: Shard, on_lane: bool) {
 /// connection to one shard, and a shard that held a slot while its own queue was empty would
 /// starve the shard whose queue holds the next connection.
 async fn accept_loop(s: &mut Shard, on_lane: bool) -> Option<bool> {
-    let Shard {
-        listener,
-        shard,
-        local,
-        counters,
-        frontend,
-        wiring,
-        lanes,
-        stop,
-        shutdown,
-        busy_at,
-    } = s;
-    let (shard, local) = (*shard, *local);
+    let (shard, local, counters) = (s.shard, s.local, &s.counters);
+    let (frontend, wiring, lanes) = (&s.frontend, &s.wiring, &s.lanes);
+    let (stop, shutdown, busy_at) = (&mut s.stop, &s.shutdown, &mut s.busy_at);
     // Registered with this runtime's reactor; dropped (deregistered) when the loop moves.
-    let listener = match sockopt::register_listener(listener.clone()) {
+    let listener = match sockopt::register_listener(s.listener.clone()) {
         Ok(fd) => fd,
         Err(e) => {
             tracing::error!(listener = ?local, shard, error = %e, "cannot register listener");

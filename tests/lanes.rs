@@ -228,12 +228,15 @@ async fn the_accept_loops_move_to_the_lanes_thread_above_the_mark_and_back_when_
     let on_lane = || proxy.metric("breakwater_accept_loops_on_lane");
     // Keep-alive connections, each with a request answered (so accepted and counted open).
     let mut open = Vec::new();
-    while open.len() < 8 {
+    let open_one = || async {
         let mut c = connect_from("127.0.0.7", proxy.addr)
             .await
             .expect("connect");
         assert_eq!(request_on(&mut c, "/").await, Some(200));
-        open.push(c);
+        c
+    };
+    while open.len() < 8 {
+        open.push(open_one().await);
         assert_eq!(
             on_lane(),
             0.0,
@@ -244,11 +247,7 @@ async fn the_accept_loops_move_to_the_lanes_thread_above_the_mark_and_back_when_
     // Over the mark: each shard's loop moves at its next batch, so both once each has
     // accepted one more (SO_REUSEPORT hashes connections across the two).
     while on_lane() < 2.0 && open.len() < 100 {
-        let mut c = connect_from("127.0.0.7", proxy.addr)
-            .await
-            .expect("connect");
-        assert_eq!(request_on(&mut c, "/").await, Some(200));
-        open.push(c);
+        open.push(open_one().await);
     }
     assert_eq!(
         on_lane(),
