@@ -97,6 +97,7 @@ fn getsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32> 
 /// Registers a listening socket with tokio's reactor for readability. A plain socket2 `Socket`
 /// rather than tokio's `TcpListener`, so the accept loop can call accept4 itself and leave
 /// refused connections unregistered.
+///
 /// Shared (`Arc`): the accept loop registers it anew on the runtime it moves to, and the
 /// metrics read its queue while any loop holds it.
 pub fn register_listener(
