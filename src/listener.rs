@@ -81,6 +81,8 @@ pub fn adopt(
     let mut sockets = sockets;
     for s in &sockets {
         s.set_nonblocking(true)?;
+        // The old process may be a version that set it on each connection instead.
+        socket2::SockRef::from(s).set_tcp_nodelay(true)?;
     }
     let local_addr = match sockets.first() {
         Some(s) => s.local_addr()?,
@@ -123,6 +125,9 @@ fn bind_one(addr: SocketAddr, cfg: &ListenerConfig) -> io::Result<std::net::TcpL
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
+    // Small responses must not wait for Nagle. Set here, not on each accepted connection:
+    // Linux copies it to every socket accept returns (one setsockopt a connection less).
+    socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
     if !cfg.defer_accept.is_zero() {
         sockopt::set_defer_accept(socket.as_fd(), cfg.defer_accept)?;
@@ -381,10 +386,8 @@ async fn accept_loop(s: &mut Shard, on_lane: bool) -> Option<bool> {
     None
 }
 
+/// TCP_NODELAY is already set: accepted sockets inherit it from the listener (`bind_one`).
 fn register(socket: std::net::TcpStream, peer: SocketAddr) -> Option<TcpStream> {
-    // Small responses must not wait for Nagle; an error here only means the peer is already
-    // gone, which the connection task will find out.
-    let _ = socket.set_nodelay(true);
     match TcpStream::from_std(socket) {
         Ok(s) => Some(s),
         Err(e) => {

@@ -568,6 +568,35 @@ fn listener_options_are_set_in_the_kernel() {
         assert_eq!(q.backlog, 1000.min(somaxconn));
         assert_eq!(q.queued, 0);
     }
+    // Every connection the shards accept has Nagle off (small responses go out at once): set
+    // once on the listener, inherited by what accept returns. Defer-accept holds a connection
+    // until its first bytes, so the client writes before the accept.
+    for s in &bound.sockets {
+        s.set_nonblocking(false).unwrap();
+    }
+    let mut clients = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut accepted = 0;
+    while accepted < bound.sockets.len() && std::time::Instant::now() < deadline {
+        let mut c = std::net::TcpStream::connect(bound.local_addr).unwrap();
+        std::io::Write::write_all(&mut c, b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        clients.push(c);
+        std::thread::sleep(Duration::from_millis(10));
+        // SO_REUSEPORT spreads connections over the shards by hash: accept from each one
+        // whose queue holds something.
+        for s in &bound.sockets {
+            let q = breakwater::listener::sockopt::listen_queue(s.as_fd()).unwrap();
+            if q.queued > 0 {
+                let (conn, _) = s.accept().unwrap();
+                assert!(
+                    conn.nodelay().unwrap(),
+                    "an accepted connection has Nagle on"
+                );
+                accepted += 1;
+            }
+        }
+    }
+    assert!(accepted >= 1, "no connection reached accept");
 
     let off = breakwater::config::ListenerConfig {
         defer_accept: Duration::ZERO,
