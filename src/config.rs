@@ -4,7 +4,7 @@
 //! checks ranges and references. Every error names the file, line, column and key, says what
 //! was wrong and what is expected.
 //!
-//! Why this file is still ~885 lines (about 260 of them tests) and not split further: each section's
+//! Why this file is still ~890 lines (about 260 of them tests) and not split further: each section's
 //! validated shape and its checks already live in a file of their own:
 //! `config/listener.rs`, `http.rs`, `upstream.rs` (with routes), `admission.rs`, `room.rs`,
 //! `fleet.rs`. This file keeps what they share: the top-level `Config`, the one pass that
@@ -63,6 +63,10 @@ pub struct Config {
     /// `[runtime] park_connections`: new connections wait accepted but unread while every
     /// upstream's queue holds two rounds of its pool (`listener/park.rs`).
     pub park_connections: bool,
+    /// `[runtime] thread_per_core` (default on): connections run on `worker_threads`
+    /// single-threaded runtimes, one thread each, with the origin connections they use
+    /// (`listener/lanes.rs`), instead of on one multi-threaded runtime.
+    pub thread_per_core: bool,
     /// `[runtime] express_nice`: the express lane thread's nice value (-20 to 19), set when
     /// it starts (`listener/lanes.rs`); 0 leaves it at the process's.
     pub express_nice: i32,
@@ -190,12 +194,13 @@ impl Config {
         }
         s += &format!(
             "runtime   worker_threads {}  express_connections {}  express_nice {}  \
-             express_accept_above {}  park_connections {}\n",
+             express_accept_above {}  park_connections {}  thread_per_core {}\n",
             self.worker_threads,
             self.express_connections,
             self.express_nice,
             self.express_accept_above,
-            self.park_connections
+            self.park_connections,
+            self.thread_per_core
         );
         let h = &self.http;
         s += &format!(
@@ -464,6 +469,7 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
         worker_threads,
         express_connections,
         park_connections: raw.runtime.park_connections,
+        thread_per_core: raw.runtime.thread_per_core,
         express_nice,
         express_accept_above,
         warnings: warnings.list.take(),
@@ -738,6 +744,7 @@ mod tests {
         assert_eq!(documented.worker_threads, bare.worker_threads);
         assert_eq!(documented.express_connections, bare.express_connections);
         assert_eq!(documented.park_connections, bare.park_connections);
+        assert_eq!(documented.thread_per_core, bare.thread_per_core);
         assert_eq!(documented.express_nice, bare.express_nice);
         assert_eq!(documented.express_accept_above, bare.express_accept_above);
         assert_eq!(documented.control_socket, bare.control_socket);

@@ -3,7 +3,7 @@
 //! reloads: a new generation is swapped in whole for new connections and new requests, while
 //! what is in flight finishes on the one it started with.
 //!
-//! Why this file is ~775 lines (about 90 of them the future-size test): it is the one module
+//! Why this file is ~805 lines (about 90 of them the future-size test): it is the one module
 //! that sees every stage (the wiring, the generation swap on reload, shutdown and drain), by
 //! design (issue #8); splitting it would spread that view. The next split is reload (`apply`) into `engine/reload.rs`.
 
@@ -40,7 +40,13 @@ impl Generation {
                         .find(|x| *x.name == *u.name && x.cfg == *u)
                         .cloned()
                 })
-                .unwrap_or_else(|| upstream::Upstream::new(u, config.express_connections > 0))
+                .unwrap_or_else(|| {
+                    let up = upstream::Upstream::new(u, config.express_connections > 0);
+                    if let Some(cores) = server.cores.get() {
+                        up.set_cores(cores);
+                    }
+                    up
+                })
             })
             .collect();
         let router = proxy::route::Router::new(config.routes.clone(), config.upstreams.len());
@@ -134,6 +140,8 @@ impl Generation {
 struct Wired {
     gate: Arc<dyn crate::client::RequestGate>,
     draining: Arc<std::sync::atomic::AtomicBool>,
+    /// The thread-per-core runtimes, once serving (`[runtime] thread_per_core`).
+    cores: std::sync::OnceLock<Vec<tokio::runtime::Handle>>,
 }
 
 /// What the admin endpoints, the metrics and the callers that watch a running engine read.
@@ -232,6 +240,7 @@ impl Engine {
         let wired = Wired {
             gate: admission.clone(),
             draining: Arc::default(),
+            cores: std::sync::OnceLock::new(),
         };
         let current = Arc::new(ArcSwap::from_pointee(Generation::build(
             config, None, &wired,
@@ -342,9 +351,21 @@ impl Engine {
             shared.gen().config.express_nice,
             shared.gen().config.express_accept_above,
             shared.gen().config.park_connections,
+            if shared.gen().config.thread_per_core {
+                shared.gen().config.worker_threads
+            } else {
+                0
+            },
             shared.server.clone(),
             shared.shards.clone(),
         ));
+        // The pools open their warm connections on the cores, in turn (`Upstream::set_cores`);
+        // upstreams a reload adds get them from `Wired`.
+        let cores = lanes.core_handles();
+        for u in shared.gen().proxy.upstreams.iter() {
+            u.set_cores(&cores);
+        }
+        let _ = shared.wired.cores.set(cores);
         let mut serving = Vec::new();
         for (bound, frontend) in listeners.into_iter().zip(frontends) {
             serving.push(start_listener(bound, frontend, &shared, &lanes, &stop_rx));
@@ -532,6 +553,10 @@ impl Engine {
                 old.config.park_connections != config.park_connections,
             ),
             (
+                "[runtime] thread_per_core",
+                old.config.thread_per_core != config.thread_per_core,
+            ),
+            (
                 "[runtime] express_nice",
                 old.config.express_nice != config.express_nice,
             ),
@@ -554,6 +579,7 @@ impl Engine {
         let mut config = config;
         config.express_connections = old.config.express_connections;
         config.park_connections = old.config.park_connections;
+        config.thread_per_core = old.config.thread_per_core;
         config.express_nice = old.config.express_nice;
         config.express_accept_above = old.config.express_accept_above;
         if old.config.log.level != config.log.level {
@@ -608,10 +634,11 @@ fn start_listener(
     let (stop, stop_rx) = watch::channel(false);
     let addr = bound.local_addr;
     let config = bound.config.clone();
+    let shards = bound.sockets.len();
     for (shard, socket) in bound.sockets.into_iter().enumerate() {
         listener::start_accept(
             socket,
-            shard,
+            (shard, shards),
             frontend.clone(),
             shared.wiring.clone(),
             lanes.clone(),

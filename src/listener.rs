@@ -3,7 +3,7 @@
 //! skipped, resource errors (EMFILE, ENFILE, ENOBUFS, ENOMEM) back off exponentially up to a
 //! small cap and are logged at most once a second.
 //!
-//! Why ~600 lines: binding (fresh or adopted from a takeover), the accept loop (with its moves
+//! Why ~620 lines: binding (fresh or adopted from a takeover), the accept loop (with its moves
 //! between the workers and the lane's thread) and the three ways out of it (served,
 //! PROXY-header first, refused) share its locals; the rest is split out below (lanes, parking,
 //! PROXY protocol, socket options, counters).
@@ -177,18 +177,24 @@ struct Shard {
     frontend: Arc<Frontend>,
     wiring: Arc<Wiring>,
     lanes: Arc<lanes::Lanes>,
+    /// Where it runs when not on the lane, and its connections run (`Lanes::home`).
+    home: tokio::runtime::Handle,
+    /// Its listener has fewer shards than there are thread-per-core runtimes: its connections
+    /// are spread over all of them, not kept at `home` (`Lanes::spreads`).
+    spread: bool,
     stop: watch::Receiver<bool>,
     shutdown: watch::Receiver<bool>,
     /// When the loop last saw a busy sign (`Lanes::accept_on_lane`).
     busy_at: Instant,
 }
 
-/// Starts the accept loop of one shard, `shard` of `listener`, on the runtime the lanes say.
+/// Starts the accept loop of one shard, `shard` of the listener's `of`, on the runtime the
+/// lanes say.
 /// `stop` ends the loop (shutdown, or this listener removed by a reload); `shutdown` is handed
 /// to the connections, which drain on the process-wide signal.
 pub fn start_accept(
     listener: std::net::TcpListener,
-    shard: usize,
+    (shard, of): (usize, usize),
     frontend: Arc<Frontend>,
     wiring: Arc<Wiring>,
     lanes: Arc<lanes::Lanes>,
@@ -203,6 +209,8 @@ pub fn start_accept(
     let mut busy_at = Instant::now();
     let open = wiring.admission.open_connections();
     let on_lane = lanes.accept_on_lane(false, open, false, &mut busy_at);
+    let home = lanes.home();
+    let spread = lanes.spreads(of);
     run_accept(
         Shard {
             listener,
@@ -212,6 +220,8 @@ pub fn start_accept(
             frontend,
             wiring,
             lanes,
+            home,
+            spread,
             stop,
             shutdown,
             busy_at,
@@ -223,7 +233,7 @@ pub fn start_accept(
 /// Spawns `s`'s accept loop on the main runtime or, `on_lane`, on the lane's thread, and
 /// again on the other whenever it moves.
 fn run_accept(mut s: Shard, on_lane: bool) {
-    let runtime = s.lanes.accept_handle(on_lane).clone();
+    let runtime = s.lanes.accept_handle(on_lane, &s.home).clone();
     runtime.spawn(async move {
         let shards = s.wiring.shards.clone();
         if on_lane {
@@ -254,6 +264,7 @@ fn run_accept(mut s: Shard, on_lane: bool) {
 async fn accept_loop(s: &mut Shard, on_lane: bool) -> Option<bool> {
     let (shard, local, counters) = (s.shard, s.local, &s.counters);
     let (frontend, wiring, lanes) = (&s.frontend, &s.wiring, &s.lanes);
+    let (home, spread) = (&s.home, s.spread);
     let (stop, shutdown, busy_at) = (&mut s.stop, &s.shutdown, &mut s.busy_at);
     // Registered with this runtime's reactor; dropped (deregistered) when the loop moves.
     let listener = match sockopt::register_listener(s.listener.clone()) {
@@ -315,11 +326,12 @@ async fn accept_loop(s: &mut Shard, on_lane: bool) -> Option<bool> {
                         let source = crate::client::unmapped(peer.ip());
                         if pp.from.iter().any(|n| n.contains(&source)) {
                             counters.accepted.fetch_add(1, Ordering::Relaxed);
+                            let home = lanes.connection_home(home, spread);
                             serve_proxied(
                                 socket,
                                 (peer, listen_addr),
                                 slot,
-                                (frontend, wiring, lanes),
+                                (frontend, wiring, lanes, &home),
                                 shutdown,
                             );
                         } else {
@@ -336,7 +348,14 @@ async fn accept_loop(s: &mut Shard, on_lane: bool) -> Option<bool> {
                         Ok(mut admitted) => {
                             admitted.client.local = listen_addr;
                             counters.accepted.fetch_add(1, Ordering::Relaxed);
-                            serve(socket, peer, admitted, (frontend, wiring, lanes), shutdown)
+                            let home = lanes.connection_home(home, spread);
+                            serve(
+                                socket,
+                                peer,
+                                admitted,
+                                (frontend, wiring, lanes, &home),
+                                shutdown,
+                            )
                         }
                         Err(_) => {
                             counters.refused.fetch_add(1, Ordering::Relaxed);
@@ -399,13 +418,18 @@ fn register(socket: std::net::TcpStream, peer: SocketAddr) -> Option<TcpStream> 
 
 /// What a connection is handed to: its listener's frontend, the wiring, and the lanes it may
 /// run on.
-type Handoff<'a> = (&'a Arc<Frontend>, &'a Arc<Wiring>, &'a Arc<lanes::Lanes>);
+type Handoff<'a> = (
+    &'a Arc<Frontend>,
+    &'a Arc<Wiring>,
+    &'a Arc<lanes::Lanes>,
+    &'a tokio::runtime::Handle,
+);
 
 fn serve(
     socket: Socket,
     peer: SocketAddr,
     admitted: Admitted,
-    (frontend, wiring, lanes): Handoff<'_>,
+    (frontend, wiring, lanes, home): Handoff<'_>,
     shutdown: &watch::Receiver<bool>,
 ) {
     let client = admitted.client;
@@ -423,16 +447,20 @@ fn serve(
         && lanes.express_room()
         && (!frontend.defer_accept || lanes.first_message_waiting(&socket));
     // Registered with the reactor of the runtime it runs on, so inside its task.
-    lanes.spawn(open, express, Some(client.key), move || async move {
-        let Some(stream) = register(socket, peer) else {
-            return;
-        };
-        // Boxed here, in the task (see `Lanes::spawn`).
-        Box::pin(crate::conn::serve(
-            stream, client, admitted, tls, server, shutdown,
-        ))
-        .await
-    });
+    lanes.spawn(
+        (open, express, Some(client.key)),
+        home,
+        move || async move {
+            let Some(stream) = register(socket, peer) else {
+                return;
+            };
+            // Boxed here, in the task (see `Lanes::spawn`).
+            Box::pin(crate::conn::serve(
+                stream, client, admitted, tls, server, shutdown,
+            ))
+            .await
+        },
+    );
 }
 
 /// A connection from a trusted balancer: read its PROXY header (within the timeout), admit the
@@ -442,15 +470,15 @@ fn serve_proxied(
     socket: Socket,
     (peer, local): (SocketAddr, SocketAddr),
     slot: GlobalSlot,
-    (frontend, wiring, lanes): Handoff<'_>,
+    (frontend, wiring, lanes, home): Handoff<'_>,
     shutdown: &watch::Receiver<bool>,
 ) {
     let Some(pp) = frontend.proxy_protocol.clone() else {
         return;
     };
     let (frontend, wiring, shutdown) = (frontend.clone(), wiring.clone(), shutdown.clone());
-    // The client is not known until its header is read: the main runtime, never parked.
-    lanes.spawn(0, false, None, move || async move {
+    // The client is not known until its header is read: at home, never parked.
+    lanes.spawn((0, false, None), home, move || async move {
         let Some(mut stream) = register(socket.into(), peer) else {
             return;
         };

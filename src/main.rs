@@ -1,7 +1,7 @@
 //! The `breakwater` binary: process edges only. CLI, logging, config (exit 64 when invalid),
 //! binding, signals; everything else is the library.
 //!
-//! Why this file is ~640 lines: the CLI's argument types and `serve` (start, signals, demo)
+//! Why this file is ~650 lines: the CLI's argument types and `serve` (start, signals, demo)
 //! sit together because clap derives from them; the subcommands' bodies are in `cli/`. The
 //! next split is the demo (`demo_storm`, `demo_sale`) into `cli/demo.rs`.
 
@@ -324,7 +324,14 @@ fn serve(
         tracing::warn!("{w}");
     }
     fit_to_fd_limit(&mut config);
-    let Some(runtime) = runtime(Some(config.worker_threads)) else {
+    // With thread-per-core runtimes serving the connections, the main runtime keeps only the
+    // housekeeping (admin, checks, pool upkeep, signals): one worker.
+    let workers = if config.thread_per_core {
+        1
+    } else {
+        config.worker_threads
+    };
+    let Some(runtime) = runtime(Some(workers)) else {
         return ExitCode::FAILURE;
     };
     let origin_accepts = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));

@@ -13,7 +13,7 @@
 //! non-async sections. Inside it only plain `Granted` values are made; a `Lease` (whose drop
 //! takes the lock) exists only outside it.
 //!
-//! Why this file is still ~770 lines: it is the scheduler (fair queue, client and connection
+//! Why this file is still ~795 lines: it is the scheduler (fair queue, client and connection
 //! shares, slot accounting, dispatch, connect pacing and the warm refill), which all works
 //! under the one upstream lock on one `State`. What does not need that state as a whole lives
 //! beside it: leases and giving back (`lease.rs`), the exchange with its retry, panic mode and
@@ -213,6 +213,10 @@ pub struct Upstream {
     express_slice: usize,
     /// The runtime pooled connections are opened and driven on, whichever thread asks.
     spawner: Option<tokio::runtime::Handle>,
+    /// With `[runtime] thread_per_core`: the cores, where connections are opened and driven
+    /// instead (`spawn_connect`), and which one opens the next warm connection.
+    cores: std::sync::OnceLock<Vec<tokio::runtime::Handle>>,
+    next_core: AtomicUsize,
     /// Connect failures and failed requests are logged at most once a second each.
     connect_failure_log: crate::telemetry::Sampled,
     pub request_failure_log: crate::telemetry::Sampled,
@@ -244,6 +248,12 @@ struct Failed {
 impl Upstream {
     /// `lane`: an express lane runs (`[runtime] express_connections`), so the pool keeps its
     /// slice of connections for it.
+    /// Opens and drives this upstream's connections on `cores` (`[runtime] thread_per_core`);
+    /// set once, when they start serving.
+    pub fn set_cores(&self, cores: &[tokio::runtime::Handle]) {
+        let _ = self.cores.set(cores.to_vec());
+    }
+
     pub fn new(cfg: &UpstreamConfig, lane: bool) -> Arc<Upstream> {
         let streams = match cfg.protocol {
             UpstreamProtocol::Http1 => 1,
@@ -292,6 +302,8 @@ impl Upstream {
             panic_next: Mutex::new(Instant::now()),
             express_slice: express::slice(cfg, lane),
             spawner: tokio::runtime::Handle::try_current().ok(),
+            cores: std::sync::OnceLock::new(),
+            next_core: AtomicUsize::new(0),
             connect_failure_log: crate::telemetry::Sampled::new(std::time::Duration::from_secs(1)),
             request_failure_log: crate::telemetry::Sampled::new(std::time::Duration::from_secs(1)),
             cfg: cfg.clone(),
@@ -339,8 +351,9 @@ impl Upstream {
     }
 
     fn checkout(&self, st: &mut State, client: Asker, express: bool) -> Option<Granted> {
+        let core = pool::current_core();
         for i in self.order(st) {
-            if let Some((conn, tx, reused)) = st.slots[i].checkout(express) {
+            if let Some((conn, tx, reused)) = st.slots[i].checkout(express, core) {
                 st.slots[i].busy += 1;
                 *st.busy_by_client.entry(client.key.ip).or_insert(0) += 1;
                 *st.busy_by_conn.entry(client.conn).or_insert(0) += 1;
@@ -569,8 +582,10 @@ impl Upstream {
         st.slots[server].open += 1;
         st.slots[server].connecting += 1;
         let up = self.arc();
-        // On the main runtime even when an express-lane task asked (a release or a queued
-        // request there): a pool connection is driven where it was opened.
+        // A pool connection is driven where it was opened: on the main runtime even when an
+        // express-lane task asked (a release or a queued request there); with thread-per-core
+        // runtimes, on the asker's core, or (asked from elsewhere: the warm refill) on each
+        // core in turn.
         let connect = async move {
             let addr = up.servers[server].addr.clone();
             let preface = up.local_preface();
@@ -578,6 +593,15 @@ impl Upstream {
                 pool::connect(&addr, up.cfg.protocol, up.cfg.connect_timeout, &preface).await;
             up.connected(server, purpose, result);
         };
+        if let Some(core) = pool::core_handle() {
+            drop(core.spawn(connect));
+            return;
+        }
+        if let Some(cores) = self.cores.get().filter(|c| !c.is_empty()) {
+            let i = self.next_core.fetch_add(1, Ordering::Relaxed) % cores.len();
+            drop(cores[i].spawn(connect));
+            return;
+        }
         match &self.spawner {
             Some(main) => drop(main.spawn(connect)),
             None => drop(tokio::spawn(connect)),
@@ -685,6 +709,7 @@ impl Upstream {
             requests: 0,
             idle_since: Instant::now(),
             express,
+            core: pool::current_core(),
         });
     }
 

@@ -166,10 +166,12 @@ async fn allocations_per_request_and_per_refused_connection_stay_within_their_co
         origin.addr,
         "[admission]\nper_ip_rate = 100000\nper_ip_max_connections = 10000\n\
          deny = [\"127.0.9.0/24\"]\n[log]\nlevel = \"warn\"\naccess_log = false\n\
-         [runtime]\nexpress_connections = 0\n",
+         [runtime]\nexpress_connections = 0\nthread_per_core = false\n",
     )
     .replace("servers =", "pool_min_idle = 4\npool_max = 8\nservers =");
-    // Started on the proxy's runtime, so every task it spawns runs on the counted threads.
+    // Started on the proxy's runtime, so every task it spawns runs on the counted threads
+    // (thread_per_core off: its threads are not this runtime's; a request allocates the same
+    // on either).
     // Without the express lane: its thread is not one of them, and these clients, each with
     // one connection, would be served there, uncounted.
     let proxy = rt

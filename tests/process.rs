@@ -538,6 +538,148 @@ async fn the_express_lane_thread_runs_at_the_configured_priority() {
     }
 }
 
+/// Each thread of `pid` by name, with the context switches it has made (voluntary and not).
+fn thread_switches(pid: u32) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let p = task.path();
+        let (Ok(comm), Ok(status)) = (
+            std::fs::read_to_string(p.join("comm")),
+            std::fs::read_to_string(p.join("status")),
+        ) else {
+            continue;
+        };
+        let switches = status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum();
+        out.push((comm.trim().to_string(), switches));
+    }
+    out
+}
+
+/// `[runtime] thread_per_core`: `worker_threads` threads of their own ("breakwater-core-N")
+/// serve the connections, each listener shard homed on one, and the main runtime keeps a
+/// single worker for the housekeeping. Keep-alive clients are all answered, and both core
+/// threads did the serving (each woke for its connections' requests): with two shards, each
+/// core its shard's; with one, the shard's connections spread over both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_thread_per_core_the_core_threads_serve_the_connections() {
+    for shards in [2, 1] {
+        core_threads_serve(shards).await;
+    }
+}
+
+async fn core_threads_serve(shards: usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = origin(Arc::new(|_req| {
+        Box::pin(async move { Response::new(full("ok")) })
+    }))
+    .await;
+    let port = closed_port().await;
+    // No express lane: a client's first connection would be served there, not on a core. No
+    // warm pool: the origin connections are then opened by the requests, on their own cores,
+    // and a core that serves no client connection has nothing to do.
+    let config = write_config(&format!(
+        "[[listeners]]\naddr = \"{port}\"\nshards = {shards}\n[runtime]\nthread_per_core = true\n\
+         worker_threads = 2\nexpress_connections = 0\n[upstreams.app]\nservers = [\"{}\"]\n\
+         pool_min_idle = 0\n[log]\naccess_log = false\n",
+        origin.addr
+    ));
+    let child = Command::new(bin())
+        .args(["run", "--config"])
+        .arg(config.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let bw = Running {
+        child,
+        addr: port,
+        _config: config,
+    };
+    assert!(
+        eventually_async(Duration::from_secs(10), || async {
+            tokio::net::TcpStream::connect(port).await.is_ok()
+        })
+        .await,
+        "breakwater did not start listening"
+    );
+    let pid = bw.child.id();
+    let cores = |threads: &[(String, u64)]| -> Vec<u64> {
+        // The kernel keeps 15 characters of a name: "breakwater-core".
+        threads
+            .iter()
+            .filter(|(n, _)| n.starts_with("breakwater-core"))
+            .map(|(_, s)| *s)
+            .collect()
+    };
+    let before = thread_switches(pid);
+    assert_eq!(cores(&before).len(), 2, "{before:?}");
+    assert_eq!(
+        before
+            .iter()
+            .filter(|(n, _)| n == "tokio-rt-worker")
+            .count(),
+        1,
+        "the main runtime keeps one worker: {before:?}"
+    );
+    // 40 connections: SO_REUSEPORT hashes them over both shards, so both cores get some.
+    let mut clients = Vec::new();
+    for _ in 0..40 {
+        clients.push(tokio::spawn(async move {
+            let mut c = tokio::net::TcpStream::connect(port).await.unwrap();
+            let mut answered = 0;
+            let mut buf = vec![0u8; 4096];
+            for _ in 0..5 {
+                c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+                    .await
+                    .unwrap();
+                let mut got = Vec::new();
+                while !got.ends_with(b"ok") {
+                    let n = c.read(&mut buf).await.unwrap();
+                    assert!(n > 0, "closed after {got:?}");
+                    got.extend_from_slice(&buf[..n]);
+                }
+                assert!(got.starts_with(b"HTTP/1.1 200"), "{got:?}");
+                answered += 1;
+            }
+            answered
+        }));
+    }
+    let mut answered = 0;
+    for c in clients {
+        answered += c.await.unwrap();
+    }
+    assert_eq!(answered, 200);
+    let after = thread_switches(pid);
+    let grew: Vec<u64> = cores(&after)
+        .iter()
+        .zip(cores(&before))
+        .map(|(a, b)| a - b)
+        .collect();
+    let main = |t: &[(String, u64)]| {
+        t.iter()
+            .filter(|(n, _)| n == "tokio-rt-worker")
+            .map(|(_, s)| *s)
+            .sum::<u64>()
+    };
+    let main_grew = main(&after) - main(&before);
+    eprintln!("{shards} shard(s): core threads {grew:?} more switches, main worker {main_grew}");
+    assert!(
+        main_grew < 20,
+        "{shards} shard(s): the main runtime's worker served connections ({main_grew} switches)"
+    );
+    assert!(
+        grew.iter().all(|&g| g >= 5),
+        "{shards} shard(s): each core thread serves connections: {grew:?} more switches"
+    );
+}
+
 #[test]
 fn listener_options_are_set_in_the_kernel() {
     let cfg = breakwater::config::ListenerConfig {

@@ -3,7 +3,7 @@
 //! typed `Config` the rest of the proxy reads. Every struct denies unknown fields, so a typo such
 //! as `max_conections` fails loudly instead of silently disabling a limit.
 //!
-//! Why this file is long (~670 lines): it is the whole file format in one place, and more than
+//! Why this file is long (~675 lines): it is the whole file format in one place, and more than
 //! a third of it is the default constants and `default_*` functions serde needs. It shrinks
 //! when each section moves to its own `config/<section>.rs` with its shape, defaults and
 //! validation together, as `config/room.rs` already does (structure issue #8).
@@ -137,6 +137,8 @@ pub struct FileRuntime {
     pub express_connections: Spanned<usize>,
     #[serde(default = "default_park_connections")]
     pub park_connections: bool,
+    #[serde(default = "default_thread_per_core")]
+    pub thread_per_core: bool,
     #[serde(default = "default_express_nice")]
     pub express_nice: Spanned<i32>,
     #[serde(default = "default_express_accept_above")]
@@ -150,6 +152,7 @@ impl Default for FileRuntime {
             control_socket: default_control_socket(),
             express_connections: default_express_connections(),
             park_connections: true,
+            thread_per_core: true,
             express_nice: default_express_nice(),
             express_accept_above: default_express_accept_above(),
         }
@@ -605,6 +608,9 @@ fn default_max_connection_share() -> Spanned<f64> {
     Spanned::new(0..0, DEFAULT_MAX_CONNECTION_SHARE)
 }
 fn default_park_connections() -> bool {
+    true
+}
+fn default_thread_per_core() -> bool {
     true
 }
 fn default_express_connections() -> Spanned<usize> {

@@ -1,6 +1,7 @@
-//! Where accepted connections run. An "express lane" of connections from clients with nothing
-//! else open runs on a thread of its own, beside the multi-thread runtime that serves everything
-//! else, and the accept loops run there while a storm lasts (`Lanes::accept_on_lane`).
+//! Where accepted connections run: at their accept loop's home, one of the thread-per-core
+//! runtimes (`Core`, `[runtime] thread_per_core`) or the multi-threaded main runtime without
+//! them; and an "express lane" of connections from clients with nothing else open runs on a
+//! thread of its own, where the accept loops run while a storm lasts (`Lanes::accept_on_lane`).
 //!
 //! Why: during a storm the main runtime's run queue holds hundreds of ready connection tasks,
 //! and an accept loop there runs once per pass over that queue, so a newcomer's connection
@@ -28,6 +29,11 @@ use crate::client::ClientKey;
 pub struct Lanes {
     main: Handle,
     express: Option<Express>,
+    /// With `[runtime] thread_per_core`: the single-threaded runtimes that serve the
+    /// connections, one thread each (`Core`); empty: the main runtime serves them.
+    cores: Vec<Core>,
+    /// The core the next accept loop is homed on.
+    next_core: std::sync::atomic::AtomicUsize,
     /// With `[runtime] park_connections`: where new connections wait while the queues are
     /// full (`park.rs`), and what tells how full they are.
     parking: Option<(Arc<Parking>, Arc<crate::conn::Server>)>,
@@ -46,6 +52,48 @@ struct Express {
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
+/// One thread-per-core runtime (`[runtime] thread_per_core`): a thread running a
+/// single-threaded runtime, where the accept loops homed on it run (between storms), with the
+/// tasks of the connections they accept, the requests on them, and the origin connections
+/// those requests open (`upstream/pool.rs`, `current_core`).
+///
+/// Why: on the multi-threaded runtime a request's task and the task driving its origin
+/// connection are spread over workers that steal each other's tasks, and every hand-over can
+/// cross cores. Measured on the 2-core machine before this mode existed, with wrk's 64
+/// keep-alive connections and the nginx origin: two Breakwater processes of one worker and half
+/// the pool each took 9 % less CPU per request and served 12 % more than one process of two
+/// workers; a first cut of this mode, 8 % and 13 % (keep-alive) and 11 % and 10 % (a request
+/// per new connection), medians of 5 and 3 interleaved runs.
+#[derive(Debug)]
+struct Core {
+    handle: Handle,
+    /// Dropping it ends the thread (and cancels what still runs there).
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Core {
+    fn start(index: usize) -> std::io::Result<Core> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = rt.handle().clone();
+        let marked = handle.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(format!("breakwater-core-{index}"))
+            .spawn(move || {
+                crate::upstream::pool::mark_core_thread(index, marked);
+                rt.block_on(async {
+                    let _ = stopped.await;
+                });
+            })?;
+        Ok(Core {
+            handle,
+            _stop: stop,
+        })
+    }
+}
+
 /// An express-lane place, given back when the connection's task ends.
 struct Place(Arc<Shards>);
 
@@ -59,12 +107,15 @@ impl Lanes {
     /// Lanes beside the runtime this is called on; `express_max` 0 keeps everything there.
     /// `nice`: the lane thread's nice value (0 leaves it). `accept_above`: open connections
     /// above which the accept loops run on the lane's thread (`accept_on_lane`). `park`: park
-    /// new connections while every upstream's queue is full (`server` says).
+    /// new connections while every upstream's queue is full (`server` says). `cores`: how many
+    /// thread-per-core runtimes serve the connections (`Core`); 0 = the main runtime does.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         express_max: usize,
         nice: i32,
         accept_above: usize,
         park: bool,
+        cores: usize,
         server: Arc<crate::conn::Server>,
         stats: Arc<Shards>,
     ) -> Lanes {
@@ -72,9 +123,23 @@ impl Lanes {
         let express = (express_max > 0)
             .then(|| Express::start(express_max, nice, accept_above))
             .flatten();
+        let mut started = Vec::with_capacity(cores);
+        for i in 0..cores {
+            match Core::start(i) {
+                Ok(c) => started.push(c),
+                Err(e) => {
+                    // Fewer cores still serve (the accept loops are spread over those there
+                    // are); none, and the main runtime serves as without the mode.
+                    tracing::warn!(core = i, error = %e, "cannot start a thread-per-core runtime");
+                    break;
+                }
+            }
+        }
         let mut lanes = Lanes {
             main,
             express,
+            cores: started,
+            next_core: std::sync::atomic::AtomicUsize::new(0),
             parking: None,
             stats,
             _parking_stop: None,
@@ -102,13 +167,46 @@ impl Lanes {
         self.express.as_ref().map_or(&self.main, |e| &e.handle)
     }
 
-    /// Where an accept loop runs: `on_lane`, on the lane's thread (if there is a lane).
-    pub fn accept_handle(&self, on_lane: bool) -> &Handle {
-        if on_lane {
-            self.lane_or_main()
-        } else {
-            &self.main
+    /// Where an accept loop runs: `on_lane`, on the lane's thread (if there is a lane), else
+    /// at its `home` (`home`).
+    pub fn accept_handle<'a>(&'a self, on_lane: bool, home: &'a Handle) -> &'a Handle {
+        match &self.express {
+            Some(e) if on_lane => &e.handle,
+            _ => home,
         }
+    }
+
+    /// Where a new accept loop's connections run: the next thread-per-core runtime in turn,
+    /// or the main runtime without them.
+    pub fn home(&self) -> Handle {
+        if self.cores.is_empty() {
+            return self.main.clone();
+        }
+        let i = self.next_core.fetch_add(1, Ordering::Relaxed) % self.cores.len();
+        self.cores[i].handle.clone()
+    }
+
+    /// Whether a listener of `shards` spreads its connections over the thread-per-core
+    /// runtimes instead of keeping each shard's at its home: with fewer shards than runtimes,
+    /// some would serve nothing (a config written for the multi-threaded runtime, `shards = 1`).
+    /// The accept loop then hands each connection to the next runtime in turn, once.
+    pub fn spreads(&self, shards: usize) -> bool {
+        shards < self.cores.len()
+    }
+
+    /// Where a connection accepted by a loop homed at `home` runs (`spreads`).
+    pub fn connection_home(&self, home: &Handle, spread: bool) -> Handle {
+        if spread {
+            self.home()
+        } else {
+            home.clone()
+        }
+    }
+
+    /// The thread-per-core runtimes (empty without them): where the pools open their warm
+    /// connections.
+    pub fn core_handles(&self) -> Vec<Handle> {
+        self.cores.iter().map(|c| c.handle.clone()).collect()
     }
 
     /// Whether an accept loop should run on the lane's thread: while busy, with more than
@@ -194,8 +292,12 @@ impl Lanes {
     /// cell, of no power-of-two size, took mimalloc's slow aligned path. `listener.rs` boxes the
     /// connection inside the task, so that the box and its copy are made on the worker, not on
     /// the accept thread. (tokio boxes by itself only futures over 16 KB.)
-    pub fn spawn<M, F>(&self, open: u32, express: bool, key: Option<ClientKey>, make: M)
-    where
+    pub fn spawn<M, F>(
+        &self,
+        (open, express, key): (u32, bool, Option<ClientKey>),
+        home: &Handle,
+        make: M,
+    ) where
         M: FnOnce() -> F + Send + 'static,
         F: Future<Output = ()> + Send + 'static,
     {
@@ -216,15 +318,15 @@ impl Lanes {
             // Behind those already parked too, so that nobody overtakes them.
             let parked = self.stats.parked_now.load(Ordering::Relaxed) > 0;
             if parked || queue_room(server) == 0 {
-                let main = self.main.clone();
-                let start: Start = Box::new(move || drop(main.spawn(make())));
+                let home = home.clone();
+                let start: Start = Box::new(move || drop(home.spawn(make())));
                 parking.park(key, start);
                 self.stats.parked.fetch_add(1, Ordering::Relaxed);
                 self.stats.parked_now.fetch_add(1, Ordering::Relaxed);
                 return;
             }
         }
-        self.main.spawn(make());
+        home.spawn(make());
     }
 }
 

@@ -102,6 +102,30 @@ pub struct Entry {
     pub idle_since: Instant,
     /// Driven on the express lane's thread and lent only to its requests (`upstream/express.rs`).
     pub express: bool,
+    /// The thread-per-core runtime that drives it (`current_core`); None: the main runtime.
+    pub core: Option<usize>,
+}
+
+thread_local! {
+    /// Set on each thread-per-core runtime's thread (`listener/lanes.rs`): its index and
+    /// handle. That runtime is single-threaded, so "on this thread" is "a task of that core".
+    static CORE: std::cell::RefCell<Option<(usize, tokio::runtime::Handle)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Marks the calling thread as thread-per-core runtime `index`, whose handle is `handle`.
+pub fn mark_core_thread(index: usize, handle: tokio::runtime::Handle) {
+    CORE.with(|c| *c.borrow_mut() = Some((index, handle)));
+}
+
+/// The thread-per-core runtime the caller runs on, if any.
+pub fn current_core() -> Option<usize> {
+    CORE.with(|c| c.borrow().as_ref().map(|(i, _)| *i))
+}
+
+/// The handle of the thread-per-core runtime the caller runs on, if any.
+pub fn core_handle() -> Option<tokio::runtime::Handle> {
+    CORE.with(|c| c.borrow().as_ref().map(|(_, h)| h.clone()))
 }
 
 impl Entry {
@@ -177,15 +201,23 @@ impl Slots {
         }
     }
 
-    /// The most recently used connection of the lane asked for (`express`) with room for a
-    /// request: its id, a sender, and whether it carried requests before.
-    pub fn checkout(&mut self, express: bool) -> Option<(u64, Sender, bool)> {
+    /// A connection of the lane asked for (`express`) with room for a request, the last one
+    /// given back first: its id, a sender, and whether it carried requests before. On a
+    /// thread-per-core runtime (`core`), one driven there if any is free: a request lent one
+    /// driven elsewhere hands its work to that thread and back (correct, only slower).
+    pub fn checkout(&mut self, express: bool, core: Option<usize>) -> Option<(u64, Sender, bool)> {
         let max = self.max_requests;
-        let e = self
-            .entries
-            .iter_mut()
-            .rev()
-            .find(|e| e.express == express && e.usable(max))?;
+        let mut pick = None;
+        for (i, e) in self.entries.iter().enumerate().rev() {
+            if e.express == express && e.usable(max) {
+                if e.core == core {
+                    pick = Some(i);
+                    break;
+                }
+                pick.get_or_insert(i);
+            }
+        }
+        let e = &mut self.entries[pick?];
         let tx = e.lend()?;
         Some((e.id, tx, e.requests > 1))
     }
