@@ -214,7 +214,16 @@ async fn run_binary_under(
     let text = format!(
         "[[listeners]]\naddr = \"{port}\"\nshards = 1\n{extra}\n[upstreams.app]\nservers = [\"{upstream}\"]\n[log]\naccess_log = false\n"
     );
-    let config = write_config(&text);
+    start_with(wrapper, port, write_config(&text)).await
+}
+
+/// Starts the binary with `config`, through `wrapper` (if any), and waits until it accepts on
+/// `port`.
+async fn start_with(
+    wrapper: &[&str],
+    port: std::net::SocketAddr,
+    config: tempfile::NamedTempFile,
+) -> Running {
     let mut command = match wrapper.split_first() {
         Some((first, rest)) => {
             let mut c = Command::new(first);
@@ -418,26 +427,35 @@ async fn sigterm_closes_silent_and_idle_connections_at_once() {
     assert_eq!(bw.child.wait().unwrap().code(), Some(0));
 }
 
-/// Each thread of `pid` by name, with its nice value (/proc/PID/task/TID/stat, field 19).
-fn thread_nice(pid: u32) -> Vec<(String, i32)> {
+/// Each thread of `pid`: its name, and the text of one of its /proc files (`file`).
+fn threads_with(pid: u32, file: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .flatten()
     {
         let p = task.path();
-        let (Ok(comm), Ok(stat)) = (
+        if let (Ok(comm), Ok(text)) = (
             std::fs::read_to_string(p.join("comm")),
-            std::fs::read_to_string(p.join("stat")),
-        ) else {
-            continue;
-        };
-        // After the name's closing parenthesis: field 3 onwards; nice is field 19.
-        let after = stat.rsplit(')').next().unwrap();
-        let nice = after.split_whitespace().nth(16).unwrap().parse().unwrap();
-        out.push((comm.trim().to_string(), nice));
+            std::fs::read_to_string(p.join(file)),
+        ) {
+            out.push((comm.trim().to_string(), text));
+        }
     }
     out
+}
+
+/// Each thread of `pid` by name, with its nice value (/proc/PID/task/TID/stat, field 19).
+fn thread_nice(pid: u32) -> Vec<(String, i32)> {
+    threads_with(pid, "stat")
+        .into_iter()
+        .map(|(name, stat)| {
+            // After the name's closing parenthesis: field 3 onwards; nice is field 19.
+            let after = stat.rsplit(')').next().unwrap();
+            let nice = after.split_whitespace().nth(16).unwrap().parse().unwrap();
+            (name, nice)
+        })
+        .collect()
 }
 
 /// A request from 127.0.0.9, an address with nothing else open: a newcomer, served on the
@@ -540,26 +558,17 @@ async fn the_express_lane_thread_runs_at_the_configured_priority() {
 
 /// Each thread of `pid` by name, with the context switches it has made (voluntary and not).
 fn thread_switches(pid: u32) -> Vec<(String, u64)> {
-    let mut out = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-    {
-        let p = task.path();
-        let (Ok(comm), Ok(status)) = (
-            std::fs::read_to_string(p.join("comm")),
-            std::fs::read_to_string(p.join("status")),
-        ) else {
-            continue;
-        };
-        let switches = status
-            .lines()
-            .filter(|l| l.contains("ctxt_switches:"))
-            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-            .sum();
-        out.push((comm.trim().to_string(), switches));
-    }
-    out
+    threads_with(pid, "status")
+        .into_iter()
+        .map(|(name, status)| {
+            let switches = status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum();
+            (name, switches)
+        })
+        .collect()
 }
 
 /// `[runtime] thread_per_core`: `worker_threads` threads of their own ("breakwater-core-N")
@@ -590,25 +599,7 @@ async fn core_threads_serve(shards: usize) {
          pool_min_idle = 0\n[log]\naccess_log = false\n",
         origin.addr
     ));
-    let child = Command::new(bin())
-        .args(["run", "--config"])
-        .arg(config.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let bw = Running {
-        child,
-        addr: port,
-        _config: config,
-    };
-    assert!(
-        eventually_async(Duration::from_secs(10), || async {
-            tokio::net::TcpStream::connect(port).await.is_ok()
-        })
-        .await,
-        "breakwater did not start listening"
-    );
+    let bw = start_with(&[], port, config).await;
     let pid = bw.child.id();
     let cores = |threads: &[(String, u64)]| -> Vec<u64> {
         // The kernel keeps 15 characters of a name: "breakwater-core".
