@@ -326,12 +326,13 @@ async fn accept_loop(s: &mut Shard, on_lane: bool) -> Option<bool> {
                         let source = crate::client::unmapped(peer.ip());
                         if pp.from.iter().any(|n| n.contains(&source)) {
                             counters.accepted.fetch_add(1, Ordering::Relaxed);
-                            let home = lanes.connection_home(home, spread);
+                            let spread_to = lanes.spread_home(spread);
+                            let home = spread_to.as_ref().unwrap_or(home);
                             serve_proxied(
                                 socket,
                                 (peer, listen_addr),
                                 slot,
-                                (frontend, wiring, lanes, &home),
+                                (frontend, wiring, lanes, home),
                                 shutdown,
                             );
                         } else {
@@ -348,12 +349,13 @@ async fn accept_loop(s: &mut Shard, on_lane: bool) -> Option<bool> {
                         Ok(mut admitted) => {
                             admitted.client.local = listen_addr;
                             counters.accepted.fetch_add(1, Ordering::Relaxed);
-                            let home = lanes.connection_home(home, spread);
+                            let spread_to = lanes.spread_home(spread);
+                            let home = spread_to.as_ref().unwrap_or(home);
                             serve(
                                 socket,
                                 peer,
                                 admitted,
-                                (frontend, wiring, lanes, &home),
+                                (frontend, wiring, lanes, home),
                                 shutdown,
                             )
                         }

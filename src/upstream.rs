@@ -248,12 +248,6 @@ struct Failed {
 impl Upstream {
     /// `lane`: an express lane runs (`[runtime] express_connections`), so the pool keeps its
     /// slice of connections for it.
-    /// Opens and drives this upstream's connections on `cores` (`[runtime] thread_per_core`);
-    /// set once, when they start serving.
-    pub fn set_cores(&self, cores: &[tokio::runtime::Handle]) {
-        let _ = self.cores.set(cores.to_vec());
-    }
-
     pub fn new(cfg: &UpstreamConfig, lane: bool) -> Arc<Upstream> {
         let streams = match cfg.protocol {
             UpstreamProtocol::Http1 => 1,
@@ -309,6 +303,12 @@ impl Upstream {
             cfg: cfg.clone(),
             me: me.clone(),
         })
+    }
+
+    /// Opens and drives this upstream's connections on `cores` (`[runtime] thread_per_core`);
+    /// set once, when they start serving.
+    pub fn set_cores(&self, cores: &[tokio::runtime::Handle]) {
+        let _ = self.cores.set(cores.to_vec());
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

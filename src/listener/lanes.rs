@@ -73,25 +73,35 @@ struct Core {
 
 impl Core {
     fn start(index: usize) -> std::io::Result<Core> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let handle = rt.handle().clone();
-        let marked = handle.clone();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        std::thread::Builder::new()
-            .name(format!("breakwater-core-{index}"))
-            .spawn(move || {
-                crate::upstream::pool::mark_core_thread(index, marked);
-                rt.block_on(async {
-                    let _ = stopped.await;
-                });
-            })?;
+        let (handle, stop) = runtime_thread(format!("breakwater-core-{index}"), move |h| {
+            crate::upstream::pool::mark_core_thread(index, h)
+        })?;
         Ok(Core {
             handle,
             _stop: stop,
         })
     }
+}
+
+/// A single-threaded runtime on a thread of its own named `name`, which runs `setup` (given
+/// the runtime's handle) and then serves until the returned sender is dropped.
+fn runtime_thread(
+    name: String,
+    setup: impl FnOnce(Handle) + Send + 'static,
+) -> std::io::Result<(Handle, tokio::sync::oneshot::Sender<()>)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let handle = rt.handle().clone();
+    let given = handle.clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new().name(name).spawn(move || {
+        setup(given);
+        rt.block_on(async {
+            let _ = stopped.await;
+        });
+    })?;
+    Ok((handle, stop))
 }
 
 /// An express-lane place, given back when the connection's task ends.
@@ -194,13 +204,10 @@ impl Lanes {
         shards < self.cores.len()
     }
 
-    /// Where a connection accepted by a loop homed at `home` runs (`spreads`).
-    pub fn connection_home(&self, home: &Handle, spread: bool) -> Handle {
-        if spread {
-            self.home()
-        } else {
-            home.clone()
-        }
+    /// Where a connection accepted by a loop that `spread`s runs instead of the loop's home
+    /// (`spreads`); None: at the home (no handle cloned on the accept path).
+    pub fn spread_home(&self, spread: bool) -> Option<Handle> {
+        spread.then(|| self.home())
     }
 
     /// The thread-per-core runtimes (empty without them): where the pools open their warm
@@ -332,33 +339,19 @@ impl Lanes {
 
 impl Express {
     fn start(max: usize, nice: i32, accept_above: usize) -> Option<Express> {
-        let rt = match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => rt,
+        let started = runtime_thread("breakwater-accept".into(), move |_| {
+            crate::upstream::express::mark_lane_thread();
+            if nice != 0 {
+                prioritise(nice);
+            }
+        });
+        let (handle, stop) = match started {
+            Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot start the express lane; serving without it");
                 return None;
             }
         };
-        let handle = rt.handle().clone();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let spawned = std::thread::Builder::new()
-            .name("breakwater-accept".into())
-            .spawn(move || {
-                crate::upstream::express::mark_lane_thread();
-                if nice != 0 {
-                    prioritise(nice);
-                }
-                rt.block_on(async {
-                    let _ = stopped.await;
-                });
-            });
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, "cannot start the express lane; serving without it");
-            return None;
-        }
         Some(Express {
             handle,
             max,
