@@ -7,7 +7,7 @@
 //! atomics on the hot path: the accept loop and the pool keep their own counters, and this
 //! module only reads them.
 //!
-//! Why this file is still ~625 lines: it is one Prometheus collector that reads every stage's
+//! Why this file is still ~635 lines: it is one Prometheus collector that reads every stage's
 //! counters at scrape time (connections, listeners, requests, TLS, pools, spools), and those
 //! families share the encoding helpers. What stands apart is split out: the host's counters
 //! (`metrics/host.rs`: kernel /proc and process_*) and the waiting rooms (`metrics/room.rs`).
@@ -491,6 +491,7 @@ impl Snapshot {
         let mut cancels = Vec::new();
         let mut paced = Vec::new();
         let mut panics = Vec::new();
+        let mut cross = Vec::new();
         for u in upstreams {
             let (per_server, queue) = u.snapshot();
             for (i, (o, id, b)) in per_server.into_iter().enumerate() {
@@ -523,6 +524,7 @@ impl Snapshot {
             cancels.push((with("closed"), load(&st.cancel_closed)));
             paced.push((l.clone(), load(&st.paced_connects)));
             panics.push((l.clone(), load(&st.panic_requests)));
+            cross.push((l.clone(), load(&st.cross_core)));
             waits.push((l, st.queue_wait.clone()));
         }
         gauge(
@@ -614,6 +616,12 @@ impl Snapshot {
             "breakwater_upstream_panic_requests",
             "Requests sent, one at a time, to the least recently failed server while every server was ejected.",
             panics,
+        )?;
+        counter(
+            enc,
+            "breakwater_upstream_cross_core_requests",
+            "Requests sent on an origin connection driven by another thread-per-core runtime than the client's (each costs cross-thread wake-ups).",
+            cross,
         )?;
         family(
             enc,

@@ -7,13 +7,16 @@
 //! Retry-After; a full queue answers 503 at once). A released connection goes straight to the
 //! next waiter under the same lock, so nobody waits while a connection sits idle. One client
 //! address may hold at most `max_client_share` of the upstream's capacity busy, so a few
-//! addresses that read slowly or trickle bodies cannot take the whole pool.
+//! addresses that read slowly or trickle bodies cannot take the whole pool. With
+//! thread-per-core runtimes the queue has a part per core and a released connection goes to a
+//! waiter of its own core first (`queue::CoreQueues`), so a request and its origin connection
+//! share a thread.
 //!
 //! Lock discipline: all scheduling state is in one `Mutex<State>` per upstream, held for short
 //! non-async sections. Inside it only plain `Granted` values are made; a `Lease` (whose drop
 //! takes the lock) exists only outside it.
 //!
-//! Why this file is still ~795 lines: it is the scheduler (fair queue, client and connection
+//! Why this file is still ~820 lines: it is the scheduler (fair queue, client and connection
 //! shares, slot accounting, dispatch, connect pacing and the warm refill), which all works
 //! under the one upstream lock on one `State`. What does not need that state as a whole lives
 //! beside it: leases and giving back (`lease.rs`), the exchange with its retry, panic mode and
@@ -53,7 +56,7 @@ use crate::config::{Balance, UpstreamConfig, UpstreamProtocol};
 use body::UpstreamBody;
 use health::{Health, Transition};
 use pool::{Entry, Sender, Slots};
-use queue::FairQueue;
+use queue::CoreQueues;
 
 /// Why an upstream exchange failed. `proxy.rs` maps each to a status.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +104,8 @@ pub struct UpstreamStats {
     pub cancel_closed: AtomicU64,
     /// Connects put off by `max_connect_rate`.
     pub paced_connects: AtomicU64,
+    /// Requests lent a connection driven on another thread-per-core runtime than theirs.
+    pub cross_core: AtomicU64,
     /// Requests sent while every server was ejected (panic mode).
     pub panic_requests: AtomicU64,
     /// Requests in the queue as of the last change (read without the lock, by parking).
@@ -125,6 +130,7 @@ impl Default for UpstreamStats {
             cancel_drained: AtomicU64::new(0),
             cancel_closed: AtomicU64::new(0),
             paced_connects: AtomicU64::new(0),
+            cross_core: AtomicU64::new(0),
             panic_requests: AtomicU64::new(0),
             queued: AtomicUsize::new(0),
             queue_wait_ewma_us: AtomicU64::new(0),
@@ -143,12 +149,15 @@ pub struct Server {
     pub health: Health,
 }
 
-/// A queued request: the client connection it came on (for `max_connection_share`) and where
-/// its connection is sent.
+/// A queued request: the client connection it came on (for `max_connection_share`), where
+/// its connection is sent, the thread-per-core runtime it runs on (its part of the queue) and
+/// when it was queued.
 #[derive(Debug)]
 struct Waiter {
     conn: u64,
     tx: oneshot::Sender<Result<Granted, UpstreamError>>,
+    core: Option<usize>,
+    since: Instant,
 }
 
 impl Waiter {
@@ -160,7 +169,7 @@ impl Waiter {
 #[derive(Debug, Default)]
 struct State {
     slots: Vec<Slots>,
-    queue: FairQueue<ClientKey, Waiter>,
+    queue: CoreQueues<ClientKey, Waiter>,
     busy_by_client: HashMap<IpAddr, usize, queue::Hasher>,
     /// Busy slots per client connection (an HTTP/2 connection can ask for many at once).
     busy_by_conn: HashMap<u64, usize, queue::Hasher>,
@@ -350,21 +359,30 @@ impl Upstream {
             || self.share_exempt.iter().any(|n| n.contains(&a.key.ip))
     }
 
-    fn checkout(&self, st: &mut State, client: Asker, express: bool) -> Option<Granted> {
-        let core = pool::current_core();
+    /// A connection for `client`'s request, which runs on thread-per-core runtime `core`.
+    fn checkout(
+        &self,
+        st: &mut State,
+        client: Asker,
+        express: bool,
+        core: Option<usize>,
+    ) -> Option<Granted> {
         for i in self.order(st) {
-            if let Some((conn, tx, reused)) = st.slots[i].checkout(express, core) {
+            if let Some(lent) = st.slots[i].checkout(express, core) {
                 st.slots[i].busy += 1;
                 *st.busy_by_client.entry(client.key.ip).or_insert(0) += 1;
                 *st.busy_by_conn.entry(client.conn).or_insert(0) += 1;
-                if reused {
+                if lent.reused {
                     self.stats.reuses.fetch_add(1, Ordering::Relaxed);
+                }
+                if lent.core != core {
+                    self.stats.cross_core.fetch_add(1, Ordering::Relaxed);
                 }
                 return Some(Granted {
                     server: i,
-                    conn,
-                    tx,
-                    reused,
+                    conn: lent.id,
+                    tx: lent.tx,
+                    reused: lent.reused,
                 });
             }
         }
@@ -419,14 +437,15 @@ impl Upstream {
                 express::Express::Neither => {}
             }
         }
-        let rx = {
+        let (rx, queued_at) = {
             let mut st = self.lock();
             if !self.servers.iter().any(|s| s.health.is_healthy()) {
                 return Err(UpstreamError::NoHealthyServer);
             }
             let under_cap = self.under_cap(&st, client);
+            let core = pool::current_core();
             if st.queue.is_empty() && under_cap {
-                if let Some(g) = self.checkout(&mut st, client, false) {
+                if let Some(g) = self.checkout(&mut st, client, false, core) {
                     drop(st);
                     return Ok(self.lease(g, client));
                 }
@@ -439,26 +458,29 @@ impl Upstream {
                 }
             }
             let (tx, rx) = oneshot::channel();
+            let queued_at = Instant::now();
             // A client with nothing in flight here (a newcomer during a storm) is served
             // before the next round of clients that already hold connections.
             let newcomer = !st.busy_by_client.contains_key(&client.key.ip);
             st.queue.push_with(
+                core.unwrap_or(0),
                 client.key,
                 Waiter {
                     conn: client.conn,
                     tx,
+                    core,
+                    since: queued_at,
                 },
                 newcomer,
             );
             self.dispatch(&mut st);
-            rx
+            (rx, queued_at)
         };
         let mut waiting = Waiting {
             rx,
             up: self,
             client,
         };
-        let queued_at = Instant::now();
         let outcome = tokio::time::timeout(self.cfg.queue_timeout, &mut waiting.rx).await;
         let waited = queued_at.elapsed();
         self.stats.queue_wait.observe(waited.as_secs_f64());
@@ -483,15 +505,22 @@ impl Upstream {
 
     fn dispatch_waiters(&self, st: &mut State) {
         while !st.queue.is_empty() {
-            let any_room = (0..self.servers.len())
-                .any(|i| self.servers[i].health.is_healthy() && st.slots[i].has_room());
-            if !any_room {
+            // The core of a connection with room (usually the one just given back): a waiter
+            // of that core gets it, so the request and its connection share a thread.
+            let room = (0..self.servers.len())
+                .filter(|&i| self.servers[i].health.is_healthy())
+                .find_map(|i| st.slots[i].room_core());
+            let Some(core) = room else {
                 break;
-            }
+            };
             let mut queue = std::mem::take(&mut st.queue);
-            let popped = queue.pop(|key, w| self.under_cap(st, Asker { key, conn: w.conn }));
+            let popped = queue.pop_for(
+                core.unwrap_or(0),
+                |key, w| self.under_cap(st, Asker { key, conn: w.conn }),
+                |w| w.since,
+            );
             st.queue = queue;
-            let Some((key, waiter)) = popped else {
+            let Some((part, key, waiter)) = popped else {
                 break;
             };
             if waiter.is_closed() {
@@ -501,8 +530,8 @@ impl Upstream {
                 key,
                 conn: waiter.conn,
             };
-            let Some(g) = self.checkout(st, client, false) else {
-                st.queue.push(key, waiter);
+            let Some(g) = self.checkout(st, client, false, waiter.core) else {
+                st.queue.push(part, key, waiter);
                 break;
             };
             if let Err(Ok(g)) = waiter.tx.send(Ok(g)) {
@@ -662,7 +691,8 @@ impl Upstream {
                 let others = (0..self.servers.len())
                     .any(|i| i != server && self.servers[i].health.is_healthy());
                 if !others {
-                    if let Some((_, w)) = st.queue.pop(|_, _| true) {
+                    let part = pool::current_core().unwrap_or(0);
+                    if let Some((_, _, w)) = st.queue.pop_for(part, |_, _| true, |w| w.since) {
                         let _ = w.tx.send(Err(e));
                     }
                 }

@@ -106,7 +106,7 @@ impl Upstream {
         if !self.under_cap(&st, client) {
             return Express::Neither;
         }
-        if let Some(g) = self.checkout(&mut st, client, true) {
+        if let Some(g) = self.checkout(&mut st, client, true, pool::current_core()) {
             return Express::Lease(self.lease(g, client));
         }
         let slice = self.express_slice();
@@ -115,7 +115,7 @@ impl Upstream {
             .into_iter()
             .find(|&i| st.slots[i].express_open < slice && st.slots[i].open < self.cfg.pool_max);
         let main = if st.queue.is_empty() {
-            self.checkout(&mut st, client, false)
+            self.checkout(&mut st, client, false, pool::current_core())
         } else {
             None
         };
@@ -145,7 +145,7 @@ impl Upstream {
     /// Opens the express connection `take_express` counted on `server`, for `client`'s request.
     pub(super) async fn open_express(&self, server: usize, client: Asker) -> Option<Lease> {
         let mut st = self.connect_express(server).await?;
-        let g = self.checkout(&mut st, client, true)?;
+        let g = self.checkout(&mut st, client, true, pool::current_core())?;
         drop(st);
         Some(self.lease(g, client))
     }

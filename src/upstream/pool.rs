@@ -150,6 +150,16 @@ impl Entry {
     }
 }
 
+/// A connection `Slots::checkout` lent: its id, its sender, whether it carried requests
+/// before, and the core that drives it.
+#[derive(Debug)]
+pub struct Lent {
+    pub id: u64,
+    pub tx: Sender,
+    pub reused: bool,
+    pub core: Option<usize>,
+}
+
 /// A server's connections, guarded by the upstream's lock.
 #[derive(Debug)]
 pub struct Slots {
@@ -202,10 +212,10 @@ impl Slots {
     }
 
     /// A connection of the lane asked for (`express`) with room for a request, the last one
-    /// given back first: its id, a sender, and whether it carried requests before. On a
-    /// thread-per-core runtime (`core`), one driven there if any is free: a request lent one
-    /// driven elsewhere hands its work to that thread and back (correct, only slower).
-    pub fn checkout(&mut self, express: bool, core: Option<usize>) -> Option<(u64, Sender, bool)> {
+    /// given back first. On a thread-per-core runtime (`core`), one driven there if any is
+    /// free: a request lent one driven elsewhere hands its work to that thread and back
+    /// (correct, only slower).
+    pub fn checkout(&mut self, express: bool, core: Option<usize>) -> Option<Lent> {
         let max = self.max_requests;
         let mut pick = None;
         for (i, e) in self.entries.iter().enumerate().rev() {
@@ -219,14 +229,23 @@ impl Slots {
         }
         let e = &mut self.entries[pick?];
         let tx = e.lend()?;
-        Some((e.id, tx, e.requests > 1))
+        Some(Lent {
+            id: e.id,
+            tx,
+            reused: e.requests > 1,
+            core: e.core,
+        })
     }
 
-    /// Whether a connection the queue may be given (not the express lane's) has room.
-    pub fn has_room(&self) -> bool {
+    /// Where a connection the queue may be given (not the express lane's) has room: the core
+    /// that drives the one `checkout` would lend first, None for the main runtime. Outer None:
+    /// no such connection.
+    pub fn room_core(&self) -> Option<Option<usize>> {
         self.entries
             .iter()
-            .any(|e| !e.express && e.usable(self.max_requests))
+            .rev()
+            .find(|e| !e.express && e.usable(self.max_requests))
+            .map(|e| e.core)
     }
 
     /// Open connections that are not the express lane's.
