@@ -584,7 +584,6 @@ async fn with_thread_per_core_the_core_threads_serve_the_connections() {
 }
 
 async fn core_threads_serve(shards: usize) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let origin = origin(Arc::new(|_req| {
         Box::pin(async move { Response::new(full("ok")) })
     }))
@@ -625,18 +624,8 @@ async fn core_threads_serve(shards: usize) {
         clients.push(tokio::spawn(async move {
             let mut c = tokio::net::TcpStream::connect(port).await.unwrap();
             let mut answered = 0;
-            let mut buf = vec![0u8; 4096];
             for _ in 0..5 {
-                c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-                    .await
-                    .unwrap();
-                let mut got = Vec::new();
-                while !got.ends_with(b"ok") {
-                    let n = c.read(&mut buf).await.unwrap();
-                    assert!(n > 0, "closed after {got:?}");
-                    got.extend_from_slice(&buf[..n]);
-                }
-                assert!(got.starts_with(b"HTTP/1.1 200"), "{got:?}");
+                assert_eq!(request_on(&mut c, "/").await, Some(200));
                 answered += 1;
             }
             answered

@@ -145,6 +145,12 @@ mod tests {
         Box::new(|| {})
     }
 
+    /// What a tick `ms` from now finds overdue, and whether it had to look.
+    async fn after(parking: &Parking, ms: u64) -> (usize, usize) {
+        tokio::time::advance(Duration::from_millis(ms)).await;
+        tick(parking)
+    }
+
     /// What a tick finds overdue, and whether it had to look.
     fn tick(parking: &Parking) -> (usize, usize) {
         let mut p = parking.lock();
@@ -161,11 +167,9 @@ mod tests {
             parking.park(key(i), nothing());
         }
         for _ in 0..900 {
-            tokio::time::advance(TICK).await;
-            assert_eq!(tick(&parking), (0, 0));
+            assert_eq!(after(&parking, 2).await, (0, 0));
         }
-        tokio::time::advance(MAX_PARK).await;
-        assert_eq!(tick(&parking), (1_000, 1));
+        assert_eq!(after(&parking, 2_000).await, (1_000, 1));
         assert!(parking.lock().queue.is_empty());
         assert_eq!(tick(&parking), (0, 0), "none parked, nothing to look at");
     }
@@ -177,15 +181,15 @@ mod tests {
         tokio::time::advance(Duration::from_secs(1)).await;
         parking.park(key(2), nothing());
         parking.park(key(1), nothing());
-        tokio::time::advance(Duration::from_millis(999)).await;
-        assert_eq!(tick(&parking), (0, 0));
-        tokio::time::advance(Duration::from_millis(1)).await;
-        assert_eq!(tick(&parking), (1, 1), "the first, parked 2 s ago");
+        assert_eq!(after(&parking, 999).await, (0, 0));
+        assert_eq!(
+            after(&parking, 1).await,
+            (1, 1),
+            "the first, parked 2 s ago"
+        );
         // The next due is the others' own 2 s, not 2 s from this look.
-        tokio::time::advance(Duration::from_millis(999)).await;
-        assert_eq!(tick(&parking), (0, 0));
-        tokio::time::advance(Duration::from_millis(1)).await;
-        assert_eq!(tick(&parking), (2, 1));
+        assert_eq!(after(&parking, 999).await, (0, 0));
+        assert_eq!(after(&parking, 1).await, (2, 1));
     }
 
     #[tokio::test(start_paused = true)]
@@ -196,11 +200,12 @@ mod tests {
         parking.park(key(2), nothing());
         // The queues took the first (its due time stays as a bound).
         assert!(parking.lock().queue.pop(|_, _| true).is_some());
-        tokio::time::advance(Duration::from_secs(1)).await;
-        assert_eq!(tick(&parking), (0, 1), "looked, found none overdue");
-        tokio::time::advance(Duration::from_millis(999)).await;
-        assert_eq!(tick(&parking), (0, 0));
-        tokio::time::advance(Duration::from_millis(1)).await;
-        assert_eq!(tick(&parking), (1, 1));
+        assert_eq!(
+            after(&parking, 1000).await,
+            (0, 1),
+            "looked, found none overdue"
+        );
+        assert_eq!(after(&parking, 999).await, (0, 0));
+        assert_eq!(after(&parking, 1).await, (1, 1));
     }
 }
