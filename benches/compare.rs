@@ -9,8 +9,12 @@
 //! `floor`: a bare proxy on the same crates (hyper server and client, tokio), the least a
 //! proxy built on them costs (compare/floor.rs).
 //! Writes a markdown table of medians and same-run ratios to target/tmp/compare.md.
-//! (About 540 lines: one runner for five targets, two origins and seven scenarios; the floor proxy it
-//! compares against lives in compare/floor.rs.)
+//! `SHARDS=1,2,4,8` makes it a scaling run instead (`scale.rs`): each proxy with that many
+//! threads (Breakwater shards and workers, HAProxy `nbthread`, nginx `worker_processes`, the
+//! floor's workers), pinned to that many CPUs, the load and the origin on the CPUs left;
+//! keep-alive and new connections by default; table in target/tmp/scaling.md.
+//! (About 620 lines: one runner for five targets, two origins and seven scenarios, which the
+//! scaling run reuses; the floor proxy it compares against lives in compare/floor.rs.)
 //!
 //! What it measures, per target and scenario: requests/s (wrk) or connections/s (storm), the
 //! probe client's p50/p99 and success (a new connection and one request every 20 ms from its
@@ -36,6 +40,8 @@ use support::{median, storm_plan as plan};
 
 #[path = "compare/floor.rs"]
 mod floor;
+#[path = "compare/scale.rs"]
+mod scale;
 
 const PROXY: &str = "127.0.0.1:18000";
 const ORIGIN: &str = "127.0.0.1:18080";
@@ -137,7 +143,28 @@ fn wait_listening() -> bool {
 }
 
 fn start(target: &str) -> Option<Running> {
+    start_on(target, None)
+}
+
+/// `target` as `start` does; with `scale` (threads, CPU list), with that many threads and
+/// pinned to those CPUs (`scale.rs`).
+fn start_on(target: &str, scale: Option<(usize, &str)>) -> Option<Running> {
     let dir = tempfile::tempdir().ok()?;
+    // The anchors' configs are written for 2 threads.
+    let threads = |cfg: String, from: &str, to: &dyn Fn(usize) -> String| match scale {
+        Some((n, _)) => cfg.replace(from, &to(n)),
+        None => cfg,
+    };
+    let pinned = |prog: &str| -> Command {
+        match scale {
+            Some((_, cpus)) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", cpus, prog]);
+                c
+            }
+            None => Command::new(prog),
+        }
+    };
     let child = match target {
         "direct" => None,
         // "alt": another Breakwater binary (BREAKWATER_ALT=path), for an A/B of a change in
@@ -145,35 +172,49 @@ fn start(target: &str) -> Option<Running> {
         "breakwater" | "alt" => {
             let cfg = dir.path().join("breakwater.toml");
             let (proxy, origin) = (PROXY.parse().ok()?, ORIGIN.parse().ok()?);
-            std::fs::write(&cfg, support::anchor_config(proxy, origin)).ok()?;
+            let text = threads(support::anchor_config(proxy, origin), "shards = 2", &|n| {
+                format!("shards = {n}\n[runtime]\nworker_threads = {n}")
+            });
+            // (`[runtime]` right after `[[listeners]]`'s keys: the tables after it start anew.)
+            std::fs::write(&cfg, text).ok()?;
             let bin = if target == "alt" {
                 std::env::var("BREAKWATER_ALT").ok()?
             } else {
                 env!("CARGO_BIN_EXE_breakwater").to_string()
             };
             Some(support::quiet(
-                Command::new(bin).args(["run", "--config"]).arg(&cfg),
+                pinned(&bin).args(["run", "--config"]).arg(&cfg),
             )?)
         }
         // The same crates with none of Breakwater's work (compare/floor.rs): this binary
         // again, as its own process.
         "floor" => Some(support::quiet(
-            Command::new(std::env::current_exe().ok()?)
-                .env("COMPARE_FLOOR", format!("{PROXY},{ORIGIN}")),
+            pinned(&std::env::current_exe().ok()?.display().to_string())
+                .env("COMPARE_FLOOR", format!("{PROXY},{ORIGIN}"))
+                .env(
+                    "COMPARE_FLOOR_THREADS",
+                    scale.map_or(2, |(n, _)| n).to_string(),
+                ),
         )?),
         "haproxy" => {
             let t = std::fs::read_to_string(format!("{ANCHORS}/haproxy.cfg")).ok()?;
             let cfg = dir.path().join("haproxy.cfg");
-            std::fs::write(&cfg, render(&t, dir.path())).ok()?;
+            let text = threads(render(&t, dir.path()), "nbthread 2", &|n| {
+                format!("nbthread {n}")
+            });
+            std::fs::write(&cfg, text).ok()?;
             Some(support::quiet(
-                Command::new("haproxy").args(["-db", "-f"]).arg(&cfg),
+                pinned("haproxy").args(["-db", "-f"]).arg(&cfg),
             )?)
         }
         "nginx" => {
             let t = std::fs::read_to_string(format!("{ANCHORS}/nginx.conf")).ok()?;
             let cfg = dir.path().join("nginx.conf");
-            std::fs::write(&cfg, render(&t, dir.path())).ok()?;
-            Some(support::nginx(dir.path(), &cfg)?)
+            let text = threads(render(&t, dir.path()), "worker_processes 2;", &|n| {
+                format!("worker_processes {n};")
+            });
+            std::fs::write(&cfg, text).ok()?;
+            Some(support::nginx_with(dir.path(), &cfg, pinned("nginx"))?)
         }
         _ => return None,
     };
@@ -295,9 +336,33 @@ fn describe(s: &str) -> &'static str {
     }
 }
 
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default()
+}
+
+/// What wrk offers: its threads, and the proxy's threads it is scaled to (0: the comparison's
+/// fixed 256 keep-alive and 64 new connections).
+#[derive(Debug, Clone, Copy)]
+struct Load {
+    wrk_threads: usize,
+    scale: usize,
+}
+
+const COMPARE_LOAD: Load = Load {
+    wrk_threads: 2,
+    scale: 0,
+};
+
 fn run_one(
     rt: &tokio::runtime::Runtime,
-    scenario: &str,
+    (scenario, load): (&str, Load),
     target: &str,
     pid: Option<u32>,
     accepts: &dyn Fn() -> u64,
@@ -322,9 +387,15 @@ fn run_one(
         })
     });
     let mut s = Sample::default();
+    let threads = format!("-t{}", load.wrk_threads);
+    let (ka, nc) = match load.scale {
+        0 => (256, 64),
+        n => ((64 * n).max(256), 64 * n),
+    };
+    let (ka, nc) = (format!("-c{ka}"), format!("-c{nc}"));
     let storm_plan = match scenario {
         "keepalive" => {
-            if let Some((rps, total)) = wrk(&["-t2", "-c256", "-d5s", &url]) {
+            if let Some((rps, total)) = wrk(&[&threads, &ka, "-d5s", &url]) {
                 s.rate = rps;
                 s.requests = total;
             }
@@ -332,7 +403,7 @@ fn run_one(
         }
         "newconn" => {
             if let Some((rps, total)) =
-                wrk(&["-t2", "-c64", "-d5s", "-H", "Connection: close", &url])
+                wrk(&[&threads, &nc, "-d5s", "-H", "Connection: close", &url])
             {
                 s.rate = rps;
                 s.requests = total;
@@ -381,6 +452,8 @@ fn main() {
     if let Ok(spec) = std::env::var("COMPARE_FLOOR") {
         return floor::run(&spec);
     }
+    // Before any thread or child exists: they inherit where this process may run.
+    let scaling = std::env::var("SHARDS").ok().map(|s| scale::Plan::new(&s));
     let reps: usize = std::env::var("REPS")
         .ok()
         .and_then(|r| r.parse().ok())
@@ -446,6 +519,16 @@ fn main() {
             accepts.load(Ordering::Relaxed)
         }
     };
+    if let Some(plan) = scaling {
+        let only = only.unwrap_or_else(|| vec!["keepalive".into(), "newconn".into()]);
+        let scenarios: Vec<&str> = SCENARIOS
+            .iter()
+            .copied()
+            .filter(|s| only.iter().any(|x| x == s))
+            .collect();
+        let targets: Vec<String> = targets.into_iter().filter(|t| t != "direct").collect();
+        return plan.run(&rt, reps, &targets, &scenarios, &count_accepts);
+    }
     let started = Instant::now();
     // (scenario, target) -> samples
     let mut results: BTreeMap<(String, String), Vec<Sample>> = BTreeMap::new();
@@ -458,7 +541,13 @@ fn main() {
                 continue;
             };
             for sc in &scenarios {
-                let s = run_one(&rt, sc, target, running.pid(), &count_accepts);
+                let s = run_one(
+                    &rt,
+                    (sc, COMPARE_LOAD),
+                    target,
+                    running.pid(),
+                    &count_accepts,
+                );
                 eprintln!("rep {rep} {target:>10} {sc:>9}: {s:?}");
                 results
                     .entry((sc.to_string(), target.clone()))
@@ -475,10 +564,7 @@ fn main() {
          | scenario | target | req/s or conn/s | CPU ms / 1,000 req | peak RSS MB | probe p50 / p99 ms | probe ok % | origin accepts | failed |\n\
          |---|---|---:|---:|---:|---:|---:|---:|---:|\n",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|c| c.lines().find_map(|l| l.strip_prefix("model name")).map(|m| m.trim_start_matches([' ', '\t', ':']).to_string()))
-            .unwrap_or_default(),
+        cpu_model(),
         if nginx_origin {
             "nginx, the anchors' origin-nginx.conf"
         } else {

@@ -54,8 +54,13 @@ pub fn run(spec: &str) {
         eprintln!("COMPARE_FLOOR: bad addresses");
         return;
     };
+    // 2 as the anchors; a scaling run (`scale.rs`) sets its own.
+    let threads = std::env::var("COMPARE_FLOOR_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(2);
     let Ok(rt) = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(threads)
         .enable_all()
         .build()
     else {

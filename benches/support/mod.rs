@@ -136,12 +136,21 @@ pub fn quiet(cmd: &mut Command) -> Option<Child> {
 /// nginx in the foreground with its prefix, error log, temporary folders and config in `dir`.
 #[allow(dead_code)]
 pub fn nginx(dir: &std::path::Path, conf: &std::path::Path) -> Option<Child> {
+    nginx_with(dir, conf, Command::new("nginx"))
+}
+
+/// `nginx`, started by `cmd` (`nginx` itself, or a wrapper such as `taskset -c 0 nginx`).
+#[allow(dead_code)]
+pub fn nginx_with(
+    dir: &std::path::Path,
+    conf: &std::path::Path,
+    mut cmd: Command,
+) -> Option<Child> {
     for d in ["body", "proxy", "fastcgi", "uwsgi", "scgi"] {
         std::fs::create_dir_all(dir.join(d)).ok()?;
     }
     quiet(
-        Command::new("nginx")
-            .arg("-p")
+        cmd.arg("-p")
             .arg(dir)
             .arg("-e")
             .arg(dir.join("error.log"))
