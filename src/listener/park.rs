@@ -82,8 +82,9 @@ impl Parked {
 
 impl Parking {
     pub fn park(&self, key: ClientKey, start: Start) {
-        let now = Instant::now();
         let mut p = self.lock();
+        // Read under the lock, so that times rise in the order connections are queued.
+        let now = Instant::now();
         p.queue.push(key, (now, start));
         p.next_due.get_or_insert(now + MAX_PARK);
         drop(p);
