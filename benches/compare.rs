@@ -77,15 +77,18 @@ impl Running {
     }
 }
 
-/// The hard RLIMIT_NOFILE, from /proc/self/limits.
+/// What follows `prefix` on the first line of the file at `path` that starts with it.
+fn proc_line(path: &str, prefix: &str) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .map(str::to_string)
+}
+
+/// The hard RLIMIT_NOFILE, from /proc/self/limits ("Max open files  soft  hard  files").
 fn nofile() -> u64 {
-    std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|l| {
-            l.lines()
-                .find(|l| l.starts_with("Max open files"))
-                .and_then(|l| l.split_whitespace().nth(4)?.parse().ok())
-        })
+    proc_line("/proc/self/limits", "Max open files")
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         .unwrap_or(1024)
 }
 
@@ -337,13 +340,8 @@ fn describe(s: &str) -> &'static str {
 }
 
 fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
-        })
+    proc_line("/proc/cpuinfo", "model name")
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
         .unwrap_or_default()
 }
 
