@@ -2,7 +2,7 @@
 //! requests/s and new connections/s grow with its threads, every proxy pinned to the same
 //! CPUs (0 to n-1), the load generator and the origin on the CPUs no proxy of the run uses.
 //! Near-linear is the goal (issue #13): the table gives each rate over n times the rate of
-//! the run's smallest n.
+//! the smallest n measured for that proxy.
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -100,12 +100,11 @@ impl Plan {
         let mut t = format!(
             "Machine: {} CPUs, {}; proxies on CPUs 0 to n-1, the load (wrk -t{wrk_threads}) and \
              the origin on {load}; {reps} repetitions, medians; run took {:.0} s.\n\n\
-             | scenario | target | n | req/s | CPU ms / 1,000 req | rate / (n x rate at {}) |\n\
+             | scenario | target | n | req/s | CPU ms / 1,000 req | rate / (n x rate at smallest n) |\n\
              |---|---|---:|---:|---:|---:|\n",
             self.cpus,
             cpu_model(),
             started.elapsed().as_secs_f64(),
-            self.shards.first().copied().unwrap_or(1),
         );
         for sc in scenarios {
             for target in targets {
@@ -118,10 +117,11 @@ impl Plan {
                     continue;
                 };
                 for &n in &self.shards {
-                    let Some(v) = results.get(&(sc.to_string(), target.clone(), n)) else {
+                    let (Some(r), Some(v)) =
+                        (rate(n), results.get(&(sc.to_string(), target.clone(), n)))
+                    else {
                         continue;
                     };
-                    let r = median(v.iter().map(|s| s.rate).collect()).unwrap_or(0.0);
                     let cpu = median(v.iter().filter_map(|s| s.cpu_ms_per_1000).collect());
                     let per = if base > 0.0 {
                         format!("{:.2}", r * base_n as f64 / (n as f64 * base))
