@@ -10,9 +10,10 @@
 //! ```
 //! Below the stages, leaves any of them may read: `config` (TOML → validated `Config`),
 //! `client` (who a connection or request is from), `target` (the canonical host and path),
-//! `telemetry` (logs). Above them, the wiring that only the top sees: `engine` (builds a
-//! generation, serves, reloads), `metrics` and `admin` (Prometheus, health), `fleet`,
-//! `takeover`, `tools` (doctor, storm, demo; feature `tools`) and `main.rs` (CLI, signals).
+//! `telemetry` (logs), `timer` (deadlines on a reused timer). Above them, the wiring that only
+//! the top sees: `engine` (builds a generation, serves, reloads), `metrics` and `admin`
+//! (Prometheus, health), `fleet`, `takeover`, `tools` (doctor, storm, demo; feature `tools`)
+//! and `main.rs` (CLI, signals).
 //! A stage imports only stages after it and the leaves; `.ci/layering` checks this with grep.
 //! What a stage is handed instead of the whole server: the accept loops a `listener::Wiring`,
 //! connection tasks a `conn::Server`, each request its generation's `proxy::Proxy` (with
@@ -72,6 +73,7 @@ pub mod room;
 pub mod takeover;
 pub mod target;
 pub mod telemetry;
+pub mod timer;
 #[cfg(feature = "tools")]
 pub mod tools;
 pub mod upstream;

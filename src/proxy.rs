@@ -247,9 +247,8 @@ pub async fn handle(
     // -Proto/-Host, Via): the map hyper parsed is sized for the client's headers, and growing
     // it one insert at a time reallocated it up to three times per request.
     req.headers_mut().reserve(6);
-    // `from_static`: a `&str` name that is not a standard header is copied on every insert.
-    req.headers_mut()
-        .insert(header::HeaderName::from_static("x-request-id"), request_id);
+    // A `HeaderName`: a `&str` name that is not a standard header is copied on every insert.
+    req.headers_mut().insert(headers::X_REQUEST_ID, request_id);
     let result = if allowed {
         // Boxed: hyper keeps a box the size of this future for each HTTP/1 connection, from
         // its start and while it idles between requests; with `forward` inline that was
@@ -484,10 +483,9 @@ async fn forward(
         && req.method() == http::Method::GET
         && req.body().is_end_stream()
         && headers::is_websocket_upgrade(req.headers());
-    let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
-
     // The Host the origin is sent: the client's own field when it is already in that form
-    // (shared, not copied), else written out.
+    // (shared, not copied), else written out. Taken before `upgrade::on` borrows the request
+    // mutably: `host` borrows the field.
     let host_value = host.as_ref().and_then(|h| {
         let sent = req.headers().get(header::HOST);
         match sent {
@@ -497,6 +495,7 @@ async fn forward(
             _ => HeaderValue::from_str(&h.header_value()).ok(),
         }
     });
+    let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     headers::join_cookies(&mut parts.headers);
     headers::prepare_request(
@@ -627,7 +626,7 @@ async fn forward(
 /// The host a request is for (RFC 9112 §3.2): an absolute-form target's or HTTP/2
 /// :authority's host wins over Host; otherwise exactly one valid Host, required from
 /// HTTP/1.1 on. None only for an HTTP/1.0 request without one.
-fn request_host(req: &Request<Incoming>) -> Result<Option<target::Host>, ProxyError> {
+fn request_host(req: &Request<Incoming>) -> Result<Option<target::Host<'_>>, ProxyError> {
     let bad = ProxyError::BadTarget;
     if let Some(a) = req.uri().authority() {
         return target::parse_host(a.as_str()).map(Some).map_err(bad);

@@ -42,13 +42,14 @@ impl fmt::Display for BadTarget {
 
 /// A host as routing and the origin read it: lower-case, no trailing dot, port split off.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Host {
-    /// The name or address, lower-cased; an IPv6 literal keeps its brackets.
-    pub name: String,
+pub struct Host<'a> {
+    /// The name or address, lower-cased; an IPv6 literal keeps its brackets. Borrowed from
+    /// the field when it is already in that form (the usual case: no copy per request).
+    pub name: Cow<'a, str>,
     pub port: Option<u16>,
 }
 
-impl Host {
+impl Host<'_> {
     /// The name without IPv6 brackets, as route patterns are written.
     pub fn route_name(&self) -> &str {
         self.name
@@ -80,14 +81,14 @@ impl Host {
     pub fn header_value(&self) -> String {
         match self.port {
             Some(p) => format!("{}:{p}", self.name),
-            None => self.name.clone(),
+            None => self.name.to_string(),
         }
     }
 }
 
 /// Parses a Host header value or an authority (RFC 9110 §7.2, RFC 3986 §3.2). Userinfo is
 /// refused: in a Host header it is invalid, and in a target it is how `host:x@evil` tricks work.
-pub fn parse_host(authority: &str) -> Result<Host, BadTarget> {
+pub fn parse_host(authority: &str) -> Result<Host<'_>, BadTarget> {
     if authority.contains('@') {
         return Err(BadTarget::Userinfo);
     }
@@ -103,7 +104,10 @@ pub fn parse_host(authority: &str) -> Result<Host, BadTarget> {
             None if rest.is_empty() => None,
             None => return Err(BadTarget::InvalidHost),
         };
-        (format!("[{}]", literal.to_ascii_lowercase()), port)
+        (
+            Cow::Owned(format!("[{}]", literal.to_ascii_lowercase())),
+            port,
+        )
     } else {
         let (name, port) = match authority.split_once(':') {
             Some((n, p)) => (n, Some(p)),
@@ -127,9 +131,9 @@ pub fn parse_host(authority: &str) -> Result<Host, BadTarget> {
             return Err(BadTarget::InvalidHost);
         }
         let name = if upper {
-            name.to_ascii_lowercase()
+            Cow::Owned(name.to_ascii_lowercase())
         } else {
-            name.to_owned()
+            Cow::Borrowed(name)
         };
         (name, port)
     };

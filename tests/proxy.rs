@@ -276,6 +276,47 @@ async fn origin_down_is_502_and_silent_origin_is_504() {
     proxy.stop().await;
 }
 
+/// The response deadline sits on a timer the pooled connection keeps from one exchange to the
+/// next (`timer.rs`), set for an earlier request: a slow request after a quick one must still
+/// get its whole response_timeout, counted from its own start, then 504.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_request_on_a_reused_connection_gets_its_own_response_timeout() {
+    let origin = origin(Arc::new(|req| {
+        Box::pin(async move {
+            if req.uri().path() == "/slow" {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+            Response::new(full("ok"))
+        })
+    }))
+    .await;
+    let toml = format!(
+        "[[listeners]]\naddr = \"127.0.0.1:0\"\n[upstreams.app]\nservers = [\"{}\"]\n\
+         pool_max = 1\npool_min_idle = 0\nresponse_timeout = \"600ms\"\n",
+        origin.addr
+    );
+    let proxy = Proxy::start(&toml).await;
+    // The timer of the connection's first exchange is set to fire 600 ms after it; the slow
+    // request comes 300 ms later (the timer fires first) and then 1.5 s later (it has fired).
+    for pause in [Duration::from_millis(300), Duration::from_millis(1500)] {
+        assert_eq!(get(proxy.addr, "/").await.status, 200);
+        tokio::time::sleep(pause).await;
+        let start = Instant::now();
+        let got = get(proxy.addr, "/slow").await;
+        let took = start.elapsed();
+        assert_eq!(got.status, 504, "after a pause of {pause:?}");
+        assert!(
+            took >= Duration::from_millis(580) && took < Duration::from_secs(3),
+            "504 after {took:?} (pause {pause:?})"
+        );
+    }
+    // Each slow request went on the connection of the quick one before it, and cost it: two
+    // connections for four requests.
+    assert_eq!(origin.requests().len(), 4);
+    assert_eq!(origin.accepts(), 2);
+    proxy.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_origin_responses_become_502() {
     let cases: [&'static [u8]; 4] = [

@@ -28,6 +28,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 pub use crate::proxy::activity::{ConnActivity, InFlight};
+use crate::timer::LazyDeadline;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
@@ -52,8 +53,8 @@ pub struct Timed<T> {
     header_timeout: Duration,
     idle_timeout: Duration,
     last_io: Instant,
-    sleep: Pin<Box<Sleep>>,
-    armed: Instant,
+    /// The phase's deadline; each keep-alive request moves it later, the timer stays.
+    timer: LazyDeadline,
     /// The first bytes, read by `poll_first_bytes` before hyper starts and served to its first
     /// reads; its buffer is freed once they are all served.
     ahead: bytes::BytesMut,
@@ -75,7 +76,6 @@ impl<T> Timed<T> {
         send_timeout: Duration,
     ) -> Self {
         let now = Instant::now();
-        let armed = now + header_timeout;
         Timed {
             inner,
             send_timeout,
@@ -86,8 +86,7 @@ impl<T> Timed<T> {
             header_timeout,
             idle_timeout,
             last_io: now,
-            sleep: Box::pin(tokio::time::sleep_until(armed)),
-            armed,
+            timer: LazyDeadline::new(now + header_timeout),
             ahead: bytes::BytesMut::new(),
         }
     }
@@ -230,11 +229,7 @@ impl<T: AsyncRead + Unpin> Timed<T> {
                 let Some(deadline) = this.deadline() else {
                     return Poll::Pending;
                 };
-                if deadline != this.armed {
-                    this.sleep.as_mut().reset(deadline);
-                    this.armed = deadline;
-                }
-                if this.sleep.as_mut().poll(cx).is_ready() {
+                if this.timer.poll_passed(cx, deadline).is_ready() {
                     let what = match this.phase {
                         Phase::Fresh(_) | Phase::Head(_) => "request head not received in time",
                         _ => "idle timeout",
@@ -513,6 +508,55 @@ mod tests {
         let err = conn.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert_eq!(idle_from.elapsed(), IDLE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_request_moves_the_idle_deadline_on_though_the_timer_stays() {
+        let (mut client, mut conn, activity) = timed(1024);
+        let mut buf = [0u8; 64];
+        // A first request at once, then three, each 50 s after the last answer: every idle
+        // deadline is later than the timer set for the one before, which fires in between and
+        // must not cut.
+        let mut answered = Instant::now();
+        for gap in [0, 50, 50, 50] {
+            let wait = tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(gap)).await;
+                client
+                    .write_all(b"GET / HTTP/1.1\r\n\r\n")
+                    .await
+                    .map(|_| client)
+            });
+            assert!(conn.read(&mut buf).await.unwrap() > 0);
+            assert_eq!(answered.elapsed(), Duration::from_secs(gap));
+            client = wait.await.unwrap().unwrap();
+            // hyper reads on while the request runs: the phase is Busy.
+            let in_flight = activity.begin();
+            let busy = tokio::time::timeout(Duration::from_secs(1), conn.read(&mut buf)).await;
+            assert!(busy.is_err());
+            drop(in_flight);
+            answered = Instant::now();
+        }
+        // Then nothing: cut exactly idle_timeout after the last answer.
+        let err = conn.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(answered.elapsed(), IDLE);
+        // A head begun after that late an idle deadline still gets only header_timeout.
+        let (mut client, mut conn, activity) = timed(1024);
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert!(conn.read(&mut buf).await.unwrap() > 0);
+        let in_flight = activity.begin();
+        let busy = tokio::time::timeout(Duration::from_secs(1), conn.read(&mut buf)).await;
+        assert!(busy.is_err());
+        drop(in_flight);
+        assert!(tokio::time::timeout(IDLE / 2, conn.read(&mut buf))
+            .await
+            .is_err());
+        client.write_all(b"GET / HT").await.unwrap();
+        let begun = Instant::now();
+        assert!(conn.read(&mut buf).await.unwrap() > 0);
+        let err = conn.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(begun.elapsed(), HEAD);
     }
 
     #[tokio::test(start_paused = true)]

@@ -2,7 +2,10 @@
 //! connection that went stale (with the request head kept for it), panic mode, and private
 //! connections (a PROXY header per client, WebSocket tunnels).
 
+use std::task::Poll;
+
 use super::*;
+use crate::timer::LazyDeadline;
 
 /// A request that can be sent again if a reused connection turns out dead: idempotent, no body.
 pub struct Replay(Parts);
@@ -237,16 +240,29 @@ impl Upstream {
                 unsent: Some(req),
             });
         }
+        let deadline = tokio::time::Instant::now() + self.cfg.response_timeout;
         let response = pending.response.insert(tx.send(req));
-        let sent = tokio::time::timeout(self.cfg.response_timeout, response).await;
+        let sent = match tx {
+            // The connection's own timer, moved only when it fires early (`timer.rs`): a
+            // `timeout` per exchange was ~600 instructions of a keep-alive request.
+            pool::Sender::H1(_, timer) => {
+                let timer = timer.get_or_insert_with(|| LazyDeadline::new(deadline));
+                std::future::poll_fn(|cx| match response.as_mut().poll(cx) {
+                    Poll::Ready(r) => Poll::Ready(Some(r)),
+                    Poll::Pending => timer.poll_passed(cx, deadline).map(|()| None),
+                })
+                .await
+            }
+            pool::Sender::H2(_) => tokio::time::timeout_at(deadline, response).await.ok(),
+        };
         pending.response = None;
         let result = match sent {
-            Err(_) => Err(Failed {
+            None => Err(Failed {
                 error: UpstreamError::ResponseTimeout,
                 unsent: None,
             }),
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(mut e)) => {
+            Some(Ok(resp)) => Ok(resp),
+            Some(Err(mut e)) => {
                 let unsent = e.take_message();
                 let err = e.into_error();
                 let error = if err.is_user() {

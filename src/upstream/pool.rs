@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use super::body::UpstreamBody;
 use super::UpstreamError;
 use crate::config::UpstreamProtocol;
+use crate::timer::LazyDeadline;
 
 /// Concurrent requests Breakwater puts on one h2c connection.
 pub const H2_STREAMS: usize = 100;
@@ -32,14 +33,16 @@ pub type ResponseFuture = std::pin::Pin<
 >;
 
 pub enum Sender {
-    H1(http1::SendRequest<UpstreamBody>),
+    /// With the timer of its exchanges' response deadlines, made at its first and reused by
+    /// each after (`timer.rs`): one request at a time, each deadline later than the last.
+    H1(http1::SendRequest<UpstreamBody>, Option<LazyDeadline>),
     H2(http2::SendRequest<UpstreamBody>),
 }
 
 impl std::fmt::Debug for Sender {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Sender::H1(_) => "Sender::H1",
+            Sender::H1(..) => "Sender::H1",
             Sender::H2(_) => "Sender::H2",
         })
     }
@@ -48,14 +51,14 @@ impl std::fmt::Debug for Sender {
 impl Sender {
     pub fn is_closed(&self) -> bool {
         match self {
-            Sender::H1(s) => s.is_closed(),
+            Sender::H1(s, _) => s.is_closed(),
             Sender::H2(s) => s.is_closed(),
         }
     }
 
     pub async fn ready(&mut self) -> hyper::Result<()> {
         match self {
-            Sender::H1(s) => s.ready().await,
+            Sender::H1(s, _) => s.ready().await,
             Sender::H2(s) => s.ready().await,
         }
     }
@@ -64,19 +67,19 @@ impl Sender {
     /// request's handler (see `upstream::Pending`).
     pub fn send(&mut self, req: Request<UpstreamBody>) -> ResponseFuture {
         match self {
-            Sender::H1(s) => Box::pin(s.try_send_request(req)),
+            Sender::H1(s, _) => Box::pin(s.try_send_request(req)),
             Sender::H2(s) => Box::pin(s.try_send_request(req)),
         }
     }
 
     pub fn is_http1(&self) -> bool {
-        matches!(self, Sender::H1(_))
+        matches!(self, Sender::H1(..))
     }
 
     /// Requests this connection can carry at once.
     pub fn capacity(&self) -> usize {
         match self {
-            Sender::H1(_) => 1,
+            Sender::H1(..) => 1,
             // hyper exposes the origin's own stream limit only on the connection future, which
             // the driver task owns; if the origin allows fewer, `ready()` waits for a stream.
             Sender::H2(_) => H2_STREAMS,
@@ -85,7 +88,7 @@ impl Sender {
 
     fn lend(&mut self) -> Option<Sender> {
         match self {
-            Sender::H1(_) => None,
+            Sender::H1(..) => None,
             Sender::H2(s) => Some(Sender::H2(s.clone())),
         }
     }
@@ -275,9 +278,9 @@ impl Slots {
         }
         let retired = max > 0 && e.requests >= max;
         match tx {
-            Some(Sender::H1(s)) => {
+            Some(Sender::H1(s, timer)) => {
                 if reusable && !retired && !s.is_closed() {
-                    e.tx = Some(Sender::H1(s));
+                    e.tx = Some(Sender::H1(s, timer));
                 } else {
                     self.entries.swap_remove(i);
                 }
@@ -357,7 +360,7 @@ pub async fn connect(
                         }
                     },
                 );
-                Ok((Sender::H1(tx), drive))
+                Ok((Sender::H1(tx, None), drive))
             }
             UpstreamProtocol::H2c => {
                 let (tx, conn) = http2::Builder::new(TokioExecutor::new())
