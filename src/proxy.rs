@@ -486,15 +486,13 @@ async fn forward(
     // The Host the origin is sent: the client's own field when it is already in that form
     // (shared, not copied), else written out. Taken before `upgrade::on` borrows the request
     // mutably: `host` borrows the field.
-    let host_value = host.as_ref().and_then(|h| {
-        let sent = req.headers().get(header::HOST);
-        match sent {
-            Some(v) if req.uri().authority().is_none() && h.is_written_as(v.as_bytes()) => {
-                Some(v.clone())
-            }
-            _ => HeaderValue::from_str(&h.header_value()).ok(),
-        }
-    });
+    let host_as_sent =
+        req.uri().authority().is_none() && host.as_ref().is_some_and(|h| h.canonical);
+    let host_value = match (&host, host_as_sent) {
+        (Some(_), true) => req.headers().get(header::HOST).cloned(),
+        (Some(h), false) => HeaderValue::from_str(&h.header_value()).ok(),
+        (None, _) => None,
+    };
     let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     headers::join_cookies(&mut parts.headers);
@@ -504,6 +502,7 @@ async fn forward(
             client: hold.client_value(),
             trusted,
             host: host_value,
+            host_as_sent,
             proto: if hold.tls { "https" } else { "http" },
             version: headers::version_token(client_version),
             via: &proxy.via,
