@@ -27,6 +27,7 @@
 pub mod body;
 mod checks;
 mod exchange;
+mod expiry;
 pub mod express;
 pub mod health;
 mod lease;
@@ -229,6 +230,8 @@ pub struct Upstream {
     /// Connect failures and failed requests are logged at most once a second each.
     connect_failure_log: crate::telemetry::Sampled,
     pub request_failure_log: crate::telemetry::Sampled,
+    /// The task that times out queued requests (`expiry.rs`).
+    expiry: expiry::Expiry,
     me: Weak<Upstream>,
 }
 
@@ -309,6 +312,7 @@ impl Upstream {
             next_core: AtomicUsize::new(0),
             connect_failure_log: crate::telemetry::Sampled::new(std::time::Duration::from_secs(1)),
             request_failure_log: crate::telemetry::Sampled::new(std::time::Duration::from_secs(1)),
+            expiry: expiry::Expiry::default(),
             cfg: cfg.clone(),
             me: me.clone(),
         })
@@ -437,7 +441,7 @@ impl Upstream {
                 express::Express::Neither => {}
             }
         }
-        let (rx, queued_at) = {
+        let (rx, queued_at, first) = {
             let mut st = self.lock();
             if !self.servers.iter().any(|s| s.health.is_healthy()) {
                 return Err(UpstreamError::NoHealthyServer);
@@ -462,6 +466,7 @@ impl Upstream {
             // A client with nothing in flight here (a newcomer during a storm) is served
             // before the next round of clients that already hold connections.
             let newcomer = !st.busy_by_client.contains_key(&client.key.ip);
+            let first = st.queue.is_empty();
             st.queue.push_with(
                 core.unwrap_or(0),
                 client.key,
@@ -474,25 +479,30 @@ impl Upstream {
                 newcomer,
             );
             self.dispatch(&mut st);
-            (rx, queued_at)
+            (rx, queued_at, first)
         };
+        if first {
+            self.first_waiter_queued();
+        }
         let mut waiting = Waiting {
             rx,
             up: self,
             client,
         };
-        let outcome = tokio::time::timeout(self.cfg.queue_timeout, &mut waiting.rx).await;
+        // No timer here: `expiry.rs` answers QueueTimeout when the wait is over.
+        let outcome = (&mut waiting.rx).await;
         let waited = queued_at.elapsed();
         self.stats.queue_wait.observe(waited.as_secs_f64());
         self.note_queue_wait(waited);
         match outcome {
-            Ok(Ok(Ok(g))) => Ok(self.lease(g, client)),
-            Ok(Ok(Err(e))) => Err(e),
-            Ok(Err(_)) | Err(_) => {
-                // A grant that raced the timeout is handed back by `Waiting`'s drop.
+            Ok(Ok(g)) => Ok(self.lease(g, client)),
+            // Timed out by `expiry.rs` (under the lock that grants: no grant can race it), or
+            // the queue was emptied (shutdown).
+            Ok(Err(UpstreamError::QueueTimeout)) | Err(_) => {
                 self.stats.queue_timeouts.fetch_add(1, Ordering::Relaxed);
                 Err(UpstreamError::QueueTimeout)
             }
+            Ok(Err(e)) => Err(e),
         }
     }
 
@@ -531,7 +541,7 @@ impl Upstream {
                 conn: waiter.conn,
             };
             let Some(g) = self.checkout(st, client, false, waiter.core) else {
-                st.queue.push(part, key, waiter);
+                st.queue.unpop(part, key, waiter);
                 break;
             };
             if let Err(Ok(g)) = waiter.tx.send(Ok(g)) {

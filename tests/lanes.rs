@@ -374,10 +374,11 @@ async fn a_parked_connection_meets_the_queue_after_two_seconds_and_gets_its_503(
     let mut parked = held_requests(proxy.addr, 1).await;
     let got = parked.join_next().await.expect("one").expect("task");
     let took = t.elapsed();
-    // Parked at most 2 s, then read and queued behind the stuck requests for queue_timeout.
+    // Parked until the queue drains (the stuck requests' own timeouts, which take them out of
+    // the queue) or at most 2 s, then read and queued for its whole queue_timeout.
     assert_eq!(got, Some(503), "not a hang: the queue's answer");
     assert!(
-        took >= Duration::from_secs(2) && took < Duration::from_secs(8),
+        took >= Duration::from_secs(1) && took < Duration::from_secs(8),
         "answered after {took:?}"
     );
     assert_eq!(proxy.metric("breakwater_connections_parked_total"), 1.0);

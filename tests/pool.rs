@@ -206,6 +206,70 @@ async fn queue_timeout_and_full_queue_give_503_with_retry_after() {
     proxy.stop().await;
 }
 
+/// Queued requests are timed out by one task per upstream (`upstream/expiry.rs`), not a timer
+/// each: each still gets its own queue_timeout, counted from when it was queued, whichever
+/// client it came from and however many wait, and a request served in time is not cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_queued_request_times_out_at_its_own_deadline() {
+    let origin = slow_origin(Duration::from_millis(2500)).await;
+    let proxy = Proxy::start(&config(
+        &[origin.addr],
+        "pool_min_idle = 1\npool_max = 1\nqueue_timeout = \"600ms\"\nmax_client_share = 1.0",
+        "",
+    ))
+    .await;
+    let addr = proxy.addr;
+    let busy = tokio::spawn(async move { get(addr, "/busy").await.status });
+    wait_until("the origin has /busy", Duration::from_secs(5), || {
+        origin.requests().len() == 1
+    })
+    .await;
+    // Three waves 250 ms apart, from three addresses, two requests each.
+    let started = Instant::now();
+    let mut waits = Vec::new();
+    for wave in 0..3u32 {
+        for n in 0..2 {
+            let src = format!("127.0.{}.{}", 120 + wave, 10 + n);
+            waits.push(tokio::spawn(async move {
+                let t = Instant::now();
+                let s = connect_from(&src, addr).await;
+                let status = match s {
+                    Ok(mut s) => request_on(&mut s, "/queued").await,
+                    Err(_) => None,
+                };
+                (wave, status, t.duration_since(started), t.elapsed())
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let mut ends = Vec::new();
+    for w in waits {
+        let (wave, status, began, waited) = w.await.unwrap();
+        assert_eq!(status, Some(503), "wave {wave}");
+        assert!(
+            waited >= Duration::from_millis(550) && waited < Duration::from_millis(1500),
+            "wave {wave} waited {waited:?}"
+        );
+        ends.push((wave, began + waited));
+    }
+    // The waves end apart as they began: not all at the first one's deadline.
+    let end_of = |wave| {
+        ends.iter()
+            .filter(|e| e.0 == wave)
+            .map(|e| e.1)
+            .max()
+            .unwrap()
+    };
+    assert!(
+        end_of(2) >= end_of(0) + Duration::from_millis(350),
+        "{ends:?}"
+    );
+    let timeouts = proxy.metric("breakwater_upstream_queue_timeouts_total{upstream=\"app\"}");
+    assert_eq!(timeouts, 6.0);
+    assert_eq!(busy.await.unwrap(), 200);
+    proxy.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn origin_restart_mid_traffic_retries_and_refills() {
     let first = text_origin("one").await;

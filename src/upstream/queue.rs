@@ -74,6 +74,35 @@ impl<K: Copy + Eq + Hash, T> FairQueue<K, T> {
         None
     }
 
+    /// Puts back a waiter `pop` gave out that could not be served after all: first in its
+    /// client's line again, so its turn and its deadline (`expire_fronts`) are kept.
+    pub fn unpop(&mut self, client: K, item: T) {
+        let q = self.by_client.entry(client).or_default();
+        if q.is_empty() {
+            self.ring.push_back(client);
+        }
+        q.push_front(item);
+        self.len += 1;
+    }
+
+    /// Takes the waiters `expired` picks from the front of each client's line into `out`. A
+    /// line is in the order its waiters came, so those past a common timeout are at its front:
+    /// this looks at one waiter per client more than it takes out.
+    pub fn expire_fronts(&mut self, mut expired: impl FnMut(&T) -> bool, out: &mut Vec<T>) {
+        let before = out.len();
+        for q in self.by_client.values_mut() {
+            while q.front().is_some_and(&mut expired) {
+                out.extend(q.pop_front());
+            }
+        }
+        if out.len() > before {
+            self.len -= out.len() - before;
+            self.by_client.retain(|_, q| !q.is_empty());
+            let by_client = &self.by_client;
+            self.ring.retain(|c| by_client.contains_key(c));
+        }
+    }
+
     /// Drops waiters for which `alive` is false (they gave up).
     pub fn retain(&mut self, mut alive: impl FnMut(&T) -> bool) {
         for q in self.by_client.values_mut() {
@@ -162,6 +191,21 @@ impl<K: Copy + Eq + Hash, T> CoreQueues<K, T> {
 
     pub fn push(&mut self, part: usize, client: K, item: T) {
         self.push_with(part, client, item, false);
+    }
+
+    /// `FairQueue::unpop` in `part`.
+    pub fn unpop(&mut self, part: usize, client: K, item: T) {
+        self.part(part).unpop(client, item);
+        self.len += 1;
+    }
+
+    /// `FairQueue::expire_fronts` in every part.
+    pub fn expire_fronts(&mut self, mut expired: impl FnMut(&T) -> bool, out: &mut Vec<T>) {
+        let before = out.len();
+        for q in &mut self.parts {
+            q.expire_fronts(&mut expired, out);
+        }
+        self.len -= out.len() - before;
     }
 
     /// The next eligible waiter for a connection freed on `part`, and the part it came from:
@@ -259,6 +303,39 @@ mod tests {
         let first: Vec<_> = (0..3).map(|_| q.pop(|_, _| true).unwrap()).collect();
         assert_eq!(first, vec![(ip(1), 0), (ip(2), 1000), (ip(1), 1)]);
         assert_eq!(q.len(), 98);
+    }
+
+    #[test]
+    fn the_expired_are_taken_from_the_fronts_and_an_unpopped_waiter_keeps_its_place() {
+        // Waiters are their queue times; a line holds them in order.
+        let mut q = CoreQueues::default();
+        for (part, client, t) in [(0, 1, 10), (0, 1, 20), (0, 2, 15), (1, 3, 5), (1, 3, 30)] {
+            q.push(part, ip(client), t);
+        }
+        let mut out = Vec::new();
+        q.expire_fronts(|&t| t <= 15, &mut out);
+        out.sort_unstable();
+        assert_eq!(out, vec![5, 10, 15]);
+        assert_eq!(q.len(), 2);
+        let fronts: Vec<_> = q.clients().map(|(c, &t, n)| (c, t, n)).collect();
+        assert_eq!(fronts, vec![(ip(1), 20, 1), (ip(3), 30, 1)]);
+        // Nothing more is due: nothing is taken, the count stands.
+        q.expire_fronts(|&t| t <= 15, &mut out);
+        assert_eq!((out.len(), q.len()), (3, 2));
+        // A waiter given back goes first in its line again.
+        q.push(0, ip(1), 40);
+        let (part, client, t) = q
+            .pop_for(0, |_, _| true, |_| tokio::time::Instant::now())
+            .unwrap();
+        assert_eq!((part, client, t), (0, ip(1), 20));
+        q.unpop(part, client, t);
+        assert_eq!(q.len(), 3);
+        assert_eq!(
+            q.pop_for(0, |_, _| true, |_| tokio::time::Instant::now())
+                .unwrap()
+                .2,
+            20
+        );
     }
 
     #[test]
