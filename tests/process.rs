@@ -608,6 +608,13 @@ async fn core_threads_serve(shards: usize) {
             .map(|(_, s)| *s)
             .collect()
     };
+    // A thread takes its name once it runs: on a loaded machine a core thread may not have yet
+    // when the port first answers.
+    assert!(
+        eventually(Duration::from_secs(5), || cores(&thread_switches(pid)).len() == 2).await,
+        "{:?}",
+        thread_switches(pid)
+    );
     let before = thread_switches(pid);
     assert_eq!(cores(&before).len(), 2, "{before:?}");
     assert_eq!(
