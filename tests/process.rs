@@ -611,7 +611,10 @@ async fn core_threads_serve(shards: usize) {
     // A thread takes its name once it runs: on a loaded machine a core thread may not have yet
     // when the port first answers.
     assert!(
-        eventually(Duration::from_secs(5), || cores(&thread_switches(pid)).len() == 2).await,
+        eventually(Duration::from_secs(5), || cores(&thread_switches(pid))
+            .len()
+            == 2)
+        .await,
         "{:?}",
         thread_switches(pid)
     );
