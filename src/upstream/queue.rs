@@ -17,6 +17,9 @@ pub struct FairQueue<K, T> {
     by_client: HashMap<K, VecDeque<T>, Hasher>,
     /// Clients with at least one waiter, in serving order.
     ring: VecDeque<K>,
+    /// How many clients at the front of the ring are newcomers (`push_with`'s `first`) not yet
+    /// served: what `CoreQueues::pop_for` looks at before locality and age.
+    newcomers: usize,
     len: usize,
 }
 
@@ -25,6 +28,7 @@ impl<K, T> Default for FairQueue<K, T> {
         FairQueue {
             by_client: HashMap::default(),
             ring: VecDeque::new(),
+            newcomers: 0,
             len: 0,
         }
     }
@@ -43,6 +47,7 @@ impl<K: Copy + Eq + Hash, T> FairQueue<K, T> {
         if q.is_empty() {
             if first {
                 self.ring.push_front(client);
+                self.newcomers += 1;
             } else {
                 self.ring.push_back(client);
             }
@@ -56,6 +61,8 @@ impl<K: Copy + Eq + Hash, T> FairQueue<K, T> {
     pub fn pop(&mut self, mut eligible: impl FnMut(K, &T) -> bool) -> Option<(K, T)> {
         for _ in 0..self.ring.len() {
             let client = self.ring.pop_front()?;
+            // Served now or passed over to the back: no longer ahead as a newcomer.
+            self.newcomers = self.newcomers.saturating_sub(1);
             let first = self.by_client.get(&client).and_then(VecDeque::front);
             if !first.is_some_and(|t| eligible(client, t)) {
                 self.ring.push_back(client);
@@ -100,6 +107,9 @@ impl<K: Copy + Eq + Hash, T> FairQueue<K, T> {
             self.by_client.retain(|_, q| !q.is_empty());
             let by_client = &self.by_client;
             self.ring.retain(|c| by_client.contains_key(c));
+            // Which of the first clients were newcomers is not kept: they keep their places
+            // in the ring, only not their precedence over another core's next.
+            self.newcomers = 0;
         }
     }
 
@@ -111,6 +121,7 @@ impl<K: Copy + Eq + Hash, T> FairQueue<K, T> {
         self.by_client.retain(|_, q| !q.is_empty());
         let by_client = &self.by_client;
         self.ring.retain(|c| by_client.contains_key(c));
+        self.newcomers = 0;
         self.len = self.by_client.values().map(VecDeque::len).sum();
     }
 
@@ -138,6 +149,7 @@ impl<K: Copy + Eq + Hash, T> FairQueue<K, T> {
     /// Removes every waiter.
     pub fn drain(&mut self) -> Vec<T> {
         self.ring.clear();
+        self.newcomers = 0;
         self.len = 0;
         self.by_client.drain().flat_map(|(_, q)| q).collect()
     }
@@ -210,8 +222,8 @@ impl<K: Copy + Eq + Hash, T> CoreQueues<K, T> {
 
     /// The next eligible waiter for a connection freed on `part`, and the part it came from:
     /// that part's next in turn, unless another part's next has waited clearly longer
-    /// (`since`: when a waiter was queued); when the chosen part has nobody eligible, any
-    /// other part's.
+    /// (`since`: when a waiter was queued), or has a newcomer next where this one has not;
+    /// when the chosen part has nobody eligible, any other part's.
     pub fn pop_for(
         &mut self,
         part: usize,
@@ -220,7 +232,14 @@ impl<K: Copy + Eq + Hash, T> CoreQueues<K, T> {
     ) -> Option<(usize, K, T)> {
         let own = part.min(self.parts.len().checked_sub(1)?);
         let mut first = own;
-        if self.parts.len() > 1 {
+        // A newcomer (a client with nothing in flight) goes before the next round of clients
+        // that hold connections on any core: where every free connection is driven on one core,
+        // another core's newcomer otherwise waited until that core's older waiters were all
+        // served (seen: a light client behind ~150 requests of a heavy one, 1.8 s).
+        let newcomer = (0..self.parts.len()).find(|&i| self.parts[i].newcomers > 0);
+        if let (Some(i), true) = (newcomer, self.parts[own].newcomers == 0) {
+            first = i;
+        } else if self.parts.len() > 1 {
             let now = tokio::time::Instant::now();
             let age = |q: &FairQueue<K, T>| q.front().map(|t| now.duration_since(since(t)));
             let oldest = (0..self.parts.len())
@@ -336,6 +355,27 @@ mod tests {
                 .2,
             20
         );
+    }
+
+    #[test]
+    fn a_newcomer_on_another_core_goes_before_this_cores_older_waiters() {
+        let t0 = tokio::time::Instant::now();
+        let since = |w: &(u32, tokio::time::Instant)| w.1;
+        let mut q = CoreQueues::default();
+        // A heavy client's old requests on core 0; later a newcomer on core 1.
+        for i in 0..5 {
+            q.push(0, ip(1), (i, t0));
+        }
+        let later = t0 + std::time::Duration::from_millis(500);
+        q.push_with(1, ip(2), (100, later), true);
+        // Every connection comes back on core 0: the newcomer is served first all the same.
+        let order: Vec<_> = (0..3)
+            .map(|_| q.pop_for(0, |_, _| true, since).unwrap().2 .0)
+            .collect();
+        assert_eq!(order, vec![100, 0, 1]);
+        // A client that already waits is no newcomer: age and locality decide as before.
+        q.push(1, ip(3), (200, later));
+        assert_eq!(q.pop_for(0, |_, _| true, since).unwrap().2 .0, 2);
     }
 
     #[test]
