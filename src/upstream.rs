@@ -16,13 +16,14 @@
 //! non-async sections. Inside it only plain `Granted` values are made; a `Lease` (whose drop
 //! takes the lock) exists only outside it.
 //!
-//! Why this file is still ~820 lines: it is the scheduler (fair queue, client and connection
+//! Why this file is still ~835 lines: it is the scheduler (fair queue, client and connection
 //! shares, slot accounting, dispatch, connect pacing and the warm refill), which all works
 //! under the one upstream lock on one `State`. What does not need that state as a whole lives
 //! beside it: leases and giving back (`lease.rs`), the exchange with its retry, panic mode and
-//! private connections (`exchange.rs`), the express lane's slice (`express.rs`), health bookkeeping (`checks.rs`, with one server's
-//! counters in `health.rs`), the pool, queue, body, tunnel and PROXY-header pieces. A pure
-//! scheduler over plain values, unit-tested without sockets, would be the next split.
+//! private connections (`exchange.rs`), the queue's timeouts (`expiry.rs`), the express lane's
+//! slice (`express.rs`), health bookkeeping (`checks.rs`, with one server's counters in
+//! `health.rs`), the pool, queue, body, tunnel and PROXY-header pieces. A pure scheduler over
+//! plain values, unit-tested without sockets, would be the next split.
 
 pub mod body;
 mod checks;

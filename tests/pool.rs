@@ -163,12 +163,17 @@ async fn a_light_client_is_not_stuck_behind_a_heavy_one() {
     proxy.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queue_timeout_and_full_queue_give_503_with_retry_after() {
-    let origin = slow_origin(Duration::from_millis(1500)).await;
+/// A proxy whose one pool connection is taken by a request for `/busy` (answered after
+/// `delay_ms`), with `upstream` added to the upstream's config: the origin, the proxy, and the
+/// busy request's status to come.
+async fn one_connection_busy(
+    delay_ms: u64,
+    upstream: &str,
+) -> (Origin, Proxy, tokio::task::JoinHandle<u16>) {
+    let origin = slow_origin(Duration::from_millis(delay_ms)).await;
     let proxy = Proxy::start(&config(
         &[origin.addr],
-        "pool_min_idle = 1\npool_max = 1\nqueue_max = 1\nqueue_timeout = \"300ms\"\nmax_client_share = 1.0",
+        &format!("pool_min_idle = 1\npool_max = 1\nmax_client_share = 1.0\n{upstream}"),
         "",
     ))
     .await;
@@ -178,6 +183,14 @@ async fn queue_timeout_and_full_queue_give_503_with_retry_after() {
         origin.requests().len() == 1
     })
     .await;
+    (origin, proxy, busy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_timeout_and_full_queue_give_503_with_retry_after() {
+    let (_origin, proxy, busy) =
+        one_connection_busy(1500, "queue_max = 1\nqueue_timeout = \"300ms\"").await;
+    let addr = proxy.addr;
     let queued = tokio::spawn(async move {
         let t = Instant::now();
         let g = get(addr, "/queued").await;
@@ -211,19 +224,8 @@ async fn queue_timeout_and_full_queue_give_503_with_retry_after() {
 /// client it came from and however many wait, and a request served in time is not cut.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_queued_request_times_out_at_its_own_deadline() {
-    let origin = slow_origin(Duration::from_millis(2500)).await;
-    let proxy = Proxy::start(&config(
-        &[origin.addr],
-        "pool_min_idle = 1\npool_max = 1\nqueue_timeout = \"600ms\"\nmax_client_share = 1.0",
-        "",
-    ))
-    .await;
+    let (_origin, proxy, busy) = one_connection_busy(2500, "queue_timeout = \"600ms\"").await;
     let addr = proxy.addr;
-    let busy = tokio::spawn(async move { get(addr, "/busy").await.status });
-    wait_until("the origin has /busy", Duration::from_secs(5), || {
-        origin.requests().len() == 1
-    })
-    .await;
     // Three waves 250 ms apart, from three addresses, two requests each.
     let started = Instant::now();
     let mut waits = Vec::new();
