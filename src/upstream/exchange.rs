@@ -2,6 +2,7 @@
 //! connection that went stale (with the request head kept for it), panic mode, and private
 //! connections (a PROXY header per client, WebSocket tunnels).
 
+use std::future::Future;
 use std::task::Poll;
 
 use super::*;
@@ -128,50 +129,56 @@ impl Upstream {
     /// Sends a request and waits for its response head. A request that was never written, or
     /// an idempotent replayable one that failed on a reused connection before any response
     /// byte (the stale keep-alive race), is tried once more.
-    pub async fn send(
-        &self,
-        client: &Client,
+    ///
+    /// An `async` block rather than an `async fn`, here and in `exchange`: an `async fn` keeps
+    /// each argument twice in its future (as it came and as its local), and the request is
+    /// 368 bytes; each future is moved whole into the one that awaits it, every request.
+    pub fn send<'a>(
+        &'a self,
+        client: &'a Client,
         conn: u64,
         req: Request<UpstreamBody>,
-    ) -> Result<(Response<Incoming>, Lease), SendFailure> {
-        if !self.servers.iter().any(|s| s.health.is_healthy()) {
-            // Boxed, as is `send_private`: rare paths whose state would otherwise size (and be moved
-            // with) every request's future.
-            return Box::pin(self.send_panic(client, conn, req)).await;
-        }
-        if let Some(private) = &self.private {
-            return Box::pin(self.send_private(private.clone(), client, conn, req)).await;
-        }
-        let client = Asker {
-            key: client.key,
-            conn,
-        };
-        let replay = if self.cfg.retry_idempotent {
-            Replay::of(&req)
-        } else {
-            None
-        };
-        let replay_body = req.body().replay();
-        let lease = self.acquire(client).await.map_err(|e| (None, e))?;
-        let server = lease.server;
-        let reused = lease.reused;
-        let mut pending = Pending::new(lease);
-        let failed = match self.exchange(&mut pending, req).await {
-            Ok(resp) => return pending.done(resp),
-            Err(f) => f,
-        };
-        drop(pending);
-        let again = match retryable(failed, reused, &replay, replay_body) {
-            Ok(req) => req,
-            Err(error) => {
-                let addr = self.servers[server].addr.clone();
-                return Err((Some(addr), error));
+    ) -> impl Future<Output = Result<(Response<Incoming>, Lease), SendFailure>> + 'a {
+        async move {
+            if !self.servers.iter().any(|s| s.health.is_healthy()) {
+                // Boxed, as is `send_private`: rare paths whose state would otherwise size (and be moved
+                // with) every request's future.
+                return Box::pin(self.send_panic(client, conn, req)).await;
             }
-        };
-        self.stats.retries.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(upstream = %self.name, server = %self.servers[server].addr,
+            if let Some(private) = &self.private {
+                return Box::pin(self.send_private(private.clone(), client, conn, req)).await;
+            }
+            let client = Asker {
+                key: client.key,
+                conn,
+            };
+            let replay = if self.cfg.retry_idempotent {
+                Replay::of(&req)
+            } else {
+                None
+            };
+            let replay_body = req.body().replay();
+            let lease = self.acquire(client).await.map_err(|e| (None, e))?;
+            let server = lease.server;
+            let reused = lease.reused;
+            let mut pending = Pending::new(lease);
+            let failed = match self.exchange(&mut pending, req).await {
+                Ok(resp) => return pending.done(resp),
+                Err(f) => f,
+            };
+            drop(pending);
+            let again = match retryable(failed, reused, &replay, replay_body) {
+                Ok(req) => req,
+                Err(error) => {
+                    let addr = self.servers[server].addr.clone();
+                    return Err((Some(addr), error));
+                }
+            };
+            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(upstream = %self.name, server = %self.servers[server].addr,
             "origin connection failed before answering; retrying");
-        Box::pin(self.send_again(client, again, replay)).await
+            Box::pin(self.send_again(client, again, replay)).await
+        }
     }
 
     /// The retries of `send`, in a future of their own: boxed there, their state is paid only
@@ -213,76 +220,78 @@ impl Upstream {
         }
     }
 
-    pub(super) async fn exchange(
-        &self,
-        pending: &mut Pending,
+    pub(super) fn exchange<'a>(
+        &'a self,
+        pending: &'a mut Pending,
         req: Request<UpstreamBody>,
-    ) -> Result<Response<Incoming>, Failed> {
-        let Some(lease) = pending.lease.as_mut() else {
-            return Err(Failed {
-                error: UpstreamError::QueueTimeout,
-                unsent: Some(req),
-            });
-        };
-        let server = lease.server;
-        let reused = lease.reused;
-        let Some(tx) = lease.tx.as_mut() else {
-            return Err(Failed {
-                error: UpstreamError::QueueTimeout,
-                unsent: Some(req),
-            });
-        };
-        // A pooled connection can close between checkout and use; `ready` says so without
-        // consuming the request.
-        if let Err(e) = tx.ready().await {
-            return Err(Failed {
-                error: UpstreamError::Response(e),
-                unsent: Some(req),
-            });
-        }
-        let deadline = tokio::time::Instant::now() + self.cfg.response_timeout;
-        let response = pending.response.insert(tx.send(req));
-        let sent = match tx {
-            // The connection's own timer, moved only when it fires early (`timer.rs`): a
-            // `timeout` per exchange was ~600 instructions of a keep-alive request.
-            pool::Sender::H1(_, timer) => {
-                let timer = timer.get_or_insert_with(|| LazyDeadline::new(deadline));
-                std::future::poll_fn(|cx| match response.as_mut().poll(cx) {
-                    Poll::Ready(r) => Poll::Ready(Some(r)),
-                    Poll::Pending => timer.poll_passed(cx, deadline).map(|()| None),
-                })
-                .await
+    ) -> impl Future<Output = Result<Response<Incoming>, Failed>> + 'a {
+        async move {
+            let Some(lease) = pending.lease.as_mut() else {
+                return Err(Failed {
+                    error: UpstreamError::QueueTimeout,
+                    unsent: Some(req),
+                });
+            };
+            let server = lease.server;
+            let reused = lease.reused;
+            let Some(tx) = lease.tx.as_mut() else {
+                return Err(Failed {
+                    error: UpstreamError::QueueTimeout,
+                    unsent: Some(req),
+                });
+            };
+            // A pooled connection can close between checkout and use; `ready` says so without
+            // consuming the request.
+            if let Err(e) = tx.ready().await {
+                return Err(Failed {
+                    error: UpstreamError::Response(e),
+                    unsent: Some(req),
+                });
             }
-            pool::Sender::H2(_) => tokio::time::timeout_at(deadline, response).await.ok(),
-        };
-        pending.response = None;
-        let result = match sent {
-            None => Err(Failed {
-                error: UpstreamError::ResponseTimeout,
-                unsent: None,
-            }),
-            Some(Ok(resp)) => Ok(resp),
-            Some(Err(mut e)) => {
-                let unsent = e.take_message();
-                let err = e.into_error();
-                let error = if err.is_user() {
-                    UpstreamError::ClientBody(err)
-                } else {
-                    UpstreamError::Response(err)
-                };
-                Err(Failed { error, unsent })
+            let deadline = tokio::time::Instant::now() + self.cfg.response_timeout;
+            let response = pending.response.insert(tx.send(req));
+            let sent = match tx {
+                // The connection's own timer, moved only when it fires early (`timer.rs`): a
+                // `timeout` per exchange was ~600 instructions of a keep-alive request.
+                pool::Sender::H1(_, timer) => {
+                    let timer = timer.get_or_insert_with(|| LazyDeadline::new(deadline));
+                    std::future::poll_fn(|cx| match response.as_mut().poll(cx) {
+                        Poll::Ready(r) => Poll::Ready(Some(r)),
+                        Poll::Pending => timer.poll_passed(cx, deadline).map(|()| None),
+                    })
+                    .await
+                }
+                pool::Sender::H2(_) => tokio::time::timeout_at(deadline, response).await.ok(),
+            };
+            pending.response = None;
+            let result = match sent {
+                None => Err(Failed {
+                    error: UpstreamError::ResponseTimeout,
+                    unsent: None,
+                }),
+                Some(Ok(resp)) => Ok(resp),
+                Some(Err(mut e)) => {
+                    let unsent = e.take_message();
+                    let err = e.into_error();
+                    let error = if err.is_user() {
+                        UpstreamError::ClientBody(err)
+                    } else {
+                        UpstreamError::Response(err)
+                    };
+                    Err(Failed { error, unsent })
+                }
+            };
+            match &result {
+                Ok(_) => self.record(server, true, false),
+                // A stale pooled connection or a client's broken body says nothing about the server.
+                Err(f)
+                    if f.unsent.is_some()
+                        || reused
+                        || matches!(f.error, UpstreamError::ClientBody(_)) => {}
+                Err(_) => self.record(server, false, false),
             }
-        };
-        match &result {
-            Ok(_) => self.record(server, true, false),
-            // A stale pooled connection or a client's broken body says nothing about the server.
-            Err(f)
-                if f.unsent.is_some()
-                    || reused
-                    || matches!(f.error, UpstreamError::ClientBody(_)) => {}
-            Err(_) => self.record(server, false, false),
+            result
         }
-        result
     }
 
     /// A dedicated HTTP/1.1 connection outside the pool, for a request that upgrades (a
