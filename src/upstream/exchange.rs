@@ -133,6 +133,8 @@ impl Upstream {
     /// An `async` block rather than an `async fn`, here and in `exchange`: an `async fn` keeps
     /// each argument twice in its future (as it came and as its local), and the request is
     /// 368 bytes; each future is moved whole into the one that awaits it, every request.
+    // Not an `async fn` on purpose: see above.
+    #[allow(clippy::manual_async_fn)]
     pub fn send<'a>(
         &'a self,
         client: &'a Client,
@@ -220,6 +222,8 @@ impl Upstream {
         }
     }
 
+    // Not an `async fn` on purpose: its request would be kept twice (see `send`).
+    #[allow(clippy::manual_async_fn)]
     pub(super) fn exchange<'a>(
         &'a self,
         pending: &'a mut Pending,
