@@ -1,7 +1,7 @@
 //! ④ The proxy handler: one call per request. Route → rewrite headers → send upstream → relay
 //! the response. Errors become HTTP responses here, by the table in `proxy/error.rs`.
 //!
-//! Why this file is long (~730 lines): it is the request's whole path (room gate, route,
+//! Why this file is long (~745 lines): it is the request's whole path (room gate, route,
 //! rewrite, read-ahead, send, relay), whose steps share the `Relayed` type and the access-log
 //! line. Already split out: headers, target, route, body, activity, spool (slow readers),
 //! tunnel (WebSocket) and error (the status table).
