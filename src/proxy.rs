@@ -440,7 +440,7 @@ fn forward<'a>(
     client: Client,
     trusted: bool,
     activity: &'a Arc<ConnActivity>,
-    hold: &'a Arc<ConnHold>,
+    hold: &Arc<ConnHold>,
     mut req: Request<Incoming>,
     log: &'a mut AccessLog,
 ) -> Result<impl std::future::Future<Output = Result<Relayed, ProxyError>> + 'a, ProxyError> {
