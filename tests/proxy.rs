@@ -654,3 +654,110 @@ async fn ipv4_and_ipv6_listeners_side_by_side() {
     let _ = tx.send(());
     task.await.unwrap().unwrap();
 }
+
+/// A connection that has to wait at every step loses nothing: a body that comes after a pause,
+/// a response the client leaves unread while it outgrows the socket buffers (the proxy's
+/// writes wait), and a next request after an idle pause, which asks to close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_has_to_wait_loses_nothing() {
+    let origin = echo_origin().await;
+    let proxy = Proxy::start(&config_for(origin.addr, "")).await;
+    let body: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
+    let (mut rx, mut tx) = TcpStream::connect(proxy.addr).await.unwrap().into_split();
+    let sent = body.clone();
+    let writer = tokio::spawn(async move {
+        let head = format!(
+            "POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            sent.len()
+        );
+        tx.write_all(head.as_bytes()).await.unwrap();
+        tx.write_all(&sent[..1000]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        tx.write_all(&sent[1000..]).await.unwrap();
+        tx
+    });
+    // Unread for a while: the 600 KB echo fills the socket and the proxy's writes wait.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, got) = tokio::time::timeout(Duration::from_secs(10), read_response(&mut rx))
+        .await
+        .expect("the echo never came whole");
+    assert_eq!(status, 200);
+    assert_eq!(got.len(), body.len());
+    assert!(got == body, "the echoed body differs from what was sent");
+    let mut tx = tokio::time::timeout(Duration::from_secs(10), writer)
+        .await
+        .expect("the body was never taken whole")
+        .unwrap();
+
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tx.write_all(b"GET /again HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, got) = tokio::time::timeout(Duration::from_secs(10), read_response(&mut rx))
+        .await
+        .expect("no answer to the request after the pause");
+    assert_eq!(status, 200);
+    assert_eq!(String::from_utf8_lossy(&got), "GET /again");
+    // `Connection: close` is honoured: the proxy ends the connection after the response.
+    let mut more = [0u8; 1];
+    let end = tokio::time::timeout(Duration::from_secs(3), rx.read(&mut more)).await;
+    assert!(matches!(end, Ok(Ok(0))), "connection not closed: {end:?}");
+    proxy.stop().await;
+}
+
+/// Reads one response off `s`: its status and body (Content-Length or chunked).
+async fn read_response(s: &mut tokio::net::tcp::OwnedReadHalf) -> (u16, Vec<u8>) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16384];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(
+            n > 0,
+            "closed inside the head: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+    let status: u16 = head[9..12].parse().unwrap();
+    let mut rest = buf.split_off(head_end);
+    if let Some(cl) = head.lines().find_map(|l| l.strip_prefix("content-length:")) {
+        let len: usize = cl.trim().parse().unwrap();
+        while rest.len() < len {
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed inside the body");
+            rest.extend_from_slice(&chunk[..n]);
+        }
+        rest.truncate(len);
+        return (status, rest);
+    }
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    let mut body = Vec::new();
+    loop {
+        let line_end = loop {
+            if let Some(i) = rest.windows(2).position(|w| w == b"\r\n") {
+                break i;
+            }
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed inside a chunk size");
+            rest.extend_from_slice(&chunk[..n]);
+        };
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&rest[..line_end]).unwrap().trim(), 16)
+                .unwrap();
+        rest.drain(..line_end + 2);
+        while rest.len() < size + 2 {
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed inside a chunk");
+            rest.extend_from_slice(&chunk[..n]);
+        }
+        body.extend_from_slice(&rest[..size]);
+        rest.drain(..size + 2);
+        if size == 0 {
+            return (status, body);
+        }
+    }
+}
