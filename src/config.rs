@@ -71,8 +71,8 @@ pub struct Config {
     /// it starts (`listener/lanes.rs`); 0 leaves it at the process's.
     pub express_nice: i32,
     /// `[runtime] express_accept_above`: open client connections above which the accept loops
-    /// run on the express lane's thread (below half of it, on the workers); 0 = always there
-    /// (`listener/lanes.rs`, `Lanes::accept_on_lane`).
+    /// run on the express lane's thread (below half of it, on the workers); 0 = always there,
+    /// 10,000,000 (the default) = never (`listener/lanes.rs`, `Lanes::accept_on_lane`).
     pub express_accept_above: usize,
     /// What `check` and `run` warn about: valid, but probably not what was meant.
     pub warnings: Vec<String>,

@@ -36,8 +36,9 @@ pub const DEFAULT_MAX_CONNECTION_SHARE: f64 = 0.1;
 pub const DEFAULT_MAX_TUNNELS: usize = 256;
 /// The express lane's thread runs ahead of the workers when CPU is short (`listener/lanes.rs`).
 pub const DEFAULT_EXPRESS_NICE: i32 = -10;
-/// The accept loops move to the express lane's thread above this many open connections.
-pub const DEFAULT_EXPRESS_ACCEPT_ABOVE: usize = 256;
+/// The accept loops move to the express lane's thread above this many open connections: by
+/// default never (the most the key takes), see `Lanes::accept_on_lane`.
+pub const DEFAULT_EXPRESS_ACCEPT_ABOVE: usize = 10_000_000;
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/breakwater/control.sock";
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 pub const DEFAULT_REQUEST_BUFFER: usize = 64 * 1024;

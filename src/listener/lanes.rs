@@ -1,7 +1,8 @@
 //! Where accepted connections run: at their accept loop's home, one of the thread-per-core
 //! runtimes (`Core`, `[runtime] thread_per_core`) or the multi-threaded main runtime without
 //! them; and an "express lane" of connections from clients with nothing else open runs on a
-//! thread of its own, where the accept loops run while a storm lasts (`Lanes::accept_on_lane`).
+//! thread of its own, where the accept loops can be made to run while a storm lasts
+//! (`Lanes::accept_on_lane`; by default they stay at home).
 //!
 //! Why: during a storm the main runtime's run queue holds hundreds of ready connection tasks,
 //! and an accept loop there runs once per pass over that queue, so a newcomer's connection
@@ -14,6 +15,11 @@
 //! is served by a runtime whose queue is nearly empty. The lane is bounded
 //! (`[runtime] express_connections`), so a flood of distinct addresses overflows to the main
 //! runtime instead of swamping it.
+//!
+//! That was measured on the multi-threaded main runtime. With thread-per-core runtimes, the
+//! storm's connections parked until the queues have room (`park.rs`) and newcomers first in
+//! the pool's queue, a newcomer's p50 stays near 1 ms with the accept loops at home, and
+//! moving them costs the storm 10-15 % more CPU per connection (`accept_on_lane`).
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -217,12 +223,23 @@ impl Lanes {
     }
 
     /// Whether an accept loop should run on the lane's thread: while busy, with more than
-    /// `[runtime] express_accept_above` client connections `open`, or `deep` (its last batch
-    /// found the kernel's queue holding a full batch: a storm arriving faster than its
-    /// connections are admitted and counted); `busy_at` is when it last was. `on_lane`: where
-    /// it runs now. The way back needs half as many open and `ACCEPT_LINGER` without a busy
-    /// sign: a storm's open count dips between its waves, and in the compare bench's 2,000
-    /// storm the loops moved 18 times with the count alone.
+    /// `[runtime] express_accept_above` client connections `open`, or more than half that and
+    /// `deep` (its last batch found the kernel's queue holding a full batch: a storm arriving
+    /// faster than its connections are admitted and counted); `busy_at` is when it last was.
+    /// `on_lane`: where it runs now. The way back needs half as many open and `ACCEPT_LINGER`
+    /// without a busy sign: a storm's open count dips between its waves, and in the compare
+    /// bench's 2,000 storm the loops moved 18 times with the count alone.
+    ///
+    /// By default (`express_accept_above` at its most, 10,000,000) they never move: measured
+    /// on 2026-12-03 (2 cores, nginx origin, `breakwater storm` of 50,000 connections from 254
+    /// addresses with its probe, 3 runs each, same build), on the lane's thread during the
+    /// storm against on the workers throughout: 2,000 in flight 50.0-53.2 against 42.2-45.6 us
+    /// of CPU per connection, 17.4-18.4k against 19.3-20.7k connections/s; 10,000 in flight
+    /// 51.8-55.4 against 45.4-49.2 us, 16.3-17.6k against 17.6-19.1k; the probe's p50 0.2-0.3
+    /// against 0.7-1.1 ms, its p99 6-38 against 7-21 ms. The lane's thread slept and woke for
+    /// every one or two connections (27,000 voluntary context switches in a 3 s storm) and
+    /// spent more CPU than either worker; on the workers the accept loop runs between the
+    /// connections' tasks and rarely sleeps.
     ///
     /// Why it moves: on its own thread the accept loop drains the kernel's queue at once
     /// during a storm (the module's note), but every connection it hands the main runtime
@@ -244,7 +261,7 @@ impl Lanes {
         let Some(e) = &self.express else {
             return false;
         };
-        if e.accept_above == 0 || deep || open > e.accept_above {
+        if e.accept_above == 0 || open > e.accept_above || (deep && open > e.accept_above / 2) {
             *busy_at = Instant::now();
             return true;
         }
