@@ -19,7 +19,7 @@
 //! That was measured on the multi-threaded main runtime. With thread-per-core runtimes, the
 //! storm's connections parked until the queues have room (`park.rs`) and newcomers first in
 //! the pool's queue, a newcomer's p50 stays near 1 ms with the accept loops at home, and
-//! moving them costs the storm 10-15 % more CPU per connection (`accept_on_lane`).
+//! moving them costs the storm about 10 % more CPU per connection (`accept_on_lane`).
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
