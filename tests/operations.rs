@@ -236,7 +236,7 @@ async fn healthcheck_subcommand_follows_the_admin_endpoint() {
         .unwrap();
     assert!(status.success());
     proxy.stop().await;
-    let gone = closed_port().await;
+    let gone = dead_addr();
     let out = tokio::process::Command::new(bin())
         .args(["healthcheck", "--addr", &gone.to_string()])
         .output()

@@ -356,7 +356,7 @@ async fn a_dead_server_is_ejected_and_readmitted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_servers_down_is_503_at_once_but_for_one_panic_request_at_a_time() {
-    let dead = closed_port().await;
+    let dead = dead_addr();
     let proxy = Proxy::start(&config(
         &[dead],
         "pool_min_idle = 1\n[upstreams.app.health]\ninterval = \"100ms\"\nunhealthy_after = 2",

@@ -256,7 +256,7 @@ async fn slowloris_is_cut_at_the_header_timeout_but_idle_keepalive_is_not() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn origin_down_is_502_and_silent_origin_is_504() {
-    let dead = closed_port().await;
+    let dead = dead_addr();
     let proxy = Proxy::start(&config_for(dead, "")).await;
     let got = get(proxy.addr, "/").await;
     assert_eq!(got.status, 502);

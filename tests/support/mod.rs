@@ -309,10 +309,24 @@ pub async fn listen_on(addr: SocketAddr) -> TcpListener {
     }
 }
 
-/// An address nothing listens on.
+/// A free port's address, for something to listen on next.
 pub async fn closed_port() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     l.local_addr().unwrap()
+}
+
+/// An address nothing listens on, for as long as the test process runs: a socket bound to it
+/// without listening holds the port (leaked on purpose), so a connect there is refused. A port
+/// merely closed again can be handed to another test's listener, or be the source port of a
+/// connect to itself (a self-connect succeeds), and a "dead" origin then answered: seen once
+/// in CI, a dead server never ejected.
+pub fn dead_addr() -> SocketAddr {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    s.bind(&any.into()).unwrap();
+    let addr = s.local_addr().unwrap().as_socket().unwrap();
+    std::mem::forget(s);
+    addr
 }
 
 // ---------------------------------------------------------------------------------------------
