@@ -10,7 +10,7 @@
 //! `fleet.rs`. This file keeps what they share: the top-level `Config`, the one pass that
 //! calls them in order (errors must point at file:line:key, so the located-error and warning
 //! helpers are threaded through), the small sections (admin, runtime, log), and the tests:
-//! about 885 lines, 260 of them tests.
+//! about 890 lines, 260 of them tests.
 //! The TOML mirror and its defaults are in `config/file.rs`; the test that holds
 //! `config/breakwater.toml` equal to those defaults keeps the documented values from drifting.
 
