@@ -1,7 +1,7 @@
 //! Breakwater against HAProxy and nginx, configured as hardened accept-fronts with the same
 //! limits (../shared/anchors), and against the origin directly, in one run on loopback.
 //!
-//! Run: `cargo bench --bench compare` (REPS=3 by default; ONLY=keepalive,storm2k,... to pick
+//! Run: `cargo bench --bench compare` (REPS=3 by default; ONLY=keepalive,crowd,storm2k,... to pick
 //! scenarios; TARGETS=direct,breakwater,haproxy,nginx to pick targets; ORIGIN=nginx for the
 //! anchors' own origin, `origin-nginx.conf`, in place of the in-process one). Needs `haproxy`,
 //! `nginx` and `wrk` (Debian packages); a missing one is skipped and said so. TARGETS may name
@@ -13,7 +13,7 @@
 //! threads (Breakwater shards and workers, HAProxy `nbthread`, nginx `worker_processes`, the
 //! floor's workers), pinned to that many CPUs, the load and the origin on the CPUs left;
 //! keep-alive and new connections by default; table in target/tmp/scaling.md.
-//! (About 620 lines: one runner for five targets, two origins and seven scenarios, which the
+//! (About 620 lines: one runner for five targets, two origins and eight scenarios, which the
 //! scaling run reuses; the floor proxy it compares against lives in compare/floor.rs.)
 //!
 //! What it measures, per target and scenario: requests/s (wrk) or connections/s (storm), the
@@ -316,9 +316,10 @@ fn wrk(args: &[&str]) -> Option<(f64, f64)> {
     Some((rps, total))
 }
 
-const SCENARIOS: [&str; 7] = [
+const SCENARIOS: [&str; 8] = [
     "keepalive",
     "newconn",
+    "crowd",
     "storm2k",
     "storm10k",
     "idle",
@@ -330,6 +331,7 @@ fn describe(s: &str) -> &'static str {
     match s {
         "keepalive" => "keep-alive requests, 256 connections, 5 s (wrk)",
         "newconn" => "one request per new connection, 64 at once, 5 s (wrk)",
+        "crowd" => "crowd: 30,000 connections at 10,000/s, 254 addresses",
         "storm2k" => "storm: 20,000 connections, 2,000 in flight, 254 addresses",
         "storm10k" => "storm: 20,000 connections, 10,000 in flight, 254 addresses",
         "idle" => "idle flood: 10,000 connections held 8 s, 254 addresses",
@@ -408,6 +410,13 @@ fn run_one(
             }
             None
         }
+        // Many clients that each finish before their next connection, at a rate every target
+        // keeps up with: what a proxy costs when it is not overrun (every connection a
+        // newcomer; `Lanes::express_room`).
+        "crowd" => Some(storm::Plan {
+            rate: 10_000,
+            ..plan(addr, 30_000, 2_000, "127.0.4.0/24", Mode::Request)
+        }),
         "storm2k" => Some(plan(addr, 20_000, 2_000, "127.0.1.0/24", Mode::Request)),
         "storm10k" => Some(plan(addr, 20_000, 10_000, "127.0.1.0/24", Mode::Request)),
         "idle" => Some(plan(addr, 10_000, 10_000, "127.0.3.0/24", Mode::Hold)),
@@ -424,7 +433,7 @@ fn run_one(
             s.probe_p99 = Some(pr.latency_ms.p99);
             s.probe_ok = Some(pr.success_ratio * 100.0);
         }
-        if scenario.starts_with("storm") {
+        if scenario.starts_with("storm") || scenario == "crowd" {
             s.failed = r.answered.saturating_sub(s.requests as u64)
                 + r.errors.refused
                 + r.errors.reset

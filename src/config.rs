@@ -74,6 +74,11 @@ pub struct Config {
     /// run on the express lane's thread (below half of it, on the workers); 0 = always there,
     /// 10,000,000 (the default) = never (`listener/lanes.rs`, `Lanes::accept_on_lane`).
     pub express_accept_above: usize,
+    /// `[runtime] express_above`, resolved: open client connections (the process's) at or
+    /// below which a newcomer is served at home, not on the express lane; 0 = always on the
+    /// lane when it has a place; unset: 32 for each worker thread (`listener/lanes.rs`,
+    /// `Lanes::express_room`).
+    pub express_above: usize,
     /// What `check` and `run` warn about: valid, but probably not what was meant.
     pub warnings: Vec<String>,
     /// `[runtime] control_socket`: where a running instance offers its listening sockets to
@@ -194,10 +199,12 @@ impl Config {
         }
         s += &format!(
             "runtime   worker_threads {}  express_connections {}  express_nice {}  \
-             express_accept_above {}  park_connections {}  thread_per_core {}\n",
+             express_above {}  express_accept_above {}  park_connections {}  \
+             thread_per_core {}\n",
             self.worker_threads,
             self.express_connections,
             self.express_nice,
+            self.express_above,
             self.express_accept_above,
             self.park_connections,
             self.thread_per_core
@@ -372,6 +379,19 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
             ),
         ));
     }
+    let express_above = match &raw.runtime.express_above {
+        None => worker_threads.saturating_mul(file::DEFAULT_EXPRESS_ABOVE_PER_WORKER),
+        Some(v) => *v.get_ref(),
+    };
+    if let (Some(v), true) = (&raw.runtime.express_above, express_above > 10_000_000) {
+        return Err(err(
+            v.span(),
+            format!(
+                "express_above {express_above} is out of range: expected 0 (newcomers always on \
+                 the lane) to 10000000 open connections"
+            ),
+        ));
+    }
     let admin = match raw.admin {
         None => None,
         Some(a) => {
@@ -472,6 +492,7 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
         thread_per_core: raw.runtime.thread_per_core,
         express_nice,
         express_accept_above,
+        express_above,
         warnings: warnings.list.take(),
         control_socket: Some(raw.runtime.control_socket.trim())
             .filter(|p| !p.is_empty())
@@ -747,6 +768,7 @@ mod tests {
         assert_eq!(documented.thread_per_core, bare.thread_per_core);
         assert_eq!(documented.express_nice, bare.express_nice);
         assert_eq!(documented.express_accept_above, bare.express_accept_above);
+        assert_eq!(documented.express_above, bare.express_above);
         assert_eq!(documented.control_socket, bare.control_socket);
         assert_eq!(
             format!("{:?}", documented.admin),

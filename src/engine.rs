@@ -350,6 +350,7 @@ impl Engine {
             shared.gen().config.express_connections,
             shared.gen().config.express_nice,
             shared.gen().config.express_accept_above,
+            shared.gen().config.express_above,
             shared.gen().config.park_connections,
             if shared.gen().config.thread_per_core {
                 shared.gen().config.worker_threads
@@ -565,6 +566,10 @@ impl Engine {
                 old.config.express_accept_above != config.express_accept_above,
             ),
             (
+                "[runtime] express_above",
+                old.config.express_above != config.express_above,
+            ),
+            (
                 "[log]",
                 old.config.log.level != config.log.level
                     || old.config.log.format != config.log.format,
@@ -582,6 +587,7 @@ impl Engine {
         config.thread_per_core = old.config.thread_per_core;
         config.express_nice = old.config.express_nice;
         config.express_accept_above = old.config.express_accept_above;
+        config.express_above = old.config.express_above;
         if old.config.log.level != config.log.level {
             match crate::telemetry::set_level(&config.log.level) {
                 Ok(()) => notes.push(format!("log level {}", config.log.level)),

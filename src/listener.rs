@@ -446,7 +446,7 @@ fn serve(
     // `lanes::first_message_waiting`); a listener that does not defer accept cannot tell, and
     // a client's bytes may come just after its accept there, so it only needs a place.
     let express = open == 1
-        && lanes.express_room()
+        && lanes.express_room(wiring.admission.open_connections())
         && (!frontend.defer_accept || lanes.first_message_waiting(&socket));
     // Registered with the reactor of the runtime it runs on, so inside its task.
     lanes.spawn(

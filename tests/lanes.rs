@@ -32,10 +32,12 @@ async fn holding_origin() -> (Origin, watch::Sender<bool>) {
     (origin, release)
 }
 
+/// `express_above = 0`: newcomers take the lane however few connections are open, so that
+/// these tests' handfuls show how it works.
 fn config(origin: SocketAddr, express: usize) -> String {
     config_with(
         origin,
-        &format!("express_connections = {express}"),
+        &format!("express_connections = {express}\nexpress_above = 0"),
         16,
         "20s",
     )
@@ -213,6 +215,47 @@ async fn a_quiet_lane_opens_one_express_connection_beside_its_first_request() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(origin.accepts(), 3, "no further origin connection");
     assert_eq!(proxy.metric("breakwater_express_connections_total"), 6.0);
+    proxy.stop().await;
+}
+
+/// A newcomer takes the lane only while more than `express_above` client connections are open
+/// (its own counted): while fewer are, the workers' queues are short and it is served there,
+/// without the hand-off between threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newcomers_take_the_lane_only_while_more_than_express_above_are_open() {
+    let origin = text_origin("ok").await;
+    let runtime = "express_connections = 64\nexpress_above = 4";
+    let proxy = Proxy::start(&config_with(origin.addr, runtime, 16, "20s")).await;
+    // Newcomers one at a time, each closed before the next: one open at a time.
+    for i in 0..3 {
+        let src = format!("127.0.0.{}", 50 + i);
+        assert_eq!(try_get_from(&src, proxy.addr).await, Some(200));
+    }
+    assert_eq!(proxy.metric("breakwater_express_connections_total"), 0.0);
+    // Four kept open, each from an address of its own (the fourth makes 4: still at home).
+    let mut open = Vec::new();
+    for i in 0..4 {
+        let mut c = connect_from(&format!("127.0.0.{}", 60 + i), proxy.addr)
+            .await
+            .expect("connect");
+        assert_eq!(request_on(&mut c, "/").await, Some(200));
+        open.push(c);
+    }
+    assert_eq!(proxy.admission.open_connections(), 4);
+    assert_eq!(proxy.metric("breakwater_express_connections_total"), 0.0);
+    // The fifth is one over the mark: the lane.
+    assert_eq!(try_get_from("127.0.0.70", proxy.addr).await, Some(200));
+    assert_eq!(proxy.metric("breakwater_express_connections_total"), 1.0);
+    drop(open);
+    assert!(
+        eventually(Duration::from_secs(5), || proxy
+            .admission
+            .open_connections()
+            == 0)
+        .await
+    );
+    assert_eq!(try_get_from("127.0.0.71", proxy.addr).await, Some(200));
+    assert_eq!(proxy.metric("breakwater_express_connections_total"), 1.0);
     proxy.stop().await;
 }
 

@@ -65,6 +65,23 @@ fn check_warns_about_what_works_but_was_probably_not_meant() {
     }
 }
 
+/// `[runtime] express_above` unset: 32 open connections for each worker thread, as `check`
+/// reports it; set, as set.
+#[test]
+fn express_above_defaults_to_32_a_worker_thread() {
+    let up = "[upstreams.app]\nservers = [\"127.0.0.1:3000\"]\n";
+    for (runtime, want) in [
+        ("worker_threads = 3", "express_above 96 "),
+        ("worker_threads = 1", "express_above 32 "),
+        ("worker_threads = 3\nexpress_above = 0", "express_above 0 "),
+        ("express_above = 500", "express_above 500 "),
+    ] {
+        let (code, stdout, stderr) = check(&format!("{up}[runtime]\n{runtime}\n"));
+        assert_eq!(code, 0, "{stderr}");
+        assert!(stdout.contains(want), "{runtime}: {stdout}");
+    }
+}
+
 #[test]
 fn check_accepts_the_shipped_configs() {
     for path in ["config/breakwater.toml", "config/minimal.toml"] {
@@ -141,6 +158,10 @@ fn bad_configs_name_file_line_key_and_fix() {
         (
             format!("{up}[runtime]\nexpress_accept_above = 20000000\n"),
             "error: FILE:4:24: `runtime.express_accept_above`: express_accept_above 20000000 is out of range: expected 0 (the accept loops always on the lane's thread) to 10000000 open connections",
+        ),
+        (
+            format!("{up}[runtime]\nexpress_above = 20000000\n"),
+            "error: FILE:4:17: `runtime.express_above`: express_above 20000000 is out of range: expected 0 (newcomers always on the lane) to 10000000 open connections",
         ),
         (
             "[upstreams.app]\nservers = [\"127.0.0.1:0\"]\n".to_string(),

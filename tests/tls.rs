@@ -148,10 +148,15 @@ fn tls_listener(site: &Pem, extra: &str) -> String {
 /// A TLS listener for shop.example.com (its certificate made in `dir`) in front of an echo
 /// origin.
 async fn shop_proxy(dir: &Path) -> (Pem, Origin, Proxy) {
+    shop_proxy_with(dir, "").await
+}
+
+/// `shop_proxy` with more of the config (whole tables).
+async fn shop_proxy_with(dir: &Path, more: &str) -> (Pem, Origin, Proxy) {
     let site = make_cert(dir, "site", &["shop.example.com"], false);
     let origin = echo_origin().await;
     let toml = format!(
-        "{}[upstreams.app]\nservers = [\"{}\"]\n",
+        "{}{more}[upstreams.app]\nservers = [\"{}\"]\n",
         tls_listener(&site, ""),
         origin.addr
     );
@@ -211,11 +216,13 @@ async fn h2_and_http11_over_tls_reach_the_origin_as_https() {
 /// A TLS newcomer's first bytes are its ClientHello: the express lane takes it as a request
 /// that is here (`listener/lanes.rs`), not as an idle connection. (Not from 127.0.0.1: the
 /// default allow list exempts it, and an exempt client's connections are not counted, so none
-/// is told to be a newcomer.)
+/// is told to be a newcomer.) `express_above = 0`: the lane takes newcomers however few are
+/// open (by default only above 32 open for each worker thread).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_newcomer_is_served_on_the_express_lane() {
     let dir = tempfile::tempdir().unwrap();
-    let (site, _origin, proxy) = shop_proxy(dir.path()).await;
+    let (site, _origin, proxy) =
+        shop_proxy_with(dir.path(), "[runtime]\nexpress_above = 0\n").await;
     let tcp = connect_from("127.0.0.9", proxy.addr).await.unwrap();
     let tls = tokio_rustls::TlsConnector::from(client_config(Some(&site), &[b"http/1.1"]))
         .connect(ServerName::try_from("shop.example.com").unwrap(), tcp)

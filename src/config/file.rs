@@ -39,6 +39,9 @@ pub const DEFAULT_EXPRESS_NICE: i32 = -10;
 /// The accept loops move to the express lane's thread above this many open connections: by
 /// default never (the most the key takes), see `Lanes::accept_on_lane`.
 pub const DEFAULT_EXPRESS_ACCEPT_ABOVE: usize = 10_000_000;
+/// Newcomers take the express lane only above this many open client connections for each
+/// worker thread (see `Lanes::express_room`).
+pub const DEFAULT_EXPRESS_ABOVE_PER_WORKER: usize = 32;
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/breakwater/control.sock";
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 pub const DEFAULT_REQUEST_BUFFER: usize = 64 * 1024;
@@ -144,6 +147,9 @@ pub struct FileRuntime {
     pub express_nice: Spanned<i32>,
     #[serde(default = "default_express_accept_above")]
     pub express_accept_above: Spanned<usize>,
+    /// None: `DEFAULT_EXPRESS_ABOVE_PER_WORKER` for each worker thread.
+    #[serde(default)]
+    pub express_above: Option<Spanned<usize>>,
 }
 
 impl Default for FileRuntime {
@@ -156,6 +162,7 @@ impl Default for FileRuntime {
             thread_per_core: true,
             express_nice: default_express_nice(),
             express_accept_above: default_express_accept_above(),
+            express_above: None,
         }
     }
 }
