@@ -13,7 +13,7 @@
 //! threads (Breakwater shards and workers, HAProxy `nbthread`, nginx `worker_processes`, the
 //! floor's workers), pinned to that many CPUs, the load and the origin on the CPUs left;
 //! keep-alive and new connections by default; table in target/tmp/scaling.md.
-//! (About 620 lines: one runner for five targets, two origins and eight scenarios, which the
+//! (About 630 lines: one runner for five targets, two origins and eight scenarios, which the
 //! scaling run reuses; the floor proxy it compares against lives in compare/floor.rs.)
 //!
 //! What it measures, per target and scenario: requests/s (wrk) or connections/s (storm), the

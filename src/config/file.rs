@@ -3,7 +3,7 @@
 //! typed `Config` the rest of the proxy reads. Every struct denies unknown fields, so a typo such
 //! as `max_conections` fails loudly instead of silently disabling a limit.
 //!
-//! Why this file is long (~675 lines): it is the whole file format in one place, and more than
+//! Why this file is long (~685 lines): it is the whole file format in one place, and more than
 //! a third of it is the default constants and `default_*` functions serde needs. It shrinks
 //! when each section moves to its own `config/<section>.rs` with its shape, defaults and
 //! validation together, as `config/room.rs` already does (structure issue #8).
