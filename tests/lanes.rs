@@ -54,6 +54,43 @@ fn config_with(origin: SocketAddr, runtime: &str, pool_max: usize, queue_timeout
     )
 }
 
+/// A proxy with these `[runtime]` lines (pool of 16) in front of an origin answering "ok".
+async fn quick_proxy(runtime: &str) -> (Origin, Proxy) {
+    let origin = text_origin("ok").await;
+    let proxy = Proxy::start(&config_with(origin.addr, runtime, 16, "20s")).await;
+    (origin, proxy)
+}
+
+/// Waits until the proxy counts no client connection open.
+async fn all_closed(proxy: &Proxy) {
+    assert!(
+        eventually(Duration::from_secs(5), || proxy
+            .admission
+            .open_connections()
+            == 0)
+        .await,
+        "still open: {}",
+        proxy.admission.open_connections()
+    );
+}
+
+/// A keep-alive connection from `src` with one request answered: accepted, and counted open
+/// until dropped.
+async fn kept_open(src: &str, addr: SocketAddr) -> tokio::net::TcpStream {
+    let mut c = connect_from(src, addr).await.expect("connect");
+    assert_eq!(request_on(&mut c, "/").await, Some(200));
+    c
+}
+
+/// `n` newcomers one after another, from 127.0.0.`first` on, each answered 200 and closed
+/// before the next.
+async fn newcomers_one_at_a_time(addr: SocketAddr, first: usize, n: usize) {
+    for i in 0..n {
+        let src = format!("127.0.0.{}", first + i);
+        assert_eq!(try_get_from(&src, addr).await, Some(200), "{src}");
+    }
+}
+
 /// One address (127.0.0.5) pins the pool: an open keep-alive connection first, so that its
 /// others are not newcomers, then `n` requests to `/hold`. Returns their tasks.
 async fn pin_the_pool(
@@ -206,12 +243,7 @@ async fn a_quiet_lane_opens_one_express_connection_beside_its_first_request() {
         origin.accepts()
     );
     // Later newcomers, one at a time, use it: nothing more is opened.
-    for i in 0..5 {
-        assert_eq!(
-            try_get_from(&format!("127.0.0.{}", 30 + i), proxy.addr).await,
-            Some(200)
-        );
-    }
+    newcomers_one_at_a_time(proxy.addr, 30, 5).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(origin.accepts(), 3, "no further origin connection");
     assert_eq!(proxy.metric("breakwater_express_connections_total"), 6.0);
@@ -223,23 +255,14 @@ async fn a_quiet_lane_opens_one_express_connection_beside_its_first_request() {
 /// without the hand-off between threads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn newcomers_take_the_lane_only_while_more_than_express_above_are_open() {
-    let origin = text_origin("ok").await;
-    let runtime = "express_connections = 64\nexpress_above = 4";
-    let proxy = Proxy::start(&config_with(origin.addr, runtime, 16, "20s")).await;
+    let (_origin, proxy) = quick_proxy("express_connections = 64\nexpress_above = 4").await;
     // Newcomers one at a time, each closed before the next: one open at a time.
-    for i in 0..3 {
-        let src = format!("127.0.0.{}", 50 + i);
-        assert_eq!(try_get_from(&src, proxy.addr).await, Some(200));
-    }
+    newcomers_one_at_a_time(proxy.addr, 50, 3).await;
     assert_eq!(proxy.metric("breakwater_express_connections_total"), 0.0);
     // Four kept open, each from an address of its own (the fourth makes 4: still at home).
     let mut open = Vec::new();
     for i in 0..4 {
-        let mut c = connect_from(&format!("127.0.0.{}", 60 + i), proxy.addr)
-            .await
-            .expect("connect");
-        assert_eq!(request_on(&mut c, "/").await, Some(200));
-        open.push(c);
+        open.push(kept_open(&format!("127.0.0.{}", 60 + i), proxy.addr).await);
     }
     assert_eq!(proxy.admission.open_connections(), 4);
     assert_eq!(proxy.metric("breakwater_express_connections_total"), 0.0);
@@ -247,13 +270,7 @@ async fn newcomers_take_the_lane_only_while_more_than_express_above_are_open() {
     assert_eq!(try_get_from("127.0.0.70", proxy.addr).await, Some(200));
     assert_eq!(proxy.metric("breakwater_express_connections_total"), 1.0);
     drop(open);
-    assert!(
-        eventually(Duration::from_secs(5), || proxy
-            .admission
-            .open_connections()
-            == 0)
-        .await
-    );
+    all_closed(&proxy).await;
     assert_eq!(try_get_from("127.0.0.71", proxy.addr).await, Some(200));
     assert_eq!(proxy.metric("breakwater_express_connections_total"), 1.0);
     proxy.stop().await;
@@ -265,19 +282,11 @@ async fn newcomers_take_the_lane_only_while_more_than_express_above_are_open() {
 /// passed without a busy sign.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_accept_loops_move_to_the_lanes_thread_above_the_mark_and_back_when_quiet() {
-    let origin = text_origin("ok").await;
-    let runtime = "express_connections = 64\nexpress_accept_above = 8";
-    let proxy = Proxy::start(&config_with(origin.addr, runtime, 16, "20s")).await;
+    let (_origin, proxy) = quick_proxy("express_connections = 64\nexpress_accept_above = 8").await;
     let on_lane = || proxy.metric("breakwater_accept_loops_on_lane");
     // Keep-alive connections, each with a request answered (so accepted and counted open).
     let mut open = Vec::new();
-    let open_one = || async {
-        let mut c = connect_from("127.0.0.7", proxy.addr)
-            .await
-            .expect("connect");
-        assert_eq!(request_on(&mut c, "/").await, Some(200));
-        c
-    };
+    let open_one = || kept_open("127.0.0.7", proxy.addr);
     while open.len() < 8 {
         open.push(open_one().await);
         assert_eq!(
@@ -300,13 +309,7 @@ async fn the_accept_loops_move_to_the_lanes_thread_above_the_mark_and_back_when_
     );
     assert_eq!(proxy.metric("breakwater_accept_loop_moves_total"), 2.0);
     drop(open);
-    assert!(
-        eventually(Duration::from_secs(5), || proxy
-            .admission
-            .open_connections()
-            == 0)
-        .await
-    );
+    all_closed(&proxy).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     // Quiet again: each loop goes back at its next batch.
     for _ in 0..100 {
@@ -323,13 +326,8 @@ async fn the_accept_loops_move_to_the_lanes_thread_above_the_mark_and_back_when_
 /// `express_accept_above = 0` keeps the accept loops on the lane's thread, however quiet.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_mark_at_zero_the_accept_loops_stay_on_the_lanes_thread() {
-    let origin = text_origin("ok").await;
-    let runtime = "express_connections = 64\nexpress_accept_above = 0";
-    let proxy = Proxy::start(&config_with(origin.addr, runtime, 16, "20s")).await;
-    for i in 0..4 {
-        let src = format!("127.0.0.{}", 40 + i);
-        assert_eq!(try_get_from(&src, proxy.addr).await, Some(200));
-    }
+    let (_origin, proxy) = quick_proxy("express_connections = 64\nexpress_accept_above = 0").await;
+    newcomers_one_at_a_time(proxy.addr, 40, 4).await;
     assert_eq!(proxy.metric("breakwater_accept_loops_on_lane"), 2.0);
     assert_eq!(proxy.metric("breakwater_accept_loop_moves_total"), 0.0);
     proxy.stop().await;
