@@ -381,17 +381,18 @@ fn validate(raw: FileConfig, text: &str, source: &str) -> Result<Config, ConfigE
     }
     let express_above = match &raw.runtime.express_above {
         None => worker_threads.saturating_mul(file::DEFAULT_EXPRESS_ABOVE_PER_WORKER),
+        Some(v) if *v.get_ref() > 10_000_000 => {
+            return Err(err(
+                v.span(),
+                format!(
+                    "express_above {} is out of range: expected 0 (newcomers always on the \
+                     lane) to 10000000 open connections",
+                    v.get_ref()
+                ),
+            ))
+        }
         Some(v) => *v.get_ref(),
     };
-    if let (Some(v), true) = (&raw.runtime.express_above, express_above > 10_000_000) {
-        return Err(err(
-            v.span(),
-            format!(
-                "express_above {express_above} is out of range: expected 0 (newcomers always on \
-                 the lane) to 10000000 open connections"
-            ),
-        ));
-    }
     let admin = match raw.admin {
         None => None,
         Some(a) => {

@@ -25,7 +25,7 @@
 //!   rate, counting every ticket as live (who polls elsewhere cannot be known), so the line
 //!   keeps moving; sessions count locally.
 //!
-//! Why this file is ~730 lines (its tests are in `shared/tests.rs`): the mirror's request-path side
+//! Why this file is ~720 lines (its tests are in `shared/tests.rs`): the mirror's request-path side
 //! (`RoomState`) and its sync side (`outgoing`, `incoming`) change the same three locks
 //! together, and reading one without the other hides the invariants (the horizon, the lease's
 //! life, adopting the door's cursor). The store's side is in `fleet/room.rs`.
