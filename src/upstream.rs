@@ -283,10 +283,7 @@ impl Upstream {
                 slots: cfg
                     .servers
                     .iter()
-                    .map(|_| Slots {
-                        max_requests: cfg.max_requests_per_connection,
-                        ..Slots::default()
-                    })
+                    .map(|_| Slots::new(cfg.max_requests_per_connection))
                     .collect(),
                 ..State::default()
             }),
@@ -743,7 +740,7 @@ impl Upstream {
     fn pooled(&self, st: &mut State, server: usize, id: u64, tx: Sender, express: bool) {
         let slots = &mut st.slots[server];
         slots.connecting = slots.connecting.saturating_sub(1);
-        slots.entries.push(Entry {
+        slots.add(Entry {
             id,
             tx: Some(tx),
             in_use: 0,
@@ -783,7 +780,7 @@ impl Upstream {
         self.dispatch(&mut st);
         (0..self.servers.len()).all(|i| {
             !self.servers[i].health.is_healthy()
-                || st.slots[i].entries.len() >= keep.min(self.main_max())
+                || st.slots[i].entries().len() >= keep.min(self.main_max())
         })
     }
 

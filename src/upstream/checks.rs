@@ -113,7 +113,7 @@ impl Upstream {
 
     pub(super) fn has_live_connection(&self, server: usize) -> bool {
         self.lock().slots[server]
-            .entries
+            .entries()
             .iter()
             .any(|e| e.tx.as_ref().is_none_or(|t| !t.is_closed()))
     }

@@ -166,7 +166,7 @@ pub struct Lent {
 /// A server's connections, guarded by the upstream's lock.
 #[derive(Debug)]
 pub struct Slots {
-    pub entries: Vec<Entry>,
+    entries: Vec<Entry>,
     /// Connecting + established, until each connection's socket is closed.
     pub open: usize,
     /// Of `open`, those of the express lane.
@@ -181,6 +181,19 @@ pub struct Slots {
     /// The connect pacing bucket (`max_connect_rate`): tokens left, and when it was topped up.
     /// None until the first connect, which finds it full.
     pub tokens: Option<(f64, Instant)>,
+    /// Where the entry last given back is (a hint: an index that a removal may have made
+    /// stale, so whatever is there is checked like any other entry). `room_core` and
+    /// `checkout` look there first.
+    hint: usize,
+    /// Entries holding their sender (`tx` Some): none, and no entry has room, without a look.
+    ///
+    /// Why both: while requests queue, the connection just given back is usually the only one
+    /// free, and the release that frees it hands it to the next waiter at once. `room_core`
+    /// and then `checkout` each scanned the entries from the back until they met it (half a
+    /// full pool on average), and after the grant `room_core` scanned all of them again to
+    /// find none. callgrind, wrk's 256 keep-alive connections on a pool of 64 (nginx origin):
+    /// ~1,300 of a request's 42.8k instructions.
+    senders: usize,
 }
 
 impl Default for Slots {
@@ -194,11 +207,48 @@ impl Default for Slots {
             max_requests: 0,
             refill_after: Instant::now(),
             tokens: None,
+            hint: 0,
+            senders: 0,
         }
     }
 }
 
 impl Slots {
+    /// No connection yet; each retired after `max_requests` requests (0: never).
+    pub fn new(max_requests: u64) -> Slots {
+        Slots {
+            max_requests,
+            ..Slots::default()
+        }
+    }
+
+    /// The established connections (changed only through `Slots`, which counts their senders).
+    pub fn entries(&self) -> &[Entry] {
+        &self.entries
+    }
+
+    /// A connection that has just finished connecting.
+    pub fn add(&mut self, e: Entry) {
+        self.senders += usize::from(e.tx.is_some());
+        self.entries.push(e);
+    }
+
+    /// Entry `i` out of the pool (`swap_remove`: the last entry takes its place).
+    fn drop_entry(&mut self, i: usize) {
+        if self.entries.swap_remove(i).tx.is_some() {
+            self.senders -= 1;
+        }
+    }
+
+    /// Counts the senders again after entries went by `retain`.
+    fn recount(&mut self) {
+        self.senders = self.entries.iter().filter(|e| e.tx.is_some()).count();
+    }
+
+    fn senders_counted(&self) -> bool {
+        self.senders == self.entries.iter().filter(|e| e.tx.is_some()).count()
+    }
+
     /// Takes a connect token: at most `rate` connects per second, in bursts of up to `rate`.
     pub fn take_connect_token(&mut self, rate: u32) -> bool {
         let rate = f64::from(rate.max(1));
@@ -220,18 +270,31 @@ impl Slots {
     /// (correct, only slower).
     pub fn checkout(&mut self, express: bool, core: Option<usize>) -> Option<Lent> {
         let max = self.max_requests;
+        let fits = |e: &Entry| e.express == express && e.usable(max);
+        debug_assert!(self.senders_counted());
         let mut pick = None;
-        for (i, e) in self.entries.iter().enumerate().rev() {
-            if e.express == express && e.usable(max) {
-                if e.core == core {
-                    pick = Some(i);
-                    break;
+        if self
+            .entries
+            .get(self.hint)
+            .is_some_and(|e| fits(e) && e.core == core)
+        {
+            pick = Some(self.hint);
+        } else if self.senders > 0 {
+            for (i, e) in self.entries.iter().enumerate().rev() {
+                if fits(e) {
+                    if e.core == core {
+                        pick = Some(i);
+                        break;
+                    }
+                    pick.get_or_insert(i);
                 }
-                pick.get_or_insert(i);
             }
         }
         let e = &mut self.entries[pick?];
         let tx = e.lend()?;
+        if e.tx.is_none() {
+            self.senders -= 1;
+        }
         Some(Lent {
             id: e.id,
             tx,
@@ -244,11 +307,15 @@ impl Slots {
     /// that drives the one `checkout` would lend first, None for the main runtime. Outer None:
     /// no such connection.
     pub fn room_core(&self) -> Option<Option<usize>> {
-        self.entries
-            .iter()
-            .rev()
-            .find(|e| !e.express && e.usable(self.max_requests))
-            .map(|e| e.core)
+        debug_assert!(self.senders_counted());
+        let free = |e: &&Entry| !e.express && e.usable(self.max_requests);
+        if let Some(e) = self.entries.get(self.hint).filter(free) {
+            return Some(e.core);
+        }
+        if self.senders == 0 {
+            return None;
+        }
+        self.entries.iter().rev().find(free).map(|e| e.core)
     }
 
     /// Open connections that are not the express lane's.
@@ -274,6 +341,7 @@ impl Slots {
             return;
         };
         let max = self.max_requests;
+        self.hint = i;
         let e = &mut self.entries[i];
         e.in_use = e.in_use.saturating_sub(1);
         if e.in_use == 0 {
@@ -283,15 +351,17 @@ impl Slots {
         match tx {
             Some(Sender::H1(s, timer)) => {
                 if reusable && !retired && !s.is_closed() {
-                    e.tx = Some(Sender::H1(s, timer));
+                    if e.tx.replace(Sender::H1(s, timer)).is_none() {
+                        self.senders += 1;
+                    }
                 } else {
-                    self.entries.swap_remove(i);
+                    self.drop_entry(i);
                 }
             }
             // An h2c stream ended; the entry keeps its own sender until it is retired.
             Some(Sender::H2(_)) | None => {
                 if retired && e.in_use == 0 {
-                    self.entries.swap_remove(i);
+                    self.drop_entry(i);
                 }
             }
         }
@@ -302,6 +372,7 @@ impl Slots {
     pub fn reap(&mut self, keep: usize, idle_timeout: Duration) {
         self.entries
             .retain(|e| e.in_use > 0 || e.tx.as_ref().is_some_and(|t| !t.is_closed()));
+        self.recount();
         let now = Instant::now();
         let mut stale: Vec<(Instant, u64)> = self
             .entries
@@ -320,11 +391,13 @@ impl Slots {
 
     pub fn remove(&mut self, id: u64) {
         self.entries.retain(|e| e.id != id);
+        self.recount();
     }
 
     /// Closes every connection not in use (an ejected server).
     pub fn clear_idle(&mut self) {
         self.entries.retain(|e| e.in_use > 0);
+        self.recount();
     }
 }
 
